@@ -1,0 +1,261 @@
+//! The domain: publish, subscribe and the catalog, with every rule a request must follow.
+//! No gRPC type appears here; `grpc.rs` translates to and from these types.
+
+use crate::config::{Config, Limits};
+use crate::error::{Error, Result};
+use crate::names::{Pattern, StreamName};
+use crate::record::{NewRecord, StreamInfo, Tick};
+use crate::storage::Log;
+use crate::subscription::{self, Event, Spec, Start};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+/// Protocol versions this server speaks; the last is the current one.
+pub const PROTOCOL_VERSIONS: &[u32] = &[1];
+
+/// A record as a publisher sends it, before any rule was checked.
+#[derive(Debug, Clone, Default)]
+pub struct Incoming {
+    pub stream: String,
+    /// 0 lets the broker assign the tick.
+    pub tick: u64,
+    /// 0 when the producer gave none.
+    pub origin_time: u64,
+    pub headers: Vec<(String, String)>,
+    pub payload: Bytes,
+    /// The producer's CRC32 of the payload, checked when present.
+    pub crc32: Option<u32>,
+}
+
+/// A subscription as a client asks for it, before any rule was checked.
+#[derive(Debug, Clone)]
+pub struct SubscribeRequest {
+    pub streams: Vec<String>,
+    pub start: Start,
+    pub resume: HashMap<String, u64>,
+    pub end: Option<u64>,
+}
+
+/// Who this server is, for `Hello`.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    pub server_id: String,
+    pub server_version: &'static str,
+    pub protocol_versions: Vec<u32>,
+    pub protocol_version: u32,
+    pub tail_tick: Tick,
+}
+
+/// The broker: the log plus the rules, and the tasks serving subscribers.
+pub struct Broker {
+    log: Arc<Log>,
+    limits: Limits,
+    heartbeat: Duration,
+    /// Cancelled when the server shuts down; every subscription watches it.
+    shutdown: CancellationToken,
+    /// Every subscription task, so shutdown can wait for them.
+    tasks: TaskTracker,
+}
+
+impl Broker {
+    /// Opens the log described by `config`; `shutdown` stops every subscription.
+    pub fn open(config: &Config, shutdown: CancellationToken) -> Result<Broker> {
+        config.validate()?;
+        let log = Log::open(&config.data, config.fsync, config.cache_bytes)?;
+        Ok(Broker {
+            log: Arc::new(log),
+            limits: config.limits,
+            heartbeat: config.heartbeat,
+            shutdown,
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// Checks a batch and queues it for the writer, in call order. The returned future yields
+    /// the assigned ticks once the batch is durable under the fsync policy.
+    pub async fn submit(&self, batch: Vec<Incoming>) -> Result<impl Future<Output = Result<Vec<Tick>>>> {
+        let records = self.check(batch)?;
+        let answer = self.log.submit(records).await?;
+        Ok(async move { answer.await.map_err(|_| Error::ShuttingDown)? })
+    }
+
+    /// Appends a batch atomically; returns its ticks once durable.
+    pub async fn publish(&self, batch: Vec<Incoming>) -> Result<Vec<Tick>> {
+        self.submit(batch).await?.await
+    }
+
+    fn check(&self, batch: Vec<Incoming>) -> Result<Vec<NewRecord>> {
+        let limits = &self.limits;
+        if batch.is_empty() {
+            return Err(Error::InvalidArgument("a batch must hold at least one record".into()));
+        }
+        if batch.len() > limits.max_batch_records {
+            return Err(Error::BatchTooLarge {
+                what: "records",
+                value: batch.len(),
+                limit: limits.max_batch_records,
+                setting: "max_batch_records",
+            });
+        }
+        let total: usize = batch.iter().map(|r| r.payload.len()).sum();
+        if total > limits.max_batch_bytes {
+            return Err(Error::BatchTooLarge {
+                what: "bytes",
+                value: total,
+                limit: limits.max_batch_bytes,
+                setting: "max_batch_bytes",
+            });
+        }
+        let mut names: HashMap<String, StreamName> = HashMap::new();
+        let mut records = Vec::with_capacity(batch.len());
+        for r in batch {
+            let stream = match names.get(&r.stream) {
+                Some(name) => name.clone(),
+                None => {
+                    let name = StreamName::parse(&r.stream)?;
+                    names.insert(r.stream.clone(), name.clone());
+                    name
+                }
+            };
+            if r.payload.len() > limits.max_record_bytes {
+                return Err(Error::RecordTooLarge {
+                    stream: r.stream,
+                    size: r.payload.len(),
+                    limit: limits.max_record_bytes,
+                });
+            }
+            let header_bytes: usize = r.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+            if header_bytes > limits.max_header_bytes {
+                return Err(Error::InvalidArgument(format!(
+                    "record of stream {:?} has {header_bytes} bytes of headers, over the limit of {} (max_header_bytes)",
+                    r.stream, limits.max_header_bytes
+                )));
+            }
+            if r.tick > Tick::MAX.0 {
+                return Err(Error::InvalidArgument(format!(
+                    "explicit tick {} for stream {:?} is above the largest tick {}: ticks must fit a signed 64-bit integer",
+                    r.tick,
+                    r.stream,
+                    Tick::MAX
+                )));
+            }
+            let crc32 = crc32fast::hash(&r.payload);
+            if let Some(given) = r.crc32.filter(|&given| given != crc32) {
+                return Err(Error::InvalidArgument(format!(
+                    "record of stream {:?} carries crc32 {given:#010x} but its payload's CRC32 is {crc32:#010x}: the payload was damaged on the way",
+                    r.stream
+                )));
+            }
+            let mut headers = r.headers;
+            headers.sort();
+            records.push(NewRecord {
+                stream,
+                tick: (r.tick != 0).then_some(Tick(r.tick)),
+                origin_time: (r.origin_time != 0).then_some(r.origin_time),
+                headers,
+                payload: r.payload,
+                crc32,
+            });
+        }
+        Ok(records)
+    }
+
+    /// Starts a subscription: replay of the asked interval, then the live tail.
+    pub fn subscribe(&self, request: SubscribeRequest) -> Result<mpsc::Receiver<Result<Event>>> {
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        if request.streams.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a subscription must name at least one stream or pattern".into(),
+            ));
+        }
+        let selectors = request.streams.iter().map(|s| Pattern::parse(s)).collect::<Result<Vec<_>>>()?;
+        let mut resume = HashMap::with_capacity(request.resume.len());
+        for (name, tick) in request.resume {
+            StreamName::parse(&name)?;
+            if !selectors.iter().any(|p| p.matches(&name)) {
+                return Err(Error::InvalidArgument(format!(
+                    "resume names stream {name:?}, which none of the subscription's streams or patterns selects"
+                )));
+            }
+            resume.insert(name, Tick(tick));
+        }
+        if let Some(end) = request.end {
+            let end = Tick(end);
+            let before = match request.start {
+                Start::At(t) if end < t => Some(format!("at {t}")),
+                Start::After(t) if end <= t => Some(format!("after {t}")),
+                _ => None,
+            };
+            if let Some(start) = before {
+                return Err(Error::EndBeforeStart { start, end });
+            }
+        }
+        let spec = Spec {
+            selectors,
+            start: request.start,
+            resume,
+            end: request.end.map(Tick),
+            heartbeat: self.heartbeat,
+        };
+        Ok(subscription::spawn(self.log.clone(), spec, self.shutdown.clone(), &self.tasks))
+    }
+
+    /// Streams matching `pattern` (every stream when `None`), in name order.
+    pub fn streams(&self, pattern: Option<&str>) -> Result<Vec<StreamInfo>> {
+        let pattern = pattern.map(Pattern::parse).transpose()?;
+        let mut streams = self.log.streams();
+        if let Some(p) = pattern {
+            streams.retain(|s| p.matches(&s.name));
+        }
+        Ok(streams)
+    }
+
+    /// One stream.
+    pub fn stream(&self, name: &str) -> Result<StreamInfo> {
+        StreamName::parse(name)?;
+        self.log.stream(name).ok_or_else(|| Error::UnknownStream(name.to_string()))
+    }
+
+    /// Answers a client's hello: refuses a protocol version this server does not speak.
+    pub fn hello(&self, protocol_version: u32) -> Result<ServerInfo> {
+        let current = PROTOCOL_VERSIONS[PROTOCOL_VERSIONS.len() - 1];
+        let chosen = match protocol_version {
+            0 => current,
+            v if PROTOCOL_VERSIONS.contains(&v) => v,
+            v => {
+                return Err(Error::UnsupportedProtocol { version: v, supported: PROTOCOL_VERSIONS.to_vec() })
+            }
+        };
+        Ok(ServerInfo {
+            server_id: self.log.server_id().to_string(),
+            server_version: env!("CARGO_PKG_VERSION"),
+            protocol_versions: PROTOCOL_VERSIONS.to_vec(),
+            protocol_version: chosen,
+            tail_tick: self.log.watermark(),
+        })
+    }
+
+    /// The broker's shutdown signal.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits for every subscription to end, then commits what is queued and flushes the log.
+    /// Call after the shutdown token was cancelled.
+    pub async fn close(&self) -> Result<()> {
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.log.close().await?;
+        info!("broker closed");
+        Ok(())
+    }
+}

@@ -1,0 +1,501 @@
+//! The `tapeline` command line: clap definitions, `serve`, and the client commands.
+
+use crate::config::{Config, DataDir, FsyncPolicy, Limits};
+use crate::error::{Error, Result};
+use crate::grpc::pb;
+use crate::record::Tick;
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+/// Largest message the client commands accept from a server (a batch can carry a 4 MiB record).
+const CLIENT_MAX_MESSAGE: usize = 256 << 20;
+/// `publish` sends a batch when it holds this many lines or bytes, or when stdin has no more now.
+const PUBLISH_BATCH_LINES: usize = 1000;
+const PUBLISH_BATCH_BYTES: usize = 1 << 20;
+
+/// tapeline: a persistent-log store-and-forward broker.
+#[derive(Debug, Parser)]
+#[command(name = "tapeline", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker.
+    Serve(ServeArgs),
+    /// Publish each line of standard input as one record of STREAM.
+    Publish(PublishArgs),
+    /// Print records of the streams matching PATTERN..., replayed then live.
+    Tail(TailArgs),
+    /// List the streams of a server.
+    Streams(ServerArg),
+    /// Show a server's identity, version and protocol versions.
+    Info(ServerArg),
+}
+
+/// Flags of `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:7411")]
+    pub listen: String,
+    /// Data directory.
+    #[arg(long, default_value = "tapeline-data", conflicts_with = "volatile")]
+    pub data: PathBuf,
+    /// Keep the log in a temporary store, removed at exit.
+    #[arg(long)]
+    pub volatile: bool,
+    /// When a batch is forced to disk before it is acknowledged: always, interval=MS or never.
+    #[arg(long, default_value = "always")]
+    pub fsync: String,
+    /// Largest payload of one record, in bytes.
+    #[arg(long, default_value_t = Limits::default().max_record_bytes)]
+    pub max_record_bytes: usize,
+    /// Largest sum of payloads in one batch, in bytes.
+    #[arg(long, default_value_t = Limits::default().max_batch_bytes)]
+    pub max_batch_bytes: usize,
+    /// Silence after which a subscriber gets a heartbeat (e.g. 5s, 500ms).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub heartbeat: Duration,
+}
+
+/// The server a client command talks to.
+#[derive(Debug, Args)]
+pub struct ServerArg {
+    /// Server URL.
+    #[arg(long, default_value = "http://127.0.0.1:7411")]
+    pub server: String,
+}
+
+/// Flags of `publish`.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Stream to publish into; created on first publish.
+    pub stream: String,
+    #[command(flatten)]
+    pub server: ServerArg,
+}
+
+/// Flags of `tail`.
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// Stream names or patterns (`*` one segment, trailing `**` any number).
+    #[arg(required = true)]
+    pub patterns: Vec<String>,
+    #[command(flatten)]
+    pub server: ServerArg,
+    /// Start: beginning, now, a tick, -DURATION (e.g. -5m) or an RFC 3339 time. Default: beginning.
+    #[arg(long, allow_hyphen_values = true, conflicts_with = "after")]
+    pub from: Option<String>,
+    /// Start strictly after this tick (to resume: the last tick you printed).
+    #[arg(long)]
+    pub after: Option<u64>,
+    /// Stop after this point (inclusive): now, a tick or an RFC 3339 time.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Stop after this many records.
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// Output: json (one object per line) or raw (the payload and a newline).
+    #[arg(long, default_value = "json", value_parser = ["json", "raw"])]
+    pub output: String,
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Publish(args) => publish(args).await,
+        Command::Tail(args) => tail(args).await,
+        Command::Streams(args) => streams(args).await,
+        Command::Info(args) => info(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let config = Config {
+        data: if args.volatile { DataDir::Volatile } else { DataDir::Path(args.data) },
+        fsync: args.fsync.parse::<FsyncPolicy>()?,
+        limits: Limits {
+            max_record_bytes: args.max_record_bytes,
+            max_batch_bytes: args.max_batch_bytes,
+            ..Limits::default()
+        },
+        heartbeat: args.heartbeat,
+        ..Config::default()
+    };
+    config.validate()?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|source| Error::Io { context: format!("cannot listen on {}", args.listen), source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| Error::Io { context: "reading the listen address".into(), source })?;
+    // The one line a script waits for: where the broker listens.
+    println!("tapeline listening on {addr}");
+    let _ = std::io::stdout().flush();
+    crate::server::run(config, listener, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The error chain of a transport failure as one line.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Connects to a server and returns a client that accepts large batches.
+pub async fn connect(server: &str) -> Result<pb::tapeline_client::TapelineClient<Channel>> {
+    let refused = |detail: String| Error::Remote {
+        action: "connect",
+        detail: format!("cannot reach {server}: {detail}"),
+    };
+    let endpoint = Endpoint::from_shared(server.to_string()).map_err(|e| refused(chain(&e)))?;
+    let channel = endpoint
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| refused(chain(&e)))?;
+    Ok(pb::tapeline_client::TapelineClient::new(channel)
+        .max_decoding_message_size(CLIENT_MAX_MESSAGE)
+        .max_encoding_message_size(CLIENT_MAX_MESSAGE))
+}
+
+fn remote(action: &'static str, status: tonic::Status) -> Error {
+    Error::Remote { action, detail: format!("{:?}: {}", status.code(), status.message()) }
+}
+
+async fn publish(args: PublishArgs) -> Result<ExitCode> {
+    crate::names::StreamName::parse(&args.stream)?;
+    let mut client = connect(&args.server.server).await?;
+    let (requests, outgoing) = mpsc::channel::<pb::PublishRequest>(64);
+    let stream = args.stream.clone();
+    // Reads stdin and sends batches: whatever lines are already there, up to the batch limits,
+    // so an interactive line goes out at once and a pipe goes out in large batches.
+    let reader = tokio::spawn(async move {
+        let (lines_tx, mut lines) = mpsc::channel::<Vec<u8>>(PUBLISH_BATCH_LINES);
+        let read = tokio::spawn(async move {
+            let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+            loop {
+                let mut line = Vec::new();
+                match stdin.read_until(b'\n', &mut line).await {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {
+                        if line.last() == Some(&b'\n') {
+                            line.pop();
+                            if line.last() == Some(&b'\r') {
+                                line.pop();
+                            }
+                        }
+                        if lines_tx.send(line).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Err(source) => {
+                        return Err(Error::Io { context: "reading standard input".into(), source })
+                    }
+                }
+            }
+        });
+        let mut sent: u64 = 0;
+        let mut batch_id = 0;
+        while let Some(first) = lines.recv().await {
+            let mut bytes = first.len();
+            let mut batch = vec![first];
+            while batch.len() < PUBLISH_BATCH_LINES && bytes < PUBLISH_BATCH_BYTES {
+                match lines.try_recv() {
+                    Ok(line) => {
+                        bytes += line.len();
+                        batch.push(line);
+                    }
+                    Err(_) => break,
+                }
+            }
+            sent += batch.len() as u64;
+            batch_id += 1;
+            let records = batch
+                .into_iter()
+                .map(|payload| pb::Record {
+                    stream: stream.clone(),
+                    payload: payload.into(),
+                    ..Default::default()
+                })
+                .collect();
+            if requests.send(pb::PublishRequest { records, batch_id }).await.is_err() {
+                break;
+            }
+        }
+        drop(requests);
+        match read.await {
+            Ok(result) => result.map(|()| sent),
+            Err(e) => Err(Error::Internal(format!("stdin reader failed: {e}"))),
+        }
+    });
+
+    let mut acks = client
+        .publish_stream(ReceiverStream::new(outgoing))
+        .await
+        .map_err(|s| remote("publish", s))?
+        .into_inner();
+    let (mut acked, mut first, mut last) = (0u64, None, None);
+    let mut failure = None;
+    loop {
+        match acks.message().await {
+            Ok(Some(ack)) => {
+                if let Some(err) = ack.error {
+                    failure = Some(format!("batch {} refused: {}", ack.batch_id, err.message));
+                    break;
+                }
+                acked += ack.ticks.len() as u64;
+                first = first.or(ack.ticks.first().copied());
+                last = ack.ticks.last().copied().or(last);
+            }
+            Ok(None) => break,
+            Err(status) => {
+                failure = Some(remote("publish", status).to_string());
+                break;
+            }
+        }
+    }
+    let sent = if failure.is_some() {
+        reader.abort();
+        None
+    } else {
+        match reader.await {
+            Ok(result) => Some(result?),
+            Err(e) => return Err(Error::Internal(format!("publisher failed: {e}"))),
+        }
+    };
+    let range = match (first, last) {
+        (Some(a), Some(b)) => format!(", ticks {a}..{b}"),
+        _ => String::new(),
+    };
+    eprintln!("published {acked} records to {}{range}", args.stream);
+    if let Some(failure) = failure {
+        eprintln!("tapeline: {failure}");
+        return Ok(ExitCode::FAILURE);
+    }
+    if sent != Some(acked) {
+        eprintln!("tapeline: {} records were sent but only {acked} acknowledged", sent.unwrap_or(0));
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Parses a point in time given as a tick or an RFC 3339 time.
+fn parse_point(flag: &'static str, value: &str) -> Result<Tick> {
+    if let Ok(tick) = value.parse::<u64>() {
+        return Ok(Tick(tick));
+    }
+    let time = humantime::parse_rfc3339_weak(value).map_err(|_| Error::Config {
+        key: flag,
+        value: value.to_string(),
+        expected: "beginning, now, a tick (nanoseconds since the epoch), -DURATION such as -5m, or an RFC 3339 time",
+    })?;
+    let ns = time.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    Ok(Tick(ns))
+}
+
+fn parse_from(value: &str) -> Result<pb::subscribe_request::Start> {
+    use pb::subscribe_request::Start;
+    Ok(match value {
+        "beginning" => Start::Beginning(pb::Beginning {}),
+        "now" => Start::Now(pb::Now {}),
+        v if v.starts_with('-') => {
+            let ago = humantime::parse_duration(&v[1..]).map_err(|_| Error::Config {
+                key: "--from",
+                value: v.to_string(),
+                expected: "a duration such as -30s, -5m or -2h",
+            })?;
+            Start::At(Tick(Tick::now().0.saturating_sub(ago.as_nanos() as u64)).0)
+        }
+        v => Start::At(parse_point("--from", v)?.0),
+    })
+}
+
+async fn tail(args: TailArgs) -> Result<ExitCode> {
+    let start = match (&args.from, args.after) {
+        (Some(from), _) => parse_from(from)?,
+        (None, Some(after)) => pb::subscribe_request::Start::After(after),
+        (None, None) => pb::subscribe_request::Start::Beginning(pb::Beginning {}),
+    };
+    let mut client = connect(&args.server.server).await?;
+    let end = match args.to.as_deref() {
+        None => None,
+        // "now" is the server's latest committed tick: exact, whatever the clocks say.
+        Some("now") => Some(
+            client
+                .hello(pb::HelloRequest::default())
+                .await
+                .map_err(|s| remote("tail", s))?
+                .into_inner()
+                .tail_tick,
+        ),
+        Some(v) => Some(parse_point("--to", v)?.0),
+    };
+    if args.limit == Some(0) {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let request =
+        pb::SubscribeRequest { streams: args.patterns, start: Some(start), resume: Default::default(), end };
+    let mut events = client.subscribe(request).await.map_err(|s| remote("tail", s))?.into_inner();
+    let raw = args.output == "raw";
+    let mut printed = 0u64;
+    let stdout = std::io::stdout();
+    loop {
+        let event = match events.message().await {
+            Ok(Some(event)) => event,
+            Ok(None) => return Ok(ExitCode::SUCCESS),
+            Err(status) => {
+                eprintln!("tapeline: {}", remote("tail", status));
+                return Ok(ExitCode::FAILURE);
+            }
+        };
+        let Some(pb::subscribe_response::Event::Records(batch)) = event.event else { continue };
+        let mut out = stdout.lock();
+        for record in batch.records {
+            let written = if raw {
+                out.write_all(&record.payload).and_then(|()| out.write_all(b"\n"))
+            } else {
+                writeln!(out, "{}", json_line(&record))
+            };
+            if written.is_err() {
+                // The reader went away (e.g. `| head`): nothing left to do.
+                return Ok(ExitCode::SUCCESS);
+            }
+            printed += 1;
+            if args.limit == Some(printed) {
+                let _ = out.flush();
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+        if out.flush().is_err() {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+}
+
+/// One record as a JSON line: `{"stream":…,"tick":…,"payload":…}`, the payload as a string when it
+/// is UTF-8 and as `payload_base64` otherwise; `origin_time` and `headers` when present.
+pub fn json_line(record: &pb::Record) -> String {
+    use base64::Engine;
+    let text = |s: &str| serde_json::Value::from(s).to_string();
+    let mut line = format!("{{\"stream\":{},\"tick\":{}", text(&record.stream), record.tick);
+    if record.origin_time != 0 {
+        line.push_str(&format!(",\"origin_time\":{}", record.origin_time));
+    }
+    if !record.headers.is_empty() {
+        let headers: std::collections::BTreeMap<_, _> = record.headers.iter().collect();
+        line.push_str(&format!(",\"headers\":{}", serde_json::to_string(&headers).unwrap_or_default()));
+    }
+    match std::str::from_utf8(&record.payload) {
+        Ok(s) => line.push_str(&format!(",\"payload\":{}}}", text(s))),
+        Err(_) => {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(&record.payload);
+            line.push_str(&format!(",\"payload_base64\":\"{encoded}\"}}"));
+        }
+    }
+    line
+}
+
+async fn streams(args: ServerArg) -> Result<ExitCode> {
+    let mut client = connect(&args.server).await?;
+    let list = client
+        .list_streams(pb::ListStreamsRequest::default())
+        .await
+        .map_err(|s| remote("streams", s))?
+        .into_inner();
+    let width = list.streams.iter().map(|s| s.name.len()).max().unwrap_or(4).max(6);
+    println!(
+        "{:<width$}  {:>10}  {:>12}  {:>20}  {:>20}",
+        "STREAM", "RECORDS", "BYTES", "FIRST_TICK", "LAST_TICK"
+    );
+    for s in list.streams {
+        println!(
+            "{:<width$}  {:>10}  {:>12}  {:>20}  {:>20}",
+            s.name, s.records, s.bytes, s.first_tick, s.last_tick
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn info(args: ServerArg) -> Result<ExitCode> {
+    let mut client = connect(&args.server).await?;
+    let hello = pb::HelloRequest {
+        protocol_version: 0,
+        client_name: "tapeline-cli".into(),
+        client_version: env!("CARGO_PKG_VERSION").into(),
+        client_id: String::new(),
+    };
+    let info = client.hello(hello).await.map_err(|s| remote("info", s))?.into_inner();
+    println!("server          {}", args.server);
+    println!("server id       {}", info.server_id);
+    println!("version         {}", info.server_version);
+    println!("protocol        {} (supported: {:?})", info.protocol_version, info.protocol_versions);
+    println!("tail tick       {}", info.tail_tick);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines() {
+        let record =
+            pb::Record { stream: "a/b".into(), tick: 7, payload: "hi \"x\"".into(), ..Default::default() };
+        assert_eq!(json_line(&record), r#"{"stream":"a/b","tick":7,"payload":"hi \"x\""}"#);
+        let record =
+            pb::Record { stream: "a".into(), tick: 1, payload: vec![0xff, 0].into(), ..Default::default() };
+        assert_eq!(json_line(&record), r#"{"stream":"a","tick":1,"payload_base64":"/wA="}"#);
+    }
+
+    #[test]
+    fn points_in_time() {
+        assert_eq!(parse_point("--to", "42").unwrap(), Tick(42));
+        assert_eq!(parse_point("--to", "1970-01-01T00:00:01Z").unwrap(), Tick(1_000_000_000));
+        let err = parse_point("--to", "yesterday").unwrap_err().to_string();
+        assert!(err.contains("--to") && err.contains("yesterday"), "{err}");
+        assert!(matches!(parse_from("-5m").unwrap(), pb::subscribe_request::Start::At(_)));
+    }
+}

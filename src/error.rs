@@ -1,0 +1,81 @@
+//! The one error enum of the library.
+//!
+//! Every variant carries the values a user needs to fix the problem, and its message names the rule
+//! that was broken. `grpc.rs` maps each variant to exactly one gRPC status code.
+
+use crate::record::Tick;
+
+/// Everything that can go wrong inside tapeline.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A stream name broke the naming rule.
+    #[error("invalid stream name {name:?}: {rule}")]
+    InvalidName { name: String, rule: &'static str },
+
+    /// A subscription pattern broke the pattern rule.
+    #[error("invalid pattern {pattern:?}: {rule}")]
+    InvalidPattern { pattern: String, rule: &'static str },
+
+    /// A request was malformed in a way not covered by a more specific variant.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// The end of a subscription lies before its start.
+    #[error("end tick {end} is before the start of the interval ({start}): end must not be before start")]
+    EndBeforeStart { start: String, end: Tick },
+
+    /// One record is larger than the configured limit.
+    #[error("record of stream {stream:?} has a {size}-byte payload, over the limit of {limit} bytes (max_record_bytes)")]
+    RecordTooLarge { stream: String, size: usize, limit: usize },
+
+    /// A batch holds too many records or bytes.
+    #[error("batch of {value} {what} is over the limit of {limit} {what} ({setting})")]
+    BatchTooLarge { what: &'static str, value: usize, limit: usize, setting: &'static str },
+
+    /// An explicit tick is not after the stream's last tick.
+    #[error("explicit tick {tick} for stream {stream:?} is not after the stream's last tick {last}: explicit ticks must increase")]
+    TickNotAfter { stream: String, tick: Tick, last: Tick },
+
+    /// The client's protocol version is not spoken by this server.
+    #[error("protocol version {version} is not supported; this server speaks {supported:?}")]
+    UnsupportedProtocol { version: u32, supported: Vec<u32> },
+
+    /// The named stream does not exist.
+    #[error("stream {0:?} does not exist")]
+    UnknownStream(String),
+
+    /// Stored data failed its CRC check or could not be decoded.
+    #[error("stored data of stream {stream:?} is corrupt in ticks {from}..={to}: {detail}")]
+    DataLoss { stream: String, from: Tick, to: Tick, detail: String },
+
+    /// The storage engine failed.
+    #[error("storage error: {0}")]
+    Storage(#[from] sled::Error),
+
+    /// A filesystem operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A setting has a value that cannot be used.
+    #[error("setting {key} = {value:?} is invalid: expected {expected}")]
+    Config { key: &'static str, value: String, expected: &'static str },
+
+    /// A call to a remote tapeline failed (client side).
+    #[error("{action} failed: {detail}")]
+    Remote { action: &'static str, detail: String },
+
+    /// A bug or a failed task; never caused by the request.
+    #[error("internal error: {0}")]
+    Internal(String),
+
+    /// The broker is shutting down; the client should reconnect and resume.
+    #[error("the broker is shutting down: reconnect and resume from your last tick")]
+    ShuttingDown,
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

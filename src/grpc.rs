@@ -1,0 +1,252 @@
+//! The gRPC layer: translates protobuf to domain types and back, and `Error` to `Status`, in one
+//! place. No rule lives here; the generated code stays in `pb`, which clients (the CLI, tests,
+//! other programs) use as the wire API.
+
+use crate::broker::{Broker, Incoming, SubscribeRequest};
+use crate::error::Error;
+use crate::record::{Record, StreamInfo};
+use crate::subscription::{Event, Start};
+use futures::stream::{FuturesOrdered, Stream, StreamExt};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::debug;
+
+/// The generated protocol types, client and server.
+pub mod pb {
+    tonic::include_proto!("tapeline.v1");
+
+    /// The encoded descriptors of the protocol, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tapeline_descriptor");
+}
+
+/// Batches of one `PublishStream` that may wait for their ack at once; past this the server stops
+/// reading the client's stream, and HTTP/2 flow control slows the client.
+const PUBLISH_WINDOW: usize = 64;
+
+/// The one mapping from a domain error to a gRPC status.
+pub fn status(err: &Error) -> Status {
+    let code = match err {
+        Error::InvalidName { .. }
+        | Error::InvalidPattern { .. }
+        | Error::InvalidArgument(_)
+        | Error::EndBeforeStart { .. } => Code::InvalidArgument,
+        Error::RecordTooLarge { .. } | Error::BatchTooLarge { .. } => Code::ResourceExhausted,
+        Error::TickNotAfter { .. } | Error::UnsupportedProtocol { .. } => Code::FailedPrecondition,
+        Error::UnknownStream(_) => Code::NotFound,
+        Error::DataLoss { .. } => Code::DataLoss,
+        Error::ShuttingDown => Code::Unavailable,
+        Error::Storage(_)
+        | Error::Io { .. }
+        | Error::Config { .. }
+        | Error::Remote { .. }
+        | Error::Internal(_) => Code::Internal,
+    };
+    Status::new(code, err.to_string())
+}
+
+/// The `tapeline.v1.Tapeline` service, ready to be added to a tonic server.
+pub fn service(
+    broker: Arc<Broker>,
+    max_message_bytes: usize,
+) -> pb::tapeline_server::TapelineServer<Service> {
+    pb::tapeline_server::TapelineServer::new(Service { broker })
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(usize::MAX)
+}
+
+/// Implements the generated service trait on top of the broker.
+pub struct Service {
+    broker: Arc<Broker>,
+}
+
+fn incoming(records: Vec<pb::Record>) -> Vec<Incoming> {
+    records
+        .into_iter()
+        .map(|r| Incoming {
+            stream: r.stream,
+            tick: r.tick,
+            origin_time: r.origin_time,
+            headers: r.headers.into_iter().collect(),
+            payload: r.payload,
+            crc32: r.crc32,
+        })
+        .collect()
+}
+
+fn record(r: Record) -> pb::Record {
+    pb::Record {
+        stream: r.stream.to_string(),
+        tick: r.tick.0,
+        origin_time: r.origin_time.unwrap_or(0),
+        headers: r.headers.into_iter().collect(),
+        payload: r.payload,
+        crc32: Some(r.crc32),
+    }
+}
+
+fn stream_info(s: StreamInfo) -> pb::StreamInfo {
+    pb::StreamInfo {
+        name: s.name.to_string(),
+        records: s.records,
+        bytes: s.bytes,
+        first_tick: s.first_tick.map_or(0, |t| t.0),
+        last_tick: s.last_tick.map_or(0, |t| t.0),
+        created_tick: s.created_tick.0,
+    }
+}
+
+fn event(e: Event) -> pb::SubscribeResponse {
+    use pb::subscribe_response::Event as E;
+    let event = match e {
+        Event::Records(records) => {
+            E::Records(pb::RecordBatch { records: records.into_iter().map(record).collect() })
+        }
+        Event::CaughtUp(tick) => E::CaughtUp(pb::CaughtUp { tick: tick.0 }),
+        Event::Heartbeat { tail, server_time } => {
+            E::Heartbeat(pb::Heartbeat { tail_tick: tail.0, server_time: server_time.0 })
+        }
+        Event::StreamAdded(info) => E::StreamAdded(pb::StreamAdded { stream: Some(stream_info(info)) }),
+    };
+    pb::SubscribeResponse { event: Some(event) }
+}
+
+fn ack(batch_id: u64, result: Result<Vec<crate::record::Tick>, Error>) -> pb::PublishAck {
+    match result {
+        Ok(ticks) => {
+            pb::PublishAck { batch_id, ticks: ticks.into_iter().map(|t| t.0).collect(), error: None }
+        }
+        Err(err) => {
+            let status = status(&err);
+            let error = pb::BatchError { code: status.code() as i32, message: status.message().to_string() };
+            pb::PublishAck { batch_id, ticks: Vec::new(), error: Some(error) }
+        }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::tapeline_server::Tapeline for Service {
+    async fn hello(&self, request: Request<pb::HelloRequest>) -> Result<Response<pb::HelloResponse>, Status> {
+        let req = request.into_inner();
+        debug!(client = %req.client_name, version = %req.client_version, id = %req.client_id, "hello");
+        let info = self.broker.hello(req.protocol_version).map_err(|e| status(&e))?;
+        Ok(Response::new(pb::HelloResponse {
+            server_id: info.server_id,
+            server_version: info.server_version.to_string(),
+            protocol_versions: info.protocol_versions,
+            protocol_version: info.protocol_version,
+            tail_tick: info.tail_tick.0,
+        }))
+    }
+
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishAck>, Status> {
+        let req = request.into_inner();
+        let ticks = self.broker.publish(incoming(req.records)).await.map_err(|e| status(&e))?;
+        Ok(Response::new(ack(req.batch_id, Ok(ticks))))
+    }
+
+    type PublishStreamStream = BoxStream<pb::PublishAck>;
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<pb::PublishRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let mut requests = request.into_inner();
+        let broker = self.broker.clone();
+        let shutdown = broker.shutdown_token();
+        let (acks, out) = mpsc::channel(PUBLISH_WINDOW);
+        tokio::spawn(async move {
+            let mut in_flight = FuturesOrdered::new();
+            let mut reading = true;
+            loop {
+                tokio::select! {
+                    biased;
+                    Some((batch_id, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                        if acks.send(Ok(ack(batch_id, result))).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ = shutdown.cancelled(), if reading => reading = false,
+                    next = requests.message(), if reading && in_flight.len() < PUBLISH_WINDOW => match next {
+                        Ok(Some(req)) => {
+                            // Submitted in order, so batches of one stream commit in order.
+                            let submitted = broker.submit(incoming(req.records)).await;
+                            let batch_id = req.batch_id;
+                            in_flight.push_back(async move {
+                                match submitted {
+                                    Ok(answer) => (batch_id, answer.await),
+                                    Err(err) => (batch_id, Err(err)),
+                                }
+                            });
+                        }
+                        Ok(None) => reading = false,
+                        Err(status) => {
+                            debug!(%status, "publish stream broken by the client");
+                            return;
+                        }
+                    },
+                    else => break,
+                }
+                if !reading && in_flight.is_empty() {
+                    break;
+                }
+            }
+            if shutdown.is_cancelled() {
+                let _ = acks.send(Err(status(&Error::ShuttingDown))).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+
+    type SubscribeStream = BoxStream<pb::SubscribeResponse>;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        use pb::subscribe_request::Start as S;
+        let req = request.into_inner();
+        let start = match req.start {
+            None | Some(S::Beginning(_)) => Start::Beginning,
+            Some(S::Now(_)) => Start::Now,
+            Some(S::At(t)) => Start::At(crate::record::Tick(t)),
+            Some(S::After(t)) => Start::After(crate::record::Tick(t)),
+        };
+        let events = self
+            .broker
+            .subscribe(SubscribeRequest {
+                streams: req.streams,
+                start,
+                resume: req.resume.into_iter().collect(),
+                end: req.end,
+            })
+            .map_err(|e| status(&e))?;
+        let stream = ReceiverStream::new(events).map(|e| e.map(event).map_err(|e| status(&e)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_streams(
+        &self,
+        request: Request<pb::ListStreamsRequest>,
+    ) -> Result<Response<pb::ListStreamsResponse>, Status> {
+        let req = request.into_inner();
+        let pattern = (!req.pattern.is_empty()).then_some(req.pattern.as_str());
+        let streams = self.broker.streams(pattern).map_err(|e| status(&e))?;
+        Ok(Response::new(pb::ListStreamsResponse { streams: streams.into_iter().map(stream_info).collect() }))
+    }
+
+    async fn describe_stream(
+        &self,
+        request: Request<pb::DescribeStreamRequest>,
+    ) -> Result<Response<pb::StreamInfo>, Status> {
+        let info = self.broker.stream(&request.into_inner().stream).map_err(|e| status(&e))?;
+        Ok(Response::new(stream_info(info)))
+    }
+}

@@ -1,0 +1,31 @@
+//! tapeline: a persistent-log store-and-forward broker.
+//!
+//! Producers publish timestamped records into named streams; every record is appended to a
+//! sled-backed log; a subscriber gets one stream that replays an interval of the past and then
+//! follows the live tail, with no gap and no duplicate.
+//!
+//! # Layout
+//! - [`record`]: ticks, stream ids and records, the values crossing module borders.
+//! - [`names`]: the stream naming rule and subscription patterns.
+//! - [`chunk`]: the codec packing many records of one stream into one stored value, with CRCs.
+//! - [`storage`]: the sled log: keys, catalog, group commit, recovery, reads.
+//! - [`subscription`]: replay, then live, for one subscriber.
+//! - [`broker`]: the domain: publish, subscribe, catalog, and every rule a request must follow.
+//! - [`grpc`]: translation between protobuf and the domain; the generated client and server.
+//! - [`server`]: wires it all together and owns shutdown.
+//! - [`config`]: settings and defaults; [`error`]: the one error enum.
+//! - [`cli`]: the `tapeline` command line, including the client commands.
+
+pub mod broker;
+pub mod chunk;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod names;
+pub mod record;
+pub mod server;
+pub mod storage;
+pub mod subscription;
+
+pub use error::{Error, Result};

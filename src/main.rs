@@ -1,0 +1,31 @@
+//! The `tapeline` binary: parse the command line, start tracing, run. Nothing else.
+
+use clap::Parser;
+use std::process::ExitCode;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = tapeline::cli::Cli::parse();
+    // The broker logs at info; client commands only speak up for warnings.
+    let default = match cli.command {
+        tapeline::cli::Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    let filter = EnvFilter::try_from_env("TAPELINE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("tapeline: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(tapeline::cli::run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("tapeline: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Ticks, stream ids and records: the values that cross module borders.
+
+use bytes::Bytes;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Nanoseconds since the Unix epoch, assigned by the origin broker. Unique on an origin and
+/// strictly increasing within a stream. 0 means "none".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Tick(pub u64);
+
+impl Tick {
+    /// The largest tick a record may carry: ticks must fit an `i64` so every language can hold them.
+    pub const MAX: Tick = Tick(i64::MAX as u64);
+
+    /// The wall clock as a tick.
+    pub fn now() -> Tick {
+        let ns = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        Tick(ns.min(Tick::MAX.0 as u128) as u64)
+    }
+}
+
+impl fmt::Display for Tick {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The storage's short name for a stream, used in record keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamId(pub u32);
+
+/// A record as the broker stores and delivers it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Stream name, shared by all records of the stream.
+    pub stream: Arc<str>,
+    pub tick: Tick,
+    /// The producer's clock, if it gave one.
+    pub origin_time: Option<u64>,
+    /// Small string map; sorted by key so that equal maps encode equally.
+    pub headers: Vec<(String, String)>,
+    pub payload: Bytes,
+    /// CRC32 of the payload.
+    pub crc32: u32,
+}
+
+/// A record as a publisher hands it in, before the broker assigned its tick.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    pub stream: crate::names::StreamName,
+    /// An explicit tick (importing a recorded session), or `None` to let the broker assign one.
+    pub tick: Option<Tick>,
+    pub origin_time: Option<u64>,
+    pub headers: Vec<(String, String)>,
+    pub payload: Bytes,
+    /// CRC32 of the payload, computed once when the batch was checked.
+    pub crc32: u32,
+}
+
+/// What the catalog knows about a stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamInfo {
+    pub name: Arc<str>,
+    pub id: StreamId,
+    /// Records and payload bytes stored.
+    pub records: u64,
+    pub bytes: u64,
+    /// `None` while the stream is empty.
+    pub first_tick: Option<Tick>,
+    pub last_tick: Option<Tick>,
+    /// The broker's tick when the stream was created.
+    pub created_tick: Tick,
+}

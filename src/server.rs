@@ -1,0 +1,75 @@
+//! Wires the broker, the gRPC services and shutdown together.
+//!
+//! Shutdown has one path: the `shutdown` future resolves → the root token is cancelled → the
+//! server stops accepting, subscriptions end with `UNAVAILABLE` (resume later), publish streams
+//! finish the batches they already handed in → the broker waits for its tasks, commits what is
+//! queued and flushes the log last.
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::grpc;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// How long connections may take to finish after shutdown began before they are dropped.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves on `listener` until `shutdown` resolves, then shuts down cleanly.
+pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let token = CancellationToken::new();
+    let broker = Arc::new(Broker::open(&config, token.clone())?);
+    let addr = listener
+        .local_addr()
+        .map_err(|source| Error::Io { context: "reading the listen address".into(), source })?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<grpc::pb::tapeline_server::TapelineServer<grpc::Service>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(grpc::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("building server reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(grpc::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("building server reflection: {e}")))?;
+
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let serve = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(grpc::service(broker.clone(), config.limits.max_message_bytes()))
+        .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
+    info!(%addr, "serving");
+
+    tokio::pin!(serve);
+    let served = tokio::select! {
+        served = &mut serve => served,
+        () = shutdown => {
+            info!("shutting down");
+            let began = Instant::now();
+            token.cancel();
+            health.set_not_serving::<grpc::pb::tapeline_server::TapelineServer<grpc::Service>>().await;
+            let served = match tokio::time::timeout(DRAIN_TIMEOUT, &mut serve).await {
+                Ok(served) => served,
+                Err(_) => {
+                    warn!(timeout = ?DRAIN_TIMEOUT, "connections did not finish in time; dropping them");
+                    Ok(())
+                }
+            };
+            info!(took = ?began.elapsed(), "connections closed");
+            served
+        }
+    };
+    token.cancel();
+    let closed = broker.close().await;
+    served.map_err(|e| Error::Internal(format!("gRPC server failed: {e}")))?;
+    closed
+}

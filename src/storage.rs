@@ -1,0 +1,540 @@
+//! The sled log: chunk keys, the catalog, group commit, recovery and reads.
+//!
+//! Layout in sled: tree `records` maps `(stream_id u32 BE, first_tick u64 BE)` to a chunk (see
+//! `chunk.rs`); tree `catalog` maps a stream name to its id and creation tick; tree `meta` holds the
+//! broker's identity.
+//!
+//! Invariants:
+//! - One writer thread assigns every tick and is the only one that writes `records` and `catalog`.
+//!   A tick is `max(now, clock + 1)` with one clock for the whole broker, so ticks are unique and
+//!   strictly increasing within a stream; an explicit tick must be above its stream's last tick.
+//! - Group commit: the writer takes every pending batch, writes them in one `apply_batch`, flushes
+//!   once (under `fsync=always`), then publishes the new state and acknowledges each batch. A
+//!   refused batch is dropped before anything is written, so it leaves nothing behind.
+//! - The in-memory catalog and the commit broadcast change under one lock, and only after the data
+//!   is readable (and durable under `always`): a reader that sees a watermark can read every record
+//!   up to it, and a subscriber that snapshots the catalog receives every later commit.
+//! - Recovery reads the catalog and, per stream, only its first and last chunk.
+
+use crate::chunk::{self, ChunkEncoder};
+use crate::config::{DataDir, FsyncPolicy};
+use crate::error::{Error, Result};
+use crate::record::{NewRecord, Record, StreamId, StreamInfo, Tick};
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{debug, error, info, warn};
+
+/// A chunk is sealed when it reaches this many encoded bytes or records.
+const CHUNK_MAX_BYTES: usize = 1 << 20;
+const CHUNK_MAX_RECORDS: u32 = 4096;
+/// One group commit gathers at most this many payload bytes.
+const GROUP_MAX_BYTES: usize = 32 << 20;
+/// Batches waiting for the writer; publishers wait (backpressure) when it is full.
+const WRITER_QUEUE: usize = 1024;
+/// Commits a subscriber may fall behind before it is told to rescan (it then reads storage).
+const COMMIT_BROADCAST: usize = 4096;
+
+/// What one group commit changed, as told to subscribers.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    /// Every record with a tick up to this one is readable.
+    pub watermark: Tick,
+    /// Streams that received records.
+    pub streams: Arc<[StreamId]>,
+    /// Streams created by this commit.
+    pub added: Arc<[StreamInfo]>,
+}
+
+/// A consistent view taken when a subscription registers.
+pub struct Snapshot {
+    /// Every stream at that moment.
+    pub streams: Vec<StreamInfo>,
+    /// The latest committed tick at that moment.
+    pub watermark: Tick,
+    /// Every commit after that moment.
+    pub commits: broadcast::Receiver<Commit>,
+}
+
+/// The result of one read: records in tick order, and whether the read stopped at its bound.
+pub struct ReadBatch {
+    pub records: Vec<Record>,
+    /// `false` when the read stopped because of its record limit: there may be more.
+    pub complete: bool,
+}
+
+/// The catalog as readers see it.
+struct Shared {
+    streams: BTreeMap<Arc<str>, StreamInfo>,
+    watermark: Tick,
+}
+
+enum Command {
+    Append { records: Vec<NewRecord>, reply: oneshot::Sender<Result<Vec<Tick>>> },
+    Stop { reply: oneshot::Sender<()> },
+}
+
+/// The sled-backed log. Shared by reference; reads may run on any thread.
+pub struct Log {
+    db: sled::Db,
+    records: sled::Tree,
+    shared: Arc<RwLock<Shared>>,
+    commits: broadcast::Sender<Commit>,
+    writer: mpsc::Sender<Command>,
+    writer_thread: Mutex<Option<JoinHandle<()>>>,
+    server_id: String,
+    /// Keeps a volatile store's directory alive as long as the log.
+    _temp_dir: Option<tempfile::TempDir>,
+}
+
+fn key(id: StreamId, tick: Tick) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&id.0.to_be_bytes());
+    k[4..].copy_from_slice(&tick.0.to_be_bytes());
+    k
+}
+
+fn key_tick(k: &[u8]) -> Tick {
+    Tick(u64::from_be_bytes(k[4..12].try_into().unwrap_or_default()))
+}
+
+fn catalog_value(id: StreamId, created: Tick) -> [u8; 12] {
+    let mut v = [0u8; 12];
+    v[..4].copy_from_slice(&id.0.to_le_bytes());
+    v[4..].copy_from_slice(&created.0.to_le_bytes());
+    v
+}
+
+impl Log {
+    /// Opens (or creates) the log and starts its writer thread.
+    pub fn open(data: &DataDir, fsync: FsyncPolicy, cache_bytes: u64) -> Result<Log> {
+        let (path, temp_dir) = match data {
+            DataDir::Path(p) => (p.clone(), None),
+            DataDir::Volatile => {
+                let dir = tempfile::Builder::new()
+                    .prefix("tapeline-volatile-")
+                    .tempdir()
+                    .map_err(|source| Error::Io { context: "creating the volatile store".into(), source })?;
+                (dir.path().to_path_buf(), Some(dir))
+            }
+        };
+        let flush_every = match fsync {
+            FsyncPolicy::Interval(d) => Some(d.as_millis().max(1) as u64),
+            FsyncPolicy::Always | FsyncPolicy::Never => None,
+        };
+        let db =
+            sled::Config::new().path(&path).cache_capacity(cache_bytes).flush_every_ms(flush_every).open()?;
+        let records = db.open_tree("records")?;
+        let catalog = db.open_tree("catalog")?;
+        let meta = db.open_tree("meta")?;
+        let server_id = match meta.get("server_id")? {
+            Some(v) => String::from_utf8_lossy(&v).into_owned(),
+            None => {
+                let id = format!("{:016x}", rand::random::<u64>());
+                meta.insert("server_id", id.as_bytes())?;
+                db.flush()?;
+                id
+            }
+        };
+
+        let streams = recover(&records, &catalog)?;
+        let watermark = streams.values().filter_map(|s| s.last_tick).max().unwrap_or_default();
+        let next_id = streams.values().map(|s| s.id.0 + 1).max().unwrap_or(0);
+        info!(path = %path.display(), streams = streams.len(), tail_tick = %watermark, "log opened");
+
+        let shared = Arc::new(RwLock::new(Shared {
+            streams: streams.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            watermark,
+        }));
+        let (commits, _) = broadcast::channel(COMMIT_BROADCAST);
+        let (writer, inbox) = mpsc::channel(WRITER_QUEUE);
+        let state = Writer {
+            db: db.clone(),
+            records: records.clone(),
+            catalog,
+            fsync,
+            streams,
+            clock: watermark,
+            next_id,
+            shared: shared.clone(),
+            commits: commits.clone(),
+        };
+        let writer_thread = std::thread::Builder::new()
+            .name("tapeline-writer".into())
+            .spawn(move || state.run(inbox))
+            .map_err(|source| Error::Io { context: "starting the writer thread".into(), source })?;
+        Ok(Log {
+            db,
+            records,
+            shared,
+            commits,
+            writer,
+            writer_thread: Mutex::new(Some(writer_thread)),
+            server_id,
+            _temp_dir: temp_dir,
+        })
+    }
+
+    /// The random identity created with the data dir.
+    pub fn server_id(&self) -> &str {
+        &self.server_id
+    }
+
+    /// Queues a batch for the writer; the returned receiver yields its ticks once it is committed.
+    /// Batches are committed in the order they are queued.
+    pub async fn submit(&self, records: Vec<NewRecord>) -> Result<oneshot::Receiver<Result<Vec<Tick>>>> {
+        let (reply, answer) = oneshot::channel();
+        self.writer.send(Command::Append { records, reply }).await.map_err(|_| Error::ShuttingDown)?;
+        Ok(answer)
+    }
+
+    /// Appends a batch atomically and returns the assigned ticks once it is committed.
+    pub async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Tick>> {
+        self.submit(records).await?.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// The latest committed tick.
+    pub fn watermark(&self) -> Tick {
+        self.read_shared().watermark
+    }
+
+    /// Every stream, in name order.
+    pub fn streams(&self) -> Vec<StreamInfo> {
+        self.read_shared().streams.values().cloned().collect()
+    }
+
+    /// One stream, if it exists.
+    pub fn stream(&self, name: &str) -> Option<StreamInfo> {
+        self.read_shared().streams.get(name).cloned()
+    }
+
+    /// The catalog and watermark, together with a receiver of every later commit.
+    pub fn snapshot(&self) -> Snapshot {
+        let shared = self.read_shared();
+        Snapshot {
+            streams: shared.streams.values().cloned().collect(),
+            watermark: shared.watermark,
+            commits: self.commits.subscribe(),
+        }
+    }
+
+    fn read_shared(&self) -> std::sync::RwLockReadGuard<'_, Shared> {
+        // A poisoned lock means a panic elsewhere; the data itself is still consistent.
+        self.shared.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads records of one stream with `after < tick <= upto`, in tick order, whole chunks at a
+    /// time, stopping after the chunk that reaches `max_records`. Every record's CRC is checked;
+    /// a damaged chunk is an `Error::DataLoss` naming its tick range. Blocking.
+    pub fn read(
+        &self,
+        stream: &StreamInfo,
+        after: Option<Tick>,
+        upto: Tick,
+        max_records: usize,
+    ) -> Result<ReadBatch> {
+        let id = stream.id;
+        let first_wanted = Tick(after.map_or(0, |t| t.0 + 1));
+        // The chunk that holds `first_wanted` may start before it: begin at the last chunk that
+        // starts at or before it.
+        let start = match self.records.range(key(id, Tick(0))..=key(id, first_wanted)).next_back() {
+            Some(entry) => entry?.0,
+            None => key(id, first_wanted).as_ref().into(),
+        };
+        let end: sled::IVec = key(id, upto).as_ref().into();
+        let mut records = Vec::new();
+        let mut iter = self.records.range(start..=end);
+        while let Some(entry) = iter.next() {
+            let (k, v) = entry?;
+            let value = Bytes::copy_from_slice(&v);
+            let decoded = chunk::decode(&value, &stream.name).map_err(|err| {
+                let from = key_tick(&k);
+                let to = iter
+                    .next()
+                    .and_then(|next| next.ok())
+                    .map(|(next, _)| Tick(key_tick(&next).0 - 1))
+                    .unwrap_or(stream.last_tick.unwrap_or(from));
+                error!(stream = %stream.name, from = %from, to = %to, detail = %err.detail, "corrupt chunk");
+                Error::DataLoss { stream: stream.name.to_string(), from, to, detail: err.detail }
+            })?;
+            for record in decoded.1 {
+                if record.tick < first_wanted {
+                    continue;
+                }
+                if record.tick > upto {
+                    return Ok(ReadBatch { records, complete: true });
+                }
+                records.push(record);
+            }
+            if records.len() >= max_records {
+                return Ok(ReadBatch { records, complete: false });
+            }
+        }
+        Ok(ReadBatch { records, complete: true })
+    }
+
+    /// Stops the writer after every queued batch is committed, then flushes. Idempotent.
+    pub async fn close(&self) -> Result<()> {
+        let (reply, done) = oneshot::channel();
+        if self.writer.send(Command::Stop { reply }).await.is_ok() {
+            let _ = done.await;
+        }
+        let handle = self.writer_thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        self.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+/// Rebuilds every stream's counters from the catalog and each stream's first and last chunk.
+fn recover(records: &sled::Tree, catalog: &sled::Tree) -> Result<HashMap<Arc<str>, StreamInfo>> {
+    let mut streams = HashMap::new();
+    for entry in catalog.iter() {
+        let (name, value) = entry?;
+        let name: Arc<str> = Arc::from(String::from_utf8_lossy(&name).as_ref());
+        if value.len() != 12 {
+            warn!(stream = %name, "catalog entry has a bad length; stream skipped");
+            continue;
+        }
+        let id = StreamId(u32::from_le_bytes(value[..4].try_into().unwrap_or_default()));
+        let created_tick = Tick(u64::from_le_bytes(value[4..].try_into().unwrap_or_default()));
+        let mut info = StreamInfo {
+            name: name.clone(),
+            id,
+            records: 0,
+            bytes: 0,
+            first_tick: None,
+            last_tick: None,
+            created_tick,
+        };
+        let prefix = id.0.to_be_bytes();
+        if let (Some(first), Some(last)) =
+            (records.scan_prefix(prefix).next(), records.scan_prefix(prefix).next_back())
+        {
+            let (first_key, first_value) = first?;
+            let (last_key, last_value) = last?;
+            let first_head = chunk::header(&first_value).unwrap_or_default();
+            let last_value = Bytes::copy_from_slice(&last_value);
+            let (last_head, last_records) = match chunk::decode(&last_value, &name) {
+                Ok(decoded) => decoded,
+                Err(err) => {
+                    // Keep the broker available; the damaged range is reported when read.
+                    error!(stream = %name, tick = %key_tick(&last_key), detail = %err.detail, "last chunk is corrupt");
+                    (chunk::header(&last_value).unwrap_or_default(), Vec::new())
+                }
+            };
+            let last_bytes: u64 = last_records.iter().map(|r| r.payload.len() as u64).sum();
+            info.first_tick = Some(key_tick(&first_key));
+            info.last_tick = Some(last_records.last().map_or(key_tick(&last_key), |r| r.tick));
+            info.records = (last_head.records_before + last_records.len() as u64)
+                .saturating_sub(first_head.records_before);
+            info.bytes = (last_head.bytes_before + last_bytes).saturating_sub(first_head.bytes_before);
+        }
+        debug!(stream = %name, records = info.records, "stream recovered");
+        streams.insert(name, info);
+    }
+    Ok(streams)
+}
+
+/// The single writer: owns tick assignment and every write.
+struct Writer {
+    db: sled::Db,
+    records: sled::Tree,
+    catalog: sled::Tree,
+    fsync: FsyncPolicy,
+    /// The authoritative state of every stream; `shared` is a copy published after each commit.
+    streams: HashMap<Arc<str>, StreamInfo>,
+    /// The last tick assigned, for the whole broker.
+    clock: Tick,
+    next_id: u32,
+    shared: Arc<RwLock<Shared>>,
+    commits: broadcast::Sender<Commit>,
+}
+
+/// A batch accepted into the current group, waiting for the commit to finish.
+struct Accepted {
+    ticks: Vec<Tick>,
+    reply: oneshot::Sender<Result<Vec<Tick>>>,
+}
+
+impl Writer {
+    fn run(mut self, mut inbox: mpsc::Receiver<Command>) {
+        let mut stop = None;
+        while stop.is_none() {
+            let Some(first) = inbox.blocking_recv() else { break };
+            let mut group = Vec::new();
+            let mut bytes = 0;
+            let mut next = Some(first);
+            while let Some(command) = next.take() {
+                match command {
+                    Command::Append { records, reply } => {
+                        bytes += records.iter().map(|r| r.payload.len()).sum::<usize>();
+                        group.push((records, reply));
+                    }
+                    Command::Stop { reply } => {
+                        stop = Some(reply);
+                        break;
+                    }
+                }
+                if bytes < GROUP_MAX_BYTES {
+                    next = inbox.try_recv().ok();
+                }
+            }
+            if !group.is_empty() {
+                self.commit(group);
+            }
+        }
+        if let Err(err) = self.db.flush() {
+            error!(cause = %err, "final flush failed");
+        }
+        info!("writer stopped");
+        if let Some(reply) = stop {
+            let _ = reply.send(());
+        }
+    }
+
+    /// Checks a batch and assigns its ticks without changing any state.
+    fn assign(&self, records: &[NewRecord], now: Tick) -> Result<Vec<Tick>> {
+        let mut clock = self.clock;
+        let mut last: HashMap<&str, Tick> = HashMap::new();
+        let mut ticks = Vec::with_capacity(records.len());
+        for record in records {
+            let name = record.stream.as_str();
+            let stream_last = match last.get(name) {
+                Some(t) => Some(*t),
+                None => self.streams.get(name).and_then(|s| s.last_tick),
+            };
+            let tick = match record.tick {
+                Some(tick) => {
+                    if let Some(last) = stream_last.filter(|&last| tick <= last) {
+                        return Err(Error::TickNotAfter { stream: name.to_string(), tick, last });
+                    }
+                    tick
+                }
+                None => Tick(now.0.max(clock.0 + 1)),
+            };
+            clock = clock.max(tick);
+            last.insert(name, tick);
+            ticks.push(tick);
+        }
+        Ok(ticks)
+    }
+
+    fn commit(&mut self, group: Vec<(Vec<NewRecord>, oneshot::Sender<Result<Vec<Tick>>>)>) {
+        let now = Tick::now();
+        // Stream states as they were before this group, to restore if the write fails.
+        let mut undo: HashMap<Arc<str>, StreamInfo> = HashMap::new();
+        let mut added: Vec<StreamInfo> = Vec::new();
+        // Per stream: its name, the first tick of the open chunk, and the chunk.
+        let mut open: HashMap<StreamId, (Arc<str>, Tick, ChunkEncoder)> = HashMap::new();
+        let mut batch = sled::Batch::default();
+        let mut catalog_batch = sled::Batch::default();
+        let mut accepted = Vec::with_capacity(group.len());
+
+        for (records, reply) in group {
+            let ticks = match self.assign(&records, now) {
+                Ok(ticks) => ticks,
+                Err(err) => {
+                    debug!(cause = %err, "batch refused");
+                    let _ = reply.send(Err(err));
+                    continue;
+                }
+            };
+            for (record, &tick) in records.iter().zip(&ticks) {
+                let name = record.stream.as_str();
+                if !self.streams.contains_key(name) {
+                    let info = StreamInfo {
+                        name: record.stream.shared(),
+                        id: StreamId(self.next_id),
+                        records: 0,
+                        bytes: 0,
+                        first_tick: None,
+                        last_tick: None,
+                        created_tick: tick,
+                    };
+                    self.next_id += 1;
+                    catalog_batch.insert(name.as_bytes(), catalog_value(info.id, tick).as_ref());
+                    info!(stream = %name, id = info.id.0, "stream created");
+                    added.push(info.clone());
+                    self.streams.insert(info.name.clone(), info);
+                }
+                let Some(stream) = self.streams.get_mut(name) else { continue };
+                if !undo.contains_key(name) {
+                    undo.insert(stream.name.clone(), stream.clone());
+                }
+                let (_, first, encoder) = open.entry(stream.id).or_insert_with(|| {
+                    (stream.name.clone(), tick, ChunkEncoder::new(stream.records, stream.bytes))
+                });
+                if encoder.encoded_len() >= CHUNK_MAX_BYTES || encoder.count() >= CHUNK_MAX_RECORDS {
+                    let sealed = std::mem::replace(encoder, ChunkEncoder::new(stream.records, stream.bytes));
+                    batch.insert(key(stream.id, *first).as_ref(), sealed.finish());
+                    *first = tick;
+                }
+                encoder.push(tick, record.origin_time, &record.headers, &record.payload, record.crc32);
+                stream.records += 1;
+                stream.bytes += record.payload.len() as u64;
+                stream.first_tick.get_or_insert(tick);
+                stream.last_tick = Some(tick);
+                self.clock = self.clock.max(tick);
+            }
+            accepted.push(Accepted { ticks, reply });
+        }
+        if accepted.is_empty() {
+            return;
+        }
+        let mut touched: Vec<(StreamId, Arc<str>)> = Vec::with_capacity(open.len());
+        for (id, (name, first, encoder)) in open {
+            touched.push((id, name));
+            batch.insert(key(id, first).as_ref(), encoder.finish());
+        }
+
+        // The catalog goes first: sled recovers a prefix of the writes, so a chunk is never
+        // recovered without its stream.
+        let written =
+            self.catalog.apply_batch(catalog_batch).and_then(|_| self.records.apply_batch(batch)).and_then(
+                |_| match self.fsync {
+                    FsyncPolicy::Always => self.db.flush().map(|_| ()),
+                    FsyncPolicy::Interval(_) | FsyncPolicy::Never => Ok(()),
+                },
+            );
+        if let Err(err) = written {
+            error!(cause = %err, batches = accepted.len(), "group commit failed");
+            self.streams.extend(undo);
+            for info in &added {
+                self.streams.remove(&info.name);
+            }
+            // The clock is not rolled back: ticks handed to a failed write are never reused.
+            for a in accepted {
+                let _ = a.reply.send(Err(Error::Storage(err.clone())));
+            }
+            return;
+        }
+
+        {
+            let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
+            for (_, name) in &touched {
+                if let Some(info) = self.streams.get(name) {
+                    shared.streams.insert(name.clone(), info.clone());
+                }
+            }
+            shared.watermark = shared.watermark.max(self.clock);
+            let commit = Commit {
+                watermark: shared.watermark,
+                streams: touched.iter().map(|(id, _)| *id).collect(),
+                added: added
+                    .iter()
+                    .map(|a| self.streams.get(&a.name).cloned().unwrap_or_else(|| a.clone()))
+                    .collect(),
+            };
+            // No receiver is fine: nobody subscribes.
+            let _ = self.commits.send(commit);
+        }
+        for a in accepted {
+            let _ = a.reply.send(Ok(a.ticks));
+        }
+    }
+}

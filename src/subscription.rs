@@ -1,0 +1,354 @@
+//! Replay, then live: one task per subscription that turns the log into a stream of events.
+//!
+//! The task keeps, per selected stream, a cursor: the last tick it read. It always reads from the
+//! log, in whole chunks, records with `cursor < tick <= bound`, where the bound is the watermark of
+//! the latest commit it has heard of; it merges the streams by `(tick, stream)`. A commit
+//! notification only marks streams dirty and raises the bound, so the live tail and the replay are
+//! the same code: there is no hand-over between two paths, and so no gap and no duplicate.
+//!
+//! Invariants:
+//! - Memory is bounded whatever the lag: at most one read window per stream, one outgoing batch,
+//!   and the bounded commit broadcast. A subscriber that falls further behind than the broadcast
+//!   holds is told so (`Lagged`) and simply marks every stream dirty: it reads storage.
+//! - Sending waits for the client (the outgoing channel is bounded); publishers never wait for a
+//!   subscriber, because the commit broadcast never blocks its sender.
+//! - `CaughtUp` is sent exactly once, after every record up to the watermark seen at registration
+//!   was delivered.
+
+use crate::error::{Error, Result};
+use crate::names::Pattern;
+use crate::record::{Record, StreamId, StreamInfo, Tick};
+use crate::storage::{Commit, Log};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+/// Records read from storage per stream at a time.
+const READ_WINDOW: usize = 1024;
+/// A record batch is sent when it holds this many records or payload bytes.
+const BATCH_RECORDS: usize = 1024;
+const BATCH_BYTES: usize = 1 << 20;
+/// Events waiting for the client.
+const OUTBOX: usize = 8;
+
+/// Where a subscription starts, for streams the resume map does not name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// The first stored record.
+    Beginning,
+    /// The first record appended after the subscription was registered.
+    Now,
+    /// The first record with this tick or later.
+    At(Tick),
+    /// The first record after this tick.
+    After(Tick),
+}
+
+/// A validated subscription request.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Names or patterns.
+    pub selectors: Vec<Pattern>,
+    pub start: Start,
+    /// Per stream name, the last tick the client already has.
+    pub resume: HashMap<String, Tick>,
+    /// Last tick to deliver, inclusive.
+    pub end: Option<Tick>,
+    /// Silence after which a heartbeat is sent.
+    pub heartbeat: Duration,
+}
+
+/// What a subscriber receives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Records in `(tick, stream)` order.
+    Records(Vec<Record>),
+    /// Every record up to this tick was delivered; what follows is live.
+    CaughtUp(Tick),
+    /// Nothing happened for the heartbeat interval.
+    Heartbeat { tail: Tick, server_time: Tick },
+    /// A stream matching the subscription appeared.
+    StreamAdded(StreamInfo),
+}
+
+struct Cursor {
+    info: StreamInfo,
+    /// Last tick read from storage (and, once `buffer` is empty, delivered).
+    pos: Option<Tick>,
+    /// Records read but not yet delivered.
+    buffer: VecDeque<Record>,
+    /// The last read stopped at its window: more may be stored below the bound.
+    more: bool,
+    /// A commit touched this stream since the last drain.
+    dirty: bool,
+}
+
+/// Why the pump stopped early.
+enum Stop {
+    /// The client went away, or the broker is shutting down (already told to the client).
+    Gone,
+    Failed(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(err: Error) -> Self {
+        Stop::Failed(err)
+    }
+}
+
+struct Pump {
+    log: Arc<Log>,
+    spec: Spec,
+    cursors: Vec<Cursor>,
+    /// Position of each tracked stream in `cursors`.
+    index: HashMap<StreamId, usize>,
+    out: mpsc::Sender<Result<Event>>,
+    shutdown: CancellationToken,
+    pending: Vec<Record>,
+    pending_bytes: usize,
+    heartbeat_at: Instant,
+}
+
+/// Registers the subscription now and spawns its pump on `tasks`. The receiver ends after an
+/// `Err` (the subscription failed or the broker is shutting down) or, for a bounded subscription,
+/// after its last record.
+pub fn spawn(
+    log: Arc<Log>,
+    spec: Spec,
+    shutdown: CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
+) -> mpsc::Receiver<Result<Event>> {
+    let (out, events) = mpsc::channel(OUTBOX);
+    let snapshot = log.snapshot();
+    let mut pump = Pump {
+        log,
+        cursors: Vec::new(),
+        index: HashMap::new(),
+        out,
+        shutdown,
+        pending: Vec::new(),
+        pending_bytes: 0,
+        heartbeat_at: Instant::now() + spec.heartbeat,
+        spec,
+    };
+    for info in snapshot.streams {
+        if pump.selects(&info.name) {
+            let pos = match pump.spec.start {
+                Start::Now => info.last_tick,
+                _ => pump.start_pos(),
+            };
+            pump.track(info, pos);
+        }
+    }
+    let registered = snapshot.watermark;
+    let commits = snapshot.commits;
+    tasks.spawn(async move {
+        match pump.run(registered, commits).await {
+            Ok(()) | Err(Stop::Gone) => {}
+            Err(Stop::Failed(err)) => {
+                debug!(cause = %err, "subscription failed");
+                let _ = pump.out.send(Err(err)).await;
+            }
+        }
+    });
+    events
+}
+
+impl Pump {
+    fn selects(&self, name: &str) -> bool {
+        self.spec.selectors.iter().any(|p| p.matches(name))
+    }
+
+    /// The position a stream starts from, unless the resume map names it. Under `Now`, streams
+    /// that exist at registration start at their last tick; streams created later from their
+    /// first record.
+    fn start_pos(&self) -> Option<Tick> {
+        match self.spec.start {
+            Start::Beginning | Start::Now => None,
+            Start::At(t) => t.0.checked_sub(1).map(Tick).filter(|t| t.0 > 0),
+            Start::After(t) => Some(t),
+        }
+    }
+
+    fn track(&mut self, info: StreamInfo, pos: Option<Tick>) {
+        let pos = self.spec.resume.get(&*info.name).copied().or(pos);
+        self.index.insert(info.id, self.cursors.len());
+        self.cursors.push(Cursor { info, pos, buffer: VecDeque::new(), more: false, dirty: true });
+    }
+
+    /// The largest tick this subscription may deliver now.
+    fn bound(&self, watermark: Tick) -> Tick {
+        self.spec.end.map_or(watermark, |end| end.min(watermark))
+    }
+
+    fn ended(&self, watermark: Tick) -> bool {
+        self.spec.end.is_some_and(|end| watermark >= end)
+    }
+
+    async fn run(&mut self, registered: Tick, mut commits: broadcast::Receiver<Commit>) -> Result<(), Stop> {
+        let mut watermark = registered;
+        // Replay: everything up to the tail as it was at registration.
+        self.drain(self.bound(watermark)).await?;
+        self.send(Event::CaughtUp(self.bound(watermark))).await?;
+        if self.ended(watermark) {
+            return Ok(());
+        }
+        // Live: each commit marks streams dirty and raises the bound.
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return self.shutting_down().await,
+                _ = self.out.closed() => return Err(Stop::Gone),
+                commit = commits.recv() => {
+                    let mut next = Some(commit);
+                    while let Some(commit) = next.take() {
+                        match commit {
+                            Ok(commit) => {
+                                watermark = watermark.max(commit.watermark);
+                                self.apply(&commit).await?;
+                            }
+                            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                                debug!(missed, "subscriber lagged; rescanning streams");
+                                watermark = watermark.max(self.log.watermark());
+                                self.rescan().await?;
+                            }
+                            Err(broadcast::error::RecvError::Closed) => return self.shutting_down().await,
+                        }
+                        next = match commits.try_recv() {
+                            Err(broadcast::error::TryRecvError::Empty) => None,
+                            Err(broadcast::error::TryRecvError::Closed) => None,
+                            Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Err(broadcast::error::RecvError::Lagged(n))),
+                            Ok(c) => Some(Ok(c)),
+                        };
+                    }
+                    self.drain(self.bound(watermark)).await?;
+                    if self.ended(watermark) {
+                        return Ok(());
+                    }
+                }
+                _ = tokio::time::sleep_until(self.heartbeat_at) => {
+                    self.send(Event::Heartbeat { tail: watermark, server_time: Tick::now() }).await?;
+                }
+            }
+        }
+    }
+
+    async fn shutting_down(&mut self) -> Result<(), Stop> {
+        // Tell the client to resume elsewhere or later; do not wait long for a stalled one.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.out.send(Err(Error::ShuttingDown))).await;
+        Err(Stop::Gone)
+    }
+
+    /// Marks the streams of a commit dirty and starts tracking new streams that match.
+    async fn apply(&mut self, commit: &Commit) -> Result<(), Stop> {
+        for info in commit.added.iter() {
+            if !self.index.contains_key(&info.id) && self.selects(&info.name) {
+                let pos = self.start_pos();
+                self.send(Event::StreamAdded(info.clone())).await?;
+                self.track(info.clone(), pos);
+            }
+        }
+        for id in commit.streams.iter() {
+            if let Some(&i) = self.index.get(id) {
+                self.cursors[i].dirty = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// After missing commits: every stream may have changed and new ones may exist.
+    async fn rescan(&mut self) -> Result<(), Stop> {
+        let streams = self.log.streams();
+        for info in streams {
+            if !self.index.contains_key(&info.id) && self.selects(&info.name) {
+                let pos = self.start_pos();
+                self.send(Event::StreamAdded(info.clone())).await?;
+                self.track(info, pos);
+            }
+        }
+        for cursor in &mut self.cursors {
+            cursor.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Delivers every record of the dirty streams up to `bound`, merged by `(tick, stream)`.
+    async fn drain(&mut self, bound: Tick) -> Result<(), Stop> {
+        let mut heads = BinaryHeap::new();
+        for i in 0..self.cursors.len() {
+            if self.cursors[i].dirty {
+                self.cursors[i].dirty = false;
+                self.cursors[i].more = true;
+                self.refill(i, bound).await?;
+            }
+            if let Some(r) = self.cursors[i].buffer.front() {
+                heads.push(Reverse((r.tick, r.stream.clone(), i)));
+            }
+        }
+        while let Some(Reverse((_, _, i))) = heads.pop() {
+            if let Some(record) = self.cursors[i].buffer.pop_front() {
+                self.push(record).await?;
+            }
+            if self.cursors[i].buffer.is_empty() && self.cursors[i].more {
+                self.refill(i, bound).await?;
+            }
+            if let Some(r) = self.cursors[i].buffer.front() {
+                heads.push(Reverse((r.tick, r.stream.clone(), i)));
+            }
+        }
+        self.flush().await
+    }
+
+    async fn refill(&mut self, i: usize, bound: Tick) -> Result<(), Stop> {
+        let cursor = &self.cursors[i];
+        if cursor.pos.is_some_and(|p| p >= bound) {
+            self.cursors[i].more = false;
+            return Ok(());
+        }
+        let log = self.log.clone();
+        let info = cursor.info.clone();
+        let after = cursor.pos;
+        let read = tokio::task::spawn_blocking(move || log.read(&info, after, bound, READ_WINDOW))
+            .await
+            .map_err(|e| Error::Internal(format!("read task failed: {e}")))??;
+        let cursor = &mut self.cursors[i];
+        if let Some(last) = read.records.last() {
+            cursor.pos = Some(last.tick);
+        }
+        cursor.more = !read.complete;
+        cursor.buffer.extend(read.records);
+        Ok(())
+    }
+
+    async fn push(&mut self, record: Record) -> Result<(), Stop> {
+        self.pending_bytes += record.payload.len();
+        self.pending.push(record);
+        if self.pending.len() >= BATCH_RECORDS || self.pending_bytes >= BATCH_BYTES {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), Stop> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        self.send(Event::Records(batch)).await
+    }
+
+    async fn send(&mut self, event: Event) -> Result<(), Stop> {
+        tokio::select! {
+            sent = self.out.send(Ok(event)) => sent.map_err(|_| Stop::Gone)?,
+            _ = self.shutdown.cancelled() => return self.shutting_down().await,
+        }
+        self.heartbeat_at = Instant::now() + self.spec.heartbeat;
+        Ok(())
+    }
+}
