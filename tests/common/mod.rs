@@ -1,0 +1,288 @@
+//! Test helpers: a real broker on 127.0.0.1:0 with a temp data dir, a gRPC client, a TCP proxy
+//! that can cut connections, and small publish/subscribe helpers. Every wait is bounded, so a
+//! broken broker fails a test instead of hanging it.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tapeline::config::{Config, DataDir, FsyncPolicy};
+use tapeline::grpc::pb;
+use tapeline::grpc::pb::tapeline_client::TapelineClient;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// The longest any single wait in a test may take.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// A broker running inside the test's runtime.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub data: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<tapeline::Result<()>>>,
+}
+
+/// The settings tests use unless they say otherwise.
+pub fn config(data: &Path) -> Config {
+    Config {
+        data: DataDir::Path(data.to_path_buf()),
+        fsync: FsyncPolicy::Always,
+        heartbeat: Duration::from_secs(30),
+        cache_bytes: 64 << 20,
+        ..Config::default()
+    }
+}
+
+impl TestServer {
+    /// Starts a broker on `data` with the default test settings.
+    pub async fn start(data: &Path) -> TestServer {
+        TestServer::start_with(config(data)).await
+    }
+
+    /// Starts a broker with `config`. The listener is bound before the server task starts, so
+    /// clients may connect at once.
+    pub async fn start_with(config: Config) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let data = match &config.data {
+            DataDir::Path(p) => p.clone(),
+            DataDir::Volatile => PathBuf::new(),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(tapeline::server::run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        TestServer { addr, data, stop: Some(stop), task: Some(task) }
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A new client on its own connection.
+    pub async fn client(&self) -> TapelineClient<Channel> {
+        client(&self.url()).await
+    }
+
+    /// Shuts the broker down the way SIGTERM does and waits until its log is closed.
+    pub async fn stop(mut self) {
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let result = tokio::time::timeout(WAIT, task).await.expect("server stops in time");
+            result.expect("server task").expect("server ran cleanly");
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A client on its own connection to `url`.
+pub async fn client(url: &str) -> TapelineClient<Channel> {
+    tapeline::cli::connect(url).await.expect("connect to the test server")
+}
+
+/// One record of `stream` with a payload.
+pub fn record(stream: &str, payload: impl Into<Vec<u8>>) -> pb::Record {
+    pb::Record { stream: stream.to_string(), payload: payload.into().into(), ..Default::default() }
+}
+
+/// Publishes one batch of `payloads` into `stream`; returns the ticks.
+pub async fn publish(client: &mut TapelineClient<Channel>, stream: &str, payloads: &[&str]) -> Vec<u64> {
+    let records = payloads.iter().map(|p| record(stream, *p)).collect();
+    publish_records(client, records).await
+}
+
+/// Publishes one batch; returns the ticks.
+pub async fn publish_records(client: &mut TapelineClient<Channel>, records: Vec<pb::Record>) -> Vec<u64> {
+    let ack = client.publish(pb::PublishRequest { records, batch_id: 0 }).await.expect("publish").into_inner();
+    ack.ticks
+}
+
+/// What a subscriber saw, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Seen {
+    Record { stream: String, tick: u64, payload: String },
+    CaughtUp(u64),
+    Heartbeat { tail_tick: u64 },
+    StreamAdded(String),
+}
+
+/// A subscription being read by a test.
+pub struct Sub {
+    pub stream: tonic::Streaming<pb::SubscribeResponse>,
+}
+
+impl Sub {
+    /// Opens a subscription.
+    pub async fn open(client: &mut TapelineClient<Channel>, request: pb::SubscribeRequest) -> Sub {
+        let stream = client.subscribe(request).await.expect("subscribe").into_inner();
+        Sub { stream }
+    }
+
+    /// The next events of one message; `None` when the server ended the stream cleanly.
+    pub async fn next(&mut self) -> Option<Vec<Seen>> {
+        let message = tokio::time::timeout(WAIT, self.stream.message())
+            .await
+            .expect("an event within the wait")
+            .expect("no error status");
+        message.map(seen)
+    }
+
+    /// The next message, or the status the stream ended with.
+    pub async fn next_result(&mut self) -> Result<Option<Vec<Seen>>, tonic::Status> {
+        let message = tokio::time::timeout(WAIT, self.stream.message()).await.expect("an event within the wait");
+        message.map(|m| m.map(seen))
+    }
+
+    /// Reads until `n` records arrived; returns every event seen on the way.
+    pub async fn take_records(&mut self, n: usize) -> Vec<Seen> {
+        let mut events = Vec::new();
+        let mut count = 0;
+        while count < n {
+            let batch = self.next().await.expect("the subscription ended early");
+            count += batch.iter().filter(|s| matches!(s, Seen::Record { .. })).count();
+            events.extend(batch);
+        }
+        events
+    }
+
+    /// Reads until the stream ends cleanly; returns every event.
+    pub async fn until_end(&mut self) -> Vec<Seen> {
+        let mut events = Vec::new();
+        while let Some(batch) = self.next().await {
+            events.extend(batch);
+        }
+        events
+    }
+
+    /// Reads until `CaughtUp`; returns the events before it and its tick.
+    pub async fn until_caught_up(&mut self) -> (Vec<Seen>, u64) {
+        let mut events = Vec::new();
+        loop {
+            for event in self.next().await.expect("the subscription ended before CaughtUp") {
+                if let Seen::CaughtUp(tick) = event {
+                    return (events, tick);
+                }
+                events.push(event);
+            }
+        }
+    }
+}
+
+fn seen(message: pb::SubscribeResponse) -> Vec<Seen> {
+    use pb::subscribe_response::Event;
+    match message.event {
+        Some(Event::Records(batch)) => batch
+            .records
+            .into_iter()
+            .map(|r| {
+                assert_eq!(r.crc32, Some(crc32fast::hash(&r.payload)), "every delivered record carries its CRC");
+                Seen::Record { stream: r.stream, tick: r.tick, payload: String::from_utf8_lossy(&r.payload).into() }
+            })
+            .collect(),
+        Some(Event::CaughtUp(c)) => vec![Seen::CaughtUp(c.tick)],
+        Some(Event::Heartbeat(h)) => vec![Seen::Heartbeat { tail_tick: h.tail_tick }],
+        Some(Event::StreamAdded(a)) => vec![Seen::StreamAdded(a.stream.map(|s| s.name).unwrap_or_default())],
+        None => vec![],
+    }
+}
+
+/// Only the records of a list of events, as (stream, tick, payload).
+pub fn records(events: &[Seen]) -> Vec<(String, u64, String)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Seen::Record { stream, tick, payload } => Some((stream.clone(), *tick, payload.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Only the payloads of a list of events.
+pub fn payloads(events: &[Seen]) -> Vec<String> {
+    records(events).into_iter().map(|(_, _, p)| p).collect()
+}
+
+/// A subscription request for `streams` from `start`.
+pub fn request(streams: &[&str], start: pb::subscribe_request::Start) -> pb::SubscribeRequest {
+    pb::SubscribeRequest {
+        streams: streams.iter().map(|s| s.to_string()).collect(),
+        start: Some(start),
+        resume: Default::default(),
+        end: None,
+    }
+}
+
+/// The `BEGINNING` start.
+pub fn beginning() -> pb::subscribe_request::Start {
+    pb::subscribe_request::Start::Beginning(pb::Beginning {})
+}
+
+/// The `NOW` start.
+pub fn now() -> pb::subscribe_request::Start {
+    pb::subscribe_request::Start::Now(pb::Now {})
+}
+
+/// A TCP proxy in front of a broker whose connections a test can cut at once.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Starts forwarding 127.0.0.1:<new port> to `target`.
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let tracked = connections.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let handle = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                tracked.lock().unwrap().push(handle);
+            }
+        });
+        Proxy { addr, connections, accept }
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Drops every open connection, as a network fault would.
+    pub fn cut(&self) {
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}

@@ -1,0 +1,287 @@
+//! Replay then live: starts, bounds, ordering, events, fan-out and resume, through the gRPC client
+//! against a real broker.
+
+mod common;
+
+use common::*;
+use rand::Rng;
+use std::collections::HashMap;
+use std::time::Duration;
+use tapeline::grpc::pb;
+use tapeline::grpc::pb::subscribe_request::Start;
+
+#[tokio::test]
+async fn replays_from_the_beginning_then_follows_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    publish(&mut client, "s", &["a", "b"]).await;
+    publish(&mut client, "s", &["c"]).await;
+
+    let mut sub = Sub::open(&mut client, request(&["s"], beginning())).await;
+    let (before, caught_up) = sub.until_caught_up().await;
+    assert_eq!(payloads(&before), ["a", "b", "c"]);
+    assert_eq!(caught_up, records(&before)[2].1, "CaughtUp names the tail tick");
+
+    publish(&mut client, "s", &["d", "e"]).await;
+    assert_eq!(payloads(&sub.take_records(2).await), ["d", "e"]);
+}
+
+#[tokio::test]
+async fn now_delivers_only_what_is_appended_after_subscribing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    publish(&mut client, "s", &["old"]).await;
+
+    let mut sub = Sub::open(&mut client, request(&["s", "t"], now())).await;
+    let (before, _) = sub.until_caught_up().await;
+    assert!(records(&before).is_empty(), "{before:?}");
+    publish(&mut client, "s", &["new"]).await;
+    publish(&mut client, "t", &["fresh stream"]).await;
+    let events = sub.take_records(2).await;
+    assert_eq!(payloads(&events), ["new", "fresh stream"]);
+}
+
+#[tokio::test]
+async fn at_is_inclusive_and_after_is_exclusive() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    let ticks = publish(&mut client, "s", &["0", "1", "2", "3", "4"]).await;
+
+    let mut at = Sub::open(&mut client, request(&["s"], Start::At(ticks[2]))).await;
+    assert_eq!(payloads(&at.until_caught_up().await.0), ["2", "3", "4"]);
+    let mut after = Sub::open(&mut client, request(&["s"], Start::After(ticks[2]))).await;
+    assert_eq!(payloads(&after.until_caught_up().await.0), ["3", "4"]);
+    // A tick between two records starts at the next one.
+    let mut between = Sub::open(&mut client, request(&["s"], Start::At(ticks[4] + 1))).await;
+    assert!(records(&between.until_caught_up().await.0).is_empty());
+}
+
+#[tokio::test]
+async fn a_bounded_interval_ends_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    let ticks = publish(&mut client, "s", &["0", "1", "2", "3", "4"]).await;
+
+    let mut req = request(&["s"], Start::At(ticks[1]));
+    req.end = Some(ticks[3]);
+    let mut sub = Sub::open(&mut client, req).await;
+    let events = sub.until_end().await;
+    assert_eq!(payloads(&events), ["1", "2", "3"]);
+    assert_eq!(events.iter().filter(|e| matches!(e, Seen::CaughtUp(_))).count(), 1);
+
+    // An end in the future: live records up to it are delivered, then the stream ends by itself
+    // once the broker's tail passes the end.
+    let end = ticks[4] + 1_000_000_000_000;
+    let mut req = request(&["s"], Start::After(ticks[4]));
+    req.end = Some(end);
+    let mut live = Sub::open(&mut client, req).await;
+    live.until_caught_up().await;
+    publish(&mut client, "s", &["5"]).await;
+    let mut past_end = record("s", "6");
+    past_end.tick = end + 1;
+    publish_records(&mut client, vec![past_end]).await;
+    assert_eq!(payloads(&live.until_end().await), ["5"]);
+}
+
+#[tokio::test]
+async fn several_streams_and_patterns_arrive_in_tick_then_stream_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    // Interleave appends across streams, some in one batch (same commit).
+    let mut expected = Vec::new();
+    for round in 0..50 {
+        let mut batch = vec![
+            record("sensors/imu/accel", format!("a{round}")),
+            record("sensors/imu/gyro", format!("g{round}")),
+            record("other", format!("o{round}")),
+        ];
+        if round % 3 == 0 {
+            batch.push(record("sensors/gps", format!("p{round}")));
+        }
+        let ticks = publish_records(&mut client, batch.clone()).await;
+        for (r, t) in batch.iter().zip(ticks) {
+            if r.stream != "other" {
+                expected.push((r.stream.clone(), t, String::from_utf8(r.payload.to_vec()).unwrap()));
+            }
+        }
+    }
+    let mut sub = Sub::open(&mut client, request(&["sensors/imu/*", "sensors/gps"], beginning())).await;
+    let (events, _) = sub.until_caught_up().await;
+    let got = records(&events);
+    let mut sorted = expected.clone();
+    sorted.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+    assert_eq!(got, sorted);
+
+    // `**` selects every depth; new streams appear as StreamAdded, then their records.
+    let mut all = Sub::open(&mut client, request(&["sensors/**"], now())).await;
+    all.until_caught_up().await;
+    publish_records(&mut client, vec![record("sensors/new/deep/x", "n1"), record("sensors/imu/accel", "a")]).await;
+    let events = all.take_records(2).await;
+    assert!(events.contains(&Seen::StreamAdded("sensors/new/deep/x".into())), "{events:?}");
+    let got = records(&events);
+    assert!(got.windows(2).all(|w| (w[0].1, &w[0].0) < (w[1].1, &w[1].0)), "{got:?}");
+}
+
+#[tokio::test]
+async fn caught_up_comes_once_also_for_empty_and_unknown_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    let mut sub = Sub::open(&mut client, request(&["does/not/exist/yet"], beginning())).await;
+    let (before, _) = sub.until_caught_up().await;
+    assert!(before.is_empty());
+    publish(&mut client, "does/not/exist/yet", &["first"]).await;
+    let events = sub.take_records(1).await;
+    assert_eq!(events[0], Seen::StreamAdded("does/not/exist/yet".into()));
+    assert_eq!(payloads(&events), ["first"]);
+    assert!(!events.iter().any(|e| matches!(e, Seen::CaughtUp(_))), "CaughtUp only once");
+}
+
+#[tokio::test]
+async fn heartbeats_tell_a_quiet_stream_from_a_dead_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.heartbeat = Duration::from_millis(100);
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let ticks = publish(&mut client, "busy", &["x"]).await;
+    let mut sub = Sub::open(&mut client, request(&["quiet"], beginning())).await;
+    sub.until_caught_up().await;
+    let events = sub.next().await.unwrap();
+    assert_eq!(events, vec![Seen::Heartbeat { tail_tick: ticks[0] }]);
+}
+
+/// The fan-out test of the issue: one publisher writes 100,000 numbered records while 20
+/// subscribers join from the beginning at random moments; each sees every record exactly once,
+/// in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_subscribers_joining_at_random_moments_see_every_record_once_in_order() {
+    const TOTAL: usize = 100_000;
+    const BATCH: usize = 100;
+    const SUBSCRIBERS: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let url = server.url();
+
+    let mut join_points: Vec<usize> = (0..SUBSCRIBERS).map(|_| rand::rng().random_range(0..TOTAL / BATCH)).collect();
+    join_points.sort();
+    let mut subscribers = Vec::new();
+    let mut publisher = client(&url).await;
+    let mut next_join = 0;
+    for b in 0..TOTAL / BATCH {
+        while next_join < SUBSCRIBERS && join_points[next_join] == b {
+            let url = url.clone();
+            subscribers.push(tokio::spawn(async move {
+                let mut client = client(&url).await;
+                let mut sub = Sub::open(&mut client, request(&["numbers"], beginning())).await;
+                let mut expect = 0usize;
+                let mut caught_up = 0;
+                while expect < TOTAL {
+                    for event in sub.next().await.expect("subscription ended early") {
+                        match event {
+                            Seen::Record { payload, .. } => {
+                                assert_eq!(payload, expect.to_string(), "record out of order, repeated or missing");
+                                expect += 1;
+                            }
+                            Seen::CaughtUp(_) => caught_up += 1,
+                            _ => {}
+                        }
+                    }
+                }
+                assert_eq!(caught_up, 1);
+                expect
+            }));
+            next_join += 1;
+        }
+        let records = (b * BATCH..(b + 1) * BATCH).map(|i| record("numbers", i.to_string())).collect();
+        publish_records(&mut publisher, records).await;
+    }
+    for subscriber in subscribers {
+        assert_eq!(subscriber.await.unwrap(), TOTAL);
+    }
+}
+
+#[tokio::test]
+async fn a_cut_subscriber_resumes_with_exactly_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let proxy = Proxy::start(server.addr).await;
+    let mut publisher = server.client().await;
+    for i in 0..10 {
+        let batch: Vec<String> = (0..10).map(|j| format!("a{}", i * 10 + j)).collect();
+        publish(&mut publisher, "a", &batch.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        publish(&mut publisher, "b", &[&format!("b{i}")]).await;
+    }
+
+    let mut through_proxy = client(&proxy.url()).await;
+    let mut sub = Sub::open(&mut through_proxy, request(&["a", "b"], beginning())).await;
+    let mut delivered = records(&sub.take_records(30).await);
+    proxy.cut();
+    // The cut ends the subscription with an error; whatever arrived before it counts as delivered.
+    while let Ok(Some(more)) = sub.next_result().await {
+        delivered.extend(records(&more));
+    }
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for (stream, tick, _) in &delivered {
+        last.insert(stream.clone(), *tick);
+    }
+    // Records appended while disconnected are part of "the rest".
+    publish(&mut publisher, "a", &["a-late"]).await;
+    publish(&mut publisher, "b", &["b-late"]).await;
+
+    let mut req = request(&["a", "b"], beginning());
+    req.resume = last.clone();
+    let mut resumed = Sub::open(&mut publisher, req).await;
+    let rest = records(&resumed.until_caught_up().await.0);
+    for (stream, tick, _) in &rest {
+        assert!(*tick > last[stream], "resume repeated {stream}@{tick}");
+    }
+    assert_eq!(rest[rest.len() - 2..].iter().map(|r| r.2.as_str()).collect::<Vec<_>>(), ["a-late", "b-late"]);
+
+    // Exactly the rest: what was delivered plus what came after the resume is the whole log.
+    let mut full = Sub::open(&mut publisher, request(&["a", "b"], beginning())).await;
+    let everything = records(&full.until_caught_up().await.0);
+    let mut stitched = delivered;
+    stitched.extend(rest);
+    stitched.sort_by(|x, y| (x.1, &x.0).cmp(&(y.1, &y.0)));
+    assert_eq!(stitched, everything);
+}
+
+#[tokio::test]
+async fn resume_rules_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    let mut req = request(&["a"], beginning());
+    req.resume.insert("b".into(), 5);
+    let err = client.subscribe(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("\"b\""), "{}", err.message());
+}
+
+#[tokio::test]
+async fn a_subscriber_that_falls_far_behind_still_gets_everything_and_publishers_do_not_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    // No fsync, so that 5,000 sequential publishes (5,000 separate commits) are quick.
+    let mut config = config(dir.path());
+    config.fsync = tapeline::config::FsyncPolicy::Never;
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    // A subscriber that does not read while 5,000 commits happen: more than the commit broadcast
+    // holds (4,096), so it is told it lagged and must rescan storage.
+    let mut slow = Sub::open(&mut client, request(&["s"], beginning())).await;
+    let mut publisher = server.client().await;
+    // Every publish is acknowledged while the subscriber has not read a single message.
+    for i in 0..5_000 {
+        let ack = publisher.publish(pb::PublishRequest { records: vec![record("s", i.to_string())], batch_id: i });
+        assert_eq!(ack.await.unwrap().into_inner().ticks.len(), 1);
+    }
+    let events = slow.take_records(5_000).await;
+    let got = payloads(&events);
+    assert_eq!(got, (0..5_000).map(|i| i.to_string()).collect::<Vec<_>>());
+}
