@@ -120,7 +120,8 @@ async fn several_streams_and_patterns_arrive_in_tick_then_stream_order() {
     // `**` selects every depth; new streams appear as StreamAdded, then their records.
     let mut all = Sub::open(&mut client, request(&["sensors/**"], now())).await;
     all.until_caught_up().await;
-    publish_records(&mut client, vec![record("sensors/new/deep/x", "n1"), record("sensors/imu/accel", "a")]).await;
+    publish_records(&mut client, vec![record("sensors/new/deep/x", "n1"), record("sensors/imu/accel", "a")])
+        .await;
     let events = all.take_records(2).await;
     assert!(events.contains(&Seen::StreamAdded("sensors/new/deep/x".into())), "{events:?}");
     let got = records(&events);
@@ -168,7 +169,8 @@ async fn twenty_subscribers_joining_at_random_moments_see_every_record_once_in_o
     let server = TestServer::start(dir.path()).await;
     let url = server.url();
 
-    let mut join_points: Vec<usize> = (0..SUBSCRIBERS).map(|_| rand::rng().random_range(0..TOTAL / BATCH)).collect();
+    let mut join_points: Vec<usize> =
+        (0..SUBSCRIBERS).map(|_| rand::rng().random_range(0..TOTAL / BATCH)).collect();
     join_points.sort();
     let mut subscribers = Vec::new();
     let mut publisher = client(&url).await;
@@ -185,7 +187,11 @@ async fn twenty_subscribers_joining_at_random_moments_see_every_record_once_in_o
                     for event in sub.next().await.expect("subscription ended early") {
                         match event {
                             Seen::Record { payload, .. } => {
-                                assert_eq!(payload, expect.to_string(), "record out of order, repeated or missing");
+                                assert_eq!(
+                                    payload,
+                                    expect.to_string(),
+                                    "record out of order, repeated or missing"
+                                );
                                 expect += 1;
                             }
                             Seen::CaughtUp(_) => caught_up += 1,
@@ -276,12 +282,16 @@ async fn a_subscriber_that_falls_far_behind_still_gets_everything_and_publishers
     // holds (4,096), so it is told it lagged and must rescan storage.
     let mut slow = Sub::open(&mut client, request(&["s"], beginning())).await;
     let mut publisher = server.client().await;
+    // 8 KiB payloads: 40 MB in all, far more than HTTP/2 windows and the outbox can hold, so the
+    // subscription's task really is stuck waiting for its client.
+    let padding = "x".repeat(8192);
     // Every publish is acknowledged while the subscriber has not read a single message.
     for i in 0..5_000 {
-        let ack = publisher.publish(pb::PublishRequest { records: vec![record("s", i.to_string())], batch_id: i });
+        let payload = format!("{i}-{padding}");
+        let ack = publisher.publish(pb::PublishRequest { records: vec![record("s", payload)], batch_id: i });
         assert_eq!(ack.await.unwrap().into_inner().ticks.len(), 1);
     }
     let events = slow.take_records(5_000).await;
     let got = payloads(&events);
-    assert_eq!(got, (0..5_000).map(|i| i.to_string()).collect::<Vec<_>>());
+    assert_eq!(got, (0..5_000).map(|i| format!("{i}-{padding}")).collect::<Vec<_>>());
 }

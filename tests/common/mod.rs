@@ -111,7 +111,8 @@ pub async fn publish(client: &mut TapelineClient<Channel>, stream: &str, payload
 
 /// Publishes one batch; returns the ticks.
 pub async fn publish_records(client: &mut TapelineClient<Channel>, records: Vec<pb::Record>) -> Vec<u64> {
-    let ack = client.publish(pb::PublishRequest { records, batch_id: 0 }).await.expect("publish").into_inner();
+    let ack =
+        client.publish(pb::PublishRequest { records, batch_id: 0 }).await.expect("publish").into_inner();
     ack.ticks
 }
 
@@ -147,7 +148,8 @@ impl Sub {
 
     /// The next message, or the status the stream ended with.
     pub async fn next_result(&mut self) -> Result<Option<Vec<Seen>>, tonic::Status> {
-        let message = tokio::time::timeout(WAIT, self.stream.message()).await.expect("an event within the wait");
+        let message =
+            tokio::time::timeout(WAIT, self.stream.message()).await.expect("an event within the wait");
         message.map(|m| m.map(seen))
     }
 
@@ -193,8 +195,16 @@ fn seen(message: pb::SubscribeResponse) -> Vec<Seen> {
             .records
             .into_iter()
             .map(|r| {
-                assert_eq!(r.crc32, Some(crc32fast::hash(&r.payload)), "every delivered record carries its CRC");
-                Seen::Record { stream: r.stream, tick: r.tick, payload: String::from_utf8_lossy(&r.payload).into() }
+                assert_eq!(
+                    r.crc32,
+                    Some(crc32fast::hash(&r.payload)),
+                    "every delivered record carries its CRC"
+                );
+                Seen::Record {
+                    stream: r.stream,
+                    tick: r.tick,
+                    payload: String::from_utf8_lossy(&r.payload).into(),
+                }
             })
             .collect(),
         Some(Event::CaughtUp(c)) => vec![Seen::CaughtUp(c.tick)],
