@@ -1,0 +1,253 @@
+//! The command line end to end, through the real `tapeline` binary: serve, publish, tail, streams,
+//! info, bad input, and shutdown on SIGTERM.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tapeline");
+
+/// A `tapeline serve` process; killed on drop, its log printed if the test failed.
+struct Serve {
+    child: Child,
+    url: String,
+    stderr_path: std::path::PathBuf,
+}
+
+impl Serve {
+    fn start(data: &Path, extra: &[&str]) -> Serve {
+        let stderr_path = data.with_extension("serve.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("start tapeline serve");
+        // The first line names the bound address; no sleeping to wait for readiness.
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("tapeline listening on ")
+            .unwrap_or_else(|| panic!("unexpected: {line:?}"));
+        Serve { child, url: format!("http://{addr}"), stderr_path }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns whether it was clean and how long it took.
+    fn terminate(mut self) -> (bool, Duration) {
+        let began = Instant::now();
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.success(), began.elapsed());
+            }
+            assert!(
+                began.elapsed() < Duration::from_secs(30),
+                "serve did not exit after SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- tapeline serve log ---\n{}", self.log());
+        }
+    }
+}
+
+/// Runs `tapeline ARGS` with `stdin`, returning its output.
+fn run(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A failed command says one clear line and never panics.
+fn assert_one_clear_line(out: &Output, words: &[&str]) {
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    for word in words {
+        assert!(err.contains(word), "{err:?} lacks {word:?}");
+    }
+}
+
+#[test]
+fn publish_lines_then_tail_them_back_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(&dir.path().join("data"), &[]);
+    let url = serve.url.as_str();
+
+    let out = run(&["publish", "sensors/temp", "--server", url], b"21.5\n{\"c\": 22}\r\n\xff\xfe\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("published 3 records to sensors/temp, ticks "),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&["publish", "sensors/hum", "--server", url], b"40\n");
+    assert!(out.status.success());
+
+    let out = run(&["tail", "sensors/**", "--server", url, "--to", "now"], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(lines[0]["stream"], "sensors/temp");
+    assert_eq!(lines[0]["payload"], "21.5");
+    assert_eq!(lines[1]["payload"], "{\"c\": 22}", "CRLF is stripped, JSON stays a string");
+    assert_eq!(lines[2]["payload_base64"], "//4=", "non-UTF-8 payloads are base64");
+    assert_eq!(lines[3]["stream"], "sensors/hum");
+    let ticks: Vec<u64> = lines.iter().map(|l| l["tick"].as_u64().unwrap()).collect();
+    assert!(ticks.windows(2).all(|w| w[0] < w[1]));
+
+    // --limit, --after, --output raw.
+    let out = run(&["tail", "sensors/temp", "--server", url, "--limit", "2", "--output", "raw"], b"");
+    assert_eq!(text(&out.stdout), "21.5\n{\"c\": 22}\n");
+    let after = ticks[0].to_string();
+    let out = run(
+        &["tail", "sensors/temp", "--server", url, "--after", &after, "--limit", "1", "--output", "raw"],
+        b"",
+    );
+    assert_eq!(text(&out.stdout), "{\"c\": 22}\n");
+    let to = ticks[1].to_string();
+    let out = run(
+        &["tail", "sensors/temp", "--server", url, "--from", &after, "--to", &to, "--output", "raw"],
+        b"",
+    );
+    assert_eq!(text(&out.stdout), "21.5\n{\"c\": 22}\n");
+    let out = run(
+        &["tail", "sensors/temp", "--server", url, "--from", "-1h", "--to", "now", "--output", "raw"],
+        b"",
+    );
+    assert_eq!(text(&out.stdout).lines().count(), 3);
+
+    let out = run(&["streams", "--server", url], b"");
+    let table = text(&out.stdout);
+    assert!(table.contains("sensors/temp") && table.contains("sensors/hum"), "{table}");
+    let out = run(&["info", "--server", url], b"");
+    assert!(text(&out.stdout).contains("protocol        1"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn tail_follows_live_and_serve_shuts_down_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let serve = Serve::start(&data, &[]);
+    let url = serve.url.clone();
+    let out = run(&["publish", "live", "--server", &url], b"before\n");
+    assert!(out.status.success());
+
+    let mut tail = Command::new(BIN)
+        .args(["tail", "live", "--server", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut tail_out = BufReader::new(tail.stdout.take().unwrap());
+    let mut line = String::new();
+    tail_out.read_line(&mut line).unwrap();
+    assert!(line.contains("\"before\""), "{line}");
+    let out = run(&["publish", "live", "--server", &url], b"during\n");
+    assert!(out.status.success());
+    line.clear();
+    tail_out.read_line(&mut line).unwrap();
+    assert!(line.contains("\"during\""), "{line}");
+
+    let (clean, took) = serve.terminate();
+    assert!(clean, "serve exits 0 on SIGTERM");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    // The live tail is told to reconnect, in one line, and exits non-zero.
+    let status = tail.wait().unwrap();
+    let mut err = String::new();
+    tail.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("Unavailable") && err.contains("shutting down") && err.contains("resume"), "{err}");
+
+    // Everything acknowledged is there after a restart.
+    let serve = Serve::start(&data, &[]);
+    let out = run(&["tail", "live", "--server", &serve.url, "--to", "now", "--output", "raw"], b"");
+    assert_eq!(text(&out.stdout), "before\nduring\n");
+}
+
+#[test]
+fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(&dir.path().join("data"), &["--max-record-bytes", "10"]);
+    let url = serve.url.as_str();
+
+    let out = run(&["publish", "bad//name", "--server", url], b"x\n");
+    assert_one_clear_line(&out, &["invalid stream name", "bad//name"]);
+    let out = run(&["publish", "s", "--server", url], b"short\nthis line is over ten bytes\n");
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("over the limit of 10 bytes") && !err.contains("panicked"), "{err}");
+    let out = run(&["tail", "a/**/b", "--server", url, "--to", "now"], b"");
+    assert_one_clear_line(&out, &["invalid pattern", "a/**/b"]);
+    let out = run(&["tail", "s", "--server", url, "--from", "yesterday"], b"");
+    assert_one_clear_line(&out, &["--from", "yesterday"]);
+    let out = run(&["tail", "s", "--server", url, "--after", "100", "--to", "50"], b"");
+    assert_one_clear_line(&out, &["InvalidArgument", "50", "after 100"]);
+    let out = run(&["streams", "--server", "http://127.0.0.1:1"], b"");
+    assert_one_clear_line(&out, &["127.0.0.1:1"]);
+
+    let out = run(&["serve", "--fsync", "sometimes", "--volatile"], b"");
+    assert_one_clear_line(&out, &["fsync", "sometimes", "interval=MS"]);
+    let busy = serve.url.trim_start_matches("http://").to_string();
+    let out = run(&["serve", "--listen", &busy, "--volatile"], b"");
+    assert_one_clear_line(&out, &["cannot listen on", &busy]);
+}
+
+#[test]
+fn volatile_serve_keeps_nothing_on_disk_after_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serve.log");
+    let child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--volatile"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut serve = Serve { child, url: String::new(), stderr_path: log };
+    let mut line = String::new();
+    BufReader::new(serve.child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    serve.url = format!("http://{}", line.trim().strip_prefix("tapeline listening on ").unwrap());
+    let out = run(&["publish", "v", "--server", &serve.url], b"1\n2\n");
+    assert!(out.status.success());
+    let out = run(&["tail", "v", "--server", &serve.url, "--to", "now", "--output", "raw"], b"");
+    assert_eq!(text(&out.stdout), "1\n2\n");
+    // The log names the temporary store; it is gone once the broker exited.
+    let logged = serve.log();
+    let store =
+        logged.split("path=").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap().to_string();
+    assert!(Path::new(&store).exists(), "{store}");
+    let (clean, _) = serve.terminate();
+    assert!(clean);
+    assert!(!Path::new(&store).exists(), "{store} was left behind");
+}
