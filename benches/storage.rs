@@ -1,1 +1,177 @@
-fn main() {}
+//! The storage layer alone: append 256-byte records in batches of 1, 16 and 256 under
+//! `fsync=always`, and a full scan; each beside a bare sled loop doing the same work as the
+//! reference measured in the same run: one value per batch and one flush per batch for appends;
+//! for the scan, iteration over such values checking each record's CRC. `cargo bench --bench storage`; figures go to BENCHMARKS.md.
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use std::sync::Arc;
+use std::time::Duration;
+use tapeline::config::{DataDir, FsyncPolicy};
+use tapeline::names::StreamName;
+use tapeline::record::{NewRecord, Tick};
+use tapeline::storage::Log;
+
+const RECORD_BYTES: usize = 256;
+const CACHE: u64 = 256 << 20;
+
+fn records(n: usize) -> Vec<NewRecord> {
+    let stream = StreamName::parse("bench/stream").unwrap();
+    let payload = Bytes::from(vec![0x5a; RECORD_BYTES]);
+    let crc32 = crc32fast::hash(&payload);
+    (0..n)
+        .map(|_| NewRecord {
+            stream: stream.clone(),
+            tick: None,
+            origin_time: None,
+            headers: Vec::new(),
+            payload: payload.clone(),
+            crc32,
+        })
+        .collect()
+}
+
+fn append(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mut group = c.benchmark_group("append_fsync_always");
+    group.sample_size(10).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+    for batch in [1usize, 16, 256] {
+        group.throughput(Throughput::Elements(batch as u64));
+
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(&DataDir::Path(dir.path().into()), FsyncPolicy::Always, CACHE).unwrap();
+        let batch_records = records(batch);
+        group.bench_with_input(BenchmarkId::new("tapeline", batch), &batch, |b, _| {
+            b.iter(|| rt.block_on(log.append(batch_records.clone())).unwrap())
+        });
+        rt.block_on(log.close()).unwrap();
+
+        // The reference: the same records packed into one value per batch, then one flush.
+        let dir = tempfile::tempdir().unwrap();
+        let db =
+            sled::Config::new().path(dir.path()).cache_capacity(CACHE).flush_every_ms(None).open().unwrap();
+        let tree = db.open_tree("records").unwrap();
+        let payload = vec![0x5a; RECORD_BYTES];
+        let mut tick = 0u64;
+        group.bench_with_input(BenchmarkId::new("bare_sled", batch), &batch, |b, &batch| {
+            b.iter(|| {
+                let mut value = Vec::with_capacity(batch * (RECORD_BYTES + 12));
+                for _ in 0..batch {
+                    tick += 1;
+                    value.extend_from_slice(&tick.to_le_bytes());
+                    value.extend_from_slice(&(RECORD_BYTES as u32).to_le_bytes());
+                    value.extend_from_slice(&payload);
+                }
+                let mut key = [0u8; 12];
+                key[4..].copy_from_slice(&tick.to_be_bytes());
+                tree.insert(key, value).unwrap();
+                db.flush().unwrap();
+            })
+        });
+    }
+    group.finish();
+
+    // Group commit: 64 publishers with one record each in flight at once share one flush.
+    let mut group = c.benchmark_group("append_fsync_always_concurrent");
+    group.sample_size(10).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+    group.throughput(Throughput::Elements(64));
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(&DataDir::Path(dir.path().into()), FsyncPolicy::Always, CACHE).unwrap());
+    let one = records(1);
+    group.bench_function("tapeline_64_publishers_batch_1", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let tasks: Vec<_> = (0..64)
+                    .map(|_| {
+                        let log = log.clone();
+                        let one = one.clone();
+                        tokio::spawn(async move { log.append(one).await.unwrap() })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap();
+                }
+            })
+        })
+    });
+    rt.block_on(log.close()).unwrap();
+    group.finish();
+}
+
+fn scan(c: &mut Criterion) {
+    const TOTAL: usize = 200_000;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(&DataDir::Path(dir.path().into()), FsyncPolicy::Never, CACHE).unwrap();
+    let batch = records(256);
+    rt.block_on(async {
+        for _ in 0..TOTAL / 256 {
+            log.append(batch.clone()).await.unwrap();
+        }
+    });
+    let info = log.stream("bench/stream").unwrap();
+    let stored = info.records as usize;
+
+    let mut group = c.benchmark_group("scan");
+    group.sample_size(10).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+    group.throughput(Throughput::Elements(stored as u64));
+    // As a subscriber reads: windows of 1,024 records, every CRC checked.
+    group.bench_function("tapeline", |b| {
+        b.iter(|| {
+            let mut after = None;
+            let mut seen = 0;
+            loop {
+                let read = log.read(&info, after, Tick::MAX, 1024).unwrap();
+                seen += read.records.len();
+                after = read.records.last().map(|r| r.tick).or(after);
+                if read.complete {
+                    break;
+                }
+            }
+            assert_eq!(seen, stored);
+        })
+    });
+    rt.block_on(log.close()).unwrap();
+
+    // The reference: the same batches, one value each, each record framed as
+    // `tick | len | payload | crc32`, read back by walking every record and checking its CRC (the
+    // one piece of work every read must do) but building no record values.
+    let bare_dir = tempfile::tempdir().unwrap();
+    let db = sled::Config::new().path(bare_dir.path()).cache_capacity(CACHE).open().unwrap();
+    let tree = db.open_tree("records").unwrap();
+    let payload = vec![0x5a; RECORD_BYTES];
+    let mut tick = 0u64;
+    for _ in 0..TOTAL / 256 {
+        let mut value = Vec::with_capacity(256 * (RECORD_BYTES + 12));
+        for _ in 0..256 {
+            tick += 1;
+            value.extend_from_slice(&tick.to_le_bytes());
+            value.extend_from_slice(&(RECORD_BYTES as u32).to_le_bytes());
+            value.extend_from_slice(&payload);
+            value.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        }
+        tree.insert(tick.to_be_bytes(), value).unwrap();
+    }
+    group.bench_function("bare_sled", |b| {
+        b.iter(|| {
+            let mut seen = 0;
+            for entry in tree.iter() {
+                let value = entry.unwrap().1;
+                let mut pos = 0;
+                while pos < value.len() {
+                    let len = u32::from_le_bytes(value[pos + 8..pos + 12].try_into().unwrap()) as usize;
+                    let payload = &value[pos + 12..pos + 12 + len];
+                    let crc = u32::from_le_bytes(value[pos + 12 + len..pos + 16 + len].try_into().unwrap());
+                    assert_eq!(crc32fast::hash(payload), crc);
+                    pos += 16 + len;
+                    seen += 1;
+                }
+            }
+            assert_eq!(seen, stored);
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, append, scan);
+criterion_main!(benches);

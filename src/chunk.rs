@@ -3,15 +3,17 @@
 //! Layout (integers little-endian):
 //! ```text
 //! header : version u8 | count u32 | records_before u64 | bytes_before u64 | header_crc u32
-//! record : tick u64 | origin_time u64 (0 = none) | n_headers u16
-//!          | n_headers × (key_len u16 | key | value_len u16 | value)
-//!          | payload_len u32 | payload | payload_crc u32 | record_crc u32
+//! record : record_crc u32 | tick u64 | origin_time u64 (0 = none) | payload_len u32
+//!          | payload_crc u32 | n_headers u16
+//!          | n_headers × (key_len u16 | key | value_len u16 | value) | payload
 //! ```
 //! `records_before`/`bytes_before` count what the stream held before this chunk, so a stream's
 //! totals follow from its first and last chunk alone (recovery never scans the log).
-//! `payload_crc` is the CRC32 of the payload, the value clients see; `record_crc` is the CRC32 of the
-//! record's metadata followed by `payload_crc`, so every stored byte is covered while the payload is
-//! hashed only once. Nothing that fails a check is ever returned as a record.
+//! `record_crc` is the CRC32 of everything after it up to the end of the payload: one pass over
+//! contiguous bytes checks the whole record, including `payload_crc`, the CRC32 of the payload
+//! alone that clients receive (computed once, when the batch was checked). Every record a read
+//! walks over is checked, so a damaged tick or length can never steer a read, and nothing that
+//! fails a check is ever returned as a record.
 
 use crate::record::{Record, Tick};
 use bytes::Bytes;
@@ -70,9 +72,12 @@ impl ChunkEncoder {
         payload: &[u8],
         payload_crc: u32,
     ) {
-        let start = self.buf.len();
+        let crc_at = self.buf.len();
+        self.buf.extend_from_slice(&0u32.to_le_bytes());
         self.buf.extend_from_slice(&tick.0.to_le_bytes());
         self.buf.extend_from_slice(&origin_time.unwrap_or(0).to_le_bytes());
+        self.buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(&payload_crc.to_le_bytes());
         self.buf.extend_from_slice(&(headers.len() as u16).to_le_bytes());
         for (k, v) in headers {
             self.buf.extend_from_slice(&(k.len() as u16).to_le_bytes());
@@ -80,13 +85,9 @@ impl ChunkEncoder {
             self.buf.extend_from_slice(&(v.len() as u16).to_le_bytes());
             self.buf.extend_from_slice(v.as_bytes());
         }
-        self.buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&self.buf[start..]);
-        hasher.update(&payload_crc.to_le_bytes());
         self.buf.extend_from_slice(payload);
-        self.buf.extend_from_slice(&payload_crc.to_le_bytes());
-        self.buf.extend_from_slice(&hasher.finalize().to_le_bytes());
+        let record_crc = crc32fast::hash(&self.buf[crc_at + 4..]);
+        self.buf[crc_at..crc_at + 4].copy_from_slice(&record_crc.to_le_bytes());
         self.count += 1;
         self.bytes += payload.len() as u64;
         self.last_tick = tick;
@@ -143,83 +144,91 @@ pub fn header(value: &[u8]) -> Result<ChunkHeader, ChunkError> {
 
 /// Decodes and verifies every record of a chunk. Payloads are slices of `value`, not copies.
 pub fn decode(value: &Bytes, stream: &Arc<str>) -> Result<(ChunkHeader, Vec<Record>), ChunkError> {
-    let head = header(value)?;
-    let mut records = Vec::with_capacity(head.count as usize);
-    let mut reader = Reader { buf: value, pos: HEADER_LEN };
-    for _ in 0..head.count {
-        match reader.record(stream) {
-            Ok(record) => records.push(record),
-            Err(detail) => return Err(ChunkError { good: records.len(), detail }),
-        }
-    }
-    if reader.pos != value.len() {
-        let detail = format!("{} stray bytes after the last record", value.len() - reader.pos);
-        return Err(ChunkError { good: records.len(), detail });
-    }
+    let mut records = Vec::new();
+    let head = decode_into(value, stream, Tick(0), Tick(u64::MAX), &mut records)?;
     Ok((head, records))
 }
 
-struct Reader<'a> {
-    buf: &'a Bytes,
-    pos: usize,
+/// Appends to `out` the records of a chunk with `from <= tick <= upto`, verified; payloads are
+/// slices of `value`, not copies. On damage, `out` keeps the good records before it.
+pub fn decode_into(
+    value: &Bytes,
+    stream: &Arc<str>,
+    from: Tick,
+    upto: Tick,
+    out: &mut Vec<Record>,
+) -> Result<ChunkHeader, ChunkError> {
+    let head = header(value)?;
+    out.reserve(head.count as usize);
+    let mut pos = HEADER_LEN;
+    for good in 0..head.count as usize {
+        let fail = |detail: String| ChunkError { good, detail };
+        let Some(fixed) = value.get(pos..pos + FIXED_LEN) else {
+            return Err(fail(format!("record {good} runs past the end of the chunk at byte {pos}")));
+        };
+        let record_crc = u32::from_le_bytes([fixed[0], fixed[1], fixed[2], fixed[3]]);
+        let tick = Tick(u64::from_le_bytes(fixed[4..12].try_into().unwrap_or_default()));
+        let origin_time = u64::from_le_bytes(fixed[12..20].try_into().unwrap_or_default());
+        let payload_len = u32::from_le_bytes(fixed[20..24].try_into().unwrap_or_default()) as usize;
+        let payload_crc = u32::from_le_bytes(fixed[24..28].try_into().unwrap_or_default());
+        let n_headers = u16::from_le_bytes([fixed[28], fixed[29]]);
+        let record_start = pos + 4;
+        pos += FIXED_LEN;
+        // Lengths are used before the CRC is checked; each step is bounds-checked.
+        let headers_start = pos;
+        for _ in 0..usize::from(n_headers) * 2 {
+            let len = value.get(pos..pos + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+            pos = match len {
+                Some(len) if pos + 2 + len <= value.len() => pos + 2 + len,
+                _ => return Err(fail(format!("headers of record {good} run past the end of the chunk"))),
+            };
+        }
+        let payload_end = pos + payload_len;
+        if payload_end > value.len() {
+            return Err(fail(format!("payload of record {good} runs past the end of the chunk")));
+        }
+        if crc32fast::hash(&value[record_start..payload_end]) != record_crc {
+            return Err(fail(format!("record {good} (tick {tick}?) fails its CRC")));
+        }
+        if tick >= from && tick <= upto {
+            let headers = if n_headers == 0 { Vec::new() } else { read_headers(&value[headers_start..pos]) };
+            let origin_time = (origin_time != 0).then_some(origin_time);
+            let payload = value.slice(pos..payload_end);
+            out.push(Record {
+                stream: stream.clone(),
+                tick,
+                origin_time,
+                headers,
+                payload,
+                crc32: payload_crc,
+            });
+        }
+        pos = payload_end;
+    }
+    if pos != value.len() {
+        let detail = format!("{} stray bytes after the last record", value.len() - pos);
+        return Err(ChunkError { good: head.count as usize, detail });
+    }
+    Ok(head)
 }
 
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<std::ops::Range<usize>, String> {
-        let end = self.pos.checked_add(n).filter(|&end| end <= self.buf.len());
-        let end = end.ok_or_else(|| format!("record runs past the end of the chunk at byte {}", self.pos))?;
-        let range = self.pos..end;
-        self.pos = end;
-        Ok(range)
-    }
+/// The fixed part of a record: meta_crc, tick, origin_time, payload_len, payload_crc, n_headers.
+const FIXED_LEN: usize = 4 + 8 + 8 + 4 + 4 + 2;
 
-    fn u16(&mut self) -> Result<u16, String> {
-        let r = self.take(2)?;
-        Ok(u16::from_le_bytes([self.buf[r.start], self.buf[r.start + 1]]))
+/// Reads header pairs whose bounds and CRC were already checked.
+fn read_headers(mut bytes: &[u8]) -> Vec<(String, String)> {
+    let mut texts = Vec::new();
+    while bytes.len() >= 2 {
+        let len = u16::from_le_bytes([bytes[0], bytes[1]]) as usize;
+        texts.push(String::from_utf8_lossy(&bytes[2..2 + len]).into_owned());
+        bytes = &bytes[2 + len..];
     }
-
-    fn u32(&mut self) -> Result<u32, String> {
-        let r = self.take(4)?;
-        Ok(u32::from_le_bytes(self.buf[r].try_into().unwrap_or_default()))
+    let mut texts = texts.into_iter();
+    let mut headers = Vec::new();
+    while let (Some(key), Some(value)) = (texts.next(), texts.next()) {
+        headers.push((key, value));
     }
-
-    fn u64(&mut self) -> Result<u64, String> {
-        let r = self.take(8)?;
-        Ok(u64::from_le_bytes(self.buf[r].try_into().unwrap_or_default()))
-    }
-
-    fn string(&mut self) -> Result<String, String> {
-        let len = self.u16()? as usize;
-        let r = self.take(len)?;
-        String::from_utf8(self.buf[r].to_vec()).map_err(|_| "header is not UTF-8".to_string())
-    }
-
-    fn record(&mut self, stream: &Arc<str>) -> Result<Record, String> {
-        let start = self.pos;
-        let tick = Tick(self.u64()?);
-        let origin_time = Some(self.u64()?).filter(|&t| t != 0);
-        let n_headers = self.u16()?;
-        let mut headers = Vec::with_capacity(n_headers as usize);
-        for _ in 0..n_headers {
-            headers.push((self.string()?, self.string()?));
-        }
-        let payload_len = self.u32()? as usize;
-        let meta_end = self.pos;
-        let payload = self.take(payload_len)?;
-        let payload_crc = self.u32()?;
-        let record_crc = self.u32()?;
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&self.buf[start..meta_end]);
-        hasher.update(&payload_crc.to_le_bytes());
-        if hasher.finalize() != record_crc {
-            return Err(format!("record at tick {tick} fails its CRC"));
-        }
-        let payload = self.buf.slice(payload);
-        if crc32fast::hash(&payload) != payload_crc {
-            return Err(format!("payload of the record at tick {tick} fails its CRC"));
-        }
-        Ok(Record { stream: stream.clone(), tick, origin_time, headers, payload, crc32: payload_crc })
-    }
+    headers
 }
 
 #[cfg(test)]

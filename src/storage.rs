@@ -71,6 +71,9 @@ struct Shared {
     watermark: Tick,
 }
 
+/// Where the writer sends a batch's ticks, or why it was refused.
+type Reply = oneshot::Sender<Result<Vec<Tick>>>;
+
 enum Command {
     Append { records: Vec<NewRecord>, reply: oneshot::Sender<Result<Vec<Tick>>> },
     Stop { reply: oneshot::Sender<()> },
@@ -248,8 +251,9 @@ impl Log {
         let mut iter = self.records.range(start..=end);
         while let Some(entry) = iter.next() {
             let (k, v) = entry?;
-            let value = Bytes::copy_from_slice(&v);
-            let decoded = chunk::decode(&value, &stream.name).map_err(|err| {
+            // Shares sled's buffer: payloads handed out are slices of it, never copies.
+            let value = Bytes::from_owner(v);
+            chunk::decode_into(&value, &stream.name, first_wanted, upto, &mut records).map_err(|err| {
                 let from = key_tick(&k);
                 let to = iter
                     .next()
@@ -259,14 +263,8 @@ impl Log {
                 error!(stream = %stream.name, from = %from, to = %to, detail = %err.detail, "corrupt chunk");
                 Error::DataLoss { stream: stream.name.to_string(), from, to, detail: err.detail }
             })?;
-            for record in decoded.1 {
-                if record.tick < first_wanted {
-                    continue;
-                }
-                if record.tick > upto {
-                    return Ok(ReadBatch { records, complete: true });
-                }
-                records.push(record);
+            if records.last().is_some_and(|r| r.tick >= upto) {
+                return Ok(ReadBatch { records, complete: true });
             }
             if records.len() >= max_records {
                 return Ok(ReadBatch { records, complete: false });
@@ -358,7 +356,7 @@ struct Writer {
 /// A batch accepted into the current group, waiting for the commit to finish.
 struct Accepted {
     ticks: Vec<Tick>,
-    reply: oneshot::Sender<Result<Vec<Tick>>>,
+    reply: Reply,
 }
 
 impl Writer {
@@ -424,14 +422,15 @@ impl Writer {
         Ok(ticks)
     }
 
-    fn commit(&mut self, group: Vec<(Vec<NewRecord>, oneshot::Sender<Result<Vec<Tick>>>)>) {
+    fn commit(&mut self, group: Vec<(Vec<NewRecord>, Reply)>) {
         let now = Tick::now();
         // Stream states as they were before this group, to restore if the write fails.
         let mut undo: HashMap<Arc<str>, StreamInfo> = HashMap::new();
         let mut added: Vec<StreamInfo> = Vec::new();
         // Per stream: its name, the first tick of the open chunk, and the chunk.
         let mut open: HashMap<StreamId, (Arc<str>, Tick, ChunkEncoder)> = HashMap::new();
-        let mut batch = sled::Batch::default();
+        // Chunks sealed because they were full; the open ones join them at the end.
+        let mut sealed: Vec<([u8; 12], Vec<u8>)> = Vec::new();
         let mut catalog_batch = sled::Batch::default();
         let mut accepted = Vec::with_capacity(group.len());
 
@@ -470,8 +469,8 @@ impl Writer {
                     (stream.name.clone(), tick, ChunkEncoder::new(stream.records, stream.bytes))
                 });
                 if encoder.encoded_len() >= CHUNK_MAX_BYTES || encoder.count() >= CHUNK_MAX_RECORDS {
-                    let sealed = std::mem::replace(encoder, ChunkEncoder::new(stream.records, stream.bytes));
-                    batch.insert(key(stream.id, *first).as_ref(), sealed.finish());
+                    let full = std::mem::replace(encoder, ChunkEncoder::new(stream.records, stream.bytes));
+                    sealed.push((key(stream.id, *first), full.finish()));
                     *first = tick;
                 }
                 encoder.push(tick, record.origin_time, &record.headers, &record.payload, record.crc32);
@@ -487,20 +486,31 @@ impl Writer {
             return;
         }
         let mut touched: Vec<(StreamId, Arc<str>)> = Vec::with_capacity(open.len());
+        let mut chunks = sealed;
         for (id, (name, first, encoder)) in open {
             touched.push((id, name));
-            batch.insert(key(id, first).as_ref(), encoder.finish());
+            chunks.push((key(id, first), encoder.finish()));
         }
 
         // The catalog goes first: sled recovers a prefix of the writes, so a chunk is never
-        // recovered without its stream.
-        let written =
-            self.catalog.apply_batch(catalog_batch).and_then(|_| self.records.apply_batch(batch)).and_then(
-                |_| match self.fsync {
-                    FsyncPolicy::Always => self.db.flush().map(|_| ()),
-                    FsyncPolicy::Interval(_) | FsyncPolicy::Never => Ok(()),
-                },
-            );
+        // recovered without its stream. One chunk is a single insert, atomic by itself and
+        // cheaper than a batch (which logs a manifest); several need a batch to be atomic.
+        let write_catalog =
+            || if added.is_empty() { Ok(()) } else { self.catalog.apply_batch(catalog_batch) };
+        let write_records = || match <[_; 1]>::try_from(chunks) {
+            Ok([(k, v)]) => self.records.insert(k, v).map(|_| ()),
+            Err(chunks) => {
+                let mut batch = sled::Batch::default();
+                for (k, v) in chunks {
+                    batch.insert(k.as_ref(), v);
+                }
+                self.records.apply_batch(batch)
+            }
+        };
+        let written = write_catalog().and_then(|()| write_records()).and_then(|()| match self.fsync {
+            FsyncPolicy::Always => self.db.flush().map(|_| ()),
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => Ok(()),
+        });
         if let Err(err) = written {
             error!(cause = %err, batches = accepted.len(), "group commit failed");
             self.streams.extend(undo);
