@@ -239,7 +239,11 @@ impl Log {
         max_records: usize,
     ) -> Result<ReadBatch> {
         let id = stream.id;
-        let first_wanted = Tick(after.map_or(0, |t| t.0 + 1));
+        let first_wanted = match after {
+            None => Tick(0),
+            Some(t) if t >= upto => return Ok(ReadBatch { records: Vec::new(), complete: true }),
+            Some(t) => Tick(t.0 + 1),
+        };
         // The chunk that holds `first_wanted` may start before it: begin at the last chunk that
         // starts at or before it.
         let start = match self.records.range(key(id, Tick(0))..=key(id, first_wanted)).next_back() {
@@ -258,7 +262,7 @@ impl Log {
                 let to = iter
                     .next()
                     .and_then(|next| next.ok())
-                    .map(|(next, _)| Tick(key_tick(&next).0 - 1))
+                    .map(|(next, _)| Tick(key_tick(&next).0.saturating_sub(1)))
                     .unwrap_or(stream.last_tick.unwrap_or(from));
                 error!(stream = %stream.name, from = %from, to = %to, detail = %err.detail, "corrupt chunk");
                 Error::DataLoss { stream: stream.name.to_string(), from, to, detail: err.detail }

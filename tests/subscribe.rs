@@ -57,6 +57,15 @@ async fn at_is_inclusive_and_after_is_exclusive() {
     // A tick between two records starts at the next one.
     let mut between = Sub::open(&mut client, request(&["s"], Start::At(ticks[4] + 1))).await;
     assert!(records(&between.until_caught_up().await.0).is_empty());
+    // The extremes of the tick range are positions like any other.
+    let mut at_zero = Sub::open(&mut client, request(&["s"], Start::At(0))).await;
+    assert_eq!(payloads(&at_zero.until_caught_up().await.0).len(), 5);
+    let mut after_max = Sub::open(&mut client, request(&["s"], Start::After(u64::MAX))).await;
+    assert!(records(&after_max.until_caught_up().await.0).is_empty());
+    let mut resume_max = request(&["s"], beginning());
+    resume_max.resume.insert("s".into(), u64::MAX);
+    let mut resumed = Sub::open(&mut client, resume_max).await;
+    assert!(records(&resumed.until_caught_up().await.0).is_empty());
 }
 
 #[tokio::test]
