@@ -15,9 +15,7 @@
 //! walks over is checked, so a damaged tick or length can never steer a read, and nothing that
 //! fails a check is ever returned as a record.
 
-use crate::record::{Record, Tick};
-use bytes::Bytes;
-use std::sync::Arc;
+use crate::record::{Stored, Tick};
 
 const VERSION: u8 = 1;
 const HEADER_LEN: usize = 1 + 4 + 8 + 8 + 4;
@@ -142,21 +140,22 @@ pub fn header(value: &[u8]) -> Result<ChunkHeader, ChunkError> {
     })
 }
 
-/// Decodes and verifies every record of a chunk. Payloads are slices of `value`, not copies.
-pub fn decode(value: &Bytes, stream: &Arc<str>) -> Result<(ChunkHeader, Vec<Record>), ChunkError> {
+/// Decodes and verifies every record of a chunk (as chunk 0).
+pub fn decode(value: &[u8]) -> Result<(ChunkHeader, Vec<Stored>), ChunkError> {
     let mut records = Vec::new();
-    let head = decode_into(value, stream, Tick(0), Tick(u64::MAX), &mut records)?;
+    let head = decode_into(value, 0, Tick(0), Tick(u64::MAX), &mut records)?;
     Ok((head, records))
 }
 
-/// Appends to `out` the records of a chunk with `from <= tick <= upto`, verified; payloads are
-/// slices of `value`, not copies. On damage, `out` keeps the good records before it.
+/// Appends to `out` the records of a chunk with `from <= tick <= upto`, verified, their payloads
+/// located in `value`, which the caller calls chunk `index`. On damage, `out` keeps the good
+/// records before it.
 pub fn decode_into(
-    value: &Bytes,
-    stream: &Arc<str>,
+    value: &[u8],
+    index: u32,
     from: Tick,
     upto: Tick,
-    out: &mut Vec<Record>,
+    out: &mut Vec<Stored>,
 ) -> Result<ChunkHeader, ChunkError> {
     let head = header(value)?;
     out.reserve(head.count as usize);
@@ -193,15 +192,8 @@ pub fn decode_into(
         if tick >= from && tick <= upto {
             let headers = if n_headers == 0 { Vec::new() } else { read_headers(&value[headers_start..pos]) };
             let origin_time = (origin_time != 0).then_some(origin_time);
-            let payload = value.slice(pos..payload_end);
-            out.push(Record {
-                stream: stream.clone(),
-                tick,
-                origin_time,
-                headers,
-                payload,
-                crc32: payload_crc,
-            });
+            let payload = pos..payload_end;
+            out.push(Stored { tick, origin_time, headers, chunk: index, payload, crc32: payload_crc });
         }
         pos = payload_end;
     }
@@ -234,6 +226,7 @@ fn read_headers(mut bytes: &[u8]) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn sample() -> Vec<u8> {
         let mut enc = ChunkEncoder::new(10, 1000);
@@ -246,10 +239,10 @@ mod tests {
     #[test]
     fn round_trip() {
         let value = Bytes::from(sample());
-        let (head, records) = decode(&value, &Arc::from("s")).unwrap();
+        let (head, records) = decode(&value).unwrap();
         assert_eq!(head, ChunkHeader { count: 2, records_before: 10, bytes_before: 1000 });
         assert_eq!(records[0].tick, Tick(5));
-        assert_eq!(&records[0].payload[..], b"hello");
+        assert_eq!(&value[records[0].payload.clone()], b"hello");
         assert_eq!(records[0].origin_time, None);
         assert_eq!(records[1].origin_time, Some(42));
         assert_eq!(records[1].headers, vec![("k".to_string(), "v".to_string())]);
@@ -262,7 +255,7 @@ mod tests {
             let mut bad = good.clone();
             bad[i] ^= 0x40;
             let bad = Bytes::from(bad);
-            match decode(&bad, &Arc::from("s")) {
+            match decode(&bad) {
                 Err(_) => {}
                 Ok((_, records)) => panic!("flip at byte {i} went unnoticed: {records:?}"),
             }
@@ -273,7 +266,7 @@ mod tests {
     fn truncation_is_detected_and_good_prefix_counted() {
         let good = sample();
         for len in 0..good.len() {
-            let err = decode(&Bytes::copy_from_slice(&good[..len]), &Arc::from("s")).unwrap_err();
+            let err = decode(&Bytes::copy_from_slice(&good[..len])).unwrap_err();
             assert!(err.good <= 1, "{err:?}");
         }
     }

@@ -46,6 +46,40 @@ pub struct Record {
     pub crc32: u32,
 }
 
+/// A record as a log read returns it: verified, with its payload located in its chunk rather than
+/// cut out of it. A read is always of one stream and hands out whole chunks, so neither the stream
+/// name nor a payload handle is repeated per record; the reader attaches both when it delivers
+/// (`named`), and only for what it delivers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub tick: Tick,
+    /// The producer's clock, if it gave one.
+    pub origin_time: Option<u64>,
+    /// Small string map, sorted by key.
+    pub headers: Vec<(String, String)>,
+    /// Which chunk of the read holds the payload.
+    pub chunk: u32,
+    /// Where the payload lies in that chunk.
+    pub payload: std::ops::Range<usize>,
+    /// CRC32 of the payload.
+    pub crc32: u32,
+}
+
+impl Stored {
+    /// The record with its stream's name and its payload (a slice of its chunk among the read's
+    /// `chunks`, not a copy), as delivered to subscribers.
+    pub fn named(self, stream: &Arc<str>, chunks: &[Bytes]) -> Record {
+        Record {
+            stream: stream.clone(),
+            tick: self.tick,
+            origin_time: self.origin_time,
+            headers: self.headers,
+            payload: chunks[self.chunk as usize].slice(self.payload),
+            crc32: self.crc32,
+        }
+    }
+}
+
 /// A record as a publisher hands it in, before the broker assigned its tick.
 #[derive(Debug, Clone)]
 pub struct NewRecord {

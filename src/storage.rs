@@ -19,7 +19,7 @@
 use crate::chunk::{self, ChunkEncoder};
 use crate::config::{DataDir, FsyncPolicy};
 use crate::error::{Error, Result};
-use crate::record::{NewRecord, Record, StreamId, StreamInfo, Tick};
+use crate::record::{NewRecord, Stored, StreamId, StreamInfo, Tick};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -58,9 +58,12 @@ pub struct Snapshot {
     pub commits: broadcast::Receiver<Commit>,
 }
 
-/// The result of one read: records in tick order, and whether the read stopped at its bound.
+/// The result of one read: records in tick order, the chunks their payloads lie in, and whether
+/// the read stopped at its bound.
 pub struct ReadBatch {
-    pub records: Vec<Record>,
+    pub records: Vec<Stored>,
+    /// The chunk values the records point into (`Stored::chunk` indexes this).
+    pub chunks: Vec<Bytes>,
     /// `false` when the read stopped because of its record limit: there may be more.
     pub complete: bool,
 }
@@ -241,7 +244,9 @@ impl Log {
         let id = stream.id;
         let first_wanted = match after {
             None => Tick(0),
-            Some(t) if t >= upto => return Ok(ReadBatch { records: Vec::new(), complete: true }),
+            Some(t) if t >= upto => {
+                return Ok(ReadBatch { records: Vec::new(), chunks: Vec::new(), complete: true })
+            }
             Some(t) => Tick(t.0 + 1),
         };
         // The chunk that holds `first_wanted` may start before it: begin at the last chunk that
@@ -252,12 +257,14 @@ impl Log {
         };
         let end: sled::IVec = key(id, upto).as_ref().into();
         let mut records = Vec::new();
+        let mut chunks = Vec::new();
         let mut iter = self.records.range(start..=end);
         while let Some(entry) = iter.next() {
             let (k, v) = entry?;
             // Shares sled's buffer: payloads handed out are slices of it, never copies.
             let value = Bytes::from_owner(v);
-            chunk::decode_into(&value, &stream.name, first_wanted, upto, &mut records).map_err(|err| {
+            let index = chunks.len() as u32;
+            chunk::decode_into(&value, index, first_wanted, upto, &mut records).map_err(|err| {
                 let from = key_tick(&k);
                 let to = iter
                     .next()
@@ -267,14 +274,15 @@ impl Log {
                 error!(stream = %stream.name, from = %from, to = %to, detail = %err.detail, "corrupt chunk");
                 Error::DataLoss { stream: stream.name.to_string(), from, to, detail: err.detail }
             })?;
+            chunks.push(value);
             if records.last().is_some_and(|r| r.tick >= upto) {
-                return Ok(ReadBatch { records, complete: true });
+                return Ok(ReadBatch { records, chunks, complete: true });
             }
             if records.len() >= max_records {
-                return Ok(ReadBatch { records, complete: false });
+                return Ok(ReadBatch { records, chunks, complete: false });
             }
         }
-        Ok(ReadBatch { records, complete: true })
+        Ok(ReadBatch { records, chunks, complete: true })
     }
 
     /// Stops the writer after every queued batch is committed, then flushes. Idempotent.
@@ -321,7 +329,7 @@ fn recover(records: &sled::Tree, catalog: &sled::Tree) -> Result<HashMap<Arc<str
             let (last_key, last_value) = last?;
             let first_head = chunk::header(&first_value).unwrap_or_default();
             let last_value = Bytes::copy_from_slice(&last_value);
-            let (last_head, last_records) = match chunk::decode(&last_value, &name) {
+            let (last_head, last_records) = match chunk::decode(&last_value) {
                 Ok(decoded) => decoded,
                 Err(err) => {
                     // Keep the broker available; the damaged range is reported when read.

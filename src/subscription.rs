@@ -17,8 +17,9 @@
 
 use crate::error::{Error, Result};
 use crate::names::Pattern;
-use crate::record::{Record, StreamId, StreamInfo, Tick};
+use crate::record::{Record, Stored, StreamId, StreamInfo, Tick};
 use crate::storage::{Commit, Log};
+use bytes::Bytes;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -81,7 +82,10 @@ struct Cursor {
     /// Last tick read from storage (and, once `buffer` is empty, delivered).
     pos: Option<Tick>,
     /// Records read but not yet delivered.
-    buffer: VecDeque<Record>,
+    buffer: VecDeque<Stored>,
+    /// The chunks `buffer` points into; replaced by each read, which only happens when `buffer`
+    /// is empty.
+    chunks: Vec<Bytes>,
     /// The last read stopped at its window: more may be stored below the bound.
     more: bool,
     /// A commit touched this stream since the last drain.
@@ -178,7 +182,14 @@ impl Pump {
     fn track(&mut self, info: StreamInfo, pos: Option<Tick>) {
         let pos = self.spec.resume.get(&*info.name).copied().or(pos);
         self.index.insert(info.id, self.cursors.len());
-        self.cursors.push(Cursor { info, pos, buffer: VecDeque::new(), more: false, dirty: true });
+        self.cursors.push(Cursor {
+            info,
+            pos,
+            buffer: VecDeque::new(),
+            chunks: Vec::new(),
+            more: false,
+            dirty: true,
+        });
     }
 
     /// The largest tick this subscription may deliver now.
@@ -286,26 +297,39 @@ impl Pump {
                 self.cursors[i].more = true;
                 self.refill(i, bound).await?;
             }
-            if let Some(r) = self.cursors[i].buffer.front() {
-                heads.push(Reverse((r.tick, r.stream.clone(), i)));
+            if let Some(head) = self.head(i) {
+                heads.push(head);
             }
         }
         while let Some(Reverse((_, _, i))) = heads.pop() {
             if let Some(record) = self.cursors[i].buffer.pop_front() {
+                let cursor = &self.cursors[i];
+                let record = record.named(&cursor.info.name, &cursor.chunks);
                 self.push(record).await?;
             }
             if self.cursors[i].buffer.is_empty() && self.cursors[i].more {
                 self.refill(i, bound).await?;
             }
-            if let Some(r) = self.cursors[i].buffer.front() {
-                heads.push(Reverse((r.tick, r.stream.clone(), i)));
+            if let Some(head) = self.head(i) {
+                heads.push(head);
             }
         }
         self.flush().await
     }
 
+    /// The merge key of cursor `i`'s next record: `(tick, stream name)`.
+    fn head(&self, i: usize) -> Option<Reverse<(Tick, Arc<str>, usize)>> {
+        let cursor = &self.cursors[i];
+        cursor.buffer.front().map(|r| Reverse((r.tick, cursor.info.name.clone(), i)))
+    }
+
+    /// Reads the next window of cursor `i` up to `bound`. Only reads into an empty buffer, so the
+    /// buffer never points into chunks of two reads.
     async fn refill(&mut self, i: usize, bound: Tick) -> Result<(), Stop> {
         let cursor = &self.cursors[i];
+        if !cursor.buffer.is_empty() {
+            return Ok(());
+        }
         if cursor.pos.is_some_and(|p| p >= bound) {
             self.cursors[i].more = false;
             return Ok(());
@@ -322,6 +346,7 @@ impl Pump {
         }
         cursor.more = !read.complete;
         cursor.buffer.extend(read.records);
+        cursor.chunks = read.chunks;
         Ok(())
     }
 
