@@ -17,6 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
+/// How long `close` waits for subscription tasks.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Protocol versions this server speaks; the last is the current one.
 pub const PROTOCOL_VERSIONS: &[u32] = &[1];
 
@@ -104,7 +107,11 @@ impl Broker {
                 setting: "max_batch_records",
             });
         }
-        let total: usize = batch.iter().map(|r| r.payload.len()).sum();
+        // Headers count with payloads: both are what the batch makes the broker hold and store.
+        let total: usize = batch
+            .iter()
+            .map(|r| r.payload.len() + r.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>())
+            .sum();
         if total > limits.max_batch_bytes {
             return Err(Error::BatchTooLarge {
                 what: "bytes",
@@ -132,11 +139,13 @@ impl Broker {
                 });
             }
             let header_bytes: usize = r.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
-            if header_bytes > limits.max_header_bytes {
-                return Err(Error::InvalidArgument(format!(
-                    "record of stream {:?} has {header_bytes} bytes of headers, over the limit of {} (max_header_bytes)",
-                    r.stream, limits.max_header_bytes
-                )));
+            if header_bytes > limits.max_header_bytes || r.headers.len() > usize::from(u16::MAX) {
+                return Err(Error::HeadersTooLarge {
+                    stream: r.stream,
+                    count: r.headers.len(),
+                    size: header_bytes,
+                    limit: limits.max_header_bytes,
+                });
             }
             if r.tick > Tick::MAX.0 {
                 return Err(Error::InvalidArgument(format!(
@@ -253,7 +262,13 @@ impl Broker {
     /// Call after the shutdown token was cancelled.
     pub async fn close(&self) -> Result<()> {
         self.tasks.close();
-        self.tasks.wait().await;
+        // Subscription tasks end within seconds of the shutdown signal; never hang on one.
+        if tokio::time::timeout(CLOSE_TIMEOUT, self.tasks.wait()).await.is_err() {
+            tracing::warn!(
+                tasks = self.tasks.len(),
+                "subscriptions did not end in time; closing the log anyway"
+            );
+        }
         self.log.close().await?;
         info!("broker closed");
         Ok(())

@@ -61,7 +61,7 @@ pub struct ServeArgs {
     /// Largest payload of one record, in bytes.
     #[arg(long, default_value_t = Limits::default().max_record_bytes)]
     pub max_record_bytes: usize,
-    /// Largest sum of payloads in one batch, in bytes.
+    /// Largest sum of payloads and headers in one batch, in bytes.
     #[arg(long, default_value_t = Limits::default().max_batch_bytes)]
     pub max_batch_bytes: usize,
     /// Silence after which a subscriber gets a heartbeat (e.g. 5s, 500ms).
@@ -141,10 +141,13 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let addr = listener
         .local_addr()
         .map_err(|source| Error::Io { context: "reading the listen address".into(), source })?;
+    // The log opens (and recovers) before the ready line, so a bad or locked data dir is
+    // reported instead of it.
+    let server = crate::server::Server::open(config)?;
     // The one line a script waits for: where the broker listens.
     println!("tapeline listening on {addr}");
     let _ = std::io::stdout().flush();
-    crate::server::run(config, listener, shutdown_signal()).await?;
+    server.serve(listener, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -375,6 +378,14 @@ async fn tail(args: TailArgs) -> Result<ExitCode> {
     };
     if args.limit == Some(0) {
         return Ok(ExitCode::SUCCESS);
+    }
+    // `--after T --to now` when T is already the tail: there is nothing to print, not an error.
+    if let (Some("now"), Some(end), pb::subscribe_request::Start::After(after)) =
+        (args.to.as_deref(), end, &start)
+    {
+        if end <= *after {
+            return Ok(ExitCode::SUCCESS);
+        }
     }
     let request =
         pb::SubscribeRequest { streams: args.patterns, start: Some(start), resume: Default::default(), end };

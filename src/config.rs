@@ -49,12 +49,18 @@ impl FromStr for FsyncPolicy {
     }
 }
 
+/// The largest batch the broker can be configured to take.
+const MAX_BATCH_BYTES: usize = 1 << 30;
+/// Protobuf framing of one record besides its payload and header text: the stream name (at most
+/// 255 bytes), ticks, CRC and the tags and lengths of every field and map entry.
+const MAX_RECORD_FRAMING: usize = 512;
+
 /// Sizes the broker refuses to exceed, so that one client cannot exhaust memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Largest payload of one record.
     pub max_record_bytes: usize,
-    /// Largest sum of payloads in one batch.
+    /// Largest sum of payloads and headers in one batch.
     pub max_batch_bytes: usize,
     /// Most records in one batch.
     pub max_batch_records: usize,
@@ -74,11 +80,11 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// The largest gRPC message the server must accept: a full batch plus framing.
+    /// The largest gRPC message the server must accept: a full batch (payloads and headers) plus
+    /// the framing of each record (stream name, ticks, map entries).
     pub fn max_message_bytes(&self) -> usize {
-        self.max_batch_bytes
-            + self.max_batch_records * (64 + 255 + self.max_header_bytes.min(1024))
-            + (1 << 20)
+        let framing = self.max_batch_records.saturating_mul(MAX_RECORD_FRAMING);
+        self.max_batch_bytes.saturating_add(framing).saturating_add(1 << 20)
     }
 
     /// Checks that the limits are usable together.
@@ -88,6 +94,13 @@ impl Limits {
                 key: "max_record_bytes",
                 value: self.max_record_bytes.to_string(),
                 expected: "a size from 1 byte to 4 GiB",
+            });
+        }
+        if self.max_batch_bytes > MAX_BATCH_BYTES {
+            return Err(Error::Config {
+                key: "max_batch_bytes",
+                value: self.max_batch_bytes.to_string(),
+                expected: "a size of at most 1 GiB",
             });
         }
         if self.max_batch_bytes < self.max_record_bytes {
@@ -132,11 +145,11 @@ impl Config {
     /// Checks the settings together.
     pub fn validate(&self) -> Result<()> {
         self.limits.validate()?;
-        if self.heartbeat.is_zero() {
+        if self.heartbeat.is_zero() || self.heartbeat > Duration::from_secs(86_400) {
             return Err(Error::Config {
                 key: "heartbeat",
-                value: "0".into(),
-                expected: "a duration above 0",
+                value: format!("{:?}", self.heartbeat),
+                expected: "a duration above 0 and at most 24 h",
             });
         }
         Ok(())

@@ -28,6 +28,10 @@ pub enum Error {
     #[error("record of stream {stream:?} has a {size}-byte payload, over the limit of {limit} bytes (max_record_bytes)")]
     RecordTooLarge { stream: String, size: usize, limit: usize },
 
+    /// The headers of one record are over the limit.
+    #[error("record of stream {stream:?} has {count} headers of {size} bytes, over the limit of {limit} bytes (max_header_bytes)")]
+    HeadersTooLarge { stream: String, count: usize, size: usize, limit: usize },
+
     /// A batch holds too many records or bytes.
     #[error("batch of {value} {what} is over the limit of {limit} {what} ({setting})")]
     BatchTooLarge { what: &'static str, value: usize, limit: usize, setting: &'static str },
@@ -35,6 +39,14 @@ pub enum Error {
     /// An explicit tick is not after the stream's last tick.
     #[error("explicit tick {tick} for stream {stream:?} is not after the stream's last tick {last}: explicit ticks must increase")]
     TickNotAfter { stream: String, tick: Tick, last: Tick },
+
+    /// An explicit tick is too far ahead of the broker's clock.
+    #[error("explicit tick {tick} for stream {stream:?} is more than 60 s ahead of the broker's clock (at most {limit}): explicit ticks import recorded sessions and must not move the clock into the future")]
+    TickAhead { stream: String, tick: Tick, limit: Tick },
+
+    /// A write or flush failed; the log refuses writes until the broker is restarted.
+    #[error("the log takes no more writes since a write or flush failed ({cause}); nothing acknowledged is affected: restart the broker")]
+    LogFailed { cause: String },
 
     /// The client's protocol version is not spoken by this server.
     #[error("protocol version {version} is not supported; this server speaks {supported:?}")]

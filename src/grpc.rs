@@ -33,11 +33,15 @@ pub fn status(err: &Error) -> Status {
         | Error::InvalidPattern { .. }
         | Error::InvalidArgument(_)
         | Error::EndBeforeStart { .. } => Code::InvalidArgument,
-        Error::RecordTooLarge { .. } | Error::BatchTooLarge { .. } => Code::ResourceExhausted,
-        Error::TickNotAfter { .. } | Error::UnsupportedProtocol { .. } => Code::FailedPrecondition,
+        Error::RecordTooLarge { .. } | Error::HeadersTooLarge { .. } | Error::BatchTooLarge { .. } => {
+            Code::ResourceExhausted
+        }
+        Error::TickNotAfter { .. } | Error::TickAhead { .. } | Error::UnsupportedProtocol { .. } => {
+            Code::FailedPrecondition
+        }
         Error::UnknownStream(_) => Code::NotFound,
         Error::DataLoss { .. } => Code::DataLoss,
-        Error::ShuttingDown => Code::Unavailable,
+        Error::ShuttingDown | Error::LogFailed { .. } => Code::Unavailable,
         Error::Storage(_)
         | Error::Io { .. }
         | Error::Config { .. }
@@ -165,6 +169,10 @@ impl pb::tapeline_server::Tapeline for Service {
         tokio::spawn(async move {
             let mut in_flight = FuturesOrdered::new();
             let mut reading = true;
+            // How the stream ends once every batch handed in is answered: OK when the client
+            // closed its side, its own error when the request stream broke, UNAVAILABLE when the
+            // broker stopped reading because it is shutting down.
+            let mut ending: Option<Status> = None;
             loop {
                 tokio::select! {
                     biased;
@@ -173,7 +181,10 @@ impl pb::tapeline_server::Tapeline for Service {
                             return;
                         }
                     }
-                    _ = shutdown.cancelled(), if reading => reading = false,
+                    _ = shutdown.cancelled(), if reading => {
+                        reading = false;
+                        ending = Some(status(&Error::ShuttingDown));
+                    }
                     next = requests.message(), if reading && in_flight.len() < PUBLISH_WINDOW => match next {
                         Ok(Some(req)) => {
                             // Submitted in order, so batches of one stream commit in order.
@@ -187,9 +198,10 @@ impl pb::tapeline_server::Tapeline for Service {
                             });
                         }
                         Ok(None) => reading = false,
-                        Err(status) => {
-                            debug!(%status, "publish stream broken by the client");
-                            return;
+                        Err(broken) => {
+                            debug!(status = %broken, "publish stream broken by the client");
+                            reading = false;
+                            ending = Some(broken);
                         }
                     },
                     else => break,
@@ -198,8 +210,8 @@ impl pb::tapeline_server::Tapeline for Service {
                     break;
                 }
             }
-            if shutdown.is_cancelled() {
-                let _ = acks.send(Err(status(&Error::ShuttingDown))).await;
+            if let Some(ending) = ending {
+                let _ = acks.send(Err(ending)).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))

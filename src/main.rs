@@ -23,11 +23,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(tapeline::cli::run(cli)) {
+    let code = match runtime.block_on(tapeline::cli::run(cli)) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("tapeline: {err}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // A read of standard input cannot be cancelled; do not wait for a line that may never come.
+    runtime.shutdown_background();
+    code
 }

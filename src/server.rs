@@ -21,8 +21,40 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves on `listener` until `shutdown` resolves, then shuts down cleanly.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let token = CancellationToken::new();
-    let broker = Arc::new(Broker::open(&config, token.clone())?);
+    Server::open(config)?.serve(listener, shutdown).await
+}
+
+/// A broker whose log is open, ready to serve.
+pub struct Server {
+    config: Config,
+    broker: Arc<Broker>,
+    /// The root of shutdown: every subscription and publish stream watches it.
+    token: CancellationToken,
+}
+
+impl Server {
+    /// Opens the log (recovering it), so that a bad or locked data dir fails before anything
+    /// listens.
+    pub fn open(config: Config) -> Result<Server> {
+        let token = CancellationToken::new();
+        let broker = Arc::new(Broker::open(&config, token.clone())?);
+        Ok(Server { config, broker, token })
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then shuts down cleanly.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let Server { config, broker, token } = self;
+        serve(config, broker, token, listener, shutdown).await
+    }
+}
+
+async fn serve(
+    config: Config,
+    broker: Arc<Broker>,
+    token: CancellationToken,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     let addr = listener
         .local_addr()
         .map_err(|source| Error::Io { context: "reading the listen address".into(), source })?;

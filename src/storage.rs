@@ -24,7 +24,7 @@ use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, info, warn};
 
 /// A chunk is sealed when it reaches this many encoded bytes or records.
@@ -34,6 +34,12 @@ const CHUNK_MAX_RECORDS: u32 = 4096;
 const GROUP_MAX_BYTES: usize = 32 << 20;
 /// Batches waiting for the writer; publishers wait (backpressure) when it is full.
 const WRITER_QUEUE: usize = 1024;
+/// Payload bytes queued for the writer at most (in KiB permits); publishers wait beyond it. A
+/// batch larger than the whole budget is let through alone.
+const WRITER_QUEUE_KIB: u32 = 256 << 10;
+/// How far ahead of the broker's wall clock an explicit tick may be. Explicit ticks move the
+/// broker-wide clock, so a tick far in the future would shift every later tick.
+pub const MAX_TICK_AHEAD: Tick = Tick(60_000_000_000);
 /// Commits a subscriber may fall behind before it is told to rescan (it then reads storage).
 const COMMIT_BROADCAST: usize = 4096;
 
@@ -42,8 +48,8 @@ const COMMIT_BROADCAST: usize = 4096;
 pub struct Commit {
     /// Every record with a tick up to this one is readable.
     pub watermark: Tick,
-    /// Streams that received records.
-    pub streams: Arc<[StreamId]>,
+    /// Streams that received records, each with its last committed tick.
+    pub streams: Arc<[(StreamId, Tick)]>,
     /// Streams created by this commit.
     pub added: Arc<[StreamInfo]>,
 }
@@ -78,8 +84,19 @@ struct Shared {
 type Reply = oneshot::Sender<Result<Vec<Tick>>>;
 
 enum Command {
-    Append { records: Vec<NewRecord>, reply: oneshot::Sender<Result<Vec<Tick>>> },
-    Stop { reply: oneshot::Sender<()> },
+    Append {
+        records: Vec<NewRecord>,
+        reply: Reply,
+        _queued: OwnedSemaphorePermit,
+    },
+    /// Raise the clock to now and publish the watermark, so that time passes for readers even
+    /// when nothing is published; answers the new watermark.
+    Advance {
+        reply: oneshot::Sender<Tick>,
+    },
+    Stop {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// The sled-backed log. Shared by reference; reads may run on any thread.
@@ -89,6 +106,8 @@ pub struct Log {
     shared: Arc<RwLock<Shared>>,
     commits: broadcast::Sender<Commit>,
     writer: mpsc::Sender<Command>,
+    /// Payload bytes (KiB) that may wait for the writer.
+    queue_budget: Arc<Semaphore>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     server_id: String,
     /// Keeps a volatile store's directory alive as long as the log.
@@ -164,6 +183,7 @@ impl Log {
             streams,
             clock: watermark,
             next_id,
+            failed: None,
             shared: shared.clone(),
             commits: commits.clone(),
         };
@@ -177,6 +197,7 @@ impl Log {
             shared,
             commits,
             writer,
+            queue_budget: Arc::new(Semaphore::new(WRITER_QUEUE_KIB as usize)),
             writer_thread: Mutex::new(Some(writer_thread)),
             server_id,
             _temp_dir: temp_dir,
@@ -190,10 +211,26 @@ impl Log {
 
     /// Queues a batch for the writer; the returned receiver yields its ticks once it is committed.
     /// Batches are committed in the order they are queued.
+    /// Publishers wait here while the writer is behind by more than the queue budget.
     pub async fn submit(&self, records: Vec<NewRecord>) -> Result<oneshot::Receiver<Result<Vec<Tick>>>> {
+        let bytes: usize = records.iter().map(|r| r.payload.len()).sum();
+        let kib = (bytes.div_ceil(1024) as u64).min(u64::from(WRITER_QUEUE_KIB)) as u32;
+        let queued =
+            self.queue_budget.clone().acquire_many_owned(kib).await.map_err(|_| Error::ShuttingDown)?;
         let (reply, answer) = oneshot::channel();
-        self.writer.send(Command::Append { records, reply }).await.map_err(|_| Error::ShuttingDown)?;
+        let command = Command::Append { records, reply, _queued: queued };
+        self.writer.send(command).await.map_err(|_| Error::ShuttingDown)?;
         Ok(answer)
+    }
+
+    /// Raises the broker's clock to the wall clock and publishes the new watermark (after every
+    /// batch queued before this call). Lets a reader learn that time passed with nothing
+    /// published: no record will ever be appended at or below the returned tick (explicit ticks
+    /// aside, which must be above their stream's last tick).
+    pub async fn advance(&self) -> Result<Tick> {
+        let (reply, answer) = oneshot::channel();
+        self.writer.send(Command::Advance { reply }).await.map_err(|_| Error::ShuttingDown)?;
+        answer.await.map_err(|_| Error::ShuttingDown)
     }
 
     /// Appends a batch atomically and returns the assigned ticks once it is committed.
@@ -361,6 +398,8 @@ struct Writer {
     /// The last tick assigned, for the whole broker.
     clock: Tick,
     next_id: u32,
+    /// Set when a write or flush failed: every later append is refused with this cause.
+    failed: Option<String>,
     shared: Arc<RwLock<Shared>>,
     commits: broadcast::Sender<Commit>,
 }
@@ -376,17 +415,19 @@ impl Writer {
         let mut stop = None;
         while stop.is_none() {
             let Some(first) = inbox.blocking_recv() else { break };
+            // Gather every append already waiting; any other command waits for the group.
             let mut group = Vec::new();
             let mut bytes = 0;
             let mut next = Some(first);
+            let mut then = None;
             while let Some(command) = next.take() {
                 match command {
-                    Command::Append { records, reply } => {
+                    Command::Append { records, reply, _queued } => {
                         bytes += records.iter().map(|r| r.payload.len()).sum::<usize>();
                         group.push((records, reply));
                     }
-                    Command::Stop { reply } => {
-                        stop = Some(reply);
+                    other => {
+                        then = Some(other);
                         break;
                     }
                 }
@@ -397,6 +438,13 @@ impl Writer {
             if !group.is_empty() {
                 self.commit(group);
             }
+            match then {
+                Some(Command::Advance { reply }) => {
+                    let _ = reply.send(self.advance());
+                }
+                Some(Command::Stop { reply }) => stop = Some(reply),
+                Some(Command::Append { .. }) | None => {}
+            }
         }
         if let Err(err) = self.db.flush() {
             error!(cause = %err, "final flush failed");
@@ -405,6 +453,20 @@ impl Writer {
         if let Some(reply) = stop {
             let _ = reply.send(());
         }
+    }
+
+    /// Raises the clock to now and publishes the watermark if it moved.
+    fn advance(&mut self) -> Tick {
+        let now = Tick::now();
+        if now <= self.clock {
+            return self.clock;
+        }
+        self.clock = now;
+        let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
+        shared.watermark = shared.watermark.max(now);
+        let commit = Commit { watermark: shared.watermark, streams: Arc::new([]), added: Arc::new([]) };
+        let _ = self.commits.send(commit);
+        shared.watermark
     }
 
     /// Checks a batch and assigns its ticks without changing any state.
@@ -423,6 +485,10 @@ impl Writer {
                     if let Some(last) = stream_last.filter(|&last| tick <= last) {
                         return Err(Error::TickNotAfter { stream: name.to_string(), tick, last });
                     }
+                    let limit = Tick(now.0 + MAX_TICK_AHEAD.0);
+                    if tick > limit {
+                        return Err(Error::TickAhead { stream: name.to_string(), tick, limit });
+                    }
                     tick
                 }
                 None => Tick(now.0.max(clock.0 + 1)),
@@ -435,9 +501,13 @@ impl Writer {
     }
 
     fn commit(&mut self, group: Vec<(Vec<NewRecord>, Reply)>) {
+        if let Some(cause) = &self.failed {
+            for (_, reply) in group {
+                let _ = reply.send(Err(Error::LogFailed { cause: cause.clone() }));
+            }
+            return;
+        }
         let now = Tick::now();
-        // Stream states as they were before this group, to restore if the write fails.
-        let mut undo: HashMap<Arc<str>, StreamInfo> = HashMap::new();
         let mut added: Vec<StreamInfo> = Vec::new();
         // Per stream: its name, the first tick of the open chunk, and the chunk.
         let mut open: HashMap<StreamId, (Arc<str>, Tick, ChunkEncoder)> = HashMap::new();
@@ -474,9 +544,6 @@ impl Writer {
                     self.streams.insert(info.name.clone(), info);
                 }
                 let Some(stream) = self.streams.get_mut(name) else { continue };
-                if !undo.contains_key(name) {
-                    undo.insert(stream.name.clone(), stream.clone());
-                }
                 let (_, first, encoder) = open.entry(stream.id).or_insert_with(|| {
                     (stream.name.clone(), tick, ChunkEncoder::new(stream.records, stream.bytes))
                 });
@@ -524,14 +591,12 @@ impl Writer {
             FsyncPolicy::Interval(_) | FsyncPolicy::Never => Ok(()),
         });
         if let Err(err) = written {
-            error!(cause = %err, batches = accepted.len(), "group commit failed");
-            self.streams.extend(undo);
-            for info in &added {
-                self.streams.remove(&info.name);
-            }
-            // The clock is not rolled back: ticks handed to a failed write are never reused.
+            // What reached sled is unknown now: stop taking writes rather than risk a log whose
+            // acknowledged state and stored state differ. A restart recovers from what is stored.
+            error!(cause = %err, batches = accepted.len(), "group commit failed; the log takes no more writes");
+            self.failed = Some(err.to_string());
             for a in accepted {
-                let _ = a.reply.send(Err(Error::Storage(err.clone())));
+                let _ = a.reply.send(Err(Error::LogFailed { cause: err.to_string() }));
             }
             return;
         }
@@ -546,7 +611,12 @@ impl Writer {
             shared.watermark = shared.watermark.max(self.clock);
             let commit = Commit {
                 watermark: shared.watermark,
-                streams: touched.iter().map(|(id, _)| *id).collect(),
+                streams: touched
+                    .iter()
+                    .map(|(id, name)| {
+                        (*id, self.streams.get(name).and_then(|s| s.last_tick).unwrap_or_default())
+                    })
+                    .collect(),
                 added: added
                     .iter()
                     .map(|a| self.streams.get(&a.name).cloned().unwrap_or_else(|| a.clone()))

@@ -29,8 +29,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-/// Records read from storage per stream at a time.
+/// Records read from storage per stream at a time, at most.
 const READ_WINDOW: usize = 1024;
+/// Records a subscription reads ahead over all its streams (each read still ends on a chunk
+/// boundary).
+const READ_BUDGET: usize = 65_536;
 /// A record batch is sent when it holds this many records or payload bytes.
 const BATCH_RECORDS: usize = 1024;
 const BATCH_BYTES: usize = 1 << 20;
@@ -137,7 +140,7 @@ pub fn spawn(
         shutdown,
         pending: Vec::new(),
         pending_bytes: 0,
-        heartbeat_at: Instant::now() + spec.heartbeat,
+        heartbeat_at: later(spec.heartbeat),
         spec,
     };
     for info in snapshot.streams {
@@ -156,11 +159,18 @@ pub fn spawn(
             Ok(()) | Err(Stop::Gone) => {}
             Err(Stop::Failed(err)) => {
                 debug!(cause = %err, "subscription failed");
-                let _ = pump.out.send(Err(err)).await;
+                // Tell the client why, but never wait long for one that does not read.
+                let _ = tokio::time::timeout(Duration::from_secs(2), pump.out.send(Err(err))).await;
             }
         }
     });
     events
+}
+
+/// `now + wait`, or a year from now when that would overflow.
+fn later(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait).unwrap_or_else(|| now + Duration::from_secs(365 * 86_400))
 }
 
 impl Pump {
@@ -206,11 +216,11 @@ impl Pump {
         // Replay: everything up to the tail as it was at registration.
         self.drain(self.bound(watermark)).await?;
         self.send(Event::CaughtUp(self.bound(watermark))).await?;
-        if self.ended(watermark) {
-            return Ok(());
-        }
         // Live: each commit marks streams dirty and raises the bound.
         loop {
+            if self.ended(watermark) {
+                return Ok(());
+            }
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return self.shutting_down().await,
@@ -238,15 +248,25 @@ impl Pump {
                         };
                     }
                     self.drain(self.bound(watermark)).await?;
-                    if self.ended(watermark) {
-                        return Ok(());
-                    }
+                }
+                _ = tokio::time::sleep_until(self.end_passes_at()), if self.spec.end.is_some() => {
+                    // The wall clock passed the end but the watermark may not have (nothing was
+                    // published): the writer raises it, after every batch already queued.
+                    watermark = watermark.max(self.log.advance().await?);
+                    self.drain(self.bound(watermark)).await?;
                 }
                 _ = tokio::time::sleep_until(self.heartbeat_at) => {
                     self.send(Event::Heartbeat { tail: watermark, server_time: Tick::now() }).await?;
                 }
             }
         }
+    }
+
+    /// When the wall clock passes the subscription's end: at once if it has.
+    fn end_passes_at(&self) -> Instant {
+        let end = self.spec.end.unwrap_or(Tick::MAX);
+        let wait = Duration::from_nanos(end.0.saturating_sub(Tick::now().0)) + Duration::from_millis(1);
+        later(wait)
     }
 
     async fn shutting_down(&mut self) -> Result<(), Stop> {
@@ -264,9 +284,11 @@ impl Pump {
                 self.track(info.clone(), pos);
             }
         }
-        for id in commit.streams.iter() {
+        for (id, last) in commit.streams.iter() {
             if let Some(&i) = self.index.get(id) {
-                self.cursors[i].dirty = true;
+                let cursor = &mut self.cursors[i];
+                cursor.info.last_tick = cursor.info.last_tick.max(Some(*last));
+                cursor.dirty = true;
             }
         }
         Ok(())
@@ -276,7 +298,10 @@ impl Pump {
     async fn rescan(&mut self) -> Result<(), Stop> {
         let streams = self.log.streams();
         for info in streams {
-            if !self.index.contains_key(&info.id) && self.selects(&info.name) {
+            if let Some(&i) = self.index.get(&info.id) {
+                let cursor = &mut self.cursors[i];
+                cursor.info.last_tick = cursor.info.last_tick.max(info.last_tick);
+            } else if self.selects(&info.name) {
                 let pos = self.start_pos();
                 self.send(Event::StreamAdded(info.clone())).await?;
                 self.track(info, pos);
@@ -307,8 +332,12 @@ impl Pump {
                 let record = record.named(&cursor.info.name, &cursor.chunks);
                 self.push(record).await?;
             }
-            if self.cursors[i].buffer.is_empty() && self.cursors[i].more {
-                self.refill(i, bound).await?;
+            if self.cursors[i].buffer.is_empty() {
+                // Release the chunks as soon as nothing points into them.
+                self.cursors[i].chunks = Vec::new();
+                if self.cursors[i].more {
+                    self.refill(i, bound).await?;
+                }
             }
             if let Some(head) = self.head(i) {
                 heads.push(head);
@@ -330,14 +359,22 @@ impl Pump {
         if !cursor.buffer.is_empty() {
             return Ok(());
         }
-        if cursor.pos.is_some_and(|p| p >= bound) {
+        // Never past the stream's last committed tick: a chunk with explicit ticks below the
+        // watermark is visible in sled while its commit is still being flushed.
+        let upto = match cursor.info.last_tick {
+            Some(last) => last.min(bound),
+            None => Tick(0),
+        };
+        if upto.0 == 0 || cursor.pos.is_some_and(|p| p >= upto) {
             self.cursors[i].more = false;
             return Ok(());
         }
         let log = self.log.clone();
         let info = cursor.info.clone();
         let after = cursor.pos;
-        let read = tokio::task::spawn_blocking(move || log.read(&info, after, bound, READ_WINDOW))
+        // Many streams share one budget, so a `**` subscription stays bounded.
+        let window = (READ_BUDGET / self.cursors.len().max(1)).clamp(16, READ_WINDOW);
+        let read = tokio::task::spawn_blocking(move || log.read(&info, after, upto, window))
             .await
             .map_err(|e| Error::Internal(format!("read task failed: {e}")))??;
         let cursor = &mut self.cursors[i];
@@ -373,7 +410,7 @@ impl Pump {
             sent = self.out.send(Ok(event)) => sent.map_err(|_| Stop::Gone)?,
             _ = self.shutdown.cancelled() => return self.shutting_down().await,
         }
-        self.heartbeat_at = Instant::now() + self.spec.heartbeat;
+        self.heartbeat_at = later(self.spec.heartbeat);
         Ok(())
     }
 }

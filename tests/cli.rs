@@ -148,6 +148,16 @@ fn publish_lines_then_tail_them_back_as_json() {
     );
     assert_eq!(text(&out.stdout).lines().count(), 3);
 
+    // Already at the tail: nothing more to print, and that is not an error.
+    let last = ticks[3].to_string();
+    let out = run(&["tail", "sensors/**", "--server", url, "--after", &last, "--to", "now"], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "");
+    // An end between the last record and now ends by itself although nothing more is published.
+    let between = (ticks[3] + 1).to_string();
+    let out = run(&["tail", "sensors/**", "--server", url, "--to", &between, "--output", "raw"], b"");
+    assert_eq!(text(&out.stdout).lines().count(), 4);
+
     let out = run(&["streams", "--server", url], b"");
     let table = text(&out.stdout);
     assert!(table.contains("sensors/temp") && table.contains("sensors/hum"), "{table}");
@@ -216,6 +226,12 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
     assert_one_clear_line(&out, &["InvalidArgument", "50", "after 100"]);
     let out = run(&["streams", "--server", "http://127.0.0.1:1"], b"");
     assert_one_clear_line(&out, &["127.0.0.1:1"]);
+
+    // A data dir in use by another broker: refused before anything listens.
+    let data = dir.path().join("data");
+    let out = run(&["serve", "--listen", "127.0.0.1:0", "--data", data.to_str().unwrap()], b"");
+    assert_one_clear_line(&out, &["storage error"]);
+    assert_eq!(text(&out.stdout), "", "nothing claims to listen");
 
     let out = run(&["serve", "--fsync", "sometimes", "--volatile"], b"");
     assert_one_clear_line(&out, &["fsync", "sometimes", "interval=MS"]);

@@ -142,9 +142,16 @@ async fn bad_batches_get_a_clear_status_and_leave_nothing_behind() {
     out_of_order[0].tick = 2000;
     out_of_order[1].tick = 1000;
     refused(&server, out_of_order, Code::FailedPrecondition, &["1000", "2000"]).await;
+    let mut ahead = record("s", "x");
+    ahead.tick = tapeline::record::Tick::now().0 + 3_600_000_000_000;
+    refused(&server, vec![ahead], Code::FailedPrecondition, &["ahead of the broker's clock"]).await;
     let mut too_far = record("s", "x");
     too_far.tick = u64::MAX;
     refused(&server, vec![too_far], Code::InvalidArgument, &[&u64::MAX.to_string()]).await;
+    // Headers.
+    let mut headed = record("s", "x");
+    headed.headers.insert("k".into(), "v".repeat(limits.max_header_bytes));
+    refused(&server, vec![headed], Code::ResourceExhausted, &["headers", "max_header_bytes"]).await;
     // A payload damaged on the way.
     let mut damaged = record("s", "payload");
     damaged.crc32 = Some(crc32fast::hash(b"other"));

@@ -83,17 +83,37 @@ async fn a_bounded_interval_ends_by_itself() {
     assert_eq!(events.iter().filter(|e| matches!(e, Seen::CaughtUp(_))).count(), 1);
 
     // An end in the future: live records up to it are delivered, then the stream ends by itself
-    // once the broker's tail passes the end.
-    let end = ticks[4] + 1_000_000_000_000;
+    // once the end has passed, and records published after it are not delivered.
+    let end = tapeline::record::Tick::now().0 + 400_000_000;
     let mut req = request(&["s"], Start::After(ticks[4]));
     req.end = Some(end);
     let mut live = Sub::open(&mut client, req).await;
     live.until_caught_up().await;
     publish(&mut client, "s", &["5"]).await;
-    let mut past_end = record("s", "6");
-    past_end.tick = end + 1;
-    publish_records(&mut client, vec![past_end]).await;
-    assert_eq!(payloads(&live.until_end().await), ["5"]);
+    let events = live.until_end().await;
+    let late = publish(&mut client, "s", &["6"]).await;
+    assert!(late[0] > end);
+    assert_eq!(payloads(&events), ["5"]);
+}
+
+#[tokio::test]
+async fn an_end_ends_the_subscription_even_when_nothing_more_is_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    let ticks = publish(&mut client, "s", &["a", "b"]).await;
+
+    // An end between the last record and now: the broker is idle, the interval is complete.
+    let mut req = request(&["s"], beginning());
+    req.end = Some(ticks[1] + 1);
+    assert_eq!(payloads(&Sub::open(&mut client, req).await.until_end().await), ["a", "b"]);
+
+    // An end 300 ms ahead: the subscription waits for it to pass, then ends on its own.
+    let mut req = request(&["s", "quiet"], beginning());
+    req.end = Some(tapeline::record::Tick::now().0 + 300_000_000);
+    let mut sub = Sub::open(&mut client, req).await;
+    publish(&mut client, "s", &["c"]).await;
+    assert_eq!(payloads(&sub.until_end().await), ["a", "b", "c"]);
 }
 
 #[tokio::test]
