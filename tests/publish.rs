@@ -320,3 +320,24 @@ async fn hello_health_and_reflection_answer() {
     assert!(names.contains(&"tapeline.v1.Tapeline".to_string()), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
 }
+
+#[tokio::test]
+async fn every_fsync_policy_acknowledges_and_keeps_records_across_a_clean_restart() {
+    for policy in ["interval=5", "never", "always"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path());
+        config.fsync = policy.parse().unwrap();
+        let server = TestServer::start_with(config.clone()).await;
+        let mut client = server.client().await;
+        for i in 0..10 {
+            publish(&mut client, "p", &[&i.to_string()]).await;
+        }
+        drop(client);
+        server.stop().await;
+        let server = TestServer::start_with(config).await;
+        let mut client = server.client().await;
+        let mut sub = Sub::open(&mut client, request(&["p"], beginning())).await;
+        let got = payloads(&sub.until_caught_up().await.0);
+        assert_eq!(got, (0..10).map(|i| i.to_string()).collect::<Vec<_>>(), "{policy}");
+    }
+}
