@@ -313,7 +313,8 @@ async fn publish(args: PublishArgs) -> Result<ExitCode> {
         (Some(a), Some(b)) => format!(", ticks {a}..{b}"),
         _ => String::new(),
     };
-    eprintln!("published {acked} records to {}{range}", args.stream);
+    let noun = if acked == 1 { "record" } else { "records" };
+    eprintln!("published {acked} {noun} to {}{range}", args.stream);
     if let Some(failure) = failure {
         eprintln!("tapeline: {failure}");
         return Ok(ExitCode::FAILURE);
