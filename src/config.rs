@@ -96,6 +96,13 @@ impl Limits {
                 expected: "a size from 1 byte to 4 GiB",
             });
         }
+        if self.max_header_bytes > usize::from(u16::MAX) {
+            return Err(Error::Config {
+                key: "max_header_bytes",
+                value: self.max_header_bytes.to_string(),
+                expected: "a size of at most 65535 bytes (a header's key and value are stored with 16-bit lengths)",
+            });
+        }
         if self.max_batch_bytes > MAX_BATCH_BYTES {
             return Err(Error::Config {
                 key: "max_batch_bytes",

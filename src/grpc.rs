@@ -211,7 +211,8 @@ impl pb::tapeline_server::Tapeline for Service {
                 }
             }
             if let Some(ending) = ending {
-                let _ = acks.send(Err(ending)).await;
+                // Never wait long for a client that does not read.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), acks.send(Err(ending))).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))

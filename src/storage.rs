@@ -213,7 +213,7 @@ impl Log {
     /// Batches are committed in the order they are queued.
     /// Publishers wait here while the writer is behind by more than the queue budget.
     pub async fn submit(&self, records: Vec<NewRecord>) -> Result<oneshot::Receiver<Result<Vec<Tick>>>> {
-        let bytes: usize = records.iter().map(|r| r.payload.len()).sum();
+        let bytes = held_bytes(&records);
         let kib = (bytes.div_ceil(1024) as u64).min(u64::from(WRITER_QUEUE_KIB)) as u32;
         let queued =
             self.queue_budget.clone().acquire_many_owned(kib).await.map_err(|_| Error::ShuttingDown)?;
@@ -337,6 +337,15 @@ impl Log {
     }
 }
 
+/// The memory a queued batch holds, for the queue and group budgets: payloads, headers, and a
+/// fixed cost per record.
+fn held_bytes(records: &[NewRecord]) -> usize {
+    records
+        .iter()
+        .map(|r| r.payload.len() + r.headers.iter().map(|(k, v)| k.len() + v.len() + 48).sum::<usize>() + 128)
+        .sum()
+}
+
 /// Rebuilds every stream's counters from the catalog and each stream's first and last chunk.
 fn recover(records: &sled::Tree, catalog: &sled::Tree) -> Result<HashMap<Arc<str>, StreamInfo>> {
     let mut streams = HashMap::new();
@@ -423,7 +432,7 @@ impl Writer {
             while let Some(command) = next.take() {
                 match command {
                     Command::Append { records, reply, _queued } => {
-                        bytes += records.iter().map(|r| r.payload.len()).sum::<usize>();
+                        bytes += held_bytes(&records);
                         group.push((records, reply));
                     }
                     other => {
@@ -455,15 +464,14 @@ impl Writer {
         }
     }
 
-    /// Raises the clock to now and publishes the watermark if it moved.
+    /// Raises the clock to now and publishes the watermark in an empty commit (also when it did
+    /// not move, so that a reader waiting for it can rely on receiving it).
     fn advance(&mut self) -> Tick {
-        let now = Tick::now();
-        if now <= self.clock {
-            return self.clock;
-        }
-        self.clock = now;
         let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
-        shared.watermark = shared.watermark.max(now);
+        if self.failed.is_none() {
+            self.clock = self.clock.max(Tick::now());
+            shared.watermark = shared.watermark.max(self.clock);
+        }
         let commit = Commit { watermark: shared.watermark, streams: Arc::new([]), added: Arc::new([]) };
         let _ = self.commits.send(commit);
         shared.watermark

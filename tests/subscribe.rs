@@ -307,20 +307,29 @@ async fn a_subscriber_that_falls_far_behind_still_gets_everything_and_publishers
     config.fsync = tapeline::config::FsyncPolicy::Never;
     let server = TestServer::start_with(config).await;
     let mut client = server.client().await;
-    // A subscriber that does not read while 5,000 commits happen: more than the commit broadcast
+    // A subscriber that does not read while 6,000 commits happen: more than the commit broadcast
     // holds (4,096), so it is told it lagged and must rescan storage.
-    let mut slow = Sub::open(&mut client, request(&["s"], beginning())).await;
+    let mut slow = Sub::open(&mut client, request(&["early", "s"], beginning())).await;
     let mut publisher = server.client().await;
-    // 8 KiB payloads: 40 MB in all, far more than HTTP/2 windows and the outbox can hold, so the
-    // subscription's task really is stuck waiting for its client.
+    // 8 KiB payloads: far more than HTTP/2 windows and the outbox can hold, so the subscription's
+    // task really is stuck waiting for its client.
     let padding = "x".repeat(8192);
+    let mut expected = Vec::new();
     // Every publish is acknowledged while the subscriber has not read a single message.
-    for i in 0..5_000 {
+    for i in 0..6_000 {
+        if i == 1_000 {
+            // Commits of a stream that gets no later commit, made while the subscriber is stuck:
+            // they fall out of the broadcast, and only the rescan after `Lagged` finds them.
+            for j in 0..10 {
+                publish(&mut publisher, "early", &[&format!("early {j}")]).await;
+                expected.push(format!("early {j}"));
+            }
+        }
         let payload = format!("{i}-{padding}");
+        expected.push(payload.clone());
         let ack = publisher.publish(pb::PublishRequest { records: vec![record("s", payload)], batch_id: i });
         assert_eq!(ack.await.unwrap().into_inner().ticks.len(), 1);
     }
-    let events = slow.take_records(5_000).await;
-    let got = payloads(&events);
-    assert_eq!(got, (0..5_000).map(|i| format!("{i}-{padding}")).collect::<Vec<_>>());
+    let events = slow.take_records(expected.len()).await;
+    assert_eq!(payloads(&events), expected);
 }
