@@ -100,7 +100,8 @@ impl Limits {
             return Err(Error::Config {
                 key: "max_header_bytes",
                 value: self.max_header_bytes.to_string(),
-                expected: "a size of at most 65535 bytes (a header's key and value are stored with 16-bit lengths)",
+                expected:
+                    "a size of at most 65535 bytes (a header's key and value are stored with 16-bit lengths)",
             });
         }
         if self.max_batch_bytes > MAX_BATCH_BYTES {

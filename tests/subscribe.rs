@@ -207,7 +207,7 @@ async fn twenty_subscribers_joining_at_random_moments_see_every_record_once_in_o
     for b in 0..TOTAL / BATCH {
         while next_join < SUBSCRIBERS && join_points[next_join] == b {
             let url = url.clone();
-            subscribers.push(tokio::spawn(async move {
+            subscribers.push(tokio::spawn(tokio::time::timeout(WAIT, async move {
                 let mut client = client(&url).await;
                 let mut sub = Sub::open(&mut client, request(&["numbers"], beginning())).await;
                 let mut expect = 0usize;
@@ -230,14 +230,14 @@ async fn twenty_subscribers_joining_at_random_moments_see_every_record_once_in_o
                 }
                 assert_eq!(caught_up, 1);
                 expect
-            }));
+            })));
             next_join += 1;
         }
         let records = (b * BATCH..(b + 1) * BATCH).map(|i| record("numbers", i.to_string())).collect();
         publish_records(&mut publisher, records).await;
     }
     for subscriber in subscribers {
-        assert_eq!(subscriber.await.unwrap(), TOTAL);
+        assert_eq!(subscriber.await.unwrap().expect("a subscriber got every record in time"), TOTAL);
     }
 }
 

@@ -139,9 +139,15 @@ impl Sub {
 
     /// The next events of one message; `None` when the server ended the stream cleanly.
     pub async fn next(&mut self) -> Option<Vec<Seen>> {
-        let message = tokio::time::timeout(WAIT, self.stream.message())
+        self.next_by(tokio::time::Instant::now() + WAIT, "an event").await
+    }
+
+    /// Like `next`, failing the test at `deadline`: loops that read many messages share one
+    /// deadline, so heartbeats cannot keep a test waiting for a record that never comes.
+    async fn next_by(&mut self, deadline: tokio::time::Instant, waiting_for: &str) -> Option<Vec<Seen>> {
+        let message = tokio::time::timeout_at(deadline, self.stream.message())
             .await
-            .expect("an event within the wait")
+            .unwrap_or_else(|_| panic!("gave up waiting for {waiting_for}"))
             .expect("no error status");
         message.map(seen)
     }
@@ -155,10 +161,12 @@ impl Sub {
 
     /// Reads until `n` records arrived; returns every event seen on the way.
     pub async fn take_records(&mut self, n: usize) -> Vec<Seen> {
+        let deadline = tokio::time::Instant::now() + WAIT;
         let mut events = Vec::new();
         let mut count = 0;
         while count < n {
-            let batch = self.next().await.expect("the subscription ended early");
+            let waiting_for = format!("record {} of {n}", count + 1);
+            let batch = self.next_by(deadline, &waiting_for).await.expect("the subscription ended early");
             count += batch.iter().filter(|s| matches!(s, Seen::Record { .. })).count();
             events.extend(batch);
         }
@@ -167,8 +175,9 @@ impl Sub {
 
     /// Reads until the stream ends cleanly; returns every event.
     pub async fn until_end(&mut self) -> Vec<Seen> {
+        let deadline = tokio::time::Instant::now() + WAIT;
         let mut events = Vec::new();
-        while let Some(batch) = self.next().await {
+        while let Some(batch) = self.next_by(deadline, "the end of the subscription").await {
             events.extend(batch);
         }
         events
@@ -176,9 +185,12 @@ impl Sub {
 
     /// Reads until `CaughtUp`; returns the events before it and its tick.
     pub async fn until_caught_up(&mut self) -> (Vec<Seen>, u64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
         let mut events = Vec::new();
         loop {
-            for event in self.next().await.expect("the subscription ended before CaughtUp") {
+            let batch =
+                self.next_by(deadline, "CaughtUp").await.expect("the subscription ended before CaughtUp");
+            for event in batch {
                 if let Seen::CaughtUp(tick) = event {
                     return (events, tick);
                 }
