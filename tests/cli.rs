@@ -3,72 +3,12 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tapeline");
+mod common;
 
-/// A `tapeline serve` process; killed on drop, its log printed if the test failed.
-struct Serve {
-    child: Child,
-    url: String,
-    stderr_path: std::path::PathBuf,
-}
-
-impl Serve {
-    fn start(data: &Path, extra: &[&str]) -> Serve {
-        let stderr_path = data.with_extension("serve.log");
-        let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-            .arg(data)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("start tapeline serve");
-        // The first line names the bound address; no sleeping to wait for readiness.
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("tapeline listening on ")
-            .unwrap_or_else(|| panic!("unexpected: {line:?}"));
-        Serve { child, url: format!("http://{addr}"), stderr_path }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    /// Sends SIGTERM and waits for the exit; returns whether it was clean and how long it took.
-    fn terminate(mut self) -> (bool, Duration) {
-        let began = Instant::now();
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
-        assert!(status.success());
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status.success(), began.elapsed());
-            }
-            assert!(
-                began.elapsed() < Duration::from_secs(30),
-                "serve did not exit after SIGTERM:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- tapeline serve log ---\n{}", self.log());
-        }
-    }
-}
+use common::{Serve, BIN};
 
 /// Runs `tapeline ARGS` with `stdin`, returning its output.
 fn run(args: &[&str], stdin: &[u8]) -> Output {
@@ -244,16 +184,7 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
 fn volatile_serve_keeps_nothing_on_disk_after_exit() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("serve.log");
-    let child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--volatile"])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut serve = Serve { child, url: String::new(), stderr_path: log };
-    let mut line = String::new();
-    BufReader::new(serve.child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    serve.url = format!("http://{}", line.trim().strip_prefix("tapeline listening on ").unwrap());
+    let serve = Serve::spawn(&["serve", "--listen", "127.0.0.1:0", "--volatile"], log);
     let out = run(&["publish", "v", "--server", &serve.url], b"1\n2\n");
     assert!(out.status.success());
     let out = run(&["tail", "v", "--server", &serve.url, "--to", "now", "--output", "raw"], b"");

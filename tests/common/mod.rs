@@ -308,3 +308,80 @@ impl Drop for Proxy {
         self.accept.abort();
     }
 }
+
+/// The `tapeline` binary built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_tapeline");
+
+/// A `tapeline serve` process: killed on drop, its log printed if the test failed.
+pub struct Serve {
+    pub child: std::process::Child,
+    pub url: String,
+    pub log_path: PathBuf,
+}
+
+impl Serve {
+    /// Starts `tapeline serve --listen 127.0.0.1:0 --data DATA EXTRA...`.
+    pub fn start(data: &Path, extra: &[&str]) -> Serve {
+        let data_arg = data.to_str().expect("a UTF-8 temp path");
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--data", data_arg];
+        args.extend_from_slice(extra);
+        Serve::spawn(&args, data.with_extension("serve.log"))
+    }
+
+    /// Starts the binary with `args`, its standard error to `log_path`, and waits for the ready
+    /// line that names the bound address (no sleeping).
+    pub fn spawn(args: &[&str], log_path: PathBuf) -> Serve {
+        use std::io::BufRead;
+        let log = std::fs::File::create(&log_path).expect("create the serve log");
+        let mut child = std::process::Command::new(BIN)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start tapeline serve");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("ready line");
+        let addr = line
+            .trim()
+            .strip_prefix("tapeline listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Serve { child, url: format!("http://{addr}"), log_path }
+    }
+
+    /// What the broker logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns whether it was clean and how long it took.
+    pub fn terminate(mut self) -> (bool, Duration) {
+        let began = std::time::Instant::now();
+        let pid = self.child.id().to_string();
+        let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+        assert!(status.success());
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return (status.success(), began.elapsed());
+            }
+            assert!(
+                began.elapsed() < Duration::from_secs(30),
+                "serve did not exit after SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- tapeline serve log ---\n{}", self.log());
+        }
+    }
+}
