@@ -270,4 +270,109 @@ mod tests {
             assert!(err.good <= 1, "{err:?}");
         }
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        /// A record to encode: tick step, origin time, headers, payload.
+        type Input = (u64, Option<u64>, Vec<(String, String)>, Vec<u8>);
+
+        fn input() -> impl Strategy<Value = Input> {
+            (
+                1u64..1_000_000,
+                proptest::option::of(1u64..u64::MAX),
+                vec(("[a-z]{0,8}", "\\PC{0,12}"), 0..3),
+                vec(any::<u8>(), 0..300),
+            )
+        }
+
+        fn encode(inputs: &[Input]) -> (Vec<u8>, Vec<Tick>) {
+            let mut enc = ChunkEncoder::new(7, 70);
+            let mut tick = 0;
+            let mut ticks = Vec::new();
+            for (step, origin, headers, payload) in inputs {
+                tick += step;
+                enc.push(Tick(tick), *origin, headers, payload, crc32fast::hash(payload));
+                ticks.push(Tick(tick));
+            }
+            (enc.finish(), ticks)
+        }
+
+        /// Checks that `got` (decoded from `value`) equals the first records of `inputs`.
+        fn same_prefix(
+            inputs: &[Input],
+            ticks: &[Tick],
+            value: &[u8],
+            got: &[Stored],
+        ) -> Result<(), TestCaseError> {
+            prop_assert!(got.len() <= inputs.len());
+            for (i, record) in got.iter().enumerate() {
+                let (_, origin, headers, payload) = &inputs[i];
+                prop_assert_eq!(record.tick, ticks[i]);
+                prop_assert_eq!(record.origin_time, *origin);
+                prop_assert_eq!(&record.headers, headers);
+                prop_assert_eq!(&value[record.payload.clone()], &payload[..]);
+                prop_assert_eq!(record.crc32, crc32fast::hash(payload));
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn any_records_round_trip(inputs in vec(input(), 1..40)) {
+                let (value, ticks) = encode(&inputs);
+                let (head, got) = decode(&value).map_err(|e| TestCaseError::fail(e.detail))?;
+                prop_assert_eq!(head, ChunkHeader { count: inputs.len() as u32, records_before: 7, bytes_before: 70 });
+                prop_assert_eq!(got.len(), inputs.len());
+                same_prefix(&inputs, &ticks, &value, &got)?;
+                // A tick range returns exactly the records inside it.
+                let (from, upto) = (ticks[ticks.len() / 3], ticks[2 * ticks.len() / 3]);
+                let mut ranged = Vec::new();
+                decode_into(&value, 0, from, upto, &mut ranged).map_err(|e| TestCaseError::fail(e.detail))?;
+                let wanted: Vec<Tick> = ticks.iter().copied().filter(|t| *t >= from && *t <= upto).collect();
+                prop_assert_eq!(ranged.iter().map(|r| r.tick).collect::<Vec<_>>(), wanted);
+            }
+
+            /// Damage (flipped bytes, a cut) never panics the decoder and never yields a record
+            /// that differs from what was stored: either the whole chunk decodes unchanged (the
+            /// damage was nowhere) or decoding fails, keeping only records before the damage.
+            #[test]
+            fn damage_is_never_served(
+                inputs in vec(input(), 1..20),
+                flips in vec((any::<prop::sample::Index>(), 1u8..=255), 0..4),
+                cut in proptest::option::of(any::<prop::sample::Index>()),
+            ) {
+                let (good, ticks) = encode(&inputs);
+                let mut bad = good.clone();
+                for (at, mask) in &flips {
+                    let i = at.index(bad.len());
+                    bad[i] ^= mask;
+                }
+                if let Some(at) = cut {
+                    bad.truncate(at.index(bad.len()));
+                }
+                let mut got = Vec::new();
+                match decode_into(&bad, 0, Tick(0), Tick(u64::MAX), &mut got) {
+                    Ok(_) => {
+                        prop_assert_eq!(&bad, &good, "damage went unnoticed");
+                        same_prefix(&inputs, &ticks, &bad, &got)?;
+                    }
+                    Err(err) => {
+                        prop_assert!(bad != good, "intact chunk refused: {}", err.detail);
+                        same_prefix(&inputs, &ticks, &bad, &got)?;
+                    }
+                }
+            }
+
+            /// Arbitrary bytes never panic the decoder.
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in vec(any::<u8>(), 0..2048)) {
+                let _ = decode(&bytes);
+            }
+        }
+    }
 }
