@@ -8,9 +8,13 @@
 //! - One writer thread assigns every tick and is the only one that writes `records` and `catalog`.
 //!   A tick is `max(now, clock + 1)` with one clock for the whole broker, so ticks are unique and
 //!   strictly increasing within a stream; an explicit tick must be above its stream's last tick.
-//! - Group commit: the writer takes every pending batch, writes them in one `apply_batch`, flushes
-//!   once (under `fsync=always`), then publishes the new state and acknowledges each batch. A
-//!   refused batch is dropped before anything is written, so it leaves nothing behind.
+//! - Group commit: the writer takes every pending batch, writes them atomically (one `insert` when
+//!   the group made one chunk, one `apply_batch` otherwise), flushes once (under `fsync=always`),
+//!   then publishes the new state and acknowledges each batch. A refused batch is dropped before
+//!   anything is written, so it leaves nothing behind. A failed write or flush stops the writer
+//!   taking writes (fail-stop) until a restart recovers from what is stored.
+//! - Each commit carries the watermark and every touched stream's last committed tick; `advance`
+//!   publishes an empty commit with the clock raised to now, so readers learn that time passed.
 //! - The in-memory catalog and the commit broadcast change under one lock, and only after the data
 //!   is readable (and durable under `always`): a reader that sees a watermark can read every record
 //!   up to it, and a subscriber that snapshots the catalog receives every later commit.

@@ -2,18 +2,22 @@
 //!
 //! The task keeps, per selected stream, a cursor: the last tick it read. It always reads from the
 //! log, in whole chunks, records with `cursor < tick <= bound`, where the bound is the watermark of
-//! the latest commit it has heard of; it merges the streams by `(tick, stream)`. A commit
+//! the latest commit it has heard of (and never past the stream's last committed tick); it merges
+//! the streams by `(tick, stream)`. A commit
 //! notification only marks streams dirty and raises the bound, so the live tail and the replay are
 //! the same code: there is no hand-over between two paths, and so no gap and no duplicate.
 //!
 //! Invariants:
-//! - Memory is bounded whatever the lag: at most one read window per stream, one outgoing batch,
-//!   and the bounded commit broadcast. A subscriber that falls further behind than the broadcast
+//! - Memory is bounded whatever the lag: read windows of at most 65,536 records over all streams
+//!   (each ending on a chunk boundary), one outgoing batch, and the bounded commit broadcast. A subscriber that falls further behind than the broadcast
 //!   holds is told so (`Lagged`) and simply marks every stream dirty: it reads storage.
 //! - Sending waits for the client (the outgoing channel is bounded); publishers never wait for a
 //!   subscriber, because the commit broadcast never blocks its sender.
 //! - `CaughtUp` is sent exactly once, after every record up to the watermark seen at registration
 //!   was delivered.
+//! - A subscription with an `end` finishes once the watermark reaches it; when the wall clock has
+//!   passed `end` with nothing published, it asks the log to advance, and that commit arrives after
+//!   every earlier one, so no record at or below `end` is skipped.
 
 use crate::error::{Error, Result};
 use crate::names::Pattern;
