@@ -11,9 +11,7 @@ use tonic::Code;
 
 #[tokio::test]
 async fn ticks_are_unique_and_increasing_across_streams() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
+    let (_dir, _server, mut client) = started().await;
     let mut all = Vec::new();
     for i in 0..20 {
         let ticks = publish_records(
@@ -29,9 +27,7 @@ async fn ticks_are_unique_and_increasing_across_streams() {
 
 #[tokio::test]
 async fn publish_stream_pipelines_batches_and_acks_each_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
+    let (_dir, _server, mut client) = started().await;
     let requests: Vec<pb::PublishRequest> = (0..500u64)
         .map(|i| pb::PublishRequest {
             records: (0..10).map(|j| record("piped", format!("{}", i * 10 + j))).collect(),
@@ -58,9 +54,7 @@ async fn publish_stream_pipelines_batches_and_acks_each_in_order() {
 
 #[tokio::test]
 async fn a_refused_batch_in_a_publish_stream_is_answered_and_the_stream_goes_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
+    let (_dir, _server, mut client) = started().await;
     let requests = vec![
         pb::PublishRequest { records: vec![record("ok", "1")], batch_id: 1 },
         pb::PublishRequest { records: vec![record("ok", "x"), record("bad//name", "2")], batch_id: 2 },
@@ -99,9 +93,7 @@ async fn refused(server: &TestServer, records: Vec<pb::Record>, code: Code, word
 
 #[tokio::test]
 async fn bad_batches_get_a_clear_status_and_leave_nothing_behind() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
+    let (_dir, server, mut client) = started().await;
     let ticks = publish(&mut client, "s", &["first"]).await;
 
     // Names.
@@ -165,9 +157,7 @@ async fn bad_batches_get_a_clear_status_and_leave_nothing_behind() {
 
 #[tokio::test]
 async fn explicit_ticks_import_a_recorded_session() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
+    let (_dir, _server, mut client) = started().await;
     let recorded: Vec<pb::Record> = (1..=3)
         .map(|i| {
             let mut r = record("session/lap", format!("lap {i}"));
@@ -190,9 +180,7 @@ async fn explicit_ticks_import_a_recorded_session() {
 
 #[tokio::test]
 async fn bad_subscriptions_get_a_clear_status() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
+    let (_dir, _server, mut client) = started().await;
     for (pattern, words) in [("a/**/b", "last segment"), ("a//b", "must not be empty"), ("a/b*", "a/b*")] {
         let status = client.subscribe(request(&[pattern], beginning())).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument);
@@ -213,9 +201,7 @@ async fn bad_subscriptions_get_a_clear_status() {
 
 #[tokio::test]
 async fn a_restarted_broker_serves_every_acknowledged_record() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
+    let (dir, server, mut client) = started().await;
     let mut acked = Vec::new();
     for i in 0..50 {
         let batch: Vec<pb::Record> =
@@ -248,9 +234,7 @@ async fn a_restarted_broker_serves_every_acknowledged_record() {
 
 #[tokio::test]
 async fn large_batches_are_split_into_chunks_and_read_back_whole() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
+    let (dir, server, mut client) = started().await;
     // 20,000 records in one batch: several chunks (4,096 records each), one atomic commit.
     let batch: Vec<pb::Record> = (0..20_000).map(|i| record("big", format!("{i}"))).collect();
     let ticks = publish_records(&mut client, batch).await;
@@ -273,9 +257,7 @@ async fn large_batches_are_split_into_chunks_and_read_back_whole() {
 
 #[tokio::test]
 async fn hello_health_and_reflection_answer() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
+    let (_dir, server, mut client) = started().await;
     let hello = client
         .hello(pb::HelloRequest { protocol_version: 1, ..Default::default() })
         .await

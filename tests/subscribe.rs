@@ -12,9 +12,7 @@ use tapeline::grpc::pb::subscribe_request::Start;
 
 #[tokio::test]
 async fn replays_from_the_beginning_then_follows_live() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
+    let (_dir, _server, mut client) = started().await;
     publish(&mut client, "s", &["a", "b"]).await;
     publish(&mut client, "s", &["c"]).await;
 
@@ -29,9 +27,7 @@ async fn replays_from_the_beginning_then_follows_live() {
 
 #[tokio::test]
 async fn now_delivers_only_what_is_appended_after_subscribing() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
+    let (_dir, _server, mut client) = started().await;
     publish(&mut client, "s", &["old"]).await;
 
     let mut sub = Sub::open(&mut client, request(&["s", "t"], now())).await;
@@ -45,9 +41,7 @@ async fn now_delivers_only_what_is_appended_after_subscribing() {
 
 #[tokio::test]
 async fn at_is_inclusive_and_after_is_exclusive() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
+    let (_dir, _server, mut client) = started().await;
     let ticks = publish(&mut client, "s", &["0", "1", "2", "3", "4"]).await;
 
     let mut at = Sub::open(&mut client, request(&["s"], Start::At(ticks[2]))).await;
@@ -70,9 +64,7 @@ async fn at_is_inclusive_and_after_is_exclusive() {
 
 #[tokio::test]
 async fn a_bounded_interval_ends_by_itself() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
+    let (_dir, _server, mut client) = started().await;
     let ticks = publish(&mut client, "s", &["0", "1", "2", "3", "4"]).await;
 
     let mut req = request(&["s"], Start::At(ticks[1]));
@@ -98,9 +90,7 @@ async fn a_bounded_interval_ends_by_itself() {
 
 #[tokio::test]
 async fn an_end_ends_the_subscription_even_when_nothing_more_is_published() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
+    let (_dir, _server, mut client) = started().await;
     let ticks = publish(&mut client, "s", &["a", "b"]).await;
 
     // An end between the last record and now: the broker is idle, the interval is complete.
@@ -118,9 +108,7 @@ async fn an_end_ends_the_subscription_even_when_nothing_more_is_published() {
 
 #[tokio::test]
 async fn several_streams_and_patterns_arrive_in_tick_then_stream_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
+    let (_dir, _server, mut client) = started().await;
     // Interleave appends across streams, some in one batch (same commit).
     let mut expected = Vec::new();
     for round in 0..50 {
@@ -159,9 +147,7 @@ async fn several_streams_and_patterns_arrive_in_tick_then_stream_order() {
 
 #[tokio::test]
 async fn caught_up_comes_once_also_for_empty_and_unknown_streams() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
+    let (_dir, _server, mut client) = started().await;
     let mut sub = Sub::open(&mut client, request(&["does/not/exist/yet"], beginning())).await;
     let (before, _) = sub.until_caught_up().await;
     assert!(before.is_empty());
@@ -289,9 +275,7 @@ async fn a_cut_subscriber_resumes_with_exactly_the_rest() {
 
 #[tokio::test]
 async fn resume_rules_are_checked() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
+    let (_dir, _server, mut client) = started().await;
     let mut req = request(&["a"], beginning());
     req.resume.insert("b".into(), 5);
     let err = client.subscribe(req).await.unwrap_err();

@@ -93,6 +93,14 @@ impl Drop for TestServer {
     }
 }
 
+/// A broker on a new temp dir (kept alive by the returned `TempDir`) and a client of it.
+pub async fn started() -> (tempfile::TempDir, TestServer, TapelineClient<Channel>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = TestServer::start(dir.path()).await;
+    let client = server.client().await;
+    (dir, server, client)
+}
+
 /// A client on its own connection to `url`.
 pub async fn client(url: &str) -> TapelineClient<Channel> {
     tapeline::cli::connect(url).await.expect("connect to the test server")
