@@ -173,5 +173,23 @@ fn scan(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, append, scan);
+/// The chunk encoder alone: the CPU cost a writer pays per record, without sled.
+fn encode(c: &mut Criterion) {
+    let payload = vec![0x5a; RECORD_BYTES];
+    let crc32 = crc32fast::hash(&payload);
+    let mut group = c.benchmark_group("encode");
+    group.throughput(Throughput::Elements(256));
+    group.bench_function("chunk_256_records", |b| {
+        b.iter(|| {
+            let mut encoder = tapeline::chunk::ChunkEncoder::new(0, 0);
+            for tick in 1..=256 {
+                encoder.push(Tick(tick), None, &[], &payload, crc32);
+            }
+            encoder.finish()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, append, scan, encode);
 criterion_main!(benches);
