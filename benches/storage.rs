@@ -181,7 +181,7 @@ fn encode(c: &mut Criterion) {
     group.throughput(Throughput::Elements(256));
     group.bench_function("chunk_256_records", |b| {
         b.iter(|| {
-            let mut encoder = tapeline::chunk::ChunkEncoder::new(0, 0);
+            let mut encoder = tapeline::chunk::ChunkEncoder::new("bench", 0, 0);
             for tick in 1..=256 {
                 encoder.push(Tick(tick), None, &[], &payload, crc32);
             }

@@ -2,11 +2,14 @@
 //!
 //! Layout (integers little-endian):
 //! ```text
-//! header : version u8 | count u32 | records_before u64 | bytes_before u64 | header_crc u32
+//! header : magic "TPLC" | version u8 | count u32 | records_before u64 | bytes_before u64
+//!          | name_len u8 | stream name | header_crc u32
 //! record : record_crc u32 | tick u64 | origin_time u64 (0 = none) | payload_len u32
 //!          | payload_crc u32 | n_headers u16
 //!          | n_headers × (key_len u16 | key | value_len u16 | value) | payload
 //! ```
+//! The magic and the stream name make a chunk recognisable on its own: `tapeline recover` finds
+//! chunks by scanning raw files when the storage engine cannot open them (see [`scan`]).
 //! `records_before`/`bytes_before` count what the stream held before this chunk, so a stream's
 //! totals follow from its first and last chunk alone (recovery never scans the log).
 //! `record_crc` is the CRC32 of everything after it up to the end of the payload: one pass over
@@ -17,8 +20,11 @@
 
 use crate::record::{Stored, Tick};
 
-const VERSION: u8 = 1;
-const HEADER_LEN: usize = 1 + 4 + 8 + 8 + 4;
+/// Marks the start of every chunk, so that chunks can be found in raw bytes.
+pub const MAGIC: &[u8; 4] = b"TPLC";
+const VERSION: u8 = 2;
+/// Where the stream name starts; the header is this, the name, and the 4-byte CRC.
+const NAME_AT: usize = 4 + 1 + 4 + 8 + 8 + 1;
 
 /// Counters of a chunk's header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -29,6 +35,15 @@ pub struct ChunkHeader {
     pub records_before: u64,
     /// Payload bytes of the stream stored before this chunk.
     pub bytes_before: u64,
+    /// Length of the stream name stored in the header.
+    pub name_len: u8,
+}
+
+impl ChunkHeader {
+    /// Bytes the header takes, name and CRC included.
+    pub fn len(&self) -> usize {
+        NAME_AT + usize::from(self.name_len) + 4
+    }
 }
 
 /// Why a chunk could not be decoded. `good` records before the damage were intact.
@@ -46,19 +61,24 @@ pub struct ChunkEncoder {
     count: u32,
     bytes: u64,
     last_tick: Tick,
+    header_len: usize,
 }
 
 impl ChunkEncoder {
-    /// Starts a chunk for a stream that already holds `records_before` records and
-    /// `bytes_before` payload bytes.
-    pub fn new(records_before: u64, bytes_before: u64) -> ChunkEncoder {
+    /// Starts a chunk of `stream` (at most 255 bytes, as the naming rule ensures), which
+    /// already holds `records_before` records and `bytes_before` payload bytes.
+    pub fn new(stream: &str, records_before: u64, bytes_before: u64) -> ChunkEncoder {
+        let name = &stream.as_bytes()[..stream.len().min(255)];
         let mut buf = Vec::with_capacity(4096);
+        buf.extend_from_slice(MAGIC);
         buf.push(VERSION);
         buf.extend_from_slice(&0u32.to_le_bytes());
         buf.extend_from_slice(&records_before.to_le_bytes());
         buf.extend_from_slice(&bytes_before.to_le_bytes());
+        buf.push(name.len() as u8);
+        buf.extend_from_slice(name);
         buf.extend_from_slice(&0u32.to_le_bytes());
-        ChunkEncoder { buf, count: 0, bytes: 0, last_tick: Tick(0) }
+        ChunkEncoder { buf, count: 0, bytes: 0, last_tick: Tick(0), header_len: NAME_AT + name.len() + 4 }
     }
 
     /// Appends one record; `payload_crc` is the CRC32 of `payload`, computed once by the caller.
@@ -113,9 +133,10 @@ impl ChunkEncoder {
 
     /// Seals the header and returns the value.
     pub fn finish(mut self) -> Vec<u8> {
-        self.buf[1..5].copy_from_slice(&self.count.to_le_bytes());
-        let crc = crc32fast::hash(&self.buf[..HEADER_LEN - 4]);
-        self.buf[HEADER_LEN - 4..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+        self.buf[5..9].copy_from_slice(&self.count.to_le_bytes());
+        let crc_at = self.header_len - 4;
+        let crc = crc32fast::hash(&self.buf[..crc_at]);
+        self.buf[crc_at..self.header_len].copy_from_slice(&crc.to_le_bytes());
         self.buf
     }
 }
@@ -123,21 +144,78 @@ impl ChunkEncoder {
 /// Reads and checks a chunk's header.
 pub fn header(value: &[u8]) -> Result<ChunkHeader, ChunkError> {
     let bad = |detail: String| ChunkError { good: 0, detail };
-    if value.len() < HEADER_LEN {
+    if value.len() < NAME_AT + 4 {
         return Err(bad(format!("chunk of {} bytes is shorter than its header", value.len())));
     }
-    let stored = u32::from_le_bytes(value[HEADER_LEN - 4..HEADER_LEN].try_into().unwrap_or_default());
-    if crc32fast::hash(&value[..HEADER_LEN - 4]) != stored {
+    if &value[..4] != MAGIC {
+        return Err(bad("chunk does not start with the chunk magic".to_string()));
+    }
+    let name_len = value[NAME_AT - 1];
+    let crc_at = NAME_AT + usize::from(name_len);
+    let Some(stored) = value.get(crc_at..crc_at + 4) else {
+        return Err(bad(format!("chunk of {} bytes is shorter than its header", value.len())));
+    };
+    if crc32fast::hash(&value[..crc_at]) != u32::from_le_bytes(stored.try_into().unwrap_or_default()) {
         return Err(bad("chunk header fails its CRC".to_string()));
     }
-    if value[0] != VERSION {
-        return Err(bad(format!("chunk format version {} is unknown", value[0])));
+    if value[4] != VERSION {
+        return Err(bad(format!(
+            "chunk format version {} is unknown (this build reads {VERSION})",
+            value[4]
+        )));
     }
     Ok(ChunkHeader {
-        count: u32::from_le_bytes(value[1..5].try_into().unwrap_or_default()),
-        records_before: u64::from_le_bytes(value[5..13].try_into().unwrap_or_default()),
-        bytes_before: u64::from_le_bytes(value[13..21].try_into().unwrap_or_default()),
+        count: u32::from_le_bytes(value[5..9].try_into().unwrap_or_default()),
+        records_before: u64::from_le_bytes(value[9..17].try_into().unwrap_or_default()),
+        bytes_before: u64::from_le_bytes(value[17..25].try_into().unwrap_or_default()),
+        name_len,
     })
+}
+
+/// The stream name a chunk's (checked) header carries.
+pub fn stream_name<'a>(value: &'a [u8], head: &ChunkHeader) -> &'a [u8] {
+    &value[NAME_AT..NAME_AT + usize::from(head.name_len)]
+}
+
+/// A chunk found in raw bytes by [`scan`].
+#[derive(Debug)]
+pub struct Found {
+    /// Where the chunk starts in the scanned bytes.
+    pub offset: usize,
+    /// The stream name from its header.
+    pub stream: String,
+    /// Its verified records (payloads located in the scanned bytes, shifted by `offset`); all of
+    /// them, or those before the damage when `damage` is set.
+    pub records: Vec<Stored>,
+    /// Why the rest of the chunk could not be read, if it could not.
+    pub damage: Option<String>,
+}
+
+/// Finds every chunk whose header checks out in arbitrary bytes (a raw file of the storage
+/// engine), with the records that verify. Used when the engine itself cannot open its files:
+/// values are stored contiguously, so a chunk is found wherever a copy of it lies. The same
+/// chunk may be found more than once (old copies); the caller deduplicates.
+pub fn scan(bytes: &[u8]) -> Vec<Found> {
+    let mut found = Vec::new();
+    let mut at = 0;
+    while let Some(pos) = bytes[at..].windows(4).position(|w| w == MAGIC) {
+        let offset = at + pos;
+        at = offset + 1;
+        let Ok(head) = header(&bytes[offset..]) else { continue };
+        let value = &bytes[offset..];
+        let mut records = Vec::new();
+        let (end, damage) = match walk(value, 0, Tick(0), Tick(u64::MAX), &mut records) {
+            Ok((_, end)) => (end, None),
+            Err(err) => (head.len(), Some(err.detail)),
+        };
+        let stream = String::from_utf8_lossy(stream_name(value, &head)).into_owned();
+        for r in &mut records {
+            r.payload = r.payload.start + offset..r.payload.end + offset;
+        }
+        found.push(Found { offset, stream, records, damage });
+        at = offset + end.max(1);
+    }
+    found
 }
 
 /// Decodes and verifies every record of a chunk (as chunk 0).
@@ -157,9 +235,27 @@ pub fn decode_into(
     upto: Tick,
     out: &mut Vec<Stored>,
 ) -> Result<ChunkHeader, ChunkError> {
+    let (head, end) = walk(value, index, from, upto, out)?;
+    if end != value.len() {
+        let detail = format!("{} stray bytes after the last record", value.len() - end);
+        return Err(ChunkError { good: head.count as usize, detail });
+    }
+    Ok(head)
+}
+
+/// Decodes the chunk at the start of `value`, which may continue past its end; returns the
+/// header and where the chunk ends.
+fn walk(
+    value: &[u8],
+    index: u32,
+    from: Tick,
+    upto: Tick,
+    out: &mut Vec<Stored>,
+) -> Result<(ChunkHeader, usize), ChunkError> {
     let head = header(value)?;
-    out.reserve(head.count as usize);
-    let mut pos = HEADER_LEN;
+    // The count is not trusted for the allocation beyond what the bytes could hold.
+    out.reserve((head.count as usize).min(value.len() / FIXED_LEN));
+    let mut pos = head.len();
     for good in 0..head.count as usize {
         let fail = |detail: String| ChunkError { good, detail };
         let Some(fixed) = value.get(pos..pos + FIXED_LEN) else {
@@ -197,11 +293,7 @@ pub fn decode_into(
         }
         pos = payload_end;
     }
-    if pos != value.len() {
-        let detail = format!("{} stray bytes after the last record", value.len() - pos);
-        return Err(ChunkError { good: head.count as usize, detail });
-    }
-    Ok(head)
+    Ok((head, pos))
 }
 
 /// The fixed part of a record: meta_crc, tick, origin_time, payload_len, payload_crc, n_headers.
@@ -229,7 +321,7 @@ mod tests {
     use bytes::Bytes;
 
     fn sample() -> Vec<u8> {
-        let mut enc = ChunkEncoder::new(10, 1000);
+        let mut enc = ChunkEncoder::new("s", 10, 1000);
         enc.push(Tick(5), None, &[], b"hello", crc32fast::hash(b"hello"));
         let headers = vec![("k".to_string(), "v".to_string())];
         enc.push(Tick(7), Some(42), &headers, b"", crc32fast::hash(b""));
@@ -240,7 +332,8 @@ mod tests {
     fn round_trip() {
         let value = Bytes::from(sample());
         let (head, records) = decode(&value).unwrap();
-        assert_eq!(head, ChunkHeader { count: 2, records_before: 10, bytes_before: 1000 });
+        assert_eq!(head, ChunkHeader { count: 2, records_before: 10, bytes_before: 1000, name_len: 1 });
+        assert_eq!(stream_name(&value, &head), b"s");
         assert_eq!(records[0].tick, Tick(5));
         assert_eq!(&value[records[0].payload.clone()], b"hello");
         assert_eq!(records[0].origin_time, None);
@@ -260,6 +353,25 @@ mod tests {
                 Ok((_, records)) => panic!("flip at byte {i} went unnoticed: {records:?}"),
             }
         }
+    }
+
+    #[test]
+    fn scan_finds_whole_and_damaged_chunks_among_other_bytes() {
+        let chunk = sample();
+        let mut raw = b"sled page bytes TPLC not a header".to_vec();
+        raw.extend_from_slice(&chunk);
+        raw.extend_from_slice(b"more bytes");
+        let cut_at = raw.len();
+        raw.extend_from_slice(&chunk[..chunk.len() - 3]);
+        let found = scan(&raw);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0].stream, "s");
+        assert_eq!(found[0].records.len(), 2);
+        assert!(found[0].damage.is_none());
+        assert_eq!(&raw[found[0].records[0].payload.clone()], b"hello");
+        assert_eq!(found[1].offset, cut_at);
+        assert_eq!(found[1].records.len(), 1, "the record before the cut is readable");
+        assert!(found[1].damage.is_some());
     }
 
     #[test]
@@ -289,7 +401,7 @@ mod tests {
         }
 
         fn encode(inputs: &[Input]) -> (Vec<u8>, Vec<Tick>) {
-            let mut enc = ChunkEncoder::new(7, 70);
+            let mut enc = ChunkEncoder::new("a/b", 7, 70);
             let mut tick = 0;
             let mut ticks = Vec::new();
             for (step, origin, headers, payload) in inputs {
@@ -326,7 +438,7 @@ mod tests {
             fn any_records_round_trip(inputs in vec(input(), 1..40)) {
                 let (value, ticks) = encode(&inputs);
                 let (head, got) = decode(&value).map_err(|e| TestCaseError::fail(e.detail))?;
-                prop_assert_eq!(head, ChunkHeader { count: inputs.len() as u32, records_before: 7, bytes_before: 70 });
+                prop_assert_eq!(head, ChunkHeader { count: inputs.len() as u32, records_before: 7, bytes_before: 70, name_len: 3 });
                 prop_assert_eq!(got.len(), inputs.len());
                 same_prefix(&inputs, &ticks, &value, &got)?;
                 // A tick range returns exactly the records inside it.

@@ -557,10 +557,13 @@ impl Writer {
                 }
                 let Some(stream) = self.streams.get_mut(name) else { continue };
                 let (_, first, encoder) = open.entry(stream.id).or_insert_with(|| {
-                    (stream.name.clone(), tick, ChunkEncoder::new(stream.records, stream.bytes))
+                    (stream.name.clone(), tick, ChunkEncoder::new(&stream.name, stream.records, stream.bytes))
                 });
                 if encoder.encoded_len() >= CHUNK_MAX_BYTES || encoder.count() >= CHUNK_MAX_RECORDS {
-                    let full = std::mem::replace(encoder, ChunkEncoder::new(stream.records, stream.bytes));
+                    let full = std::mem::replace(
+                        encoder,
+                        ChunkEncoder::new(&stream.name, stream.records, stream.bytes),
+                    );
                     sealed.push((key(stream.id, *first), full.finish()));
                     *first = tick;
                 }
