@@ -7,13 +7,18 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::sync::Arc;
 use std::time::Duration;
-use tapeline::config::{DataDir, FsyncPolicy};
+use tapeline::config::{Config, DataDir, FsyncPolicy};
 use tapeline::names::StreamName;
 use tapeline::record::{NewRecord, Tick};
 use tapeline::storage::Log;
 
 const RECORD_BYTES: usize = 256;
 const CACHE: u64 = 256 << 20;
+
+fn open(dir: &std::path::Path, fsync: FsyncPolicy) -> Log {
+    Log::open(&Config { data: DataDir::Path(dir.into()), fsync, cache_bytes: CACHE, ..Config::default() })
+        .unwrap()
+}
 
 fn records(n: usize) -> Vec<NewRecord> {
     let stream = StreamName::parse("bench/stream").unwrap();
@@ -39,7 +44,7 @@ fn append(c: &mut Criterion) {
         group.throughput(Throughput::Elements(batch as u64));
 
         let dir = tempfile::tempdir().unwrap();
-        let log = Log::open(&DataDir::Path(dir.path().into()), FsyncPolicy::Always, CACHE).unwrap();
+        let log = open(dir.path(), FsyncPolicy::Always);
         let batch_records = records(batch);
         group.bench_with_input(BenchmarkId::new("tapeline", batch), &batch, |b, _| {
             b.iter(|| rt.block_on(log.append(batch_records.clone())).unwrap())
@@ -76,7 +81,7 @@ fn append(c: &mut Criterion) {
     group.sample_size(10).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
     group.throughput(Throughput::Elements(64));
     let dir = tempfile::tempdir().unwrap();
-    let log = Arc::new(Log::open(&DataDir::Path(dir.path().into()), FsyncPolicy::Always, CACHE).unwrap());
+    let log = Arc::new(open(dir.path(), FsyncPolicy::Always));
     let one = records(1);
     group.bench_function("tapeline_64_publishers_batch_1", |b| {
         b.iter(|| {
@@ -102,7 +107,7 @@ fn scan(c: &mut Criterion) {
     const TOTAL: usize = 200_000;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let log = Log::open(&DataDir::Path(dir.path().into()), FsyncPolicy::Never, CACHE).unwrap();
+    let log = open(dir.path(), FsyncPolicy::Never);
     let batch = records(256);
     rt.block_on(async {
         for _ in 0..TOTAL / 256 {

@@ -4,8 +4,9 @@
 use crate::config::{Config, Limits};
 use crate::error::{Error, Result};
 use crate::names::{Pattern, StreamName};
+use crate::producers::BatchTag;
 use crate::record::{NewRecord, StreamInfo, Tick};
-use crate::storage::Log;
+use crate::storage::{Appended, Log};
 use crate::subscription::{self, Event, Spec, Start};
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -35,6 +36,22 @@ pub struct Incoming {
     pub payload: Bytes,
     /// The producer's CRC32 of the payload, checked when present.
     pub crc32: Option<u32>,
+}
+
+/// A batch as a publisher sends it.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub records: Vec<Incoming>,
+    /// Makes the batch idempotent together with `sequence`; empty for a plain batch.
+    pub producer_id: String,
+    /// The producer's sequence number of this batch; 0 for a plain batch.
+    pub sequence: u64,
+}
+
+impl From<Vec<Incoming>> for Batch {
+    fn from(records: Vec<Incoming>) -> Batch {
+        Batch { records, ..Batch::default() }
+    }
 }
 
 /// A subscription as a client asks for it, before any rule was checked.
@@ -71,7 +88,7 @@ impl Broker {
     /// Opens the log described by `config`; `shutdown` stops every subscription.
     pub fn open(config: &Config, shutdown: CancellationToken) -> Result<Broker> {
         config.validate()?;
-        let log = Log::open(&config.data, config.fsync, config.cache_bytes)?;
+        let log = Log::open(config)?;
         Ok(Broker {
             log: Arc::new(log),
             limits: config.limits,
@@ -83,15 +100,24 @@ impl Broker {
 
     /// Checks a batch and queues it for the writer, in call order. The returned future yields
     /// the assigned ticks once the batch is durable under the fsync policy.
-    pub async fn submit(&self, batch: Vec<Incoming>) -> Result<impl Future<Output = Result<Vec<Tick>>>> {
-        let records = self.check(batch)?;
-        let answer = self.log.submit(records).await?;
+    pub async fn submit(&self, batch: Batch) -> Result<impl Future<Output = Result<Appended>>> {
+        let records = self.check(batch.records)?;
+        let tag = match (batch.producer_id.is_empty(), batch.sequence) {
+            (true, 0) => None,
+            (false, sequence) => Some(BatchTag::new(&batch.producer_id, sequence, &records)?),
+            (true, sequence) => {
+                return Err(Error::InvalidArgument(format!(
+                    "batch has sequence {sequence} but no producer id: an idempotent batch needs both"
+                )))
+            }
+        };
+        let answer = self.log.submit(records, tag).await?;
         Ok(async move { answer.await.map_err(|_| Error::ShuttingDown)? })
     }
 
     /// Appends a batch atomically; returns its ticks once durable.
-    pub async fn publish(&self, batch: Vec<Incoming>) -> Result<Vec<Tick>> {
-        self.submit(batch).await?.await
+    pub async fn publish(&self, batch: impl Into<Batch>) -> Result<Appended> {
+        self.submit(batch.into()).await?.await
     }
 
     fn check(&self, batch: Vec<Incoming>) -> Result<Vec<NewRecord>> {

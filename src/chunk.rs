@@ -41,7 +41,7 @@ pub struct ChunkHeader {
 
 impl ChunkHeader {
     /// Bytes the header takes, name and CRC included.
-    pub fn len(&self) -> usize {
+    pub fn encoded_len(&self) -> usize {
         NAME_AT + usize::from(self.name_len) + 4
     }
 }
@@ -206,7 +206,7 @@ pub fn scan(bytes: &[u8]) -> Vec<Found> {
         let mut records = Vec::new();
         let (end, damage) = match walk(value, 0, Tick(0), Tick(u64::MAX), &mut records) {
             Ok((_, end)) => (end, None),
-            Err(err) => (head.len(), Some(err.detail)),
+            Err(err) => (head.encoded_len(), Some(err.detail)),
         };
         let stream = String::from_utf8_lossy(stream_name(value, &head)).into_owned();
         for r in &mut records {
@@ -255,7 +255,7 @@ fn walk(
     let head = header(value)?;
     // The count is not trusted for the allocation beyond what the bytes could hold.
     out.reserve((head.count as usize).min(value.len() / FIXED_LEN));
-    let mut pos = head.len();
+    let mut pos = head.encoded_len();
     for good in 0..head.count as usize {
         let fail = |detail: String| ChunkError { good, detail };
         let Some(fixed) = value.get(pos..pos + FIXED_LEN) else {

@@ -67,6 +67,12 @@ pub struct ServeArgs {
     /// Silence after which a subscriber gets a heartbeat (e.g. 5s, 500ms).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub heartbeat: Duration,
+    /// The most bytes the data dir may take; publishing is refused beyond (RESOURCE_EXHAUSTED).
+    #[arg(long)]
+    pub max_disk_bytes: Option<u64>,
+    /// Free disk space kept in reserve; publishing is refused when a batch would eat into it.
+    #[arg(long, default_value_t = Config::default().min_free_disk_bytes)]
+    pub min_free_disk_bytes: u64,
 }
 
 /// The server a client command talks to.
@@ -132,6 +138,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
             ..Limits::default()
         },
         heartbeat: args.heartbeat,
+        max_disk_bytes: args.max_disk_bytes,
+        min_free_disk_bytes: args.min_free_disk_bytes,
         ..Config::default()
     };
     config.validate()?;
@@ -264,7 +272,7 @@ async fn publish(args: PublishArgs) -> Result<ExitCode> {
                     ..Default::default()
                 })
                 .collect();
-            if requests.send(pb::PublishRequest { records, batch_id }).await.is_err() {
+            if requests.send(pb::PublishRequest { records, batch_id, ..Default::default() }).await.is_err() {
                 break;
             }
         }

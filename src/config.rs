@@ -66,6 +66,8 @@ pub struct Limits {
     pub max_batch_records: usize,
     /// Largest sum of header keys and values of one record.
     pub max_header_bytes: usize,
+    /// Idempotent producers remembered; beyond it the least recently used one is forgotten.
+    pub max_producers: usize,
 }
 
 impl Default for Limits {
@@ -75,6 +77,7 @@ impl Default for Limits {
             max_batch_bytes: 16 << 20,
             max_batch_records: 65_536,
             max_header_bytes: 16 << 10,
+            max_producers: 10_000,
         }
     }
 }
@@ -111,6 +114,13 @@ impl Limits {
                 expected: "a size of at most 1 GiB",
             });
         }
+        if self.max_producers == 0 {
+            return Err(Error::Config {
+                key: "max_producers",
+                value: self.max_producers.to_string(),
+                expected: "at least 1",
+            });
+        }
         if self.max_batch_bytes < self.max_record_bytes {
             return Err(Error::Config {
                 key: "max_batch_bytes",
@@ -135,6 +145,10 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Bytes of sled page cache.
     pub cache_bytes: u64,
+    /// The most the data dir may take on disk; publishing is refused beyond it.
+    pub max_disk_bytes: Option<u64>,
+    /// Free disk space kept in reserve; publishing is refused when a batch would eat into it.
+    pub min_free_disk_bytes: u64,
 }
 
 impl Default for Config {
@@ -145,6 +159,8 @@ impl Default for Config {
             limits: Limits::default(),
             heartbeat: Duration::from_secs(5),
             cache_bytes: 256 << 20,
+            max_disk_bytes: None,
+            min_free_disk_bytes: 64 << 20,
         }
     }
 }

@@ -44,6 +44,18 @@ pub enum Error {
     #[error("explicit tick {tick} for stream {stream:?} is more than 60 s ahead of the broker's clock (at most {limit}): explicit ticks import recorded sessions and must not move the clock into the future")]
     TickAhead { stream: String, tick: Tick, limit: Tick },
 
+    /// An idempotent producer reused a sequence number for a different batch.
+    #[error("sequence {sequence} of producer {producer:?} was already appended with different content: a retried batch must be identical, new records need a new sequence")]
+    SequenceReused { producer: String, sequence: u64 },
+
+    /// An idempotent producer's sequence number is neither new nor a remembered batch.
+    #[error("sequence {sequence} of producer {producer:?} is not after its last appended sequence {last} and is not one of its last {window} batches: a producer's sequence numbers must increase from batch to batch")]
+    SequenceNotAfter { producer: String, sequence: u64, last: u64, window: usize },
+
+    /// A batch would fill the disk or pass the data dir's configured maximum.
+    #[error("the disk budget is exhausted: {rule}; the data dir takes {used} bytes, {free} bytes are free and the batch needs about {needed}: free space or raise the limit, then retry (nothing acknowledged is affected)")]
+    DiskFull { used: u64, free: u64, needed: u64, rule: String },
+
     /// A write or flush failed; the log refuses writes until the broker is restarted.
     #[error("the log takes no more writes since a write or flush failed ({cause}); nothing acknowledged is affected: restart the broker")]
     LogFailed { cause: String },
@@ -59,6 +71,10 @@ pub enum Error {
     /// Stored data failed its CRC check or could not be decoded.
     #[error("stored data of stream {stream:?} is corrupt in ticks {from}..={to}: {detail}")]
     DataLoss { stream: String, from: Tick, to: Tick, detail: String },
+
+    /// The storage engine could not open the data dir.
+    #[error("cannot open the data dir {path:?}: {cause}")]
+    Open { path: std::path::PathBuf, cause: String },
 
     /// The storage engine failed.
     #[error("storage error: {0}")]

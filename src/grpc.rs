@@ -2,9 +2,10 @@
 //! place. No rule lives here; the generated code stays in `pb`, which clients (the CLI, tests,
 //! other programs) use as the wire API.
 
-use crate::broker::{Broker, Incoming, SubscribeRequest};
+use crate::broker::{Batch, Broker, Incoming, SubscribeRequest};
 use crate::error::Error;
 use crate::record::{Record, StreamInfo};
+use crate::storage::Appended;
 use crate::subscription::{Event, Start};
 use futures::stream::{FuturesOrdered, Stream, StreamExt};
 use std::pin::Pin;
@@ -33,16 +34,20 @@ pub fn status(err: &Error) -> Status {
         | Error::InvalidPattern { .. }
         | Error::InvalidArgument(_)
         | Error::EndBeforeStart { .. } => Code::InvalidArgument,
-        Error::RecordTooLarge { .. } | Error::HeadersTooLarge { .. } | Error::BatchTooLarge { .. } => {
-            Code::ResourceExhausted
-        }
-        Error::TickNotAfter { .. } | Error::TickAhead { .. } | Error::UnsupportedProtocol { .. } => {
-            Code::FailedPrecondition
-        }
+        Error::RecordTooLarge { .. }
+        | Error::HeadersTooLarge { .. }
+        | Error::BatchTooLarge { .. }
+        | Error::DiskFull { .. } => Code::ResourceExhausted,
+        Error::TickNotAfter { .. }
+        | Error::TickAhead { .. }
+        | Error::UnsupportedProtocol { .. }
+        | Error::SequenceNotAfter { .. } => Code::FailedPrecondition,
+        Error::SequenceReused { .. } => Code::AlreadyExists,
         Error::UnknownStream(_) => Code::NotFound,
         Error::DataLoss { .. } => Code::DataLoss,
         Error::ShuttingDown | Error::LogFailed { .. } => Code::Unavailable,
         Error::Storage(_)
+        | Error::Open { .. }
         | Error::Io { .. }
         | Error::Config { .. }
         | Error::Remote { .. }
@@ -64,6 +69,10 @@ pub fn service(
 /// Implements the generated service trait on top of the broker.
 pub struct Service {
     broker: Arc<Broker>,
+}
+
+fn batch(req: pb::PublishRequest) -> Batch {
+    Batch { records: incoming(req.records), producer_id: req.producer_id, sequence: req.sequence }
 }
 
 fn incoming(records: Vec<pb::Record>) -> Vec<Incoming> {
@@ -117,15 +126,18 @@ fn event(e: Event) -> pb::SubscribeResponse {
     pb::SubscribeResponse { event: Some(event) }
 }
 
-fn ack(batch_id: u64, result: Result<Vec<crate::record::Tick>, Error>) -> pb::PublishAck {
+fn ack(batch_id: u64, result: Result<Appended, Error>) -> pb::PublishAck {
     match result {
-        Ok(ticks) => {
-            pb::PublishAck { batch_id, ticks: ticks.into_iter().map(|t| t.0).collect(), error: None }
-        }
+        Ok(a) => pb::PublishAck {
+            batch_id,
+            ticks: a.ticks.into_iter().map(|t| t.0).collect(),
+            error: None,
+            duplicate: a.duplicate,
+        },
         Err(err) => {
             let status = status(&err);
             let error = pb::BatchError { code: status.code() as i32, message: status.message().to_string() };
-            pb::PublishAck { batch_id, ticks: Vec::new(), error: Some(error) }
+            pb::PublishAck { batch_id, ticks: Vec::new(), error: Some(error), duplicate: false }
         }
     }
 }
@@ -152,8 +164,9 @@ impl pb::tapeline_server::Tapeline for Service {
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishAck>, Status> {
         let req = request.into_inner();
-        let ticks = self.broker.publish(incoming(req.records)).await.map_err(|e| status(&e))?;
-        Ok(Response::new(ack(req.batch_id, Ok(ticks))))
+        let batch_id = req.batch_id;
+        let appended = self.broker.publish(batch(req)).await.map_err(|e| status(&e))?;
+        Ok(Response::new(ack(batch_id, Ok(appended))))
     }
 
     type PublishStreamStream = BoxStream<pb::PublishAck>;
@@ -188,8 +201,8 @@ impl pb::tapeline_server::Tapeline for Service {
                     next = requests.message(), if reading && in_flight.len() < PUBLISH_WINDOW => match next {
                         Ok(Some(req)) => {
                             // Submitted in order, so batches of one stream commit in order.
-                            let submitted = broker.submit(incoming(req.records)).await;
                             let batch_id = req.batch_id;
+                            let submitted = broker.submit(batch(req)).await;
                             in_flight.push_back(async move {
                                 match submitted {
                                     Ok(answer) => (batch_id, answer.await),

@@ -8,7 +8,9 @@
 //! - [`record`]: ticks, stream ids and records, the values crossing module borders.
 //! - [`names`]: the stream naming rule and subscription patterns.
 //! - [`chunk`]: the codec packing many records of one stream into one stored value, with CRCs.
+//! - [`producers`]: what is remembered of idempotent producers, to acknowledge retries again.
 //! - [`storage`]: the sled log: keys, catalog, group commit, recovery, reads.
+//! - [`space`]: the disk budget that refuses a write before it could fill the disk.
 //! - [`subscription`]: replay, then live, for one subscriber.
 //! - [`broker`]: the domain: publish, subscribe, catalog, and every rule a request must follow.
 //! - [`grpc`]: translation between protobuf and the domain; the generated client and server.
@@ -23,8 +25,10 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod names;
+pub mod producers;
 pub mod record;
 pub mod server;
+pub mod space;
 pub mod storage;
 pub mod subscription;
 

@@ -1,8 +1,10 @@
 //! The sled log: chunk keys, the catalog, group commit, recovery and reads.
 //!
 //! Layout in sled: tree `records` maps `(stream_id u32 BE, first_tick u64 BE)` to a chunk (see
-//! `chunk.rs`); tree `catalog` maps a stream name to its id and creation tick; tree `meta` holds the
-//! broker's identity.
+//! `chunk.rs`); keys starting with `u32::MAX` (never a stream id) hold idempotent producers'
+//! state (see `producers.rs`), so that it is written in the same atomic batch as the records it
+//! describes; tree `catalog` maps a stream name to its id and creation tick; tree `meta` holds
+//! the broker's identity.
 //!
 //! Invariants:
 //! - One writer thread assigns every tick and is the only one that writes `records` and `catalog`.
@@ -11,7 +13,10 @@
 //! - Group commit: the writer takes every pending batch, writes them atomically (one `insert` when
 //!   the group made one chunk, one `apply_batch` otherwise), flushes once (under `fsync=always`),
 //!   then publishes the new state and acknowledges each batch. A refused batch is dropped before
-//!   anything is written, so it leaves nothing behind. A failed write or flush stops the writer
+//!   anything is written, so it leaves nothing behind. A batch that would pass the disk budget
+//!   (`space.rs`) is refused the same way, so sled never meets a full disk.
+//! - A retried idempotent batch (same producer and sequence) is answered with the ticks it was
+//!   given the first time and appends nothing. A failed write or flush stops the writer
 //!   taking writes (fail-stop) until a restart recovers from what is stored.
 //! - Each commit carries the watermark and every touched stream's last committed tick; `advance`
 //!   publishes an empty commit with the clock raised to now, so readers learn that time passed.
@@ -21,9 +26,11 @@
 //! - Recovery reads the catalog and, per stream, only its first and last chunk.
 
 use crate::chunk::{self, ChunkEncoder};
-use crate::config::{DataDir, FsyncPolicy};
+use crate::config::{Config, DataDir, FsyncPolicy};
 use crate::error::{Error, Result};
+use crate::producers::{self, BatchTag, Producers, Seen};
 use crate::record::{NewRecord, Stored, StreamId, StreamInfo, Tick};
+use crate::space::Space;
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -46,6 +53,18 @@ const WRITER_QUEUE_KIB: u32 = 256 << 10;
 pub const MAX_TICK_AHEAD: Tick = Tick(60_000_000_000);
 /// Commits a subscriber may fall behind before it is told to rescan (it then reads storage).
 const COMMIT_BROADCAST: usize = 4096;
+
+/// Key prefix of producer state in the records tree; stream ids stay below it.
+const PRODUCER_PREFIX: [u8; 4] = u32::MAX.to_be_bytes();
+
+/// An appended batch, as acknowledged to its publisher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// The tick of each record, in the batch's order.
+    pub ticks: Vec<Tick>,
+    /// The batch is a retry of an idempotent batch appended before: nothing was appended now.
+    pub duplicate: bool,
+}
 
 /// What one group commit changed, as told to subscribers.
 #[derive(Debug, Clone)]
@@ -85,11 +104,12 @@ struct Shared {
 }
 
 /// Where the writer sends a batch's ticks, or why it was refused.
-type Reply = oneshot::Sender<Result<Vec<Tick>>>;
+type Reply = oneshot::Sender<Result<Appended>>;
 
 enum Command {
     Append {
         records: Vec<NewRecord>,
+        tag: Option<BatchTag>,
         reply: Reply,
         _queued: OwnedSemaphorePermit,
     },
@@ -129,6 +149,10 @@ fn key_tick(k: &[u8]) -> Tick {
     Tick(u64::from_be_bytes(k[4..12].try_into().unwrap_or_default()))
 }
 
+fn producer_key(id: &str) -> Vec<u8> {
+    [&PRODUCER_PREFIX[..], id.as_bytes()].concat()
+}
+
 fn catalog_value(id: StreamId, created: Tick) -> [u8; 12] {
     let mut v = [0u8; 12];
     v[..4].copy_from_slice(&id.0.to_le_bytes());
@@ -137,9 +161,10 @@ fn catalog_value(id: StreamId, created: Tick) -> [u8; 12] {
 }
 
 impl Log {
-    /// Opens (or creates) the log and starts its writer thread.
-    pub fn open(data: &DataDir, fsync: FsyncPolicy, cache_bytes: u64) -> Result<Log> {
-        let (path, temp_dir) = match data {
+    /// Opens (or creates) the log described by `config` and starts its writer thread.
+    pub fn open(config: &Config) -> Result<Log> {
+        let fsync = config.fsync;
+        let (path, temp_dir) = match &config.data {
             DataDir::Path(p) => (p.clone(), None),
             DataDir::Volatile => {
                 let dir = tempfile::Builder::new()
@@ -153,8 +178,12 @@ impl Log {
             FsyncPolicy::Interval(d) => Some(d.as_millis().max(1) as u64),
             FsyncPolicy::Always | FsyncPolicy::Never => None,
         };
-        let db =
-            sled::Config::new().path(&path).cache_capacity(cache_bytes).flush_every_ms(flush_every).open()?;
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(config.cache_bytes)
+            .flush_every_ms(flush_every)
+            .open()
+            .map_err(|err| Error::Open { path: path.clone(), cause: open_failure(&err) })?;
         let records = db.open_tree("records")?;
         let catalog = db.open_tree("catalog")?;
         let meta = db.open_tree("meta")?;
@@ -169,9 +198,10 @@ impl Log {
         };
 
         let streams = recover(&records, &catalog)?;
+        let producers = recover_producers(&records)?;
         let watermark = streams.values().filter_map(|s| s.last_tick).max().unwrap_or_default();
         let next_id = streams.values().map(|s| s.id.0 + 1).max().unwrap_or(0);
-        info!(path = %path.display(), streams = streams.len(), tail_tick = %watermark, "log opened");
+        info!(path = %path.display(), streams = streams.len(), producers = producers.len(), tail_tick = %watermark, "log opened");
 
         let shared = Arc::new(RwLock::new(Shared {
             streams: streams.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
@@ -187,6 +217,9 @@ impl Log {
             streams,
             clock: watermark,
             next_id,
+            producers,
+            max_producers: config.limits.max_producers,
+            space: Space::new(db.clone(), path.clone(), config.max_disk_bytes, config.min_free_disk_bytes),
             failed: None,
             shared: shared.clone(),
             commits: commits.clone(),
@@ -214,15 +247,20 @@ impl Log {
     }
 
     /// Queues a batch for the writer; the returned receiver yields its ticks once it is committed.
-    /// Batches are committed in the order they are queued.
+    /// Batches are committed in the order they are queued. A tagged batch is idempotent: a retry
+    /// of one already appended is answered with its ticks and appends nothing.
     /// Publishers wait here while the writer is behind by more than the queue budget.
-    pub async fn submit(&self, records: Vec<NewRecord>) -> Result<oneshot::Receiver<Result<Vec<Tick>>>> {
+    pub async fn submit(
+        &self,
+        records: Vec<NewRecord>,
+        tag: Option<BatchTag>,
+    ) -> Result<oneshot::Receiver<Result<Appended>>> {
         let bytes = held_bytes(&records);
         let kib = (bytes.div_ceil(1024) as u64).min(u64::from(WRITER_QUEUE_KIB)) as u32;
         let queued =
             self.queue_budget.clone().acquire_many_owned(kib).await.map_err(|_| Error::ShuttingDown)?;
         let (reply, answer) = oneshot::channel();
-        let command = Command::Append { records, reply, _queued: queued };
+        let command = Command::Append { records, tag, reply, _queued: queued };
         self.writer.send(command).await.map_err(|_| Error::ShuttingDown)?;
         Ok(answer)
     }
@@ -239,7 +277,8 @@ impl Log {
 
     /// Appends a batch atomically and returns the assigned ticks once it is committed.
     pub async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Tick>> {
-        self.submit(records).await?.await.map_err(|_| Error::ShuttingDown)?
+        let appended = self.submit(records, None).await?.await.map_err(|_| Error::ShuttingDown)??;
+        Ok(appended.ticks)
     }
 
     /// The latest committed tick.
@@ -301,7 +340,14 @@ impl Log {
         let mut chunks = Vec::new();
         let mut iter = self.records.range(start..=end);
         while let Some(entry) = iter.next() {
-            let (k, v) = entry?;
+            let (k, v) = match entry {
+                Ok(entry) => entry,
+                Err(sled::Error::Corruption { .. }) => {
+                    let from = records.last().map_or(first_wanted, |r: &Stored| Tick(r.tick.0 + 1));
+                    return Err(self.damaged_page(stream, from, upto));
+                }
+                Err(err) => return Err(err.into()),
+            };
             // Shares sled's buffer: payloads handed out are slices of it, never copies.
             let value = Bytes::from_owner(v);
             let index = chunks.len() as u32;
@@ -326,6 +372,35 @@ impl Log {
         Ok(ReadBatch { records, chunks, complete: true })
     }
 
+    /// The error for a stream whose stored pages sled reports corrupt from `from` on: names the
+    /// range up to the first key that reads again (found by bisection), so that a subscriber can
+    /// resume after it and the rest of the stream stays readable.
+    fn damaged_page(&self, stream: &StreamInfo, from: Tick, upto: Tick) -> Error {
+        let end = key(stream.id, Tick::MAX);
+        let readable = |t: u64| self.records.range(key(stream.id, Tick(t)).as_ref()..=end.as_ref()).next();
+        // The smallest tick from which a read succeeds again: reads fail from `from` and
+        // succeed past the damaged page.
+        let (mut bad, mut good) = (from.0, upto.0.max(from.0).saturating_add(1));
+        while good - bad > 1 {
+            let mid = bad + (good - bad) / 2;
+            match readable(mid) {
+                Some(Err(_)) => bad = mid,
+                _ => good = mid,
+            }
+        }
+        let to = match readable(good) {
+            Some(Ok((k, _))) => Tick(key_tick(&k).0.saturating_sub(1)).min(upto),
+            _ => upto,
+        };
+        error!(stream = %stream.name, from = %from, to = %to, "storage engine reports a corrupt page");
+        Error::DataLoss {
+            stream: stream.name.to_string(),
+            from,
+            to,
+            detail: "the storage engine reports a corrupt page".into(),
+        }
+    }
+
     /// Stops the writer after every queued batch is committed, then flushes. Idempotent.
     pub async fn close(&self) -> Result<()> {
         let (reply, done) = oneshot::channel();
@@ -338,6 +413,21 @@ impl Log {
         }
         self.db.flush_async().await?;
         Ok(())
+    }
+}
+
+/// Why sled could not open a data dir, with what to do about it.
+fn open_failure(err: &sled::Error) -> String {
+    match err {
+        // sled reports a held lock only in the message of an `Other` I/O error.
+        sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+            "another process holds its lock (is another tapeline serving it?)".into()
+        }
+        sled::Error::Corruption { .. } => format!(
+            "the storage engine finds it corrupt ({err}); `tapeline verify --data DIR` tells what is damaged and \
+             `tapeline recover --data DIR --into NEW_DIR` copies every readable record into a new data dir"
+        ),
+        _ => format!("storage error: {err}"),
     }
 }
 
@@ -400,6 +490,21 @@ fn recover(records: &sled::Tree, catalog: &sled::Tree) -> Result<HashMap<Arc<str
     Ok(streams)
 }
 
+/// Reads back every idempotent producer's state. A damaged entry is dropped with an error in the
+/// log: that producer's retries are then treated as new batches.
+fn recover_producers(records: &sled::Tree) -> Result<Producers> {
+    let mut producers = Producers::default();
+    for entry in records.scan_prefix(PRODUCER_PREFIX) {
+        let (k, v) = entry?;
+        let id = String::from_utf8_lossy(&k[PRODUCER_PREFIX.len()..]).into_owned();
+        match producers::decode(&v) {
+            Ok(state) => producers.restore(Arc::from(id), state),
+            Err(detail) => error!(producer = %id, %detail, "stored producer state is corrupt; dropped"),
+        }
+    }
+    Ok(producers)
+}
+
 /// The single writer: owns tick assignment and every write.
 struct Writer {
     db: sled::Db,
@@ -411,6 +516,11 @@ struct Writer {
     /// The last tick assigned, for the whole broker.
     clock: Tick,
     next_id: u32,
+    /// Idempotent producers' recent batches.
+    producers: Producers,
+    max_producers: usize,
+    /// Refuses batches before they could fill the disk.
+    space: Space,
     /// Set when a write or flush failed: every later append is refused with this cause.
     failed: Option<String>,
     shared: Arc<RwLock<Shared>>,
@@ -420,6 +530,7 @@ struct Writer {
 /// A batch accepted into the current group, waiting for the commit to finish.
 struct Accepted {
     ticks: Vec<Tick>,
+    duplicate: bool,
     reply: Reply,
 }
 
@@ -435,9 +546,9 @@ impl Writer {
             let mut then = None;
             while let Some(command) = next.take() {
                 match command {
-                    Command::Append { records, reply, _queued } => {
+                    Command::Append { records, tag, reply, _queued } => {
                         bytes += held_bytes(&records);
-                        group.push((records, reply));
+                        group.push((records, tag, reply));
                     }
                     other => {
                         then = Some(other);
@@ -486,12 +597,20 @@ impl Writer {
         let mut clock = self.clock;
         let mut last: HashMap<&str, Tick> = HashMap::new();
         let mut ticks = Vec::with_capacity(records.len());
+        let mut created = 0u64;
         for record in records {
             let name = record.stream.as_str();
             let stream_last = match last.get(name) {
                 Some(t) => Some(*t),
                 None => self.streams.get(name).and_then(|s| s.last_tick),
             };
+            if !self.streams.contains_key(name) && !last.contains_key(name) {
+                created += 1;
+                // Ids at and above PRODUCER_PREFIX's are reserved.
+                if u64::from(self.next_id) + created >= u64::from(u32::MAX) {
+                    return Err(Error::Internal(format!("no stream id is left for stream {name:?}")));
+                }
+            }
             let tick = match record.tick {
                 Some(tick) => {
                     if let Some(last) = stream_last.filter(|&last| tick <= last) {
@@ -512,9 +631,9 @@ impl Writer {
         Ok(ticks)
     }
 
-    fn commit(&mut self, group: Vec<(Vec<NewRecord>, Reply)>) {
+    fn commit(&mut self, group: Vec<(Vec<NewRecord>, Option<BatchTag>, Reply)>) {
         if let Some(cause) = &self.failed {
-            for (_, reply) in group {
+            for (_, _, reply) in group {
                 let _ = reply.send(Err(Error::LogFailed { cause: cause.clone() }));
             }
             return;
@@ -527,9 +646,22 @@ impl Writer {
         let mut sealed: Vec<([u8; 12], Vec<u8>)> = Vec::new();
         let mut catalog_batch = sled::Batch::default();
         let mut accepted = Vec::with_capacity(group.len());
+        // Producers whose state changed (to store) or who were forgotten (to delete).
+        let mut producers_touched: Vec<Arc<str>> = Vec::new();
+        let mut producers_forgotten: Vec<Arc<str>> = Vec::new();
 
-        for (records, reply) in group {
-            let ticks = match self.assign(&records, now) {
+        for (records, tag, reply) in group {
+            // A retry is answered before any other rule: it was checked when first appended.
+            let seen = tag.as_ref().map(|tag| self.producers.check(tag)).transpose();
+            if let Ok(Some(Seen::Duplicate(ticks))) = seen {
+                debug!(producer = ?tag.as_ref().map(|t| &t.producer), "retried batch acknowledged again");
+                accepted.push(Accepted { ticks, duplicate: true, reply });
+                continue;
+            }
+            let ticks = seen
+                .and_then(|_| self.assign(&records, now))
+                .and_then(|ticks| self.space.admit(held_bytes(&records)).map(|()| ticks));
+            let ticks = match ticks {
                 Ok(ticks) => ticks,
                 Err(err) => {
                     debug!(cause = %err, "batch refused");
@@ -537,6 +669,13 @@ impl Writer {
                     continue;
                 }
             };
+            if let Some(tag) = &tag {
+                if let Some(forgotten) = self.producers.remember(tag, &ticks, now, self.max_producers) {
+                    warn!(producer = %forgotten, limit = self.max_producers, "least recently used producer forgotten");
+                    producers_forgotten.push(forgotten);
+                }
+                producers_touched.push(tag.producer.clone());
+            }
             for (record, &tick) in records.iter().zip(&ticks) {
                 let name = record.stream.as_str();
                 if !self.streams.contains_key(name) {
@@ -574,10 +713,21 @@ impl Writer {
                 stream.last_tick = Some(tick);
                 self.clock = self.clock.max(tick);
             }
-            accepted.push(Accepted { ticks, reply });
+            accepted.push(Accepted { ticks, duplicate: false, reply });
         }
         if accepted.is_empty() {
             return;
+        }
+        let mut producer_writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        producers_touched.sort();
+        producers_touched.dedup();
+        for id in &producers_touched {
+            if let Some(state) = self.producers.encode(id) {
+                producer_writes.push((producer_key(id), Some(state)));
+            }
+        }
+        for id in &producers_forgotten {
+            producer_writes.push((producer_key(id), None));
         }
         let mut touched: Vec<(StreamId, Arc<str>)> = Vec::with_capacity(open.len());
         let mut chunks = sealed;
@@ -588,18 +738,15 @@ impl Writer {
 
         // The catalog goes first: sled recovers a prefix of the writes, so a chunk is never
         // recovered without its stream. One chunk is a single insert, atomic by itself and
-        // cheaper than a batch (which logs a manifest); several need a batch to be atomic.
+        // cheaper than a batch (which logs a manifest); several, or producer state that must be
+        // stored with its records, need a batch to be atomic.
         let write_catalog =
             || if added.is_empty() { Ok(()) } else { self.catalog.apply_batch(catalog_batch) };
         let write_records = || match <[_; 1]>::try_from(chunks) {
-            Ok([(k, v)]) => self.records.insert(k, v).map(|_| ()),
-            Err(chunks) => {
-                let mut batch = sled::Batch::default();
-                for (k, v) in chunks {
-                    batch.insert(k.as_ref(), v);
-                }
-                self.records.apply_batch(batch)
-            }
+            Ok([(k, v)]) if producer_writes.is_empty() => self.records.insert(k, v).map(|_| ()),
+            Ok(one) => self.records.apply_batch(records_batch(one.into(), producer_writes)),
+            Err(chunks) if chunks.is_empty() => Ok(()),
+            Err(chunks) => self.records.apply_batch(records_batch(chunks, producer_writes)),
         };
         let written = write_catalog().and_then(|()| write_records()).and_then(|()| match self.fsync {
             FsyncPolicy::Always => self.db.flush().map(|_| ()),
@@ -641,7 +788,25 @@ impl Writer {
             let _ = self.commits.send(commit);
         }
         for a in accepted {
-            let _ = a.reply.send(Ok(a.ticks));
+            let _ = a.reply.send(Ok(Appended { ticks: a.ticks, duplicate: a.duplicate }));
         }
     }
+}
+
+/// One atomic sled batch of chunks and producer state (`None` deletes a producer's state).
+fn records_batch(
+    chunks: Vec<([u8; 12], Vec<u8>)>,
+    producers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    for (k, v) in chunks {
+        batch.insert(k.as_ref(), v);
+    }
+    for (k, v) in producers {
+        match v {
+            Some(v) => batch.insert(k, v),
+            None => batch.remove(k),
+        }
+    }
+    batch
 }

@@ -170,7 +170,7 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
     // A data dir in use by another broker: refused before anything listens.
     let data = dir.path().join("data");
     let out = run(&["serve", "--listen", "127.0.0.1:0", "--data", data.to_str().unwrap()], b"");
-    assert_one_clear_line(&out, &["storage error"]);
+    assert_one_clear_line(&out, &["cannot open the data dir", "another process holds its lock"]);
     assert_eq!(text(&out.stdout), "", "nothing claims to listen");
 
     let out = run(&["serve", "--fsync", "sometimes", "--volatile"], b"");

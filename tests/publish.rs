@@ -32,6 +32,7 @@ async fn publish_stream_pipelines_batches_and_acks_each_in_order() {
         .map(|i| pb::PublishRequest {
             records: (0..10).map(|j| record("piped", format!("{}", i * 10 + j))).collect(),
             batch_id: i + 1,
+            ..Default::default()
         })
         .collect();
     let acks: Vec<pb::PublishAck> = client
@@ -56,9 +57,13 @@ async fn publish_stream_pipelines_batches_and_acks_each_in_order() {
 async fn a_refused_batch_in_a_publish_stream_is_answered_and_the_stream_goes_on() {
     let (_dir, _server, mut client) = started().await;
     let requests = vec![
-        pb::PublishRequest { records: vec![record("ok", "1")], batch_id: 1 },
-        pb::PublishRequest { records: vec![record("ok", "x"), record("bad//name", "2")], batch_id: 2 },
-        pb::PublishRequest { records: vec![record("ok", "3")], batch_id: 3 },
+        pb::PublishRequest { records: vec![record("ok", "1")], batch_id: 1, ..Default::default() },
+        pb::PublishRequest {
+            records: vec![record("ok", "x"), record("bad//name", "2")],
+            batch_id: 2,
+            ..Default::default()
+        },
+        pb::PublishRequest { records: vec![record("ok", "3")], batch_id: 3, ..Default::default() },
     ];
     let acks: Vec<pb::PublishAck> = client
         .publish_stream(tokio_stream::iter(requests))
@@ -82,7 +87,8 @@ async fn a_refused_batch_in_a_publish_stream_is_answered_and_the_stream_goes_on(
 async fn refused(server: &TestServer, records: Vec<pb::Record>, code: Code, words: &[&str]) {
     let mut client = server.client().await;
     let before = client.list_streams(pb::ListStreamsRequest::default()).await.unwrap().into_inner();
-    let status = client.publish(pb::PublishRequest { records, batch_id: 0 }).await.unwrap_err();
+    let status =
+        client.publish(pb::PublishRequest { records, batch_id: 0, ..Default::default() }).await.unwrap_err();
     assert_eq!(status.code(), code, "{}", status.message());
     for word in words {
         assert!(status.message().contains(word), "{:?} lacks {word:?}", status.message());

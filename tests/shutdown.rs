@@ -26,7 +26,10 @@ async fn publisher(url: String, n: usize, started: watch::Sender<usize>) -> (Ack
     let mut acked = Vec::new();
     for batch in 0u64.. {
         let records: Vec<pb::Record> = (0..10).map(|i| record(&stream, format!("{n}:{batch}:{i}"))).collect();
-        match client.publish(pb::PublishRequest { records: records.clone(), batch_id: batch }).await {
+        match client
+            .publish(pb::PublishRequest { records: records.clone(), batch_id: batch, ..Default::default() })
+            .await
+        {
             Ok(ack) => {
                 for (r, tick) in records.into_iter().zip(ack.into_inner().ticks) {
                     acked.push((r.stream, tick, String::from_utf8(r.payload.to_vec()).unwrap()));

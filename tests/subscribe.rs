@@ -311,7 +311,11 @@ async fn a_subscriber_that_falls_far_behind_still_gets_everything_and_publishers
         }
         let payload = format!("{i}-{padding}");
         expected.push(payload.clone());
-        let ack = publisher.publish(pb::PublishRequest { records: vec![record("s", payload)], batch_id: i });
+        let ack = publisher.publish(pb::PublishRequest {
+            records: vec![record("s", payload)],
+            batch_id: i,
+            ..Default::default()
+        });
         assert_eq!(ack.await.unwrap().into_inner().ticks.len(), 1);
     }
     let events = slow.take_records(expected.len()).await;

@@ -119,8 +119,11 @@ pub async fn publish(client: &mut TapelineClient<Channel>, stream: &str, payload
 
 /// Publishes one batch; returns the ticks.
 pub async fn publish_records(client: &mut TapelineClient<Channel>, records: Vec<pb::Record>) -> Vec<u64> {
-    let ack =
-        client.publish(pb::PublishRequest { records, batch_id: 0 }).await.expect("publish").into_inner();
+    let ack = client
+        .publish(pb::PublishRequest { records, batch_id: 0, ..Default::default() })
+        .await
+        .expect("publish")
+        .into_inner();
     ack.ticks
 }
 

@@ -1,0 +1,302 @@
+//! Idempotent publishing: what the broker remembers of each producer, so that a retried batch
+//! whose ack was lost is acknowledged again with the same ticks instead of being appended twice.
+//!
+//! A producer tags each batch with its id and a sequence number that increases from batch to
+//! batch (gaps are allowed: a refused batch leaves one). Per producer the broker remembers the
+//! last [`WINDOW`] batches it appended: sequence, a digest of the content, and the ticks. The
+//! writer stores a producer's state in the same atomic sled batch as the records it describes
+//! (see `storage.rs`), so after a crash a batch and its memory are both stored or both absent.
+//!
+//! Value layout (little-endian): `last_used u64 | n u16 | n × (sequence u64 | digest u32 |
+//! n_runs u32 | n_runs × (first_tick u64 | count u32)) | crc u32`. Ticks are kept as runs of
+//! consecutive ticks: a batch of broker-assigned ticks is one run, whatever its size.
+
+use crate::error::{Error, Result};
+use crate::record::{NewRecord, Tick};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+/// Batches remembered per producer: twice the window of batches a `PublishStream` keeps in
+/// flight, so that a client retrying everything it had in flight is answered for all of it.
+pub const WINDOW: usize = 128;
+
+/// Longest producer id, in bytes.
+pub const MAX_ID_BYTES: usize = 128;
+
+/// The idempotence tag of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchTag {
+    /// Chosen by the producer; stable across its retries and reconnections.
+    pub producer: Arc<str>,
+    /// Increases from batch to batch; never 0.
+    pub sequence: u64,
+    /// Digest of the batch's content, to tell a retry from a reused sequence number.
+    pub digest: u32,
+}
+
+impl BatchTag {
+    /// Checks the producer id and sequence, and digests the batch.
+    pub fn new(producer: &str, sequence: u64, records: &[NewRecord]) -> Result<BatchTag> {
+        if producer.is_empty() || producer.len() > MAX_ID_BYTES || producer.chars().any(char::is_control) {
+            return Err(Error::InvalidArgument(format!(
+                "producer id {:?} is invalid: it must be 1 to {MAX_ID_BYTES} bytes without control characters",
+                truncated(producer)
+            )));
+        }
+        if sequence == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "producer {producer:?} sent sequence 0: sequences of an idempotent producer start at 1"
+            )));
+        }
+        let mut hasher = crc32fast::Hasher::new();
+        for r in records {
+            hasher.update(r.stream.as_str().as_bytes());
+            hasher.update(&[0]);
+            hasher.update(&r.tick.map_or(0, |t| t.0).to_le_bytes());
+            hasher.update(&r.origin_time.unwrap_or(0).to_le_bytes());
+            hasher.update(&r.crc32.to_le_bytes());
+            for (k, v) in &r.headers {
+                hasher.update(k.as_bytes());
+                hasher.update(&[0]);
+                hasher.update(v.as_bytes());
+                hasher.update(&[0]);
+            }
+        }
+        Ok(BatchTag { producer: Arc::from(producer), sequence, digest: hasher.finalize() })
+    }
+}
+
+fn truncated(s: &str) -> &str {
+    let mut end = s.len().min(MAX_ID_BYTES + 8);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// One remembered batch.
+#[derive(Debug, Clone, PartialEq)]
+struct Remembered {
+    sequence: u64,
+    digest: u32,
+    /// The batch's ticks as runs of consecutive ticks: (first, count).
+    runs: Vec<(u64, u32)>,
+}
+
+impl Remembered {
+    fn ticks(&self) -> Vec<Tick> {
+        self.runs.iter().flat_map(|&(first, count)| (first..first + u64::from(count)).map(Tick)).collect()
+    }
+}
+
+fn runs(ticks: &[Tick]) -> Vec<(u64, u32)> {
+    let mut runs: Vec<(u64, u32)> = Vec::new();
+    for t in ticks {
+        match runs.last_mut() {
+            Some((first, count)) if *first + u64::from(*count) == t.0 && *count < u32::MAX => *count += 1,
+            _ => runs.push((t.0, 1)),
+        }
+    }
+    runs
+}
+
+/// What the broker remembers of one producer.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Producer {
+    /// The most recent appended batches, oldest first.
+    batches: VecDeque<Remembered>,
+    /// The broker's clock when the producer last appended, to forget the least recent first.
+    last_used: Tick,
+}
+
+/// What a tagged batch is, given what the producer appended before.
+#[derive(Debug, PartialEq)]
+pub enum Seen {
+    /// Not appended before: append it.
+    New,
+    /// Appended before with these ticks: acknowledge again, append nothing.
+    Duplicate(Vec<Tick>),
+}
+
+/// Every producer the broker remembers. Owned by the writer thread.
+#[derive(Debug, Default)]
+pub struct Producers {
+    map: HashMap<Arc<str>, Producer>,
+}
+
+impl Producers {
+    /// Decides whether a tagged batch is new or a retry of an appended one.
+    pub fn check(&self, tag: &BatchTag) -> Result<Seen> {
+        let Some(producer) = self.map.get(&tag.producer) else { return Ok(Seen::New) };
+        let Some(last) = producer.batches.back() else { return Ok(Seen::New) };
+        if tag.sequence > last.sequence {
+            return Ok(Seen::New);
+        }
+        match producer.batches.iter().find(|b| b.sequence == tag.sequence) {
+            Some(b) if b.digest == tag.digest => Ok(Seen::Duplicate(b.ticks())),
+            Some(_) => {
+                Err(Error::SequenceReused { producer: tag.producer.to_string(), sequence: tag.sequence })
+            }
+            None => Err(Error::SequenceNotAfter {
+                producer: tag.producer.to_string(),
+                sequence: tag.sequence,
+                last: last.sequence,
+                window: WINDOW,
+            }),
+        }
+    }
+
+    /// Remembers an appended batch. When more than `max` producers are remembered, forgets the
+    /// least recently used one and returns its id (its stored state must be removed).
+    pub fn remember(&mut self, tag: &BatchTag, ticks: &[Tick], now: Tick, max: usize) -> Option<Arc<str>> {
+        let producer = self.map.entry(tag.producer.clone()).or_default();
+        producer.last_used = now;
+        producer.batches.push_back(Remembered {
+            sequence: tag.sequence,
+            digest: tag.digest,
+            runs: runs(ticks),
+        });
+        while producer.batches.len() > WINDOW {
+            producer.batches.pop_front();
+        }
+        if self.map.len() <= max {
+            return None;
+        }
+        let oldest = self.map.iter().min_by_key(|(_, p)| p.last_used).map(|(id, _)| id.clone())?;
+        self.map.remove(&oldest);
+        Some(oldest)
+    }
+
+    /// Producers remembered.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether no producer is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Restores a producer read back from storage.
+    pub fn restore(&mut self, id: Arc<str>, producer: Producer) {
+        self.map.insert(id, producer);
+    }
+
+    /// The stored form of a producer's state.
+    pub fn encode(&self, id: &str) -> Option<Vec<u8>> {
+        let p = self.map.get(id)?;
+        let mut v = Vec::with_capacity(16 + p.batches.len() * 32);
+        v.extend_from_slice(&p.last_used.0.to_le_bytes());
+        v.extend_from_slice(&(p.batches.len() as u16).to_le_bytes());
+        for b in &p.batches {
+            v.extend_from_slice(&b.sequence.to_le_bytes());
+            v.extend_from_slice(&b.digest.to_le_bytes());
+            v.extend_from_slice(&(b.runs.len() as u32).to_le_bytes());
+            for (first, count) in &b.runs {
+                v.extend_from_slice(&first.to_le_bytes());
+                v.extend_from_slice(&count.to_le_bytes());
+            }
+        }
+        let crc = crc32fast::hash(&v);
+        v.extend_from_slice(&crc.to_le_bytes());
+        Some(v)
+    }
+}
+
+/// Reads a producer's stored state back; the error says what is wrong with it.
+pub fn decode(value: &[u8]) -> std::result::Result<Producer, String> {
+    let Some((body, crc)) = value.split_last_chunk::<4>() else {
+        return Err(format!("state of {} bytes is too short", value.len()));
+    };
+    if crc32fast::hash(body) != u32::from_le_bytes(*crc) {
+        return Err("state fails its CRC".into());
+    }
+    let mut r = Reader(body);
+    let last_used = Tick(r.u64()?);
+    let n = r.u16()?;
+    let mut batches = VecDeque::with_capacity(usize::from(n));
+    for _ in 0..n {
+        let sequence = r.u64()?;
+        let digest = r.u32()?;
+        let n_runs = r.u32()?;
+        let mut runs = Vec::new();
+        for _ in 0..n_runs {
+            runs.push((r.u64()?, r.u32()?));
+        }
+        batches.push_back(Remembered { sequence, digest, runs });
+    }
+    if !r.0.is_empty() {
+        return Err(format!("{} stray bytes after the state", r.0.len()));
+    }
+    Ok(Producer { batches, last_used })
+}
+
+/// Reads little-endian integers, failing instead of reading past the end.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> std::result::Result<[u8; N], String> {
+        let Some((head, rest)) = self.0.split_first_chunk::<N>() else {
+            return Err("state ends early".into());
+        };
+        self.0 = rest;
+        Ok(*head)
+    }
+    fn u64(&mut self) -> std::result::Result<u64, String> {
+        self.take().map(u64::from_le_bytes)
+    }
+    fn u32(&mut self) -> std::result::Result<u32, String> {
+        self.take().map(u32::from_le_bytes)
+    }
+    fn u16(&mut self) -> std::result::Result<u16, String> {
+        self.take().map(u16::from_le_bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag(sequence: u64, digest: u32) -> BatchTag {
+        BatchTag { producer: Arc::from("p"), sequence, digest }
+    }
+
+    #[test]
+    fn retries_are_recognised_and_reuse_refused() {
+        let mut p = Producers::default();
+        assert_eq!(p.check(&tag(1, 7)).unwrap(), Seen::New);
+        p.remember(&tag(1, 7), &[Tick(10), Tick(11), Tick(20)], Tick(1), 10);
+        assert_eq!(p.check(&tag(1, 7)).unwrap(), Seen::Duplicate(vec![Tick(10), Tick(11), Tick(20)]));
+        assert!(matches!(p.check(&tag(1, 8)), Err(Error::SequenceReused { sequence: 1, .. })));
+        assert_eq!(p.check(&tag(5, 1)).unwrap(), Seen::New, "gaps are allowed");
+        p.remember(&tag(5, 1), &[Tick(30)], Tick(2), 10);
+        assert!(matches!(p.check(&tag(3, 1)), Err(Error::SequenceNotAfter { last: 5, .. })));
+    }
+
+    #[test]
+    fn only_the_window_is_remembered_and_state_round_trips() {
+        let mut p = Producers::default();
+        for s in 1..=(WINDOW as u64 + 10) {
+            p.remember(&tag(s, s as u32), &[Tick(s * 100), Tick(s * 100 + 1)], Tick(s), 10);
+        }
+        assert!(matches!(p.check(&tag(10, 10)), Err(Error::SequenceNotAfter { .. })));
+        assert_eq!(p.check(&tag(11, 11)).unwrap(), Seen::Duplicate(vec![Tick(1100), Tick(1101)]));
+        let stored = p.encode("p").unwrap();
+        assert_eq!(decode(&stored).unwrap(), p.map["p"]);
+        for i in 0..stored.len() {
+            let mut bad = stored.clone();
+            bad[i] ^= 1;
+            assert!(decode(&bad).is_err(), "flip at {i}");
+        }
+    }
+
+    #[test]
+    fn least_recently_used_producer_is_forgotten_beyond_the_limit() {
+        let mut p = Producers::default();
+        let named = |id: &str| BatchTag { producer: Arc::from(id), sequence: 1, digest: 0 };
+        assert_eq!(p.remember(&named("a"), &[Tick(1)], Tick(1), 2), None);
+        assert_eq!(p.remember(&named("b"), &[Tick(2)], Tick(2), 2), None);
+        assert_eq!(p.remember(&named("c"), &[Tick(3)], Tick(3), 2).as_deref(), Some("a"));
+        assert_eq!(p.len(), 2);
+    }
+}
