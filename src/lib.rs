@@ -9,9 +9,11 @@
 //! - [`names`]: the stream naming rule and subscription patterns.
 //! - [`chunk`]: the codec packing many records of one stream into one stored value, with CRCs.
 //! - [`producers`]: what is remembered of idempotent producers, to acknowledge retries again.
+//! - [`guard`]: detects a log that sled rolled back while opening a damaged data dir.
 //! - [`storage`]: the sled log: keys, catalog, group commit, recovery, reads.
 //! - [`space`]: the disk budget that refuses a write before it could fill the disk.
 //! - [`subscription`]: replay, then live, for one subscriber.
+//! - [`integrity`]: offline `verify` and `recover` of a data dir.
 //! - [`broker`]: the domain: publish, subscribe, catalog, and every rule a request must follow.
 //! - [`grpc`]: translation between protobuf and the domain; the generated client and server.
 //! - [`server`]: wires it all together and owns shutdown.
@@ -24,6 +26,8 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod guard;
+pub mod integrity;
 pub mod names;
 pub mod producers;
 pub mod record;

@@ -18,7 +18,7 @@ pub struct StreamName(Arc<str>);
 impl StreamName {
     /// Checks `name` against the naming rule.
     pub fn parse(name: &str) -> Result<StreamName> {
-        let invalid = |rule| Err(Error::InvalidName { name: name.to_string(), rule });
+        let invalid = |rule| Err(Error::InvalidName { name: quoted(name), rule });
         if name.is_empty() || name.len() > MAX_NAME_BYTES {
             return invalid("a name is 1 to 255 bytes long");
         }
@@ -73,7 +73,7 @@ pub struct Pattern {
 impl Pattern {
     /// Checks `pattern` against the pattern rule.
     pub fn parse(pattern: &str) -> Result<Pattern> {
-        let invalid = |rule| Err(Error::InvalidPattern { pattern: pattern.to_string(), rule });
+        let invalid = |rule| Err(Error::InvalidPattern { pattern: quoted(pattern), rule });
         if pattern.is_empty() || pattern.len() > MAX_NAME_BYTES {
             return invalid("a pattern is 1 to 255 bytes long");
         }
@@ -127,6 +127,21 @@ impl Pattern {
     pub fn as_str(&self) -> &str {
         &self.text
     }
+}
+
+/// A value as quoted in an error: whole up to 80 bytes, else its start and its length. An error
+/// travels back in a gRPC trailer, which clients cap (16 KiB by default): quoting a huge name
+/// whole would turn a clear refusal into a protocol error.
+fn quoted(value: &str) -> String {
+    const SHOWN: usize = 80;
+    if value.len() <= SHOWN {
+        return value.to_string();
+    }
+    let mut end = SHOWN;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &value[..end], value.len())
 }
 
 #[cfg(test)]

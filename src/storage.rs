@@ -28,6 +28,7 @@
 use crate::chunk::{self, ChunkEncoder};
 use crate::config::{Config, DataDir, FsyncPolicy};
 use crate::error::{Error, Result};
+use crate::guard::{self, Mark};
 use crate::producers::{self, BatchTag, Producers, Seen};
 use crate::record::{NewRecord, Stored, StreamId, StreamInfo, Tick};
 use crate::space::Space;
@@ -55,7 +56,7 @@ pub const MAX_TICK_AHEAD: Tick = Tick(60_000_000_000);
 const COMMIT_BROADCAST: usize = 4096;
 
 /// Key prefix of producer state in the records tree; stream ids stay below it.
-const PRODUCER_PREFIX: [u8; 4] = u32::MAX.to_be_bytes();
+pub(crate) const PRODUCER_PREFIX: [u8; 4] = u32::MAX.to_be_bytes();
 
 /// An appended batch, as acknowledged to its publisher.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,14 +139,16 @@ pub struct Log {
     _temp_dir: Option<tempfile::TempDir>,
 }
 
-fn key(id: StreamId, tick: Tick) -> [u8; 12] {
+/// The records-tree key of a stream's chunk starting at `tick`.
+pub(crate) fn key(id: StreamId, tick: Tick) -> [u8; 12] {
     let mut k = [0u8; 12];
     k[..4].copy_from_slice(&id.0.to_be_bytes());
     k[4..].copy_from_slice(&tick.0.to_be_bytes());
     k
 }
 
-fn key_tick(k: &[u8]) -> Tick {
+/// The first tick of the chunk stored under a records-tree key.
+pub(crate) fn key_tick(k: &[u8]) -> Tick {
     Tick(u64::from_be_bytes(k[4..12].try_into().unwrap_or_default()))
 }
 
@@ -178,6 +181,11 @@ impl Log {
             FsyncPolicy::Interval(d) => Some(d.as_millis().max(1) as u64),
             FsyncPolicy::Always | FsyncPolicy::Never => None,
         };
+        // Read before sled opens: sled may roll its log back while opening (see guard.rs).
+        let mark = if temp_dir.is_none() { guard::read_mark(&path)? } else { None };
+        if mark.is_some() {
+            guard::preserve_blobs(&path)?;
+        }
         let db = sled::Config::new()
             .path(&path)
             .cache_capacity(config.cache_bytes)
@@ -199,7 +207,15 @@ impl Log {
 
         let streams = recover(&records, &catalog)?;
         let producers = recover_producers(&records)?;
-        let watermark = streams.values().filter_map(|s| s.last_tick).max().unwrap_or_default();
+        let last = streams.values().filter_map(|s| s.last_tick).max();
+        if let Some(mark) = mark {
+            if last.is_none_or(|last| last < mark) {
+                error!(path = %path.display(), recovered = ?last, acknowledged = %mark, "the storage engine rolled its log back");
+                return Err(guard::rolled_back(&path, last, mark));
+            }
+            guard::release_blobs(&path);
+        }
+        let watermark = last.unwrap_or_default();
         let next_id = streams.values().map(|s| s.id.0 + 1).max().unwrap_or(0);
         info!(path = %path.display(), streams = streams.len(), producers = producers.len(), tail_tick = %watermark, "log opened");
 
@@ -219,6 +235,7 @@ impl Log {
             next_id,
             producers,
             max_producers: config.limits.max_producers,
+            mark: temp_dir.is_none().then(|| Mark::new(path.clone(), last.unwrap_or_default())),
             space: Space::new(db.clone(), path.clone(), config.max_disk_bytes, config.min_free_disk_bytes),
             failed: None,
             shared: shared.clone(),
@@ -342,25 +359,41 @@ impl Log {
         while let Some(entry) = iter.next() {
             let (k, v) = match entry {
                 Ok(entry) => entry,
+                Err(sled::Error::Corruption { .. }) if !records.is_empty() => {
+                    // Deliver what was read; the next read starts at the damage and reports it.
+                    return Ok(ReadBatch { records, chunks, complete: false });
+                }
                 Err(sled::Error::Corruption { .. }) => {
-                    let from = records.last().map_or(first_wanted, |r: &Stored| Tick(r.tick.0 + 1));
-                    return Err(self.damaged_page(stream, from, upto));
+                    return Err(self.damaged_page(stream, first_wanted, upto))
                 }
                 Err(err) => return Err(err.into()),
             };
             // Shares sled's buffer: payloads handed out are slices of it, never copies.
             let value = Bytes::from_owner(v);
             let index = chunks.len() as u32;
-            chunk::decode_into(&value, index, first_wanted, upto, &mut records).map_err(|err| {
-                let from = key_tick(&k);
+            let before = records.len();
+            if let Err(err) = chunk::decode_into(&value, index, first_wanted, upto, &mut records) {
+                if !records.is_empty() {
+                    // Deliver the intact records first (those before the damage included); the
+                    // next read starts at the damage and reports it.
+                    chunks.push(value);
+                    return Ok(ReadBatch { records, chunks, complete: false });
+                }
+                debug_assert_eq!(before, 0);
+                let from = key_tick(&k).max(first_wanted);
                 let to = iter
                     .next()
                     .and_then(|next| next.ok())
                     .map(|(next, _)| Tick(key_tick(&next).0.saturating_sub(1)))
                     .unwrap_or(stream.last_tick.unwrap_or(from));
                 error!(stream = %stream.name, from = %from, to = %to, detail = %err.detail, "corrupt chunk");
-                Error::DataLoss { stream: stream.name.to_string(), from, to, detail: err.detail }
-            })?;
+                return Err(Error::DataLoss {
+                    stream: stream.name.to_string(),
+                    from,
+                    to,
+                    detail: err.detail,
+                });
+            }
             chunks.push(value);
             if records.last().is_some_and(|r| r.tick >= upto) {
                 return Ok(ReadBatch { records, chunks, complete: true });
@@ -376,22 +409,9 @@ impl Log {
     /// range up to the first key that reads again (found by bisection), so that a subscriber can
     /// resume after it and the rest of the stream stays readable.
     fn damaged_page(&self, stream: &StreamInfo, from: Tick, upto: Tick) -> Error {
-        let end = key(stream.id, Tick::MAX);
-        let readable = |t: u64| self.records.range(key(stream.id, Tick(t)).as_ref()..=end.as_ref()).next();
-        // The smallest tick from which a read succeeds again: reads fail from `from` and
-        // succeed past the damaged page.
-        let (mut bad, mut good) = (from.0, upto.0.max(from.0).saturating_add(1));
-        while good - bad > 1 {
-            let mid = bad + (good - bad) / 2;
-            match readable(mid) {
-                Some(Err(_)) => bad = mid,
-                _ => good = mid,
-            }
-        }
-        let to = match readable(good) {
-            Some(Ok((k, _))) => Tick(key_tick(&k).0.saturating_sub(1)).min(upto),
-            _ => upto,
-        };
+        let last = stream.last_tick.unwrap_or(upto).max(upto);
+        let to = readable_after(&self.records, stream.id, from, last)
+            .map_or(last, |t| Tick(t.0.saturating_sub(1)));
         error!(stream = %stream.name, from = %from, to = %to, "storage engine reports a corrupt page");
         Error::DataLoss {
             stream: stream.name.to_string(),
@@ -440,18 +460,48 @@ fn held_bytes(records: &[NewRecord]) -> usize {
         .sum()
 }
 
-/// Rebuilds every stream's counters from the catalog and each stream's first and last chunk.
-fn recover(records: &sled::Tree, catalog: &sled::Tree) -> Result<HashMap<Arc<str>, StreamInfo>> {
-    let mut streams = HashMap::new();
+/// Every catalog entry: stream name, id and creation tick. A malformed entry is skipped with an
+/// error in the log.
+pub(crate) fn read_catalog(catalog: &sled::Tree) -> Result<Vec<(Arc<str>, StreamId, Tick)>> {
+    let mut entries = Vec::new();
     for entry in catalog.iter() {
         let (name, value) = entry?;
         let name: Arc<str> = Arc::from(String::from_utf8_lossy(&name).as_ref());
         if value.len() != 12 {
-            warn!(stream = %name, "catalog entry has a bad length; stream skipped");
+            error!(stream = %name, "catalog entry has a bad length; stream skipped");
             continue;
         }
         let id = StreamId(u32::from_le_bytes(value[..4].try_into().unwrap_or_default()));
         let created_tick = Tick(u64::from_le_bytes(value[4..].try_into().unwrap_or_default()));
+        entries.push((name, id, created_tick));
+    }
+    Ok(entries)
+}
+
+/// Where sled's pages of a stream read again after a page it reports corrupt, whose keys start
+/// at or after `from`: the first readable key's tick at or before `upto`, if any. Reads fail
+/// for every start inside the damaged page and succeed past it, so bisection finds the edge.
+pub(crate) fn readable_after(records: &sled::Tree, id: StreamId, from: Tick, upto: Tick) -> Option<Tick> {
+    let end = key(id, upto);
+    let readable = |t: u64| records.range(key(id, Tick(t)).as_ref()..=end.as_ref()).next();
+    let (mut bad, mut good) = (from.0, upto.0.max(from.0).saturating_add(1));
+    while good - bad > 1 {
+        let mid = bad + (good - bad) / 2;
+        match readable(mid) {
+            Some(Err(_)) => bad = mid,
+            _ => good = mid,
+        }
+    }
+    match readable(good) {
+        Some(Ok((k, _))) => Some(key_tick(&k)),
+        _ => None,
+    }
+}
+
+/// Rebuilds every stream's counters from the catalog and each stream's first and last chunk.
+fn recover(records: &sled::Tree, catalog: &sled::Tree) -> Result<HashMap<Arc<str>, StreamInfo>> {
+    let mut streams = HashMap::new();
+    for (name, id, created_tick) in read_catalog(catalog)? {
         let mut info = StreamInfo {
             name: name.clone(),
             id,
@@ -521,6 +571,8 @@ struct Writer {
     max_producers: usize,
     /// Refuses batches before they could fill the disk.
     space: Space,
+    /// The acknowledged-tick mark beside sled (none for a volatile store).
+    mark: Option<Mark>,
     /// Set when a write or flush failed: every later append is refused with this cause.
     failed: Option<String>,
     shared: Arc<RwLock<Shared>>,
@@ -570,8 +622,17 @@ impl Writer {
                 Some(Command::Append { .. }) | None => {}
             }
         }
-        if let Err(err) = self.db.flush() {
-            error!(cause = %err, "final flush failed");
+        match self.db.flush() {
+            Ok(_) => {
+                if let Some(mark) = &mut self.mark {
+                    // Everything is durable now, whatever the fsync policy.
+                    mark.acknowledged(
+                        self.streams.values().filter_map(|s| s.last_tick).max().unwrap_or_default(),
+                    );
+                    mark.flush();
+                }
+            }
+            Err(err) => error!(cause = %err, "final flush failed"),
         }
         info!("writer stopped");
         if let Some(reply) = stop {
@@ -786,6 +847,13 @@ impl Writer {
             };
             // No receiver is fine: nobody subscribes.
             let _ = self.commits.send(commit);
+        }
+        // Under fsync=always the commit is durable now; otherwise the mark may run ahead of a
+        // crash's loss by the flush interval, which a restart would wrongly call a rollback.
+        // The clock also moves without records (`advance`): the mark takes record ticks only.
+        let newest = accepted.iter().filter(|a| !a.duplicate).filter_map(|a| a.ticks.iter().max()).max();
+        if let (Some(mark), FsyncPolicy::Always, Some(&newest)) = (&mut self.mark, self.fsync, newest) {
+            mark.acknowledged(newest);
         }
         for a in accepted {
             let _ = a.reply.send(Ok(Appended { ticks: a.ticks, duplicate: a.duplicate }));

@@ -163,6 +163,8 @@ pub fn spawn(
             Ok(()) | Err(Stop::Gone) => {}
             Err(Stop::Failed(err)) => {
                 debug!(cause = %err, "subscription failed");
+                // What was read before the failure is intact: deliver it first.
+                let _ = tokio::time::timeout(Duration::from_secs(2), pump.flush()).await;
                 // Tell the client why, but never wait long for one that does not read.
                 let _ = tokio::time::timeout(Duration::from_secs(2), pump.out.send(Err(err))).await;
             }
