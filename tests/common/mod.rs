@@ -273,6 +273,51 @@ pub fn now() -> pb::subscribe_request::Start {
     pb::subscribe_request::Start::Now(pb::Now {})
 }
 
+/// How a faulty proxy misbehaves; durations are picked uniformly in each range.
+#[derive(Debug, Clone, Copy)]
+pub struct Faults {
+    /// How long a connection lives before it is cut.
+    pub lifetime: (Duration, Duration),
+    /// Chance that a chunk is delayed, and by how much.
+    pub delay_chance: f64,
+    pub delay: (Duration, Duration),
+    /// Chance that a chunk stalls the connection, and for how long.
+    pub stall_chance: f64,
+    pub stall: (Duration, Duration),
+}
+
+impl Faults {
+    fn pick(&self, (low, high): (Duration, Duration)) -> Duration {
+        use rand::Rng;
+        rand::rng().random_range(low..=high)
+    }
+
+    /// Copies `from` to `to`, chunk by chunk, delaying and stalling at random.
+    async fn pipe(&self, mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf) {
+        use rand::Rng;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let (delayed, stalled) = {
+                let mut rng = rand::rng();
+                (rng.random_bool(self.delay_chance), rng.random_bool(self.stall_chance))
+            };
+            if stalled {
+                tokio::time::sleep(self.pick(self.stall)).await;
+            } else if delayed {
+                tokio::time::sleep(self.pick(self.delay)).await;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// A TCP proxy in front of a broker whose connections a test can cut at once.
 pub struct Proxy {
     pub addr: SocketAddr,
@@ -292,6 +337,34 @@ impl Proxy {
                 let handle = tokio::spawn(async move {
                     if let Ok(mut outbound) = TcpStream::connect(target).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                tracked.lock().unwrap().push(handle);
+            }
+        });
+        Proxy { addr, connections, accept }
+    }
+
+    /// Starts forwarding 127.0.0.1:<new port> to `target` through a network that misbehaves at
+    /// random: every connection is cut after a random lifetime, and each chunk it carries may be
+    /// delayed a little or stalled for a long while first.
+    pub async fn faulty(target: SocketAddr, faults: Faults) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let tracked = connections.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let handle = tokio::spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(target).await else { return };
+                    let lifetime = faults.pick(faults.lifetime);
+                    let (client_read, client_write) = inbound.into_split();
+                    let (server_read, server_write) = outbound.into_split();
+                    // Returning drops both sockets: the connection is cut in both directions.
+                    tokio::select! {
+                        _ = tokio::time::sleep(lifetime) => {}
+                        _ = faults.pipe(client_read, server_write) => {}
+                        _ = faults.pipe(server_read, client_write) => {}
                     }
                 });
                 tracked.lock().unwrap().push(handle);
