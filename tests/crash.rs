@@ -236,15 +236,15 @@ fn cycles(n: usize) {
         let mut c = client(&serve.url).await;
         let request = pb::SubscribeRequest { resume, end: Some(tail), ..request(&["crash/**"], beginning()) };
         let mut sub = Sub::open(&mut c, request).await;
+        let rest = records(&sub.until_end().await);
         let mut w = lock(&world);
-        for (stream, tick, payload) in records(&sub.until_end().await) {
+        for (stream, tick, payload) in rest {
             w.received.entry(stream).or_default().push((tick, payload));
         }
         let received: usize = w.received.values().map(Vec::len).sum();
         assert_eq!(received, total, "resuming gave exactly the rest");
         total
     });
-    drop(world.lock());
     let w = lock(&world);
     eprintln!(
         "crash suite: {n} SIGKILL cycles ({} during shutdown) in {:?}; {} batches acknowledged ({} retried after a kill, {} of them already stored), {total} records, all present exactly once",
