@@ -41,11 +41,9 @@ impl Space {
             return;
         }
         self.read_at = Some(Instant::now());
-        if self.max_disk_bytes.is_some() {
-            match self.db.size_on_disk() {
-                Ok(used) => self.used = used,
-                Err(err) => tracing::warn!(cause = %err, "cannot read the data dir's size"),
-            }
+        match self.db.size_on_disk() {
+            Ok(used) => self.used = used,
+            Err(err) => tracing::warn!(cause = %err, "cannot read the data dir's size"),
         }
         match fs4::available_space(&self.dir) {
             Ok(free) => self.free = free,
