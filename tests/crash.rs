@@ -40,6 +40,8 @@ struct World {
     retried: u64,
     duplicates: u64,
     during_shutdown: u64,
+    /// Each retry after a restart, for a failure's report.
+    retries: Vec<String>,
 }
 
 #[derive(Default, Clone)]
@@ -159,19 +161,31 @@ async fn check(world: &Shared, url: &str) -> usize {
         .collect();
     for (n, batch) in in_flight {
         lock(world).retried += 1;
+        let sequence = batch.sequence;
+        let duplicates = lock(world).duplicates;
         send(world, &mut client, n, batch).await.expect("a retry after restart is answered");
+        let stored = lock(world).duplicates > duplicates;
+        lock(world)
+            .retries
+            .push(format!("p{n}:{sequence} {}", if stored { "was stored" } else { "appended now" }));
     }
     let log = stored(url).await;
     let w = lock(world);
     if log != w.acked {
         let missing: Vec<_> = w.acked.keys().filter(|k| !log.contains_key(*k)).take(5).collect();
-        let extra: Vec<_> = log.keys().filter(|k| !w.acked.contains_key(*k)).take(5).collect();
+        let extra: Vec<_> = log
+            .iter()
+            .filter(|(k, _)| !w.acked.contains_key(*k))
+            .map(|((s, t), p)| (s, t, &p[..p.len().min(24)]))
+            .take(30)
+            .collect();
         let changed: Vec<_> =
             log.iter().filter(|(k, v)| w.acked.get(*k).is_some_and(|a| a != *v)).take(5).collect();
         panic!(
-            "log ({}) != acknowledged ({}): missing {missing:?}, not acknowledged {extra:?}, changed {changed:?}",
+            "log ({}) != acknowledged ({}): missing {missing:?}, not acknowledged {extra:?}, changed {changed:?}; last retries {:?}",
             log.len(),
-            w.acked.len()
+            w.acked.len(),
+            &w.retries[w.retries.len().saturating_sub(10)..]
         );
     }
     // Every batch is whole: its records are the batch's records (checked by payload names).
@@ -190,6 +204,8 @@ fn cycles(n: usize) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
+    // Kept for a post-mortem when the suite fails.
+    let keep = KeepOnPanic(data.clone());
     let world: Shared = Arc::new(Mutex::new(World {
         publishers: vec![Publisher::default(); PUBLISHERS],
         ..World::default()
@@ -255,6 +271,20 @@ fn cycles(n: usize) {
         w.duplicates
     );
     drop(serve);
+    drop(keep);
+}
+
+/// Copies the data dir aside (named in the output) if the test is panicking.
+struct KeepOnPanic(std::path::PathBuf);
+
+impl Drop for KeepOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let to = std::env::temp_dir().join(format!("tapeline-crash-{}", std::process::id()));
+            let _ = std::process::Command::new("cp").arg("-r").arg(&self.0).arg(&to).status();
+            eprintln!("data dir kept in {}", to.display());
+        }
+    }
 }
 
 type TapelineClient = tapeline::grpc::pb::tapeline_client::TapelineClient<tonic::transport::Channel>;
