@@ -159,15 +159,35 @@ async fn check(world: &Shared, url: &str) -> usize {
         .enumerate()
         .filter_map(|(n, p)| p.in_flight.clone().map(|b| (n, b)))
         .collect();
+    // Where each stored payload is, to tell what a retry must be answered.
+    let before: HashMap<String, (String, u64)> =
+        stored(url).await.into_iter().map(|((s, t), p)| (p, (s, t))).collect();
     for (n, batch) in in_flight {
         lock(world).retried += 1;
         let sequence = batch.sequence;
+        let present = batch
+            .records
+            .iter()
+            .filter(|r| before.contains_key(std::str::from_utf8(&r.payload).unwrap()))
+            .count();
+        assert!(
+            present == 0 || present == batch.records.len(),
+            "p{n}:{sequence}: {present} of {} records of an unacknowledged batch were recovered",
+            batch.records.len()
+        );
         let duplicates = lock(world).duplicates;
         send(world, &mut client, n, batch).await.expect("a retry after restart is answered");
-        let stored = lock(world).duplicates > duplicates;
+        let duplicate = lock(world).duplicates > duplicates;
+        assert_eq!(
+            duplicate,
+            present > 0,
+            "p{n}:{sequence}: the batch {} stored before its retry, and the retry was answered as {}",
+            if present > 0 { "was" } else { "was not" },
+            if duplicate { "a duplicate" } else { "new" }
+        );
         lock(world)
             .retries
-            .push(format!("p{n}:{sequence} {}", if stored { "was stored" } else { "appended now" }));
+            .push(format!("p{n}:{sequence} {}", if duplicate { "was stored" } else { "appended now" }));
     }
     let log = stored(url).await;
     let w = lock(world);
