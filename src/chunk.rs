@@ -253,8 +253,9 @@ fn walk(
     out: &mut Vec<Stored>,
 ) -> Result<(ChunkHeader, usize), ChunkError> {
     let head = header(value)?;
-    // The count is not trusted for the allocation beyond what the bytes could hold.
-    out.reserve((head.count as usize).min(value.len() / FIXED_LEN));
+    // The count is not trusted for the allocation: at most what the bytes could hold, and no
+    // more than a full chunk (a raw scan hands in a long window after a forged header).
+    out.reserve((head.count as usize).min(value.len() / FIXED_LEN).min(4096));
     let mut pos = head.encoded_len();
     for good in 0..head.count as usize {
         let fail = |detail: String| ChunkError { good, detail };

@@ -11,9 +11,11 @@
 //! - *preserved blobs*: before open, every blob file is hard-linked into [`PRESERVED`] (no copy),
 //!   so the blobs sled deletes survive for `tapeline recover`; after a clean open the links go.
 //!
-//! The mark can lag the log by up to `MARK_EVERY`: a rollback of only the last moments before a
-//! crash is indistinguishable from the crash itself and goes unreported, which is the same
-//! promise as fsync: what was acknowledged more than `MARK_EVERY` ago is checked.
+//! The mark lags the log: it is rewritten with a commit at least `MARK_EVERY` after the last
+//! rewrite (so after a burst it waits for the next commit or the close), and under the `interval`
+//! and `never` fsync policies only at a clean close. A rollback within that lag goes unreported:
+//! it looks like the crash itself. Small chunks live inline in sled's log file, whose tail sled
+//! overwrites while rolling back: those are gone, and the refusal names the ticks concerned.
 
 use crate::error::{Error, Result};
 use crate::record::Tick;
@@ -129,8 +131,9 @@ pub fn rolled_back(dir: &Path, recovered: Option<Tick>, mark: Tick) -> Error {
         path: dir.to_path_buf(),
         cause: format!(
             "the storage engine recovered its log only up to tick {}, but ticks up to {mark} were acknowledged: \
-             ticks {from}..={mark} are lost or damaged (sled rolls its log back at a damaged blob or a cut file). \
-             Nothing was served. The blobs sled dropped are kept in {PRESERVED}; \
+             ticks {from}..={mark} are lost or damaged (sled rolls its log back at a damaged blob or a cut file, \
+             and overwrites the tail of its log while doing so). Nothing was served. The blobs sled dropped are \
+             kept in {PRESERVED}; \
              `tapeline verify --data DIR` lists the damage and `tapeline recover --data DIR --into NEW_DIR` \
              copies every readable record into a new data dir to serve instead",
             recovered.map_or("0 (empty)".to_string(), |t| t.to_string())

@@ -64,6 +64,8 @@ fn open_sled(dir: &Path) -> Result<sled::Db> {
 /// Checks every record of the data dir in `dir`.
 pub fn verify(dir: &Path) -> Result<Report> {
     let mark = guard::read_mark(dir)?;
+    // Opening may make sled delete blobs it takes for torn writes: keep them for recover.
+    guard::preserve_blobs(dir)?;
     let db = open_sled(dir)?;
     let records = db.open_tree("records")?;
     let catalog = db.open_tree("catalog")?;

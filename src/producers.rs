@@ -105,7 +105,7 @@ fn runs(ticks: &[Tick]) -> Vec<(u64, u32)> {
 pub struct Producer {
     /// The most recent appended batches, oldest first.
     batches: VecDeque<Remembered>,
-    /// The broker's clock when the producer last appended, to forget the least recent first.
+    /// When the producer last appended (the broker's tick), to forget the least recent first.
     last_used: Tick,
 }
 
@@ -162,7 +162,13 @@ impl Producers {
         if self.map.len() <= max {
             return None;
         }
-        let oldest = self.map.iter().min_by_key(|(_, p)| p.last_used).map(|(id, _)| id.clone())?;
+        // Never the producer just remembered, whatever the clocks say.
+        let oldest = self
+            .map
+            .iter()
+            .filter(|(id, _)| **id != tag.producer)
+            .min_by_key(|(_, p)| p.last_used)
+            .map(|(id, _)| id.clone())?;
         self.map.remove(&oldest);
         Some(oldest)
     }

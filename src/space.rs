@@ -67,7 +67,7 @@ impl Space {
                 });
             }
         }
-        if self.free.saturating_sub(growth) < self.min_free_bytes {
+        if growth > self.free || self.free - growth < self.min_free_bytes {
             return Err(Error::DiskFull {
                 used: self.used,
                 free: self.free,

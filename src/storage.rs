@@ -205,10 +205,11 @@ impl Log {
             }
         };
 
-        let streams = recover(&records, &catalog)?;
+        let (streams, damaged_tail) = recover(&records, &catalog)?;
         let producers = recover_producers(&records)?;
         let last = streams.values().filter_map(|s| s.last_tick).max();
-        if let Some(mark) = mark {
+        // A corrupt last chunk hides its stream's true last tick: the check would be a guess.
+        if let Some(mark) = mark.filter(|_| !damaged_tail) {
             if last.is_none_or(|last| last < mark) {
                 error!(path = %path.display(), recovered = ?last, acknowledged = %mark, "the storage engine rolled its log back");
                 return Err(guard::rolled_back(&path, last, mark));
@@ -349,14 +350,17 @@ impl Log {
         // The chunk that holds `first_wanted` may start before it: begin at the last chunk that
         // starts at or before it.
         let start = match self.records.range(key(id, Tick(0))..=key(id, first_wanted)).next_back() {
-            Some(entry) => entry?.0,
+            Some(Ok(entry)) => entry.0,
+            Some(Err(sled::Error::Corruption { .. })) => {
+                return Err(self.damaged_page(stream, first_wanted, upto))
+            }
+            Some(Err(err)) => return Err(err.into()),
             None => key(id, first_wanted).as_ref().into(),
         };
         let end: sled::IVec = key(id, upto).as_ref().into();
         let mut records = Vec::new();
         let mut chunks = Vec::new();
-        let mut iter = self.records.range(start..=end);
-        while let Some(entry) = iter.next() {
+        for entry in self.records.range(start..=end) {
             let (k, v) = match entry {
                 Ok(entry) => entry,
                 Err(sled::Error::Corruption { .. }) if !records.is_empty() => {
@@ -371,7 +375,6 @@ impl Log {
             // Shares sled's buffer: payloads handed out are slices of it, never copies.
             let value = Bytes::from_owner(v);
             let index = chunks.len() as u32;
-            let before = records.len();
             if let Err(err) = chunk::decode_into(&value, index, first_wanted, upto, &mut records) {
                 if !records.is_empty() {
                     // Deliver the intact records first (those before the damage included); the
@@ -379,13 +382,13 @@ impl Log {
                     chunks.push(value);
                     return Ok(ReadBatch { records, chunks, complete: false });
                 }
-                debug_assert_eq!(before, 0);
                 let from = key_tick(&k).max(first_wanted);
-                let to = iter
-                    .next()
-                    .and_then(|next| next.ok())
-                    .map(|(next, _)| Tick(key_tick(&next).0.saturating_sub(1)))
-                    .unwrap_or(stream.last_tick.unwrap_or(from));
+                // Up to the stream's next chunk, wherever it lies (not bounded by this read).
+                let after = key(id, Tick(key_tick(&k).0.saturating_add(1)));
+                let to = match self.records.range(after..=key(id, Tick::MAX)).next() {
+                    Some(Ok((next, _))) => Tick(key_tick(&next).0.saturating_sub(1)),
+                    _ => stream.last_tick.unwrap_or(from).max(from),
+                };
                 error!(stream = %stream.name, from = %from, to = %to, detail = %err.detail, "corrupt chunk");
                 return Err(Error::DataLoss {
                     stream: stream.name.to_string(),
@@ -499,8 +502,10 @@ pub(crate) fn readable_after(records: &sled::Tree, id: StreamId, from: Tick, upt
 }
 
 /// Rebuilds every stream's counters from the catalog and each stream's first and last chunk.
-fn recover(records: &sled::Tree, catalog: &sled::Tree) -> Result<HashMap<Arc<str>, StreamInfo>> {
+/// Also says whether some stream's last chunk is damaged (its true last tick is then unknown).
+fn recover(records: &sled::Tree, catalog: &sled::Tree) -> Result<(HashMap<Arc<str>, StreamInfo>, bool)> {
     let mut streams = HashMap::new();
+    let mut damaged_tail = false;
     for (name, id, created_tick) in read_catalog(catalog)? {
         let mut info = StreamInfo {
             name: name.clone(),
@@ -524,6 +529,7 @@ fn recover(records: &sled::Tree, catalog: &sled::Tree) -> Result<HashMap<Arc<str
                 Err(err) => {
                     // Keep the broker available; the damaged range is reported when read.
                     error!(stream = %name, tick = %key_tick(&last_key), detail = %err.detail, "last chunk is corrupt");
+                    damaged_tail = true;
                     (chunk::header(&last_value).unwrap_or_default(), Vec::new())
                 }
             };
@@ -537,7 +543,7 @@ fn recover(records: &sled::Tree, catalog: &sled::Tree) -> Result<HashMap<Arc<str
         debug!(stream = %name, records = info.records, "stream recovered");
         streams.insert(name, info);
     }
-    Ok(streams)
+    Ok((streams, damaged_tail))
 }
 
 /// Reads back every idempotent producer's state. A damaged entry is dropped with an error in the
@@ -624,8 +630,9 @@ impl Writer {
         }
         match self.db.flush() {
             Ok(_) => {
-                if let Some(mark) = &mut self.mark {
-                    // Everything is durable now, whatever the fsync policy.
+                if let Some(mark) = self.mark.as_mut().filter(|_| self.failed.is_none()) {
+                    // Everything is durable now, whatever the fsync policy (unless a write
+                    // failed: the in-memory state may then be ahead of what is stored).
                     mark.acknowledged(
                         self.streams.values().filter_map(|s| s.last_tick).max().unwrap_or_default(),
                     );
@@ -779,17 +786,13 @@ impl Writer {
         if accepted.is_empty() {
             return;
         }
-        let mut producer_writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        // From the final state: a producer forgotten and then touched again in the same group
+        // is stored, one touched and then forgotten is removed.
+        producers_touched.extend(producers_forgotten);
         producers_touched.sort();
         producers_touched.dedup();
-        for id in &producers_touched {
-            if let Some(state) = self.producers.encode(id) {
-                producer_writes.push((producer_key(id), Some(state)));
-            }
-        }
-        for id in &producers_forgotten {
-            producer_writes.push((producer_key(id), None));
-        }
+        let producer_writes: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+            producers_touched.iter().map(|id| (producer_key(id), self.producers.encode(id))).collect();
         let mut touched: Vec<(StreamId, Arc<str>)> = Vec::with_capacity(open.len());
         let mut chunks = sealed;
         for (id, (name, first, encoder)) in open {

@@ -209,7 +209,8 @@ async fn a_damaged_page_is_data_loss_for_its_range_and_the_rest_stays_readable()
     server.stop().await;
     let (&victim, victim_payload) = s.iter().nth(s.len() / 2).unwrap();
     {
-        let db = sled::open(&data).unwrap();
+        // No background flusher: its thread would hold the lock after `db` is dropped.
+        let db = sled::Config::new().path(&data).flush_every_ms(None).open().unwrap();
         let records = db.open_tree("records").unwrap();
         let needle = victim_payload.as_bytes();
         let (key, value) = records
