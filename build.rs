@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("tapeline_descriptor.bin"))
         .bytes(".tapeline.v1.Record.payload")
+        // Prost's codec plus a count of a publish's records before it is decoded (src/codec.rs).
+        .codec_path("crate::codec::Codec")
         .compile_protos(&["proto/tapeline/v1/tapeline.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

@@ -36,6 +36,11 @@ pub enum Error {
     #[error("batch of {value} {what} is over the limit of {limit} {what} ({setting})")]
     BatchTooLarge { what: &'static str, value: usize, limit: usize, setting: &'static str },
 
+    /// A batch would take too much memory once decoded (found before decoding it): many records or
+    /// header entries that are tiny on the wire.
+    #[error("batch of {records} records with {entries} header entries would take about {decoded} bytes of memory once decoded, over the limit of {limit} bytes (max_message_bytes, from max_batch_bytes and max_batch_records): send fewer records or fewer headers per batch")]
+    BatchTooHeavy { records: usize, entries: usize, decoded: usize, limit: usize },
+
     /// An explicit tick is not after the stream's last tick.
     #[error("explicit tick {tick} for stream {stream:?} is not after the stream's last tick {last}: explicit ticks must increase")]
     TickNotAfter { stream: String, tick: Tick, last: Tick },

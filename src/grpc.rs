@@ -3,6 +3,8 @@
 //! other programs) use as the wire API.
 
 use crate::broker::{Batch, Broker, Incoming, SubscribeRequest};
+use crate::codec;
+use crate::config::Limits;
 use crate::error::Error;
 use crate::record::{Record, StreamInfo};
 use crate::storage::Appended;
@@ -37,6 +39,7 @@ pub fn status(err: &Error) -> Status {
         Error::RecordTooLarge { .. }
         | Error::HeadersTooLarge { .. }
         | Error::BatchTooLarge { .. }
+        | Error::BatchTooHeavy { .. }
         | Error::DiskFull { .. } => Code::ResourceExhausted,
         Error::TickNotAfter { .. }
         | Error::TickAhead { .. }
@@ -57,12 +60,10 @@ pub fn status(err: &Error) -> Status {
 }
 
 /// The `tapeline.v1.Tapeline` service, ready to be added to a tonic server.
-pub fn service(
-    broker: Arc<Broker>,
-    max_message_bytes: usize,
-) -> pb::tapeline_server::TapelineServer<Service> {
+pub fn service(broker: Arc<Broker>, limits: &Limits) -> pb::tapeline_server::TapelineServer<Service> {
+    codec::admit(limits);
     pb::tapeline_server::TapelineServer::new(Service { broker })
-        .max_decoding_message_size(max_message_bytes)
+        .max_decoding_message_size(limits.max_message_bytes())
         .max_encoding_message_size(usize::MAX)
 }
 

@@ -16,6 +16,7 @@
 //! - [`integrity`]: offline `verify` and `recover` of a data dir.
 //! - [`broker`]: the domain: publish, subscribe, catalog, and every rule a request must follow.
 //! - [`grpc`]: translation between protobuf and the domain; the generated client and server.
+//! - [`codec`]: the gRPC codec, which screens a publish's record count before decoding it.
 //! - [`server`]: wires it all together and owns shutdown.
 //! - [`config`]: settings and defaults; [`error`]: the one error enum.
 //! - [`cli`]: the `tapeline` command line, including the client commands.
@@ -23,6 +24,7 @@
 pub mod broker;
 pub mod chunk;
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod error;
 pub mod grpc;

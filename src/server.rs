@@ -77,7 +77,7 @@ async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(grpc::service(broker.clone(), config.limits.max_message_bytes()))
+        .add_service(grpc::service(broker.clone(), &config.limits))
         .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
     info!(%addr, "serving");
 
