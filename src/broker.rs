@@ -6,17 +6,21 @@ use crate::error::{Error, Result};
 use crate::names::{Pattern, StreamName};
 use crate::producers::BatchTag;
 use crate::record::{NewRecord, StreamInfo, Tick};
-use crate::storage::{Appended, Log};
+use crate::relay::{Link, Mirror, UpstreamStatus};
+use crate::storage::{Appended, Log, Source};
 use crate::subscription::{self, Event, Spec, Start};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
+
+/// The shortest heartbeat interval a client may ask for.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 
 /// How long `close` waits for subscription tasks.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -61,6 +65,8 @@ pub struct SubscribeRequest {
     pub start: Start,
     pub resume: HashMap<String, u64>,
     pub end: Option<u64>,
+    /// The client's heartbeat interval, instead of the server's.
+    pub heartbeat: Option<Duration>,
 }
 
 /// Who this server is, for `Hello`.
@@ -82,6 +88,10 @@ pub struct Broker {
     shutdown: CancellationToken,
     /// Every subscription task, so shutdown can wait for them.
     tasks: TaskTracker,
+    /// Relay mode: each upstream with its parsed patterns.
+    mirrors: Vec<(Mirror, Vec<Pattern>)>,
+    /// The state of each upstream link (same order as `mirrors`); subscriptions watch it.
+    links: watch::Sender<Vec<Link>>,
 }
 
 impl Broker {
@@ -89,12 +99,20 @@ impl Broker {
     pub fn open(config: &Config, shutdown: CancellationToken) -> Result<Broker> {
         config.validate()?;
         let log = Log::open(config)?;
+        let mut mirrors = Vec::with_capacity(config.mirrors.len());
+        for mirror in &config.mirrors {
+            let patterns = mirror.patterns.iter().map(|p| Pattern::parse(p)).collect::<Result<Vec<_>>>()?;
+            mirrors.push((mirror.clone(), patterns));
+        }
+        let links = config.mirrors.iter().map(|m| Link::new(&m.upstream)).collect();
         Ok(Broker {
             log: Arc::new(log),
             limits: config.limits,
             heartbeat: config.heartbeat,
             shutdown,
             tasks: TaskTracker::new(),
+            mirrors,
+            links: watch::Sender::new(links),
         })
     }
 
@@ -102,6 +120,16 @@ impl Broker {
     /// the assigned ticks once the batch is durable under the fsync policy.
     pub async fn submit(&self, batch: Batch) -> Result<impl Future<Output = Result<Appended>>> {
         let records = self.check(batch.records)?;
+        // A mirrored stream has one writer, the relay: a record published here would be missing
+        // upstream and at every other relay, and could take a tick the upstream uses later.
+        for record in &records {
+            if let Some(index) = self.mirror_of(record.stream.as_str()) {
+                return Err(Error::Mirrored {
+                    stream: record.stream.as_str().to_string(),
+                    upstream: self.mirrors[index].0.upstream.clone(),
+                });
+            }
+        }
         let tag = match (batch.producer_id.is_empty(), batch.sequence) {
             (true, 0) => None,
             (false, sequence) => Some(BatchTag::new(&batch.producer_id, sequence, &records)?),
@@ -111,8 +139,52 @@ impl Broker {
                 )))
             }
         };
-        let answer = self.log.submit(records, tag).await?;
+        let answer = self.log.submit(records, Source::Publisher(tag)).await?;
         Ok(async move { answer.await.map_err(|_| Error::ShuttingDown)? })
+    }
+
+    /// Stores records received from an upstream, ticks unchanged (relay mode); returns once they
+    /// are durable.
+    pub async fn mirror(&self, records: Vec<Incoming>) -> Result<Appended> {
+        let records = self.check(records)?;
+        let answer = self.log.submit(records, Source::Upstream).await?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// The upstreams this broker mirrors.
+    pub fn mirrors(&self) -> Vec<Mirror> {
+        self.mirrors.iter().map(|(m, _)| m.clone()).collect()
+    }
+
+    /// The number of the mirror that copies `stream`, if one does.
+    pub fn mirror_of(&self, stream: &str) -> Option<usize> {
+        self.mirrors.iter().position(|(_, patterns)| patterns.iter().any(|p| p.matches(stream)))
+    }
+
+    /// Changes what is known of mirror `index`'s link; subscriptions see the change.
+    pub fn update_link(&self, index: usize, change: impl FnOnce(&mut Link)) {
+        self.links.send_modify(|links| {
+            if let Some(link) = links.get_mut(index) {
+                change(link);
+            }
+        });
+    }
+
+    /// The state of every upstream link now (empty on an origin).
+    pub fn upstreams(&self) -> Vec<UpstreamStatus> {
+        let now = Tick::now();
+        self.links.borrow().iter().map(|l| l.status(now)).collect()
+    }
+
+    /// The upstream `stream` is mirrored from and that link's state now.
+    pub fn upstream_of(&self, stream: &str) -> Option<UpstreamStatus> {
+        let index = self.mirror_of(stream)?;
+        self.links.borrow().get(index).map(|l| l.status(Tick::now()))
+    }
+
+    /// Every stream, as the log knows them.
+    pub fn all_streams(&self) -> Vec<StreamInfo> {
+        self.log.streams()
     }
 
     /// Appends a batch atomically; returns its ticks once durable.
@@ -239,7 +311,8 @@ impl Broker {
             start: request.start,
             resume,
             end: request.end.map(Tick),
-            heartbeat: self.heartbeat,
+            heartbeat: request.heartbeat.map_or(self.heartbeat, |h| h.max(MIN_HEARTBEAT)),
+            links: (!self.mirrors.is_empty()).then(|| self.links.subscribe()),
         };
         Ok(subscription::spawn(self.log.clone(), spec, self.shutdown.clone(), &self.tasks))
     }

@@ -1,9 +1,11 @@
 //! The `tapeline` command line: clap definitions, `serve`, and the client commands.
 
+use crate::client::{self, connect, Delivery, PublishOptions, Publisher, SubscribeOptions, Subscriber};
 use crate::config::{Config, DataDir, FsyncPolicy, Limits};
 use crate::error::{Error, Result};
 use crate::grpc::pb;
 use crate::record::Tick;
+use crate::relay::{Mirror, MirrorFrom};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
@@ -11,11 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
 
-/// Largest message the client commands accept from a server (a batch can carry a 4 MiB record).
-const CLIENT_MAX_MESSAGE: usize = 256 << 20;
 /// `publish` sends a batch when it holds this many lines or bytes, or when stdin has no more now.
 const PUBLISH_BATCH_LINES: usize = 1000;
 const PUBLISH_BATCH_BYTES: usize = 1 << 20;
@@ -98,6 +96,16 @@ pub struct ServeArgs {
     /// Free disk space kept in reserve; publishing is refused when a batch would eat into it.
     #[arg(long, default_value_t = Config::default().min_free_disk_bytes)]
     pub min_free_disk_bytes: u64,
+    /// Relay mode: the tapeline to copy streams from (an origin or another relay).
+    #[arg(long, requires = "mirror")]
+    pub upstream: Option<String>,
+    /// A stream name or pattern to copy from the upstream (repeat for several); read-only here.
+    #[arg(long, requires = "upstream")]
+    pub mirror: Vec<String>,
+    /// Where mirroring starts the first time: beginning, now or -DURATION (e.g. -10m). Afterwards
+    /// the relay resumes from what it stored.
+    #[arg(long, default_value = "beginning", allow_hyphen_values = true, requires = "upstream")]
+    pub mirror_from: String,
 }
 
 /// The server a client command talks to.
@@ -123,8 +131,10 @@ pub struct TailArgs {
     /// Stream names or patterns (`*` one segment, trailing `**` any number).
     #[arg(required = true)]
     pub patterns: Vec<String>,
-    #[command(flatten)]
-    pub server: ServerArg,
+    /// Server URL; repeat to give servers of the same origin (the origin, its relays) to fail
+    /// over between: positions are valid at each.
+    #[arg(long = "server", default_value = "http://127.0.0.1:7411")]
+    pub servers: Vec<String>,
     /// Start: beginning, now, a tick, -DURATION (e.g. -5m) or an RFC 3339 time. Default: beginning.
     #[arg(long, allow_hyphen_values = true, conflicts_with = "after")]
     pub from: Option<String>,
@@ -202,6 +212,14 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         heartbeat: args.heartbeat,
         max_disk_bytes: args.max_disk_bytes,
         min_free_disk_bytes: args.min_free_disk_bytes,
+        mirrors: match args.upstream {
+            Some(upstream) => vec![Mirror {
+                upstream,
+                patterns: args.mirror,
+                from: args.mirror_from.parse::<MirrorFrom>()?,
+            }],
+            None => Vec::new(),
+        },
         ..Config::default()
     };
     config.validate()?;
@@ -244,141 +262,86 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// The error chain of a transport failure as one line.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
-/// Connects to a server and returns a client that accepts large batches.
-pub async fn connect(server: &str) -> Result<pb::tapeline_client::TapelineClient<Channel>> {
-    let refused = |detail: String| Error::Remote {
-        action: "connect",
-        detail: format!("cannot reach {server}: {detail}"),
-    };
-    let endpoint = Endpoint::from_shared(server.to_string()).map_err(|e| refused(chain(&e)))?;
-    let channel = endpoint
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| refused(chain(&e)))?;
-    Ok(pb::tapeline_client::TapelineClient::new(channel)
-        .max_decoding_message_size(CLIENT_MAX_MESSAGE)
-        .max_encoding_message_size(CLIENT_MAX_MESSAGE))
-}
-
 fn remote(action: &'static str, status: tonic::Status) -> Error {
-    Error::Remote { action, detail: format!("{:?}: {}", status.code(), status.message()) }
+    client::remote(action, &status)
 }
 
 async fn publish(args: PublishArgs) -> Result<ExitCode> {
     crate::names::StreamName::parse(&args.stream)?;
-    let mut client = connect(&args.server.server).await?;
-    let (requests, outgoing) = mpsc::channel::<pb::PublishRequest>(64);
-    let stream = args.stream.clone();
-    // Reads stdin and sends batches: whatever lines are already there, up to the batch limits,
-    // so an interactive line goes out at once and a pipe goes out in large batches.
-    let reader = tokio::spawn(async move {
-        let (lines_tx, mut lines) = mpsc::channel::<Vec<u8>>(PUBLISH_BATCH_LINES);
-        let read = tokio::spawn(async move {
-            let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
-            loop {
-                let mut line = Vec::new();
-                match stdin.read_until(b'\n', &mut line).await {
-                    Ok(0) => return Ok(()),
-                    Ok(_) => {
-                        if line.last() == Some(&b'\n') {
+    // Fail at once, with one clear line, when the server cannot be reached at all.
+    connect(&args.server.server).await?;
+    let mut publisher = Publisher::start(PublishOptions::new(args.server.server.clone()));
+    let (lines_tx, mut lines) = mpsc::channel::<Vec<u8>>(PUBLISH_BATCH_LINES);
+    let read = tokio::spawn(async move {
+        let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+        loop {
+            let mut line = Vec::new();
+            match stdin.read_until(b'\n', &mut line).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => {
+                    if line.last() == Some(&b'\n') {
+                        line.pop();
+                        if line.last() == Some(&b'\r') {
                             line.pop();
-                            if line.last() == Some(&b'\r') {
-                                line.pop();
-                            }
-                        }
-                        if lines_tx.send(line).await.is_err() {
-                            return Ok(());
                         }
                     }
-                    Err(source) => {
-                        return Err(Error::Io { context: "reading standard input".into(), source })
+                    if lines_tx.send(line).await.is_err() {
+                        return Ok(());
                     }
                 }
+                Err(source) => return Err(Error::Io { context: "reading standard input".into(), source }),
             }
-        });
-        let mut sent: u64 = 0;
-        let mut batch_id = 0;
-        while let Some(first) = lines.recv().await {
-            let mut bytes = first.len();
-            let mut batch = vec![first];
-            while batch.len() < PUBLISH_BATCH_LINES && bytes < PUBLISH_BATCH_BYTES {
-                match lines.try_recv() {
-                    Ok(line) => {
-                        bytes += line.len();
-                        batch.push(line);
-                    }
-                    Err(_) => break,
-                }
-            }
-            sent += batch.len() as u64;
-            batch_id += 1;
-            let records = batch
-                .into_iter()
-                .map(|payload| pb::Record {
-                    stream: stream.clone(),
-                    payload: payload.into(),
-                    ..Default::default()
-                })
-                .collect();
-            if requests.send(pb::PublishRequest { records, batch_id, ..Default::default() }).await.is_err() {
-                break;
-            }
-        }
-        drop(requests);
-        match read.await {
-            Ok(result) => result.map(|()| sent),
-            Err(e) => Err(Error::Internal(format!("stdin reader failed: {e}"))),
         }
     });
-
-    let mut acks = client
-        .publish_stream(ReceiverStream::new(outgoing))
-        .await
-        .map_err(|s| remote("publish", s))?
-        .into_inner();
-    let (mut acked, mut first, mut last) = (0u64, None, None);
+    let (mut sent, mut acked, mut first, mut last) = (0u64, 0u64, None, None);
     let mut failure = None;
-    loop {
-        match acks.message().await {
-            Ok(Some(ack)) => {
-                if let Some(err) = ack.error {
-                    failure = Some(format!("batch {} refused: {}", ack.batch_id, err.message));
+    let mut input_open = true;
+    // Sends whatever lines are already there, up to the batch limits, so an interactive line goes
+    // out at once and a pipe goes out in large batches; meanwhile takes the acks as they come.
+    while input_open || acked < sent {
+        tokio::select! {
+            line = lines.recv(), if input_open => {
+                let Some(first_line) = line else {
+                    input_open = false;
+                    publisher.finish();
+                    continue;
+                };
+                let mut bytes = first_line.len();
+                let mut batch = vec![first_line];
+                while batch.len() < PUBLISH_BATCH_LINES && bytes < PUBLISH_BATCH_BYTES {
+                    match lines.try_recv() {
+                        Ok(line) => {
+                            bytes += line.len();
+                            batch.push(line);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                sent += batch.len() as u64;
+                let records = batch
+                    .into_iter()
+                    .map(|payload| pb::Record { stream: args.stream.clone(), payload: payload.into(), ..Default::default() })
+                    .collect();
+                if let Err(err) = publisher.send(records).await {
+                    failure = Some(err.to_string());
                     break;
                 }
-                acked += ack.ticks.len() as u64;
-                first = first.or(ack.ticks.first().copied());
-                last = ack.ticks.last().copied().or(last);
             }
-            Ok(None) => break,
-            Err(status) => {
-                failure = Some(remote("publish", status).to_string());
-                break;
-            }
+            ack = publisher.ack() => match ack {
+                Some(Ok(ack)) => {
+                    acked += ack.ticks.len() as u64;
+                    first = first.or(ack.ticks.first().copied());
+                    last = ack.ticks.last().copied().or(last);
+                }
+                Some(Err(err)) => {
+                    failure = Some(err.to_string());
+                    break;
+                }
+                None => break,
+            },
         }
     }
-    let sent = if failure.is_some() {
-        reader.abort();
-        None
-    } else {
-        match reader.await {
-            Ok(result) => Some(result?),
-            Err(e) => return Err(Error::Internal(format!("publisher failed: {e}"))),
-        }
-    };
+    read.abort();
     let range = match (first, last) {
         (Some(a), Some(b)) => format!(", ticks {a}..{b}"),
         _ => String::new(),
@@ -389,8 +352,8 @@ async fn publish(args: PublishArgs) -> Result<ExitCode> {
         eprintln!("tapeline: {failure}");
         return Ok(ExitCode::FAILURE);
     }
-    if sent != Some(acked) {
-        eprintln!("tapeline: {} records were sent but only {acked} acknowledged", sent.unwrap_or(0));
+    if sent != acked {
+        eprintln!("tapeline: {sent} records were sent but only {acked} acknowledged");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
@@ -428,17 +391,18 @@ fn parse_from(value: &str) -> Result<pb::subscribe_request::Start> {
 }
 
 async fn tail(args: TailArgs) -> Result<ExitCode> {
+    use pb::subscribe_request::Start;
     let start = match (&args.from, args.after) {
         (Some(from), _) => parse_from(from)?,
-        (None, Some(after)) => pb::subscribe_request::Start::After(after),
-        (None, None) => pb::subscribe_request::Start::Beginning(pb::Beginning {}),
+        (None, Some(after)) => Start::After(after),
+        (None, None) => Start::Beginning(pb::Beginning {}),
     };
-    let mut client = connect(&args.server.server).await?;
     let end = match args.to.as_deref() {
         None => None,
         // "now" is the server's latest committed tick: exact, whatever the clocks say.
         Some("now") => Some(
-            client
+            connect(&args.servers[0])
+                .await?
                 .hello(pb::HelloRequest::default())
                 .await
                 .map_err(|s| remote("tail", s))?
@@ -451,31 +415,40 @@ async fn tail(args: TailArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     // `--after T --to now` when T is already the tail: there is nothing to print, not an error.
-    if let (Some("now"), Some(end), pb::subscribe_request::Start::After(after)) =
-        (args.to.as_deref(), end, &start)
-    {
+    if let (Some("now"), Some(end), Start::After(after)) = (args.to.as_deref(), end, &start) {
         if end <= *after {
             return Ok(ExitCode::SUCCESS);
         }
     }
-    let request =
-        pb::SubscribeRequest { streams: args.patterns, start: Some(start), resume: Default::default(), end };
-    let mut events = client.subscribe(request).await.map_err(|s| remote("tail", s))?.into_inner();
+    let options = SubscribeOptions {
+        endpoints: args.servers.clone(),
+        end,
+        ..SubscribeOptions::new(String::new(), args.patterns, start)
+    };
+    let mut subscriber = Subscriber::new(options)?;
     let raw = args.output == "raw";
     let mut printed = 0u64;
     let stdout = std::io::stdout();
     loop {
-        let event = match events.message().await {
-            Ok(Some(event)) => event,
-            Ok(None) => return Ok(ExitCode::SUCCESS),
-            Err(status) => {
-                eprintln!("tapeline: {}", remote("tail", status));
+        let records = match subscriber.next().await {
+            None => return Ok(ExitCode::SUCCESS),
+            Some(Err(err)) => {
+                eprintln!("tapeline: {err}");
                 return Ok(ExitCode::FAILURE);
             }
+            Some(Ok(Delivery::Records(records))) => records,
+            Some(Ok(Delivery::Disconnected { endpoint, cause, retry_in })) => {
+                eprintln!("tapeline: lost {endpoint} ({cause}); resuming in {retry_in:.1?}");
+                continue;
+            }
+            Some(Ok(Delivery::Upstream(u))) if !u.connected => {
+                eprintln!("tapeline: the server's upstream {} is down: {}", u.upstream, u.detail);
+                continue;
+            }
+            Some(Ok(_)) => continue,
         };
-        let Some(pb::subscribe_response::Event::Records(batch)) = event.event else { continue };
         let mut out = stdout.lock();
-        for record in batch.records {
+        for record in records {
             let written = if raw {
                 out.write_all(&record.payload).and_then(|()| out.write_all(b"\n"))
             } else {
@@ -528,15 +501,27 @@ async fn streams(args: ServerArg) -> Result<ExitCode> {
         .map_err(|s| remote("streams", s))?
         .into_inner();
     let width = list.streams.iter().map(|s| s.name.len()).max().unwrap_or(4).max(6);
-    println!(
+    // A relay also shows where each mirrored stream comes from and how fresh it is.
+    let relay = list.streams.iter().any(|s| !s.upstream.is_empty());
+    let mut header = format!(
         "{:<width$}  {:>10}  {:>12}  {:>20}  {:>20}",
         "STREAM", "RECORDS", "BYTES", "FIRST_TICK", "LAST_TICK"
     );
+    if relay {
+        header.push_str("  UPSTREAM  LAG");
+    }
+    println!("{header}");
     for s in list.streams {
-        println!(
+        let mut line = format!(
             "{:<width$}  {:>10}  {:>12}  {:>20}  {:>20}",
             s.name, s.records, s.bytes, s.first_tick, s.last_tick
         );
+        if let Some(status) = s.upstream_status.filter(|_| relay) {
+            let lag = Duration::from_millis(status.lag / 1_000_000);
+            let state = if status.connected { String::new() } else { format!(" (down: {})", status.detail) };
+            line.push_str(&format!("  {}  {}{state}", s.upstream, humantime::format_duration(lag)));
+        }
+        println!("{line}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -149,6 +149,8 @@ pub struct Config {
     pub max_disk_bytes: Option<u64>,
     /// Free disk space kept in reserve; publishing is refused when a batch would eat into it.
     pub min_free_disk_bytes: u64,
+    /// Relay mode: the upstreams whose streams this broker copies (read-only here).
+    pub mirrors: Vec<crate::relay::Mirror>,
 }
 
 impl Default for Config {
@@ -161,6 +163,7 @@ impl Default for Config {
             cache_bytes: 256 << 20,
             max_disk_bytes: None,
             min_free_disk_bytes: 64 << 20,
+            mirrors: Vec::new(),
         }
     }
 }
@@ -175,6 +178,9 @@ impl Config {
                 value: format!("{:?}", self.heartbeat),
                 expected: "a duration above 0 and at most 24 h",
             });
+        }
+        for mirror in &self.mirrors {
+            mirror.validate()?;
         }
         Ok(())
     }

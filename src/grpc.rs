@@ -7,11 +7,13 @@ use crate::codec;
 use crate::config::Limits;
 use crate::error::Error;
 use crate::record::{Record, StreamInfo};
+use crate::relay::UpstreamStatus;
 use crate::storage::Appended;
 use crate::subscription::{Event, Start};
 use futures::stream::{FuturesOrdered, Stream, StreamExt};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -44,7 +46,8 @@ pub fn status(err: &Error) -> Status {
         Error::TickNotAfter { .. }
         | Error::TickAhead { .. }
         | Error::UnsupportedProtocol { .. }
-        | Error::SequenceNotAfter { .. } => Code::FailedPrecondition,
+        | Error::SequenceNotAfter { .. }
+        | Error::Mirrored { .. } => Code::FailedPrecondition,
         Error::SequenceReused { .. } => Code::AlreadyExists,
         Error::UnknownStream(_) => Code::NotFound,
         Error::DataLoss { .. } => Code::DataLoss,
@@ -76,7 +79,8 @@ fn batch(req: pb::PublishRequest) -> Batch {
     Batch { records: incoming(req.records), producer_id: req.producer_id, sequence: req.sequence }
 }
 
-fn incoming(records: Vec<pb::Record>) -> Vec<Incoming> {
+/// Records of the wire as the broker takes them.
+pub fn incoming(records: Vec<pb::Record>) -> Vec<Incoming> {
     records
         .into_iter()
         .map(|r| Incoming {
@@ -101,7 +105,7 @@ fn record(r: Record) -> pb::Record {
     }
 }
 
-fn stream_info(s: StreamInfo) -> pb::StreamInfo {
+fn stream_info(s: StreamInfo, upstream: Option<UpstreamStatus>) -> pb::StreamInfo {
     pb::StreamInfo {
         name: s.name.to_string(),
         records: s.records,
@@ -109,6 +113,17 @@ fn stream_info(s: StreamInfo) -> pb::StreamInfo {
         first_tick: s.first_tick.map_or(0, |t| t.0),
         last_tick: s.last_tick.map_or(0, |t| t.0),
         created_tick: s.created_tick.0,
+        upstream: upstream.as_ref().map(|u| u.upstream.clone()).unwrap_or_default(),
+        upstream_status: upstream.map(upstream_status),
+    }
+}
+
+fn upstream_status(u: UpstreamStatus) -> pb::UpstreamStatus {
+    pb::UpstreamStatus {
+        upstream: u.upstream,
+        connected: u.connected,
+        lag: u64::try_from(u.lag.as_nanos()).unwrap_or(u64::MAX),
+        detail: u.detail,
     }
 }
 
@@ -119,10 +134,13 @@ fn event(e: Event) -> pb::SubscribeResponse {
             E::Records(pb::RecordBatch { records: records.into_iter().map(record).collect() })
         }
         Event::CaughtUp(tick) => E::CaughtUp(pb::CaughtUp { tick: tick.0 }),
-        Event::Heartbeat { tail, server_time } => {
-            E::Heartbeat(pb::Heartbeat { tail_tick: tail.0, server_time: server_time.0 })
-        }
-        Event::StreamAdded(info) => E::StreamAdded(pb::StreamAdded { stream: Some(stream_info(info)) }),
+        Event::Heartbeat { tail, server_time, upstreams } => E::Heartbeat(pb::Heartbeat {
+            tail_tick: tail.0,
+            server_time: server_time.0,
+            upstreams: upstreams.into_iter().map(upstream_status).collect(),
+        }),
+        Event::StreamAdded(info) => E::StreamAdded(pb::StreamAdded { stream: Some(stream_info(info, None)) }),
+        Event::Upstream(u) => E::UpstreamStatus(upstream_status(u)),
     };
     pb::SubscribeResponse { event: Some(event) }
 }
@@ -253,6 +271,7 @@ impl pb::tapeline_server::Tapeline for Service {
                 start,
                 resume: req.resume.into_iter().collect(),
                 end: req.end,
+                heartbeat: (req.heartbeat_ms > 0).then(|| Duration::from_millis(req.heartbeat_ms.into())),
             })
             .map_err(|e| status(&e))?;
         let stream = ReceiverStream::new(events).map(|e| e.map(event).map_err(|e| status(&e)));
@@ -266,7 +285,14 @@ impl pb::tapeline_server::Tapeline for Service {
         let req = request.into_inner();
         let pattern = (!req.pattern.is_empty()).then_some(req.pattern.as_str());
         let streams = self.broker.streams(pattern).map_err(|e| status(&e))?;
-        Ok(Response::new(pb::ListStreamsResponse { streams: streams.into_iter().map(stream_info).collect() }))
+        let streams = streams
+            .into_iter()
+            .map(|info| {
+                let upstream = self.broker.upstream_of(&info.name);
+                stream_info(info, upstream)
+            })
+            .collect();
+        Ok(Response::new(pb::ListStreamsResponse { streams }))
     }
 
     async fn describe_stream(
@@ -274,6 +300,7 @@ impl pb::tapeline_server::Tapeline for Service {
         request: Request<pb::DescribeStreamRequest>,
     ) -> Result<Response<pb::StreamInfo>, Status> {
         let info = self.broker.stream(&request.into_inner().stream).map_err(|e| status(&e))?;
-        Ok(Response::new(stream_info(info)))
+        let upstream = self.broker.upstream_of(&info.name);
+        Ok(Response::new(stream_info(info, upstream)))
     }
 }

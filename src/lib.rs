@@ -15,15 +15,18 @@
 //! - [`subscription`]: replay, then live, for one subscriber.
 //! - [`integrity`]: offline `verify` and `recover` of a data dir.
 //! - [`broker`]: the domain: publish, subscribe, catalog, and every rule a request must follow.
+//! - [`relay`]: relay mode: copies an upstream's streams, keeping their ticks, and tracks the link.
 //! - [`grpc`]: translation between protobuf and the domain; the generated client and server.
 //! - [`codec`]: the gRPC codec, which screens a publish's record count before decoding it.
 //! - [`server`]: wires it all together and owns shutdown.
 //! - [`config`]: settings and defaults; [`error`]: the one error enum.
+//! - [`client`]: the client library: a resuming, failing-over `Subscriber` and a retrying `Publisher`.
 //! - [`cli`]: the `tapeline` command line, including the client commands.
 
 pub mod broker;
 pub mod chunk;
 pub mod cli;
+pub mod client;
 pub mod codec;
 pub mod config;
 pub mod error;
@@ -33,6 +36,7 @@ pub mod integrity;
 pub mod names;
 pub mod producers;
 pub mod record;
+pub mod relay;
 pub mod server;
 pub mod space;
 pub mod storage;

@@ -2,8 +2,8 @@
 //!
 //! Shutdown has one path: the `shutdown` future resolves → the root token is cancelled → the
 //! server stops accepting, subscriptions end with `UNAVAILABLE` (resume later), publish streams
-//! finish the batches they already handed in → the broker waits for its tasks, commits what is
-//! queued and flushes the log last.
+//! finish the batches they already handed in, relay tasks stop copying → the broker waits for its
+//! tasks, commits what is queued and flushes the log last.
 
 use crate::broker::Broker;
 use crate::config::Config;
@@ -80,6 +80,10 @@ async fn serve(
         .add_service(grpc::service(broker.clone(), &config.limits))
         .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
     info!(%addr, "serving");
+    // Relay mode: one task per upstream, stopped by the same token as everything else.
+    let relays = tokio_util::task::TaskTracker::new();
+    crate::relay::spawn_all(&broker, &token, &relays);
+    relays.close();
 
     tokio::pin!(serve);
     let served = tokio::select! {
@@ -101,6 +105,7 @@ async fn serve(
         }
     };
     token.cancel();
+    relays.wait().await;
     let closed = broker.close().await;
     served.map_err(|e| Error::Internal(format!("gRPC server failed: {e}")))?;
     closed

@@ -107,10 +107,30 @@ struct Shared {
 /// Where the writer sends a batch's ticks, or why it was refused.
 type Reply = oneshot::Sender<Result<Appended>>;
 
+/// Who a batch comes from, which decides two rules.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A publisher; idempotent when tagged. Explicit ticks may be at most a minute ahead of this
+    /// broker's clock, so one publisher cannot drag the clock far ahead for everyone.
+    Publisher(Option<BatchTag>),
+    /// A relay's upstream: the ticks are the origin's, kept unchanged whatever this broker's
+    /// clock says (they still must increase per stream).
+    Upstream,
+}
+
+impl Source {
+    fn tag(&self) -> Option<&BatchTag> {
+        match self {
+            Source::Publisher(tag) => tag.as_ref(),
+            Source::Upstream => None,
+        }
+    }
+}
+
 enum Command {
     Append {
         records: Vec<NewRecord>,
-        tag: Option<BatchTag>,
+        source: Source,
         reply: Reply,
         _queued: OwnedSemaphorePermit,
     },
@@ -271,14 +291,14 @@ impl Log {
     pub async fn submit(
         &self,
         records: Vec<NewRecord>,
-        tag: Option<BatchTag>,
+        source: Source,
     ) -> Result<oneshot::Receiver<Result<Appended>>> {
         let bytes = held_bytes(&records);
         let kib = (bytes.div_ceil(1024) as u64).min(u64::from(WRITER_QUEUE_KIB)) as u32;
         let queued =
             self.queue_budget.clone().acquire_many_owned(kib).await.map_err(|_| Error::ShuttingDown)?;
         let (reply, answer) = oneshot::channel();
-        let command = Command::Append { records, tag, reply, _queued: queued };
+        let command = Command::Append { records, source, reply, _queued: queued };
         self.writer.send(command).await.map_err(|_| Error::ShuttingDown)?;
         Ok(answer)
     }
@@ -295,7 +315,8 @@ impl Log {
 
     /// Appends a batch atomically and returns the assigned ticks once it is committed.
     pub async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Tick>> {
-        let appended = self.submit(records, None).await?.await.map_err(|_| Error::ShuttingDown)??;
+        let appended =
+            self.submit(records, Source::Publisher(None)).await?.await.map_err(|_| Error::ShuttingDown)??;
         Ok(appended.ticks)
     }
 
@@ -604,9 +625,9 @@ impl Writer {
             let mut then = None;
             while let Some(command) = next.take() {
                 match command {
-                    Command::Append { records, tag, reply, _queued } => {
+                    Command::Append { records, source, reply, _queued } => {
                         bytes += held_bytes(&records);
-                        group.push((records, tag, reply));
+                        group.push((records, source, reply));
                     }
                     other => {
                         then = Some(other);
@@ -661,7 +682,8 @@ impl Writer {
     }
 
     /// Checks a batch and assigns its ticks without changing any state.
-    fn assign(&self, records: &[NewRecord], now: Tick) -> Result<Vec<Tick>> {
+    /// The tick of each record; `upstream` ticks are not held to this broker's clock.
+    fn assign(&self, records: &[NewRecord], now: Tick, upstream: bool) -> Result<Vec<Tick>> {
         let mut clock = self.clock;
         let mut last: HashMap<&str, Tick> = HashMap::new();
         let mut ticks = Vec::with_capacity(records.len());
@@ -685,7 +707,7 @@ impl Writer {
                         return Err(Error::TickNotAfter { stream: name.to_string(), tick, last });
                     }
                     let limit = Tick(now.0 + MAX_TICK_AHEAD.0);
-                    if tick > limit {
+                    if tick > limit && !upstream {
                         return Err(Error::TickAhead { stream: name.to_string(), tick, limit });
                     }
                     tick
@@ -699,7 +721,7 @@ impl Writer {
         Ok(ticks)
     }
 
-    fn commit(&mut self, group: Vec<(Vec<NewRecord>, Option<BatchTag>, Reply)>) {
+    fn commit(&mut self, group: Vec<(Vec<NewRecord>, Source, Reply)>) {
         if let Some(cause) = &self.failed {
             for (_, _, reply) in group {
                 let _ = reply.send(Err(Error::LogFailed { cause: cause.clone() }));
@@ -718,16 +740,17 @@ impl Writer {
         let mut producers_touched: Vec<Arc<str>> = Vec::new();
         let mut producers_forgotten: Vec<Arc<str>> = Vec::new();
 
-        for (records, tag, reply) in group {
+        for (records, source, reply) in group {
+            let tag = source.tag();
             // A retry is answered before any other rule: it was checked when first appended.
-            let seen = tag.as_ref().map(|tag| self.producers.check(tag)).transpose();
+            let seen = tag.map(|tag| self.producers.check(tag)).transpose();
             if let Ok(Some(Seen::Duplicate(ticks))) = seen {
-                debug!(producer = ?tag.as_ref().map(|t| &t.producer), "retried batch acknowledged again");
+                debug!(producer = ?tag.map(|t| &t.producer), "retried batch acknowledged again");
                 accepted.push(Accepted { ticks, duplicate: true, reply });
                 continue;
             }
             let ticks = seen
-                .and_then(|_| self.assign(&records, now))
+                .and_then(|_| self.assign(&records, now, matches!(source, Source::Upstream)))
                 .and_then(|ticks| self.space.admit(held_bytes(&records)).map(|()| ticks));
             let ticks = match ticks {
                 Ok(ticks) => ticks,
@@ -737,7 +760,7 @@ impl Writer {
                     continue;
                 }
             };
-            if let Some(tag) = &tag {
+            if let Some(tag) = tag {
                 if let Some(forgotten) = self.producers.remember(tag, &ticks, now, self.max_producers) {
                     warn!(producer = %forgotten, limit = self.max_producers, "least recently used producer forgotten");
                     producers_forgotten.push(forgotten);

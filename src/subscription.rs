@@ -22,13 +22,14 @@
 use crate::error::{Error, Result};
 use crate::names::Pattern;
 use crate::record::{Record, Stored, StreamId, StreamInfo, Tick};
+use crate::relay::{Link, UpstreamStatus};
 use crate::storage::{Commit, Log};
 use bytes::Bytes;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -69,6 +70,9 @@ pub struct Spec {
     pub end: Option<Tick>,
     /// Silence after which a heartbeat is sent.
     pub heartbeat: Duration,
+    /// On a relay, its upstream links: their state goes into heartbeats, and a link going down
+    /// or coming back is sent as an event.
+    pub links: Option<watch::Receiver<Vec<Link>>>,
 }
 
 /// What a subscriber receives.
@@ -78,10 +82,13 @@ pub enum Event {
     Records(Vec<Record>),
     /// Every record up to this tick was delivered; what follows is live.
     CaughtUp(Tick),
-    /// Nothing happened for the heartbeat interval.
-    Heartbeat { tail: Tick, server_time: Tick },
+    /// Nothing happened for the heartbeat interval; on a relay, with the state of its upstreams.
+    Heartbeat { tail: Tick, server_time: Tick, upstreams: Vec<UpstreamStatus> },
     /// A stream matching the subscription appeared.
     StreamAdded(StreamInfo),
+    /// On a relay: an upstream link's state at the start of the subscription, and whenever it
+    /// goes down or comes back.
+    Upstream(UpstreamStatus),
 }
 
 struct Cursor {
@@ -173,6 +180,20 @@ pub fn spawn(
     events
 }
 
+/// The state of each upstream link now, marking the links as seen.
+fn statuses(links: &mut watch::Receiver<Vec<Link>>) -> Vec<UpstreamStatus> {
+    let now = Tick::now();
+    links.borrow_and_update().iter().map(|l| l.status(now)).collect()
+}
+
+/// Resolves when the links change; never on an origin.
+async fn changed(links: &mut Option<watch::Receiver<Vec<Link>>>) -> Result<(), watch::error::RecvError> {
+    match links {
+        Some(links) => links.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// `now + wait`, or a year from now when that would overflow.
 fn later(wait: Duration) -> Instant {
     let now = Instant::now();
@@ -219,6 +240,15 @@ impl Pump {
 
     async fn run(&mut self, registered: Tick, mut commits: broadcast::Receiver<Commit>) -> Result<(), Stop> {
         let mut watermark = registered;
+        // On a relay: where the upstream links stand, before anything else.
+        let mut links = self.spec.links.take();
+        let mut connected: Vec<bool> = Vec::new();
+        if let Some(links) = &mut links {
+            for status in statuses(links) {
+                connected.push(status.connected);
+                self.send(Event::Upstream(status)).await?;
+            }
+        }
         // Replay: everything up to the tail as it was at registration.
         self.drain(self.bound(watermark)).await?;
         self.send(Event::CaughtUp(self.bound(watermark))).await?;
@@ -264,8 +294,25 @@ impl Pump {
                         self.log.advance().await?;
                     }
                 }
+                changed = changed(&mut links) => {
+                    if changed.is_err() {
+                        // The relay is shutting down: the shutdown branch follows.
+                        links = None;
+                        continue;
+                    }
+                    let Some(links) = &mut links else { continue };
+                    let now = statuses(links);
+                    connected.resize(now.len(), false);
+                    for (i, status) in now.into_iter().enumerate() {
+                        if status.connected != connected[i] {
+                            connected[i] = status.connected;
+                            self.send(Event::Upstream(status)).await?;
+                        }
+                    }
+                }
                 _ = tokio::time::sleep_until(self.heartbeat_at) => {
-                    self.send(Event::Heartbeat { tail: watermark, server_time: Tick::now() }).await?;
+                    let upstreams = links.as_mut().map(statuses).unwrap_or_default();
+                    self.send(Event::Heartbeat { tail: watermark, server_time: Tick::now(), upstreams }).await?;
                 }
             }
         }

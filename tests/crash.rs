@@ -97,7 +97,7 @@ async fn send(
 
 /// Publishes new batches until the broker stops answering.
 async fn publish_until_killed(world: Shared, url: String, n: usize) {
-    let Ok(mut client) = tapeline::cli::connect(&url).await else { return };
+    let Ok(mut client) = tapeline::client::connect(&url).await else { return };
     loop {
         let sequence = {
             let mut w = lock(&world);
@@ -112,7 +112,7 @@ async fn publish_until_killed(world: Shared, url: String, n: usize) {
 
 /// Follows `crash/**` from the subscriber's positions until the broker stops answering.
 async fn subscribe_until_killed(world: Shared, url: String) {
-    let Ok(mut client) = tapeline::cli::connect(&url).await else { return };
+    let Ok(mut client) = tapeline::client::connect(&url).await else { return };
     let resume = lock(&world).positions.clone();
     let request = pb::SubscribeRequest { resume, ..request(&["crash/**"], beginning()) };
     let Ok(response) = client.subscribe(request).await else { return };

@@ -52,7 +52,7 @@ fn note(acked: &Acked, request: &pb::PublishRequest, ack: &pb::PublishAck) {
 }
 
 async fn connect(url: &str) -> Option<TapelineClient<Channel>> {
-    tapeline::cli::connect(url).await.ok()
+    tapeline::client::connect(url).await.ok()
 }
 
 /// Sends every batch with `Publish`, retrying each until it is acknowledged.

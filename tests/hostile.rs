@@ -896,6 +896,7 @@ mod arbitrary {
                 start,
                 resume,
                 end,
+                ..Default::default()
             })
     }
 

@@ -103,7 +103,7 @@ pub async fn started() -> (tempfile::TempDir, TestServer, TapelineClient<Channel
 
 /// A client on its own connection to `url`.
 pub async fn client(url: &str) -> TapelineClient<Channel> {
-    tapeline::cli::connect(url).await.expect("connect to the test server")
+    tapeline::client::connect(url).await.expect("connect to the test server")
 }
 
 /// One record of `stream` with a payload.
@@ -130,10 +130,21 @@ pub async fn publish_records(client: &mut TapelineClient<Channel>, records: Vec<
 /// What a subscriber saw, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Seen {
-    Record { stream: String, tick: u64, payload: String },
+    Record {
+        stream: String,
+        tick: u64,
+        payload: String,
+    },
     CaughtUp(u64),
-    Heartbeat { tail_tick: u64 },
+    Heartbeat {
+        tail_tick: u64,
+    },
     StreamAdded(String),
+    /// A relay's upstream link: its URL and whether it is connected.
+    Upstream {
+        upstream: String,
+        connected: bool,
+    },
 }
 
 /// A subscription being read by a test.
@@ -233,6 +244,9 @@ fn seen(message: pb::SubscribeResponse) -> Vec<Seen> {
         Some(Event::CaughtUp(c)) => vec![Seen::CaughtUp(c.tick)],
         Some(Event::Heartbeat(h)) => vec![Seen::Heartbeat { tail_tick: h.tail_tick }],
         Some(Event::StreamAdded(a)) => vec![Seen::StreamAdded(a.stream.map(|s| s.name).unwrap_or_default())],
+        Some(Event::UpstreamStatus(u)) => {
+            vec![Seen::Upstream { upstream: u.upstream, connected: u.connected }]
+        }
         None => vec![],
     }
 }
@@ -260,6 +274,7 @@ pub fn request(streams: &[&str], start: pb::subscribe_request::Start) -> pb::Sub
         start: Some(start),
         resume: Default::default(),
         end: None,
+        ..Default::default()
     }
 }
 
@@ -406,8 +421,13 @@ pub struct Serve {
 impl Serve {
     /// Starts `tapeline serve --listen 127.0.0.1:0 --data DATA EXTRA...`.
     pub fn start(data: &Path, extra: &[&str]) -> Serve {
+        Serve::start_at(data, "127.0.0.1:0", extra)
+    }
+
+    /// Starts on `listen`: a restart where the clients expect the broker (`serve.addr()`).
+    pub fn start_at(data: &Path, listen: &str, extra: &[&str]) -> Serve {
         let data_arg = data.to_str().expect("a UTF-8 temp path");
-        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--data", data_arg];
+        let mut args = vec!["serve", "--listen", listen, "--data", data_arg];
         args.extend_from_slice(extra);
         Serve::spawn(&args, data.with_extension("serve.log"))
     }
@@ -433,6 +453,11 @@ impl Serve {
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
         Serve { child, url: format!("http://{addr}"), log_path }
+    }
+
+    /// The address it listens on, `host:port`.
+    pub fn addr(&self) -> &str {
+        self.url.trim_start_matches("http://")
     }
 
     /// What the broker logged so far.

@@ -1,0 +1,565 @@
+//! The client library: a [`Subscriber`] that never loses its place, and a [`Publisher`] that never
+//! appends a batch twice. The CLI's `tail` and `publish` and the relay are built on them.
+//!
+//! A subscriber keeps, per stream, the last tick it delivered, plus the highest tick up to which
+//! it has seen everything (from records, `CaughtUp` and heartbeats). After any failure it
+//! reconnects, to the next of its endpoints, with exponential backoff and jitter, and resumes with
+//! `resume` = those positions and `after` = that tick for streams it has not seen yet. Ticks are
+//! assigned by the origin and kept by every relay, so the positions are valid at any endpoint that
+//! serves the same origin: switching endpoints gives no gap and no duplicate.
+//!
+//! A publisher pipelines batches over one `PublishStream` with a bounded window. Every batch carries
+//! the producer id and a sequence number; after a failure it reconnects and sends the unacknowledged
+//! batches again, in order, and the broker acknowledges those it had already appended with the
+//! ticks it gave them the first time.
+
+use crate::error::{Error, Result};
+use crate::grpc::pb;
+use pb::subscribe_request::Start;
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status, Streaming};
+use tracing::{debug, warn};
+
+/// Largest message a client sends or accepts (a full batch of the server's default limits).
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+/// A client of one server.
+pub type Client = pb::tapeline_client::TapelineClient<Channel>;
+
+/// Connects to a server and returns a client that accepts large batches.
+pub async fn connect(server: &str) -> Result<Client> {
+    let refused = |detail: String| Error::Remote {
+        action: "connect",
+        detail: format!("cannot reach {server}: {detail}"),
+    };
+    let endpoint = Endpoint::from_shared(server.to_string()).map_err(|e| refused(chain(&e)))?;
+    let channel = endpoint
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| refused(chain(&e)))?;
+    Ok(Client::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
+}
+
+/// An error and its sources, on one line: transport errors hide the useful part in the chain.
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// A gRPC status as an error of `action`.
+pub fn remote(action: &'static str, status: &Status) -> Error {
+    Error::Remote { action, detail: format!("{:?}: {}", status.code(), status.message()) }
+}
+
+/// Whether a status may go away by itself (retry later or elsewhere) rather than name a mistake
+/// in the request that a retry would repeat.
+fn transient(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Internal
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Aborted
+            | Code::ResourceExhausted
+    )
+}
+
+/// Exponential backoff with jitter between reconnection attempts.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// The wait after the first failure.
+    pub initial: Duration,
+    /// The longest wait.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(5) }
+    }
+}
+
+impl Backoff {
+    /// The wait after `failures` consecutive failures (from 1): doubling from `initial` up to `max`,
+    /// then a random point in its upper half, so clients cut at once do not return at once.
+    pub fn delay(&self, failures: u32) -> Duration {
+        let doubled = self.initial.saturating_mul(1 << failures.saturating_sub(1).min(20));
+        let ceiling = doubled.min(self.max);
+        let half = ceiling / 2;
+        half + ceiling.saturating_sub(half).mul_f64(rand::random::<f64>())
+    }
+}
+
+/// What a [`Subscriber`] is asked for.
+#[derive(Debug, Clone)]
+pub struct SubscribeOptions {
+    /// Servers of the same origin (the origin and its relays), tried in turn.
+    pub endpoints: Vec<String>,
+    /// Stream names or patterns.
+    pub streams: Vec<String>,
+    /// Where streams start before anything was delivered.
+    pub start: Start,
+    /// Last tick to deliver (inclusive); `None` follows the live tail.
+    pub end: Option<u64>,
+    /// Heartbeat interval to ask the server for; silence of three intervals counts as a failure.
+    pub heartbeat: Duration,
+    pub backoff: Backoff,
+}
+
+impl SubscribeOptions {
+    /// A live subscription to `streams` on `endpoint` from `start`, with default timing.
+    pub fn new(endpoint: impl Into<String>, streams: Vec<String>, start: Start) -> Self {
+        SubscribeOptions {
+            endpoints: vec![endpoint.into()],
+            streams,
+            start,
+            end: None,
+            heartbeat: Duration::from_secs(2),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// What a [`Subscriber`] hands the application, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delivery {
+    /// Records in `(tick, stream)` order, each delivered once across reconnections.
+    Records(Vec<pb::Record>),
+    /// The replay reached the tail of the server it came from.
+    CaughtUp(u64),
+    Heartbeat(pb::Heartbeat),
+    StreamAdded(pb::StreamInfo),
+    /// A relay's upstream link changed.
+    Upstream(pb::UpstreamStatus),
+    /// Subscribed at `endpoint` (first time or after a failure).
+    Connected {
+        endpoint: String,
+    },
+    /// The subscription at `endpoint` failed; the next attempt is in `retry_in`.
+    Disconnected {
+        endpoint: String,
+        cause: String,
+        retry_in: Duration,
+    },
+}
+
+/// A subscription that survives failures: see the module documentation.
+pub struct Subscriber {
+    options: SubscribeOptions,
+    /// Last tick delivered per stream.
+    positions: HashMap<String, u64>,
+    /// Every record up to this tick was delivered (or does not exist).
+    seen_up_to: Option<u64>,
+    /// Index of the endpoint in use or to try next.
+    current: usize,
+    /// Consecutive failures without a message in between.
+    failures: u32,
+    wait: Option<Duration>,
+    stream: Option<Streaming<pb::SubscribeResponse>>,
+    finished: bool,
+}
+
+impl Subscriber {
+    /// A subscriber that connects on the first call to [`Subscriber::next`].
+    pub fn new(options: SubscribeOptions) -> Result<Subscriber> {
+        if options.endpoints.is_empty() {
+            return Err(Error::InvalidArgument("a subscriber needs at least one endpoint".into()));
+        }
+        Ok(Subscriber {
+            options,
+            positions: HashMap::new(),
+            seen_up_to: None,
+            current: 0,
+            failures: 0,
+            wait: None,
+            stream: None,
+            finished: false,
+        })
+    }
+
+    /// Starts from known positions, e.g. those of another subscriber of the same origin.
+    pub fn resume_from(mut self, positions: HashMap<String, u64>, seen_up_to: Option<u64>) -> Subscriber {
+        self.positions = positions;
+        self.seen_up_to = seen_up_to;
+        self
+    }
+
+    /// The last tick delivered per stream.
+    pub fn positions(&self) -> &HashMap<String, u64> {
+        &self.positions
+    }
+
+    /// The tick up to which everything was delivered.
+    pub fn seen_up_to(&self) -> Option<u64> {
+        self.seen_up_to
+    }
+
+    /// The endpoint in use (or to be tried next).
+    pub fn endpoint(&self) -> &str {
+        &self.options.endpoints[self.current]
+    }
+
+    /// Drops the current connection, so the next call resumes at the next endpoint.
+    pub fn fail_over(&mut self) {
+        self.stream = None;
+        self.current = (self.current + 1) % self.options.endpoints.len();
+    }
+
+    /// The next delivery; `None` once a bounded subscription delivered its end. An `Err` is final:
+    /// the request itself was refused (a retry would repeat the refusal).
+    pub async fn next(&mut self) -> Option<Result<Delivery>> {
+        loop {
+            if self.finished {
+                return None;
+            }
+            if let Some(wait) = self.wait.take() {
+                tokio::time::sleep(wait).await;
+            }
+            let endpoint = self.endpoint().to_string();
+            let Some(stream) = self.stream.as_mut() else {
+                if self.options.end.is_some_and(|end| self.seen_up_to.is_some_and(|seen| seen >= end)) {
+                    self.finished = true;
+                    return None;
+                }
+                match self.open(&endpoint).await {
+                    Ok(stream) => {
+                        self.stream = Some(stream);
+                        return Some(Ok(Delivery::Connected { endpoint }));
+                    }
+                    Err(status) => match self.failed(&endpoint, &status) {
+                        Some(delivery) => return Some(Ok(delivery)),
+                        None => return Some(Err(remote("subscribe", &status))),
+                    },
+                }
+            };
+            let silence = self.options.heartbeat * 3 + Duration::from_secs(1);
+            let message = match tokio::time::timeout(silence, stream.message()).await {
+                Ok(message) => message,
+                Err(_) => Err(Status::unavailable(format!("no message for {silence:?}"))),
+            };
+            match message {
+                Ok(Some(response)) => {
+                    self.failures = 0;
+                    if let Some(delivery) = self.absorb(response) {
+                        return Some(Ok(delivery));
+                    }
+                }
+                Ok(None) if self.options.end.is_some() => {
+                    self.finished = true;
+                    return None;
+                }
+                Ok(None) => {
+                    let status = Status::unavailable("the server ended the subscription");
+                    return self.failed(&endpoint, &status).map(Ok);
+                }
+                Err(status) => match self.failed(&endpoint, &status) {
+                    Some(delivery) => return Some(Ok(delivery)),
+                    None => return Some(Err(remote("subscribe", &status))),
+                },
+            }
+        }
+    }
+
+    /// After a failure: the `Disconnected` delivery and the next attempt, or `None` when the
+    /// failure is final.
+    fn failed(&mut self, endpoint: &str, status: &Status) -> Option<Delivery> {
+        self.stream = None;
+        let endpoints = self.options.endpoints.len();
+        // Damaged data at one server may be whole at another.
+        let retry = transient(status.code()) || (status.code() == Code::DataLoss && endpoints > 1);
+        if !retry {
+            self.finished = true;
+            return None;
+        }
+        self.failures += 1;
+        self.current = (self.current + 1) % endpoints;
+        // The other endpoints are tried at once; backoff starts once each has failed.
+        let rounds = self.failures.saturating_sub(endpoints as u32 - 1);
+        let retry_in = if rounds == 0 { Duration::ZERO } else { self.options.backoff.delay(rounds) };
+        self.wait = Some(retry_in);
+        let cause = format!("{:?}: {}", status.code(), status.message());
+        debug!(%endpoint, %cause, ?retry_in, "subscription lost");
+        Some(Delivery::Disconnected { endpoint: endpoint.to_string(), cause, retry_in })
+    }
+
+    /// The request that continues exactly where the deliveries so far end.
+    pub fn request(&self) -> pb::SubscribeRequest {
+        let start = match self.seen_up_to {
+            Some(tick) => Start::After(tick),
+            None => self.options.start,
+        };
+        pb::SubscribeRequest {
+            streams: self.options.streams.clone(),
+            start: Some(start),
+            resume: self.positions.clone(),
+            end: self.options.end,
+            heartbeat_ms: u32::try_from(self.options.heartbeat.as_millis()).unwrap_or(u32::MAX),
+        }
+    }
+
+    async fn open(&self, endpoint: &str) -> std::result::Result<Streaming<pb::SubscribeResponse>, Status> {
+        let mut client = connect(endpoint).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(client.subscribe(self.request()).await?.into_inner())
+    }
+
+    /// Updates the positions from one response; `None` for responses the application need not see.
+    fn absorb(&mut self, response: pb::SubscribeResponse) -> Option<Delivery> {
+        use pb::subscribe_response::Event;
+        let seen = |tick: u64, seen_up_to: &mut Option<u64>| {
+            *seen_up_to = Some(seen_up_to.map_or(tick, |s| s.max(tick)));
+        };
+        Some(match response.event? {
+            Event::Records(batch) => {
+                let mut fresh = Vec::with_capacity(batch.records.len());
+                for record in batch.records {
+                    // A record at or before its stream's position was delivered already: possible
+                    // only if a server broke its promise, and never handed on twice.
+                    if self.positions.get(&record.stream).is_some_and(|&p| record.tick <= p) {
+                        warn!(stream = %record.stream, tick = record.tick, "record delivered twice by the server; dropped");
+                        continue;
+                    }
+                    self.positions.insert(record.stream.clone(), record.tick);
+                    seen(record.tick, &mut self.seen_up_to);
+                    fresh.push(record);
+                }
+                Delivery::Records(fresh)
+            }
+            Event::CaughtUp(c) => {
+                if c.tick > 0 {
+                    seen(c.tick, &mut self.seen_up_to);
+                }
+                Delivery::CaughtUp(c.tick)
+            }
+            Event::Heartbeat(h) => {
+                if h.tail_tick > 0 {
+                    seen(h.tail_tick, &mut self.seen_up_to);
+                }
+                Delivery::Heartbeat(h)
+            }
+            Event::StreamAdded(a) => Delivery::StreamAdded(a.stream.unwrap_or_default()),
+            Event::UpstreamStatus(u) => Delivery::Upstream(u),
+        })
+    }
+}
+
+/// What a [`Publisher`] is asked for.
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    /// The server that stores the streams (an origin; a relay refuses mirrored streams).
+    pub endpoint: String,
+    /// Identifies this producer to the broker across reconnections. Reuse it across restarts of the
+    /// producer only together with sequence numbers that keep increasing (the default start does).
+    pub producer_id: String,
+    /// Sequence numbers are above this one, and at least the wall clock in microseconds, so that
+    /// they keep increasing across restarts of a producer that keeps its id.
+    pub first_sequence: u64,
+    /// Batches sent and not yet acknowledged, at most (the broker remembers a producer's last 128).
+    pub window: usize,
+    /// A connection with batches in flight and no ack for this long counts as failed.
+    pub ack_timeout: Duration,
+    pub backoff: Backoff,
+}
+
+impl PublishOptions {
+    /// Options for `endpoint` with a fresh random producer id whose sequence starts at the current
+    /// time in microseconds, so it keeps increasing even if the id is reused after a restart.
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        PublishOptions {
+            endpoint: endpoint.into(),
+            producer_id: format!("tapeline-{:016x}", rand::random::<u64>()),
+            first_sequence: u64::try_from(now.as_micros()).unwrap_or(1).max(1),
+            window: 64,
+            ack_timeout: Duration::from_secs(30),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// The broker's answer to one batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    /// The batch's sequence number (also its `batch_id`).
+    pub sequence: u64,
+    /// The tick of each record, in the order they were sent.
+    pub ticks: Vec<u64>,
+    /// The batch had been appended before (its first ack was lost); these are its ticks from then.
+    pub duplicate: bool,
+}
+
+/// A pipelining, retrying publisher: see the module documentation. Batches go in through
+/// [`Publisher::send`]; their acks come out of [`Publisher::ack`] in the same order.
+pub struct Publisher {
+    batches: Option<mpsc::Sender<Vec<pb::Record>>>,
+    acks: mpsc::Receiver<Result<Ack>>,
+}
+
+impl Publisher {
+    /// Starts the publisher's task (it connects at once and reconnects as needed).
+    pub fn start(options: PublishOptions) -> Publisher {
+        let window = options.window.max(1);
+        let (batches, input) = mpsc::channel(window);
+        let (acks_tx, acks) = mpsc::channel(window);
+        tokio::spawn(
+            Pipeline { options, input: Some(input), acks: acks_tx, in_flight: VecDeque::new() }.run(),
+        );
+        Publisher { batches: Some(batches), acks }
+    }
+
+    /// Queues a batch; waits while the window is full. Fails only if the publisher has stopped.
+    pub async fn send(&self, records: Vec<pb::Record>) -> Result<()> {
+        let stopped = || Error::Remote { action: "publish", detail: "the publisher has stopped".into() };
+        self.batches.as_ref().ok_or_else(stopped)?.send(records).await.map_err(|_| stopped())
+    }
+
+    /// No more batches: the acks end after the last one's.
+    pub fn finish(&mut self) {
+        self.batches = None;
+    }
+
+    /// The next ack, in sending order; `Err` for a batch the broker refused (the others go on);
+    /// `None` once every batch was answered after [`Publisher::finish`].
+    pub async fn ack(&mut self) -> Option<Result<Ack>> {
+        self.acks.recv().await
+    }
+}
+
+/// The task behind a [`Publisher`].
+struct Pipeline {
+    options: PublishOptions,
+    /// `None` once the application finished.
+    input: Option<mpsc::Receiver<Vec<pb::Record>>>,
+    acks: mpsc::Sender<Result<Ack>>,
+    /// Sent and not yet acknowledged, in order.
+    in_flight: VecDeque<pb::PublishRequest>,
+}
+
+impl Pipeline {
+    async fn run(mut self) {
+        let mut sequence = self.options.first_sequence;
+        let mut failures = 0u32;
+        loop {
+            match self.connection(&mut sequence, &mut failures).await {
+                Ok(()) => return,
+                Err(status) if transient(status.code()) => {
+                    failures += 1;
+                    let wait = self.options.backoff.delay(failures);
+                    warn!(endpoint = %self.options.endpoint, cause = %status.message(), in_flight = self.in_flight.len(), ?wait, "publishing interrupted; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(status) => {
+                    // The stream itself was refused: every batch in flight fails with it.
+                    for batch in self.in_flight.drain(..) {
+                        let _ = self.acks.send(Err(refused(batch.sequence, &status))).await;
+                    }
+                    let _ = self.acks.send(Err(remote("publish", &status))).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One `PublishStream`: sends the batches in flight again, then new ones, until every batch
+    /// was answered after the input ended (`Ok`) or the connection failed.
+    async fn connection(
+        &mut self,
+        sequence: &mut u64,
+        failures: &mut u32,
+    ) -> std::result::Result<(), Status> {
+        if self.input.is_none() && self.in_flight.is_empty() {
+            return Ok(());
+        }
+        let mut client =
+            connect(&self.options.endpoint).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(self.options.window.max(1) + 1);
+        for batch in &self.in_flight {
+            let _ = tx.try_send(batch.clone());
+        }
+        let mut tx = if self.input.is_some() { Some(tx) } else { None };
+        let mut acks = client.publish_stream(ReceiverStream::new(rx)).await?.into_inner();
+        loop {
+            let room = self.in_flight.len() < self.options.window.max(1);
+            tokio::select! {
+                ack = tokio::time::timeout(self.options.ack_timeout, acks.message()), if !self.in_flight.is_empty() || tx.is_none() => {
+                    let ack = match ack {
+                        Ok(ack) => ack?,
+                        Err(_) => return Err(Status::unavailable(format!("no ack for {:?}", self.options.ack_timeout))),
+                    };
+                    let Some(ack) = ack else {
+                        return if self.in_flight.is_empty() && self.input.is_none() {
+                            Ok(())
+                        } else {
+                            Err(Status::unavailable("the server ended the publish stream"))
+                        };
+                    };
+                    *failures = 0;
+                    let Some(batch) = self.in_flight.pop_front() else {
+                        return Err(Status::internal("an ack arrived for no batch"));
+                    };
+                    let answer = match ack.error {
+                        Some(err) => Err(refused(batch.sequence, &Status::new(Code::from(err.code), err.message))),
+                        None => Ok(Ack { sequence: batch.sequence, ticks: ack.ticks, duplicate: ack.duplicate }),
+                    };
+                    if self.acks.send(answer).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                batch = recv(&mut self.input), if room && tx.is_some() => {
+                    let Some(records) = batch else {
+                        // No more input: ending the stream lets the server answer what is left.
+                        self.input = None;
+                        tx = None;
+                        continue;
+                    };
+                    *sequence = (*sequence + 1).max(micros_now());
+                    let request = pb::PublishRequest {
+                        records,
+                        batch_id: *sequence,
+                        producer_id: self.options.producer_id.clone(),
+                        sequence: *sequence,
+                    };
+                    self.in_flight.push_back(request.clone());
+                    if let Some(tx) = &tx {
+                        if tx.send(request).await.is_err() {
+                            return Err(Status::unavailable("the publish stream closed"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The next batch, or `None` when the input ended (or was already gone).
+async fn recv(input: &mut Option<mpsc::Receiver<Vec<pb::Record>>>) -> Option<Vec<pb::Record>> {
+    match input {
+        Some(input) => input.recv().await,
+        None => None,
+    }
+}
+
+fn micros_now() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(now.as_micros()).unwrap_or(0)
+}
+
+fn refused(sequence: u64, status: &Status) -> Error {
+    Error::Remote {
+        action: "publish",
+        detail: format!("batch {sequence} refused: {:?}: {}", status.code(), status.message()),
+    }
+}

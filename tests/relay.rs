@@ -1,0 +1,297 @@
+//! Relays and resumable clients (issue 4), with real `tapeline serve` processes on loopback:
+//! a relay that starts late ends identical to its origin; a chain origin → relay → relay serves 50
+//! resuming subscribers exactly while each process is killed and restarted in turn; a subscriber
+//! fails over between two relays mid-stream; upstream health reaches the subscribers of a relay.
+
+mod common;
+
+use common::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tapeline::client::{self, Delivery, PublishOptions, Publisher, SubscribeOptions, Subscriber};
+use tapeline::grpc::pb;
+use tonic::Code;
+
+/// How long a test waits for copies and subscribers to converge before failing.
+const CONVERGE: Duration = Duration::from_secs(60);
+
+/// One broker process that can be killed and restarted on the same address and data dir.
+struct Node {
+    data: std::path::PathBuf,
+    addr: String,
+    extra: Vec<String>,
+    serve: Option<Serve>,
+}
+
+impl Node {
+    fn start(dir: &tempfile::TempDir, name: &str, extra: &[&str]) -> Node {
+        let data = dir.path().join(name);
+        let serve = Serve::start(&data, extra);
+        let addr = serve.addr().to_string();
+        Node { data, addr, extra: extra.iter().map(|s| s.to_string()).collect(), serve: Some(serve) }
+    }
+
+    /// A relay of `upstream` mirroring `r/**`.
+    fn relay(dir: &tempfile::TempDir, name: &str, upstream: &Node, from: &str) -> Node {
+        let url = upstream.url();
+        Node::start(
+            dir,
+            name,
+            &["--upstream", &url, "--mirror", "r/**", "--mirror-from", from, "--heartbeat", "300ms"],
+        )
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut serve) = self.serve.take() {
+            serve.child.kill().unwrap();
+            serve.child.wait().unwrap();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        self.serve = Some(Serve::start_at(&self.data, &self.addr, &extra));
+    }
+}
+
+fn rec(stream: &str, payload: String) -> pb::Record {
+    pb::Record {
+        stream: stream.into(),
+        payload: payload.into_bytes().into(),
+        origin_time: 42,
+        headers: [("k".to_string(), "v".to_string())].into(),
+        ..Default::default()
+    }
+}
+
+/// Everything stored under `r/**` at `url`, read by a bounded subscription to its tail.
+async fn everything(url: &str) -> Vec<pb::Record> {
+    let mut c = client::connect(url).await.unwrap();
+    let tail = c.hello(pb::HelloRequest::default()).await.unwrap().into_inner().tail_tick;
+    let mut options = SubscribeOptions::new(url, vec!["r/**".into()], beginning());
+    options.end = Some(tail);
+    let mut sub = Subscriber::new(options).unwrap();
+    let mut out = Vec::new();
+    while let Some(delivery) = sub.next().await {
+        if let Delivery::Records(records) = delivery.unwrap() {
+            out.extend(records);
+        }
+    }
+    out
+}
+
+/// Waits until `url` holds exactly the records of `expected` (stream, tick, payload, headers,
+/// origin time and CRC), checked record by record.
+async fn converges(url: &str, expected: &[pb::Record]) {
+    let began = std::time::Instant::now();
+    loop {
+        let got = everything(url).await;
+        if got == expected {
+            return;
+        }
+        if began.elapsed() > CONVERGE {
+            let first_difference = got.iter().zip(expected).position(|(a, b)| a != b);
+            panic!(
+                "{url} holds {} records, the origin {}; first difference at {first_difference:?}",
+                got.len(),
+                expected.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Publishes `batches` batches of 5 records over three streams through a retrying publisher;
+/// returns how many records were acknowledged.
+async fn publish(url: String, first: usize, batches: usize, pause: Duration) -> usize {
+    let mut publisher = Publisher::start(PublishOptions::new(url));
+    let mut acked = 0;
+    for b in first..first + batches {
+        let records = (0..5).map(|i| rec(&format!("r/s{}", (b + i) % 3), format!("b{b}-{i}"))).collect();
+        publisher.send(records).await.unwrap();
+        while let Ok(Some(ack)) = tokio::time::timeout(Duration::from_millis(1), publisher.ack()).await {
+            acked += ack.unwrap().ticks.len();
+        }
+        tokio::time::sleep(pause).await;
+    }
+    publisher.finish();
+    while let Some(ack) = publisher.ack().await {
+        let ack = ack.unwrap();
+        assert!(!ack.ticks.is_empty());
+        acked += ack.ticks.len();
+    }
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_started_late_from_the_beginning_ends_identical_and_is_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Node::start(&dir, "origin", &[]);
+    // Not mirrored: a stream outside the relay's pattern stays at the origin.
+    let mut c = client::connect(&origin.url()).await.unwrap();
+    c.publish(pb::PublishRequest { records: vec![rec("other", "x".into())], ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(publish(origin.url(), 0, 200, Duration::ZERO).await, 1000);
+
+    let relay = Node::relay(&dir, "relay", &origin, "beginning");
+    // Live records while the relay copies the past.
+    assert_eq!(publish(origin.url(), 200, 50, Duration::from_millis(5)).await, 250);
+    let expected = everything(&origin.url()).await;
+    assert_eq!(expected.len(), 1250);
+    converges(&relay.url(), &expected).await;
+
+    // Mirrored streams are read-only at the relay, naming the upstream.
+    let mut r = client::connect(&relay.url()).await.unwrap();
+    let refused = r
+        .publish(pb::PublishRequest { records: vec![rec("r/s0", "no".into())], ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains(&origin.url()) && refused.message().contains("r/s0"), "{refused:?}");
+    // Streams outside the mirror are this relay's own.
+    r.publish(pb::PublishRequest { records: vec![rec("local", "mine".into())], ..Default::default() })
+        .await
+        .unwrap();
+    // The listing names the upstream and a fresh, connected link.
+    let listed = r.list_streams(pb::ListStreamsRequest::default()).await.unwrap().into_inner();
+    let s0 = listed.streams.iter().find(|s| s.name == "r/s0").unwrap();
+    assert_eq!(s0.upstream, origin.url());
+    let link = s0.upstream_status.clone().unwrap();
+    assert!(link.connected, "{link:?}");
+    assert!(link.lag < 5_000_000_000, "lag {} ns", link.lag);
+    assert!(listed.streams.iter().find(|s| s.name == "local").unwrap().upstream.is_empty());
+    assert!(!listed.streams.iter().any(|s| s.name == "other"), "only the mirrored pattern is copied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_serves_fifty_subscribers_exactly_while_each_process_is_killed_in_turn() {
+    const SUBSCRIBERS: usize = 50;
+    let dir = tempfile::tempdir().unwrap();
+    let mut origin = Node::start(&dir, "origin", &["--heartbeat", "300ms"]);
+    let mut relay1 = Node::relay(&dir, "relay1", &origin, "beginning");
+    let mut relay2 = Node::relay(&dir, "relay2", &relay1, "beginning");
+    let urls = [origin.url(), relay1.url(), relay2.url()];
+
+    // Subscribers spread over the three servers, each collecting until told the total.
+    let total = Arc::new(AtomicUsize::new(usize::MAX));
+    let mut subscribers = Vec::new();
+    for n in 0..SUBSCRIBERS {
+        let url = urls[n % 3].clone();
+        let total = total.clone();
+        subscribers.push(tokio::spawn(async move {
+            let mut options = SubscribeOptions::new(url.clone(), vec!["r/**".into()], beginning());
+            options.heartbeat = Duration::from_millis(500);
+            options.backoff.max = Duration::from_millis(500);
+            let mut sub = Subscriber::new(options).unwrap();
+            let mut got: Vec<pb::Record> = Vec::new();
+            let began = std::time::Instant::now();
+            while got.len() < total.load(Ordering::SeqCst) {
+                assert!(began.elapsed() < CONVERGE * 2, "subscriber {n} at {url} stuck at {}", got.len());
+                match tokio::time::timeout(Duration::from_secs(1), sub.next()).await {
+                    Ok(Some(Ok(Delivery::Records(records)))) => got.extend(records),
+                    Ok(Some(Ok(_))) | Err(_) => {}
+                    Ok(other) => panic!("subscriber {n} at {url}: {other:?}"),
+                }
+            }
+            (n, got)
+        }));
+    }
+
+    // The publisher runs all along; each process is killed and restarted in turn under it.
+    let publisher = tokio::spawn(publish(origin.url(), 0, 300, Duration::from_millis(10)));
+    for node in [&mut origin, &mut relay1, &mut relay2] {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        node.kill();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        node.restart();
+    }
+    let acked = publisher.await.unwrap();
+    assert_eq!(acked, 1500);
+    let expected = everything(&origin.url()).await;
+    assert_eq!(expected.len(), acked, "the origin holds every acknowledged record once");
+    total.store(expected.len(), Ordering::SeqCst);
+    for relay in [&relay1, &relay2] {
+        converges(&relay.url(), &expected).await;
+    }
+    for subscriber in subscribers {
+        let (n, got) = subscriber.await.unwrap();
+        assert_eq!(got.len(), expected.len(), "subscriber {n}");
+        assert!(got == expected, "subscriber {n} got exactly the published sequence");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_fails_over_between_relays_and_sees_upstream_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut origin = Node::start(&dir, "origin", &[]);
+    let mut relay_a = Node::relay(&dir, "a", &origin, "beginning");
+    let relay_b = Node::relay(&dir, "b", &origin, "beginning");
+    assert_eq!(publish(origin.url(), 0, 40, Duration::ZERO).await, 200);
+
+    let mut options = SubscribeOptions::new(relay_a.url(), vec!["r/**".into()], beginning());
+    options.endpoints.push(relay_b.url());
+    options.heartbeat = Duration::from_millis(300);
+    let mut sub = Subscriber::new(options).unwrap();
+    let seen = Arc::new(Mutex::new((
+        Vec::<pb::Record>::new(),
+        Vec::<String>::new(),
+        Vec::<pb::UpstreamStatus>::new(),
+    )));
+    let reader = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Some(delivery) = sub.next().await {
+                let mut seen = seen.lock().unwrap();
+                match delivery.unwrap() {
+                    Delivery::Records(records) => seen.0.extend(records),
+                    Delivery::Connected { endpoint } => seen.1.push(endpoint),
+                    Delivery::Upstream(status) => seen.2.push(status),
+                    Delivery::Heartbeat(h) => seen.2.extend(h.upstreams),
+                    _ => {}
+                }
+            }
+        })
+    };
+    let publisher = tokio::spawn(publish(origin.url(), 40, 100, Duration::from_millis(5)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay_a.kill();
+    assert_eq!(publisher.await.unwrap(), 500);
+
+    // The origin goes away: the relay's subscribers are told, then told again when it is back.
+    origin.kill();
+    let began = std::time::Instant::now();
+    while !seen.lock().unwrap().2.iter().any(|s| !s.connected) {
+        assert!(began.elapsed() < CONVERGE, "no UpstreamStatus down event");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let down = seen.lock().unwrap().2.iter().find(|s| !s.connected).cloned().unwrap();
+    assert_eq!(down.upstream, origin.url());
+    assert!(!down.detail.is_empty());
+    origin.restart();
+    let expected = everything(&origin.url()).await;
+    assert_eq!(expected.len(), 700);
+    let began = std::time::Instant::now();
+    loop {
+        {
+            let seen = seen.lock().unwrap();
+            let back = seen.2.iter().rposition(|s| s.connected) > seen.2.iter().rposition(|s| !s.connected);
+            if seen.0.len() >= expected.len() && back {
+                break;
+            }
+        }
+        assert!(began.elapsed() < CONVERGE, "failover did not converge");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reader.abort();
+    let seen = seen.lock().unwrap();
+    assert!(seen.0 == expected, "exactly the published sequence across the failover");
+    assert_eq!(seen.1.first(), Some(&relay_a.url()));
+    assert!(seen.1.contains(&relay_b.url()), "failed over to B: {:?}", seen.1);
+}
