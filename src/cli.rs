@@ -441,8 +441,12 @@ async fn tail(args: TailArgs) -> Result<ExitCode> {
                 eprintln!("tapeline: lost {endpoint} ({cause}); resuming in {retry_in:.1?}");
                 continue;
             }
-            Some(Ok(Delivery::Upstream(u))) if !u.connected => {
-                eprintln!("tapeline: the server's upstream {} is down: {}", u.upstream, u.detail);
+            Some(Ok(Delivery::Upstream(u))) => {
+                if u.connected {
+                    eprintln!("tapeline: the server's upstream {} is connected", u.upstream);
+                } else {
+                    eprintln!("tapeline: the server's upstream {} is down: {}", u.upstream, u.detail);
+                }
                 continue;
             }
             Some(Ok(_)) => continue,

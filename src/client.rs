@@ -213,6 +213,14 @@ impl Subscriber {
         &self.options.endpoints[self.current]
     }
 
+    /// The deliveries as a `Stream`, for code built on stream combinators.
+    pub fn into_stream(self) -> impl futures::Stream<Item = Result<Delivery>> {
+        futures::stream::unfold(self, |mut subscriber| async move {
+            let next = subscriber.next().await?;
+            Some((next, subscriber))
+        })
+    }
+
     /// Drops the current connection, so the next call resumes at the next endpoint.
     pub fn fail_over(&mut self) {
         self.stream = None;
