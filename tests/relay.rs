@@ -295,3 +295,87 @@ async fn a_subscriber_fails_over_between_relays_and_sees_upstream_health() {
     assert_eq!(seen.1.first(), Some(&relay_a.url()));
     assert!(seen.1.contains(&relay_b.url()), "failed over to B: {:?}", seen.1);
 }
+
+/// The session so far from a relay (bounded at a tick) and the live feed from the origin (after
+/// that tick) stitch into exactly the origin's sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_so_far_from_a_relay_stitches_exactly_to_the_live_feed_of_the_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Node::start(&dir, "origin", &[]);
+    let relay = Node::relay(&dir, "relay", &origin, "beginning");
+    assert_eq!(publish(origin.url(), 0, 60, Duration::ZERO).await, 300);
+    let so_far = everything(&origin.url()).await;
+    converges(&relay.url(), &so_far).await;
+    let seam = so_far.last().unwrap().tick;
+
+    // Live from the origin, strictly after the seam, while more is published.
+    let live = {
+        let mut options = SubscribeOptions::new(
+            origin.url(),
+            vec!["r/**".into()],
+            pb::subscribe_request::Start::After(seam),
+        );
+        options.heartbeat = Duration::from_millis(300);
+        let mut sub = Subscriber::new(options).unwrap();
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            while got.len() < 250 {
+                if let Some(Ok(Delivery::Records(records))) = sub.next().await {
+                    got.extend(records);
+                }
+            }
+            got
+        })
+    };
+    assert_eq!(publish(origin.url(), 60, 50, Duration::from_millis(2)).await, 250);
+    // The history, bounded at the seam, from the relay.
+    let mut options = SubscribeOptions::new(relay.url(), vec!["r/**".into()], beginning());
+    options.end = Some(seam);
+    let mut history = Vec::new();
+    let mut sub = Subscriber::new(options).unwrap();
+    while let Some(delivery) = sub.next().await {
+        if let Delivery::Records(records) = delivery.unwrap() {
+            history.extend(records);
+        }
+    }
+    let mut stitched = history;
+    stitched.extend(live.await.unwrap());
+    assert!(stitched == everything(&origin.url()).await, "relay history + origin live = the origin");
+}
+
+/// Health travels down a chain: when the origin goes away, a subscriber of the second relay is
+/// told its link is down, naming the origin, and told again when it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_outage_reaches_the_subscribers_of_a_second_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut origin = Node::start(&dir, "origin", &[]);
+    let relay1 = Node::relay(&dir, "relay1", &origin, "beginning");
+    let relay2 = Node::relay(&dir, "relay2", &relay1, "beginning");
+    let mut options = SubscribeOptions::new(relay2.url(), vec!["r/**".into()], beginning());
+    options.heartbeat = Duration::from_millis(300);
+    let mut sub = Subscriber::new(options).unwrap();
+    // Waits for the first Upstream status with `connected == want`, from events or heartbeats.
+    let mut status = async |want: bool| {
+        let began = std::time::Instant::now();
+        loop {
+            assert!(began.elapsed() < CONVERGE, "no upstream status with connected = {want}");
+            let statuses = match tokio::time::timeout(Duration::from_secs(1), sub.next()).await {
+                Ok(Some(Ok(Delivery::Upstream(s)))) => vec![s],
+                Ok(Some(Ok(Delivery::Heartbeat(h)))) => h.upstreams,
+                _ => continue,
+            };
+            if let Some(s) = statuses.into_iter().find(|s| s.connected == want) {
+                return s;
+            }
+        }
+    };
+    let up = status(true).await;
+    assert_eq!(up.upstream, relay1.url());
+    origin.kill();
+    let down = status(false).await;
+    assert_eq!(down.upstream, relay1.url(), "the link of relay2 is named");
+    assert!(down.detail.contains(&origin.url()), "and the broken link beyond it: {}", down.detail);
+    origin.restart();
+    let back = status(true).await;
+    assert!(back.detail.is_empty(), "{back:?}");
+}
