@@ -120,15 +120,18 @@ impl Broker {
     /// the assigned ticks once the batch is durable under the fsync policy.
     pub async fn submit(&self, batch: Batch) -> Result<impl Future<Output = Result<Appended>>> {
         let records = self.check(batch.records)?;
-        // A mirrored stream has one writer, the relay: a record published here would be missing
-        // upstream and at every other relay, and could take a tick the upstream uses later.
-        for record in &records {
-            if let Some(index) = self.mirror_of(record.stream.as_str()) {
-                return Err(Error::Mirrored {
-                    stream: record.stream.as_str().to_string(),
-                    upstream: self.mirrors[index].0.upstream.clone(),
-                });
-            }
+        // A relay has one writer, its relay task. A record published into a mirrored stream would
+        // be missing upstream and at every other relay and could take a tick the upstream uses
+        // later; one of a stream of its own would get a tick from this broker's clock, ahead of
+        // what the upstream confirmed, and break the promise that everything up to the watermark
+        // (the tail in heartbeats, `CaughtUp` and `Hello`) was delivered.
+        if let (Some(record), Some((first, _))) = (records.first(), self.mirrors.first()) {
+            let stream = record.stream.as_str();
+            let index = self.mirror_of(stream);
+            return Err(Error::Mirrored {
+                stream: stream.to_string(),
+                upstream: index.map_or(&first.upstream, |i| &self.mirrors[i].0.upstream).clone(),
+            });
         }
         let tag = match (batch.producer_id.is_empty(), batch.sequence) {
             (true, 0) => None,
@@ -168,6 +171,11 @@ impl Broker {
                 change(link);
             }
         });
+    }
+
+    /// What is known of mirror `index`'s link.
+    pub fn link(&self, index: usize) -> Option<Link> {
+        self.links.borrow().get(index).cloned()
     }
 
     /// The state of every upstream link now (empty on an origin).

@@ -271,77 +271,86 @@ async fn publish(args: PublishArgs) -> Result<ExitCode> {
     // Fail at once, with one clear line, when the server cannot be reached at all.
     connect(&args.server.server).await?;
     let mut publisher = Publisher::start(PublishOptions::new(args.server.server.clone()));
-    let (lines_tx, mut lines) = mpsc::channel::<Vec<u8>>(PUBLISH_BATCH_LINES);
-    let read = tokio::spawn(async move {
-        let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
-        loop {
-            let mut line = Vec::new();
-            match stdin.read_until(b'\n', &mut line).await {
-                Ok(0) => return Ok(()),
-                Ok(_) => {
-                    if line.last() == Some(&b'\n') {
-                        line.pop();
-                        if line.last() == Some(&b'\r') {
+    let batches = publisher.batches().expect("a new publisher takes batches");
+    publisher.finish();
+    let stream = args.stream.clone();
+    // Reads stdin and sends batches from its own task, while this one takes the acks: whatever
+    // lines are already there go out together, up to the batch limits, so an interactive line
+    // goes out at once and a pipe goes out in large batches.
+    let sender = tokio::spawn(async move {
+        let (lines_tx, mut lines) = mpsc::channel::<Vec<u8>>(PUBLISH_BATCH_LINES);
+        let read = tokio::spawn(async move {
+            let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+            loop {
+                let mut line = Vec::new();
+                match stdin.read_until(b'\n', &mut line).await {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {
+                        if line.last() == Some(&b'\n') {
                             line.pop();
+                            if line.last() == Some(&b'\r') {
+                                line.pop();
+                            }
+                        }
+                        if lines_tx.send(line).await.is_err() {
+                            return Ok(());
                         }
                     }
-                    if lines_tx.send(line).await.is_err() {
-                        return Ok(());
+                    Err(source) => {
+                        return Err(Error::Io { context: "reading standard input".into(), source })
                     }
                 }
-                Err(source) => return Err(Error::Io { context: "reading standard input".into(), source }),
             }
+        });
+        let mut sent = 0u64;
+        while let Some(first) = lines.recv().await {
+            let mut bytes = first.len();
+            let mut batch = vec![first];
+            while batch.len() < PUBLISH_BATCH_LINES && bytes < PUBLISH_BATCH_BYTES {
+                match lines.try_recv() {
+                    Ok(line) => {
+                        bytes += line.len();
+                        batch.push(line);
+                    }
+                    Err(_) => break,
+                }
+            }
+            sent += batch.len() as u64;
+            let records = batch
+                .into_iter()
+                .map(|payload| pb::Record {
+                    stream: stream.clone(),
+                    payload: payload.into(),
+                    ..Default::default()
+                })
+                .collect();
+            batches.send(records).await?;
+        }
+        match read.await {
+            Ok(result) => result.map(|()| sent),
+            Err(e) => Err(Error::Internal(format!("stdin reader failed: {e}"))),
         }
     });
-    let (mut sent, mut acked, mut first, mut last) = (0u64, 0u64, None, None);
+    let (mut acked, mut first, mut last) = (0u64, None, None);
     let mut failure = None;
-    let mut input_open = true;
-    // Sends whatever lines are already there, up to the batch limits, so an interactive line goes
-    // out at once and a pipe goes out in large batches; meanwhile takes the acks as they come.
-    while input_open || acked < sent {
-        tokio::select! {
-            line = lines.recv(), if input_open => {
-                let Some(first_line) = line else {
-                    input_open = false;
-                    publisher.finish();
-                    continue;
-                };
-                let mut bytes = first_line.len();
-                let mut batch = vec![first_line];
-                while batch.len() < PUBLISH_BATCH_LINES && bytes < PUBLISH_BATCH_BYTES {
-                    match lines.try_recv() {
-                        Ok(line) => {
-                            bytes += line.len();
-                            batch.push(line);
-                        }
-                        Err(_) => break,
-                    }
-                }
-                sent += batch.len() as u64;
-                let records = batch
-                    .into_iter()
-                    .map(|payload| pb::Record { stream: args.stream.clone(), payload: payload.into(), ..Default::default() })
-                    .collect();
-                if let Err(err) = publisher.send(records).await {
-                    failure = Some(err.to_string());
-                    break;
-                }
+    while let Some(ack) = publisher.ack().await {
+        match ack {
+            Ok(ack) => {
+                acked += ack.ticks.len() as u64;
+                first = first.or(ack.ticks.first().copied());
+                last = ack.ticks.last().copied().or(last);
             }
-            ack = publisher.ack() => match ack {
-                Some(Ok(ack)) => {
-                    acked += ack.ticks.len() as u64;
-                    first = first.or(ack.ticks.first().copied());
-                    last = ack.ticks.last().copied().or(last);
-                }
-                Some(Err(err)) => {
-                    failure = Some(err.to_string());
-                    break;
-                }
-                None => break,
-            },
+            Err(err) => {
+                // Send nothing more; the batches already sent are still answered and counted.
+                sender.abort();
+                failure.get_or_insert(err.to_string());
+            }
         }
     }
-    read.abort();
+    let sent = match sender.await {
+        Ok(result) => Some(result?),
+        Err(_) => None,
+    };
     let range = match (first, last) {
         (Some(a), Some(b)) => format!(", ticks {a}..{b}"),
         _ => String::new(),
@@ -352,8 +361,8 @@ async fn publish(args: PublishArgs) -> Result<ExitCode> {
         eprintln!("tapeline: {failure}");
         return Ok(ExitCode::FAILURE);
     }
-    if sent != acked {
-        eprintln!("tapeline: {sent} records were sent but only {acked} acknowledged");
+    if sent != Some(acked) {
+        eprintln!("tapeline: {} records were read but only {acked} acknowledged", sent.unwrap_or(0));
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)

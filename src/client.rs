@@ -24,8 +24,9 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
 use tracing::{debug, warn};
 
-/// Largest message a client sends or accepts (a full batch of the server's default limits).
-pub const MAX_MESSAGE: usize = 64 << 20;
+/// Largest message a client sends or accepts: a batch can carry a record of any size the server
+/// allows.
+pub const MAX_MESSAGE: usize = 256 << 20;
 
 /// A client of one server.
 pub type Client = pb::tapeline_client::TapelineClient<Channel>;
@@ -168,6 +169,10 @@ pub struct Subscriber {
     current: usize,
     /// Consecutive failures without a message in between.
     failures: u32,
+    /// Records a server delivered again at or before their stream's position, dropped here.
+    duplicates: u64,
+    /// A subscription was opened at least once.
+    opened: bool,
     wait: Option<Duration>,
     stream: Option<Streaming<pb::SubscribeResponse>>,
     finished: bool,
@@ -179,12 +184,27 @@ impl Subscriber {
         if options.endpoints.is_empty() {
             return Err(Error::InvalidArgument("a subscriber needs at least one endpoint".into()));
         }
+        for endpoint in &options.endpoints {
+            Endpoint::from_shared(endpoint.clone()).map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "endpoint {endpoint:?} is not a URL such as http://127.0.0.1:7411"
+                ))
+            })?;
+        }
+        // What lies before the start counts as seen: a reconnection never asks for it.
+        let seen_up_to = match options.start {
+            Start::After(t) => Some(t),
+            Start::At(t) => t.checked_sub(1).filter(|&t| t > 0),
+            Start::Beginning(_) | Start::Now(_) => None,
+        };
         Ok(Subscriber {
             options,
             positions: HashMap::new(),
-            seen_up_to: None,
+            seen_up_to,
             current: 0,
             failures: 0,
+            duplicates: 0,
+            opened: false,
             wait: None,
             stream: None,
             finished: false,
@@ -196,6 +216,12 @@ impl Subscriber {
         self.positions = positions;
         self.seen_up_to = seen_up_to;
         self
+    }
+
+    /// Records a server delivered twice, which this subscriber dropped (0 unless a server broke
+    /// its promise).
+    pub fn duplicates_dropped(&self) -> u64 {
+        self.duplicates
     }
 
     /// The last tick delivered per stream.
@@ -238,14 +264,20 @@ impl Subscriber {
                 tokio::time::sleep(wait).await;
             }
             let endpoint = self.endpoint().to_string();
+            let silence = self.heartbeat() * 3 + Duration::from_secs(1);
             let Some(stream) = self.stream.as_mut() else {
-                if self.options.end.is_some_and(|end| self.seen_up_to.is_some_and(|seen| seen >= end)) {
+                // Nothing is left to ask for; before the first connection the server judges the
+                // request instead (an `end` before the start is a mistake to report).
+                let done =
+                    self.options.end.is_some_and(|end| self.seen_up_to.is_some_and(|seen| seen >= end));
+                if done && self.opened {
                     self.finished = true;
                     return None;
                 }
                 match self.open(&endpoint).await {
                     Ok(stream) => {
                         self.stream = Some(stream);
+                        self.opened = true;
                         return Some(Ok(Delivery::Connected { endpoint }));
                     }
                     Err(status) => match self.failed(&endpoint, &status) {
@@ -254,19 +286,26 @@ impl Subscriber {
                     },
                 }
             };
-            let silence = self.options.heartbeat * 3 + Duration::from_secs(1);
             let message = match tokio::time::timeout(silence, stream.message()).await {
                 Ok(message) => message,
                 Err(_) => Err(Status::unavailable(format!("no message for {silence:?}"))),
             };
             match message {
                 Ok(Some(response)) => {
-                    self.failures = 0;
                     if let Some(delivery) = self.absorb(response) {
+                        // Progress (not a relay's opening status) ends a run of failures.
+                        if matches!(
+                            delivery,
+                            Delivery::Records(_) | Delivery::CaughtUp(_) | Delivery::Heartbeat(_)
+                        ) {
+                            self.failures = 0;
+                        }
                         return Some(Ok(delivery));
                     }
                 }
-                Ok(None) if self.options.end.is_some() => {
+                // A bounded subscription's last message confirms its end; a stream closed before
+                // that was cut short (e.g. the server's final error was lost) and resumes.
+                Ok(None) if self.options.end.is_some_and(|end| self.seen_up_to.is_some_and(|s| s >= end)) => {
                     self.finished = true;
                     return None;
                 }
@@ -315,8 +354,13 @@ impl Subscriber {
             start: Some(start),
             resume: self.positions.clone(),
             end: self.options.end,
-            heartbeat_ms: u32::try_from(self.options.heartbeat.as_millis()).unwrap_or(u32::MAX),
+            heartbeat_ms: u32::try_from(self.heartbeat().as_millis()).unwrap_or(u32::MAX),
         }
+    }
+
+    /// The heartbeat interval asked for; the server does not go below 100 ms.
+    fn heartbeat(&self) -> Duration {
+        self.options.heartbeat.max(Duration::from_millis(100))
     }
 
     async fn open(&self, endpoint: &str) -> std::result::Result<Streaming<pb::SubscribeResponse>, Status> {
@@ -338,6 +382,7 @@ impl Subscriber {
                     // only if a server broke its promise, and never handed on twice.
                     if self.positions.get(&record.stream).is_some_and(|&p| record.tick <= p) {
                         warn!(stream = %record.stream, tick = record.tick, "record delivered twice by the server; dropped");
+                        self.duplicates += 1;
                         continue;
                     }
                     self.positions.insert(record.stream.clone(), record.tick);
@@ -358,7 +403,19 @@ impl Subscriber {
                 }
                 Delivery::Heartbeat(h)
             }
-            Event::StreamAdded(a) => Delivery::StreamAdded(a.stream.unwrap_or_default()),
+            Event::StreamAdded(a) => {
+                let info = a.stream.unwrap_or_default();
+                // A stream that appears later starts where the subscription started, and a
+                // reconnection resumes it from there: records given explicit ticks below what was
+                // seen (an imported session) are not skipped.
+                let floor = match self.options.start {
+                    Start::After(t) => t,
+                    Start::At(t) => t.saturating_sub(1),
+                    Start::Beginning(_) | Start::Now(_) => 0,
+                };
+                self.positions.entry(info.name.clone()).or_insert(floor);
+                Delivery::StreamAdded(info)
+            }
             Event::UpstreamStatus(u) => Delivery::Upstream(u),
         })
     }
@@ -375,7 +432,8 @@ pub struct PublishOptions {
     /// Sequence numbers are above this one, and at least the wall clock in microseconds, so that
     /// they keep increasing across restarts of a producer that keeps its id.
     pub first_sequence: u64,
-    /// Batches sent and not yet acknowledged, at most (the broker remembers a producer's last 128).
+    /// Batches sent and not yet acknowledged, at most; at most 128, the batches the broker
+    /// remembers of a producer (a larger window could resend a batch it no longer recognises).
     pub window: usize,
     /// A connection with batches in flight and no ack for this long counts as failed.
     pub ack_timeout: Duration,
@@ -410,28 +468,54 @@ pub struct Ack {
 }
 
 /// A pipelining, retrying publisher: see the module documentation. Batches go in through
-/// [`Publisher::send`]; their acks come out of [`Publisher::ack`] in the same order.
+/// [`Publisher::send`] (or a [`Batches`] handle); their acks come out of [`Publisher::ack`] in the
+/// same order. Read the acks while sending (from another task when the sending may block): the
+/// publisher stops taking batches while acks wait unread.
 pub struct Publisher {
-    batches: Option<mpsc::Sender<Vec<pb::Record>>>,
+    batches: Option<Batches>,
     acks: mpsc::Receiver<Result<Ack>>,
+}
+
+/// A handle that sends batches into a [`Publisher`]; the input ends when the publisher was
+/// finished and every handle dropped.
+#[derive(Debug, Clone)]
+pub struct Batches(mpsc::Sender<Vec<pb::Record>>);
+
+impl Batches {
+    /// Queues a batch; waits while the window is full. Fails only if the publisher has stopped.
+    pub async fn send(&self, records: Vec<pb::Record>) -> Result<()> {
+        self.0
+            .send(records)
+            .await
+            .map_err(|_| Error::Remote { action: "publish", detail: "the publisher has stopped".into() })
+    }
 }
 
 impl Publisher {
     /// Starts the publisher's task (it connects at once and reconnects as needed).
-    pub fn start(options: PublishOptions) -> Publisher {
-        let window = options.window.max(1);
+    pub fn start(mut options: PublishOptions) -> Publisher {
+        options.window = options.window.clamp(1, crate::producers::WINDOW);
+        let window = options.window;
         let (batches, input) = mpsc::channel(window);
         let (acks_tx, acks) = mpsc::channel(window);
         tokio::spawn(
             Pipeline { options, input: Some(input), acks: acks_tx, in_flight: VecDeque::new() }.run(),
         );
-        Publisher { batches: Some(batches), acks }
+        Publisher { batches: Some(Batches(batches)), acks }
     }
 
-    /// Queues a batch; waits while the window is full. Fails only if the publisher has stopped.
+    /// Queues a batch; waits while the window is full. Fails only if the publisher has stopped
+    /// or was finished.
     pub async fn send(&self, records: Vec<pb::Record>) -> Result<()> {
-        let stopped = || Error::Remote { action: "publish", detail: "the publisher has stopped".into() };
-        self.batches.as_ref().ok_or_else(stopped)?.send(records).await.map_err(|_| stopped())
+        match &self.batches {
+            Some(batches) => batches.send(records).await,
+            None => Err(Error::Remote { action: "publish", detail: "the publisher was finished".into() }),
+        }
+    }
+
+    /// A handle to send batches from another task.
+    pub fn batches(&self) -> Option<Batches> {
+        self.batches.clone()
     }
 
     /// No more batches: the acks end after the last one's.
@@ -463,7 +547,9 @@ impl Pipeline {
         loop {
             match self.connection(&mut sequence, &mut failures).await {
                 Ok(()) => return,
-                Err(status) if transient(status.code()) => {
+                // On the stream itself (a batch's own refusal comes in its ack), too large a
+                // message is not going to pass on a retry.
+                Err(status) if transient(status.code()) && status.code() != Code::ResourceExhausted => {
                     failures += 1;
                     let wait = self.options.backoff.delay(failures);
                     warn!(endpoint = %self.options.endpoint, cause = %status.message(), in_flight = self.in_flight.len(), ?wait, "publishing interrupted; retrying");
@@ -515,9 +601,10 @@ impl Pipeline {
                         };
                     };
                     *failures = 0;
-                    let Some(batch) = self.in_flight.pop_front() else {
-                        return Err(Status::internal("an ack arrived for no batch"));
-                    };
+                    if self.in_flight.front().is_none_or(|b| b.batch_id != ack.batch_id) {
+                        return Err(Status::internal(format!("ack for batch {} out of order", ack.batch_id)));
+                    }
+                    let Some(batch) = self.in_flight.pop_front() else { continue };
                     let answer = match ack.error {
                         Some(err) => Err(refused(batch.sequence, &Status::new(Code::from(err.code), err.message))),
                         None => Ok(Ack { sequence: batch.sequence, ticks: ack.ticks, duplicate: ack.duplicate }),

@@ -41,8 +41,8 @@ pub enum Error {
     #[error("batch of {records} records with {entries} header entries would take about {decoded} bytes of memory once decoded, over the limit of {limit} bytes (max_message_bytes, from max_batch_bytes and max_batch_records): send fewer records or fewer headers per batch")]
     BatchTooHeavy { records: usize, entries: usize, decoded: usize, limit: usize },
 
-    /// A record was published into a stream this relay mirrors from an upstream.
-    #[error("stream {stream:?} is mirrored from {upstream} and is read-only here: publish to the upstream")]
+    /// A record was published to a relay, which only copies its upstream.
+    #[error("stream {stream:?} cannot be published here: this broker is a relay of {upstream} and is read-only; publish to the upstream")]
     Mirrored { stream: String, upstream: String },
 
     /// An explicit tick is not after the stream's last tick.

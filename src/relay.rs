@@ -111,8 +111,13 @@ pub struct Link {
     pub connected: bool,
     /// Why it is not.
     pub detail: String,
-    /// The upstream confirmed that this relay stored everything up to this tick.
-    pub synced: Option<Tick>,
+    /// Everything the upstream holds up to this tick is stored here: the last stored record's
+    /// tick, or the tail of an upstream heartbeat or `CaughtUp` that arrived after everything
+    /// before it was stored. A relay's clock may be advanced this far and no further.
+    pub confirmed: Option<Tick>,
+    /// This relay's copy was current as of this time (by the origin's clock): a stored record's
+    /// tick, or an upstream heartbeat's time less the upstream's own lag.
+    pub fresh: Option<Tick>,
     /// The upstream's own links, as it last reported them (empty for an origin).
     pub beyond: Vec<UpstreamStatus>,
 }
@@ -124,20 +129,20 @@ impl Link {
             upstream: upstream.to_string(),
             connected: false,
             detail: "not connected yet".into(),
-            synced: None,
+            confirmed: None,
+            fresh: None,
             beyond: Vec::new(),
         }
     }
 
-    /// The link's status at `now`: the lag is the time since the last confirmation plus the
-    /// upstream's own lag; a link is connected only if every link up to the origin is.
+    /// The link's status at `now`: the lag is the time since the copy was last known current; a
+    /// link is connected only if every link up to the origin is.
     pub fn status(&self, now: Tick) -> UpstreamStatus {
-        let own = match self.synced {
-            Some(synced) => Duration::from_nanos(now.0.saturating_sub(synced.0)),
+        let lag = match self.fresh {
+            Some(fresh) => Duration::from_nanos(now.0.saturating_sub(fresh.0)),
             // Never confirmed: as stale as can be told.
             None => Duration::from_nanos(now.0),
         };
-        let beyond = self.beyond.iter().map(|b| b.lag).max().unwrap_or_default();
         let broken = self.beyond.iter().find(|b| !b.connected);
         let detail = if !self.connected {
             self.detail.clone()
@@ -149,13 +154,24 @@ impl Link {
         UpstreamStatus {
             upstream: self.upstream.clone(),
             connected: self.connected && broken.is_none(),
-            lag: own + beyond,
+            lag,
             detail,
         }
     }
 
+    /// Something arrived: the link is up (only now, not at connection time, so a relay that
+    /// cannot store what it receives does not flap between up and down).
+    fn heard(&mut self) {
+        self.connected = true;
+        self.detail.clear();
+    }
+
     fn confirm(&mut self, tick: Tick) {
-        self.synced = Some(self.synced.map_or(tick, |s| s.max(tick)));
+        self.confirmed = Some(self.confirmed.map_or(tick, |c| c.max(tick)));
+    }
+
+    fn fresh_at(&mut self, tick: Tick) {
+        self.fresh = Some(self.fresh.map_or(tick, |f| f.max(tick)));
     }
 }
 
@@ -164,11 +180,13 @@ pub async fn run(broker: Arc<Broker>, index: usize, mirror: Mirror, shutdown: Ca
     let backoff = Backoff::default();
     let mut failures = 0;
     loop {
+        let mut stored = false;
         let cause = tokio::select! {
             _ = shutdown.cancelled() => return,
-            cause = copy(&broker, index, &mirror) => cause,
+            cause = copy(&broker, index, &mirror, &mut stored) => cause,
         };
-        failures += 1;
+        // Backoff grows only while no progress is made.
+        failures = if stored { 1 } else { failures + 1 };
         let wait = backoff.delay(failures);
         warn!(upstream = %mirror.upstream, %cause, ?wait, "mirroring stopped; resuming from what is stored");
         broker.update_link(index, |link| {
@@ -183,8 +201,12 @@ pub async fn run(broker: Arc<Broker>, index: usize, mirror: Mirror, shutdown: Ca
 }
 
 /// Subscribes from what is stored and stores what arrives, until something fails.
-async fn copy(broker: &Broker, index: usize, mirror: &Mirror) -> Error {
-    let (positions, newest) = stored_positions(broker, index);
+async fn copy(broker: &Broker, index: usize, mirror: &Mirror, stored: &mut bool) -> Error {
+    let (positions, newest_stored) = stored_positions(broker, index);
+    // What the upstream confirmed in this process (its tail in heartbeats and `CaughtUp`) was all
+    // stored: resuming after it is exact too, and keeps a `now` mirror from restarting at "now".
+    let confirmed = broker.link(index).and_then(|l| l.confirmed).map(|t| t.0);
+    let newest = newest_stored.max(confirmed);
     let start = match mirror.from {
         MirrorFrom::Beginning => pb::subscribe_request::Start::Beginning(pb::Beginning {}),
         MirrorFrom::Now => pb::subscribe_request::Start::Now(pb::Now {}),
@@ -211,28 +233,37 @@ async fn copy(broker: &Broker, index: usize, mirror: &Mirror) -> Error {
             Delivery::Records(records) => {
                 let Some(last) = records.last().map(|r| Tick(r.tick)) else { continue };
                 if let Err(err) = broker.mirror(grpc::incoming(records)).await {
-                    return err;
+                    return Error::Internal(format!("cannot store what the upstream sends: {err}"));
                 }
-                broker.update_link(index, |link| link.confirm(last));
+                *stored = true;
+                broker.update_link(index, |link| {
+                    link.heard();
+                    link.confirm(last);
+                    link.fresh_at(last);
+                });
             }
             Delivery::Heartbeat(heartbeat) => broker.update_link(index, |link| {
-                link.confirm(Tick(heartbeat.server_time));
-                link.beyond = heartbeat.upstreams.into_iter().map(status).collect();
+                link.heard();
+                link.confirm(Tick(heartbeat.tail_tick));
+                let beyond: Vec<UpstreamStatus> = heartbeat.upstreams.into_iter().map(status).collect();
+                let upstream_lag = beyond.iter().map(|b| b.lag).max().unwrap_or_default();
+                let lag_ns = u64::try_from(upstream_lag.as_nanos()).unwrap_or(u64::MAX);
+                link.fresh_at(Tick(heartbeat.server_time.saturating_sub(lag_ns)));
+                link.beyond = beyond;
+            }),
+            Delivery::CaughtUp(tick) => broker.update_link(index, |link| {
+                link.heard();
+                link.confirm(Tick(tick));
             }),
             Delivery::Upstream(reported) => broker.update_link(index, |link| {
+                link.heard();
                 let reported = status(reported);
                 match link.beyond.iter_mut().find(|b| b.upstream == reported.upstream) {
                     Some(known) => *known = reported,
                     None => link.beyond.push(reported),
                 }
             }),
-            Delivery::Connected { endpoint } => {
-                info!(upstream = %endpoint, "upstream connected");
-                broker.update_link(index, |link| {
-                    link.connected = true;
-                    link.detail.clear();
-                });
-            }
+            Delivery::Connected { endpoint } => info!(upstream = %endpoint, "upstream connected"),
             Delivery::Disconnected { endpoint, cause, retry_in } => {
                 warn!(upstream = %endpoint, %cause, ?retry_in, "upstream link down");
                 broker.update_link(index, |link| {
@@ -240,7 +271,7 @@ async fn copy(broker: &Broker, index: usize, mirror: &Mirror) -> Error {
                     link.detail = cause;
                 });
             }
-            Delivery::CaughtUp(_) | Delivery::StreamAdded(_) => {}
+            Delivery::StreamAdded(_) => {}
         }
     }
 }
@@ -290,7 +321,7 @@ mod tests {
     fn health_and_lag_travel_down() {
         let mut link = Link::new("http://a");
         link.connected = true;
-        link.synced = Some(Tick(1_000));
+        link.fresh = Some(Tick(500));
         link.beyond = vec![UpstreamStatus {
             upstream: "http://origin".into(),
             connected: false,

@@ -134,9 +134,10 @@ enum Command {
         reply: Reply,
         _queued: OwnedSemaphorePermit,
     },
-    /// Raise the clock to now and publish the watermark, so that time passes for readers even
-    /// when nothing is published; answers the new watermark.
+    /// Raise the clock to `to` (at most now) and publish the watermark, so that time passes for
+    /// readers even when nothing is published; answers the new watermark.
     Advance {
+        to: Tick,
         reply: oneshot::Sender<Tick>,
     },
     Stop {
@@ -303,13 +304,14 @@ impl Log {
         Ok(answer)
     }
 
-    /// Raises the broker's clock to the wall clock and publishes the new watermark (after every
-    /// batch queued before this call). Lets a reader learn that time passed with nothing
-    /// published: no record will ever be appended at or below the returned tick (explicit ticks
-    /// aside, which must be above their stream's last tick).
-    pub async fn advance(&self) -> Result<Tick> {
+    /// Raises the broker's clock to `to` (at most the wall clock) and publishes the new watermark
+    /// (after every batch queued before this call). Lets a reader learn that time passed with
+    /// nothing published: no record will ever be appended at or below the returned tick (explicit
+    /// ticks aside, which must be above their stream's last tick). A relay passes the tick its
+    /// upstream confirmed, never more: its own clock says nothing of what the upstream holds.
+    pub async fn advance(&self, to: Tick) -> Result<Tick> {
         let (reply, answer) = oneshot::channel();
-        self.writer.send(Command::Advance { reply }).await.map_err(|_| Error::ShuttingDown)?;
+        self.writer.send(Command::Advance { to, reply }).await.map_err(|_| Error::ShuttingDown)?;
         answer.await.map_err(|_| Error::ShuttingDown)
     }
 
@@ -642,8 +644,8 @@ impl Writer {
                 self.commit(group);
             }
             match then {
-                Some(Command::Advance { reply }) => {
-                    let _ = reply.send(self.advance());
+                Some(Command::Advance { to, reply }) => {
+                    let _ = reply.send(self.advance(to));
                 }
                 Some(Command::Stop { reply }) => stop = Some(reply),
                 Some(Command::Append { .. }) | None => {}
@@ -668,12 +670,12 @@ impl Writer {
         }
     }
 
-    /// Raises the clock to now and publishes the watermark in an empty commit (also when it did
-    /// not move, so that a reader waiting for it can rely on receiving it).
-    fn advance(&mut self) -> Tick {
+    /// Raises the clock to `to` (at most now) and publishes the watermark in an empty commit (also
+    /// when it did not move, so that a reader waiting for it can rely on receiving it).
+    fn advance(&mut self, to: Tick) -> Tick {
         let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
         if self.failed.is_none() {
-            self.clock = self.clock.max(Tick::now());
+            self.clock = self.clock.max(to.min(Tick::now()));
             shared.watermark = shared.watermark.max(self.clock);
         }
         let commit = Commit { watermark: shared.watermark, streams: Arc::new([]), added: Arc::new([]) };
@@ -681,8 +683,8 @@ impl Writer {
         shared.watermark
     }
 
-    /// Checks a batch and assigns its ticks without changing any state.
-    /// The tick of each record; `upstream` ticks are not held to this broker's clock.
+    /// Checks a batch and assigns its ticks without changing any state; `upstream` ticks are not
+    /// held to this broker's clock.
     fn assign(&self, records: &[NewRecord], now: Tick, upstream: bool) -> Result<Vec<Tick>> {
         let mut clock = self.clock;
         let mut last: HashMap<&str, Tick> = HashMap::new();

@@ -186,6 +186,18 @@ fn statuses(links: &mut watch::Receiver<Vec<Link>>) -> Vec<UpstreamStatus> {
     links.borrow_and_update().iter().map(|l| l.status(now)).collect()
 }
 
+/// How far the clock may be advanced without records: the wall clock on an origin; on a relay the
+/// tick up to which every upstream confirmed this relay has everything (none before that is known).
+fn advance_cap(links: &Option<watch::Receiver<Vec<Link>>>) -> Option<Tick> {
+    match links {
+        None => Some(Tick::now()),
+        Some(links) => {
+            let links = links.borrow();
+            links.iter().map(|l| l.confirmed).min().flatten()
+        }
+    }
+}
+
 /// Resolves when the links change; never on an origin.
 async fn changed(links: &mut Option<watch::Receiver<Vec<Link>>>) -> Result<(), watch::error::RecvError> {
     match links {
@@ -243,6 +255,8 @@ impl Pump {
         // On a relay: where the upstream links stand, before anything else.
         let mut links = self.spec.links.take();
         let mut connected: Vec<bool> = Vec::new();
+        // A relay's advance for `end` fell short of it: wait for the upstream to confirm more.
+        let mut awaiting_upstream = false;
         if let Some(links) = &mut links {
             for status in statuses(links) {
                 connected.push(status.connected);
@@ -254,7 +268,15 @@ impl Pump {
         self.send(Event::CaughtUp(self.bound(watermark))).await?;
         // Live: each commit marks streams dirty and raises the bound.
         loop {
-            if self.ended(watermark) {
+            if let Some(end) = self.spec.end.filter(|_| self.ended(watermark)) {
+                // The last message says the end was reached, so a client can tell a finished
+                // subscription from a connection closed early.
+                let now = Tick::now();
+                let upstreams = links
+                    .as_ref()
+                    .map(|l| l.borrow().iter().map(|l| l.status(now)).collect())
+                    .unwrap_or_default();
+                self.send(Event::Heartbeat { tail: end, server_time: now, upstreams }).await?;
                 return Ok(());
             }
             tokio::select! {
@@ -285,13 +307,24 @@ impl Pump {
                     }
                     self.drain(self.bound(watermark)).await?;
                 }
-                _ = tokio::time::sleep_until(self.end_passes_at()), if self.spec.end.is_some() => {
+                _ = tokio::time::sleep_until(self.end_passes_at()), if self.spec.end.is_some() && !awaiting_upstream => {
                     // The wall clock passed the end but the watermark has not (nothing was
                     // published): have the writer raise it. Its commit arrives after the commits
                     // of every batch queued before, and the branch above applies them all in
                     // order, so no stream's committed tick is stale when the end is reached.
-                    if self.spec.end.is_some_and(|end| self.log.watermark() < end) {
-                        self.log.advance().await?;
+                    // A relay may only raise it as far as its upstream confirmed; short of the
+                    // end, it waits for the next confirmation (a change of the links).
+                    if let Some(end) = self.spec.end.filter(|&end| self.log.watermark() < end) {
+                        match advance_cap(&links) {
+                            Some(cap) if cap >= end => {
+                                self.log.advance(end).await?;
+                            }
+                            Some(cap) => {
+                                self.log.advance(cap).await?;
+                                awaiting_upstream = links.is_some();
+                            }
+                            None => awaiting_upstream = true,
+                        }
                     }
                 }
                 changed = changed(&mut links) => {
@@ -300,6 +333,7 @@ impl Pump {
                         links = None;
                         continue;
                     }
+                    awaiting_upstream = false;
                     let Some(links) = &mut links else { continue };
                     let now = statuses(links);
                     connected.resize(now.len(), false);
@@ -311,8 +345,18 @@ impl Pump {
                     }
                 }
                 _ = tokio::time::sleep_until(self.heartbeat_at) => {
-                    let upstreams = links.as_mut().map(statuses).unwrap_or_default();
-                    self.send(Event::Heartbeat { tail: watermark, server_time: Tick::now(), upstreams }).await?;
+                    let now = Tick::now();
+                    let upstreams = links.as_ref().map(|l| l.borrow().iter().map(|l| l.status(now)).collect()).unwrap_or_default();
+                    self.send(Event::Heartbeat { tail: watermark, server_time: now, upstreams }).await?;
+                    // Let time pass for every reader while nothing is published, so that a
+                    // heartbeat's tail (everything up to it was delivered) stays recent; one
+                    // advance per half interval is enough for all subscriptions together.
+                    let half = Duration::from_nanos(u64::try_from(self.spec.heartbeat.as_nanos() / 2).unwrap_or(u64::MAX));
+                    if let Some(cap) = advance_cap(&links) {
+                        if self.log.watermark().0.saturating_add(u64::try_from(half.as_nanos()).unwrap_or(u64::MAX)) < cap.0 {
+                            self.log.advance(cap).await?;
+                        }
+                    }
                 }
             }
         }
