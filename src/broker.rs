@@ -21,6 +21,10 @@ use tracing::info;
 /// How long `close` waits for subscription tasks.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The fastest pace a subscription may ask for. Far beyond any useful replay speed; it keeps the
+/// delay arithmetic well inside `f64` and `Duration`.
+pub const MAX_PACE: f64 = 1e6;
+
 /// Protocol versions this server speaks; the last is the current one.
 pub const PROTOCOL_VERSIONS: &[u32] = &[1];
 
@@ -61,6 +65,9 @@ pub struct SubscribeRequest {
     pub start: Start,
     pub resume: HashMap<String, u64>,
     pub end: Option<u64>,
+    /// 0 for instant delivery; otherwise the speed factor of paced delivery (1 = the original
+    /// timing of the ticks).
+    pub pace: f64,
 }
 
 /// Who this server is, for `Hello`.
@@ -234,12 +241,20 @@ impl Broker {
                 return Err(Error::EndBeforeStart { start, end });
             }
         }
+        // NaN fails every comparison, so it is caught by `is_finite` and never reaches the pump.
+        if !request.pace.is_finite() || request.pace < 0.0 || request.pace > MAX_PACE {
+            return Err(Error::InvalidArgument(format!(
+                "pace {} is not a speed factor: pace must be 0 (instant) or a finite factor above 0 and at most {MAX_PACE} (1 = the original timing)",
+                request.pace
+            )));
+        }
         let spec = Spec {
             selectors,
             start: request.start,
             resume,
             end: request.end.map(Tick),
             heartbeat: self.heartbeat,
+            pace: (request.pace > 0.0).then_some(request.pace),
         };
         Ok(subscription::spawn(self.log.clone(), spec, self.shutdown.clone(), &self.tasks))
     }

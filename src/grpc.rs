@@ -253,6 +253,7 @@ impl pb::tapeline_server::Tapeline for Service {
                 start,
                 resume: req.resume.into_iter().collect(),
                 end: req.end,
+                pace: req.pace,
             })
             .map_err(|e| status(&e))?;
         let stream = ReceiverStream::new(events).map(|e| e.map(event).map_err(|e| status(&e)));

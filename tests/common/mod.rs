@@ -260,6 +260,7 @@ pub fn request(streams: &[&str], start: pb::subscribe_request::Start) -> pb::Sub
         start: Some(start),
         resume: Default::default(),
         end: None,
+        pace: 0.0,
     }
 }
 
