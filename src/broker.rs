@@ -25,6 +25,10 @@ const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 /// How long `close` waits for subscription tasks.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The fastest pace a subscription may ask for. Far beyond any useful replay speed; it keeps the
+/// delay arithmetic well inside `f64` and `Duration`.
+pub const MAX_PACE: f64 = 1e6;
+
 /// Protocol versions this server speaks; the last is the current one.
 pub const PROTOCOL_VERSIONS: &[u32] = &[1];
 
@@ -67,6 +71,9 @@ pub struct SubscribeRequest {
     pub end: Option<u64>,
     /// The client's heartbeat interval, instead of the server's.
     pub heartbeat: Option<Duration>,
+    /// 0 for instant delivery; otherwise the speed factor of paced delivery (1 = the original
+    /// timing of the ticks).
+    pub pace: f64,
 }
 
 /// Who this server is, for `Hello`.
@@ -314,6 +321,13 @@ impl Broker {
                 return Err(Error::EndBeforeStart { start, end });
             }
         }
+        // NaN fails every comparison, so it is caught by `is_finite` and never reaches the pump.
+        if !request.pace.is_finite() || request.pace < 0.0 || request.pace > MAX_PACE {
+            return Err(Error::InvalidArgument(format!(
+                "pace {} is not a speed factor: pace must be 0 (instant) or a finite factor above 0 and at most {MAX_PACE} (1 = the original timing)",
+                request.pace
+            )));
+        }
         let spec = Spec {
             selectors,
             start: request.start,
@@ -321,6 +335,7 @@ impl Broker {
             end: request.end.map(Tick),
             heartbeat: request.heartbeat.map_or(self.heartbeat, |h| h.max(MIN_HEARTBEAT)),
             links: (!self.mirrors.is_empty()).then(|| self.links.subscribe()),
+            pace: (request.pace > 0.0).then_some(request.pace),
         };
         Ok(subscription::spawn(self.log.clone(), spec, self.shutdown.clone(), &self.tasks))
     }

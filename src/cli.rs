@@ -150,6 +150,10 @@ pub struct TailArgs {
     /// Output: json (one object per line) or raw (the payload and a newline).
     #[arg(long, default_value = "json", value_parser = ["json", "raw"])]
     pub output: String,
+    /// Delivery speed: instant, original (the recorded timing of the ticks) or a factor such as
+    /// 2x or 0.5x; the replay then continues live at the same pace.
+    #[arg(long, default_value = "instant")]
+    pub pace: String,
 }
 
 /// Runs a parsed command line.
@@ -382,6 +386,24 @@ fn parse_point(flag: &'static str, value: &str) -> Result<Tick> {
     Ok(Tick(ns))
 }
 
+/// Parses `--pace`: `instant` is `None`; `original` is 1; `FACTORx` or a bare number is that
+/// factor, which must be finite and above 0 (the server checks its upper bound).
+pub fn parse_pace(value: &str) -> Result<Option<f64>> {
+    let factor = match value {
+        "instant" => return Ok(None),
+        "original" => Ok(1.0),
+        v => v.strip_suffix('x').unwrap_or(v).parse::<f64>(),
+    };
+    match factor {
+        Ok(f) if f.is_finite() && f > 0.0 => Ok(Some(f)),
+        _ => Err(Error::Config {
+            key: "--pace",
+            value: value.to_string(),
+            expected: "instant, original, or a speed factor above 0 such as 2x, 0.5x or 3",
+        }),
+    }
+}
+
 fn parse_from(value: &str) -> Result<pb::subscribe_request::Start> {
     use pb::subscribe_request::Start;
     Ok(match value {
@@ -401,6 +423,7 @@ fn parse_from(value: &str) -> Result<pb::subscribe_request::Start> {
 
 async fn tail(args: TailArgs) -> Result<ExitCode> {
     use pb::subscribe_request::Start;
+    let pace = parse_pace(&args.pace)?.unwrap_or(0.0);
     let start = match (&args.from, args.after) {
         (Some(from), _) => parse_from(from)?,
         (None, Some(after)) => Start::After(after),
@@ -432,6 +455,7 @@ async fn tail(args: TailArgs) -> Result<ExitCode> {
     let options = SubscribeOptions {
         endpoints: args.servers.clone(),
         end,
+        pace,
         ..SubscribeOptions::new(String::new(), args.patterns, start)
     };
     let mut subscriber = Subscriber::new(options)?;
@@ -577,5 +601,21 @@ mod tests {
         let err = parse_point("--to", "yesterday").unwrap_err().to_string();
         assert!(err.contains("--to") && err.contains("yesterday"), "{err}");
         assert!(matches!(parse_from("-5m").unwrap(), pb::subscribe_request::Start::At(_)));
+    }
+
+    #[test]
+    fn paces() {
+        assert_eq!(parse_pace("instant").unwrap(), None);
+        assert_eq!(parse_pace("original").unwrap(), Some(1.0));
+        assert_eq!(parse_pace("2x").unwrap(), Some(2.0));
+        assert_eq!(parse_pace("0.5x").unwrap(), Some(0.5));
+        assert_eq!(parse_pace("3").unwrap(), Some(3.0));
+        for bad in ["fast", "0x", "-2x", "x", "NaNx", "infx", "2xx", ""] {
+            let err = parse_pace(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("--pace") && err.contains(&format!("{bad:?}")) && err.contains("such as 2x"),
+                "{bad}: {err}"
+            );
+        }
     }
 }

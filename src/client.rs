@@ -118,6 +118,9 @@ pub struct SubscribeOptions {
     pub end: Option<u64>,
     /// Heartbeat interval to ask the server for; silence of three intervals counts as a failure.
     pub heartbeat: Duration,
+    /// Paced delivery: 0 = as fast as possible, otherwise the speed factor of the recorded timing
+    /// (1 = original). After a reconnection the pacing starts again from the next record.
+    pub pace: f64,
     pub backoff: Backoff,
 }
 
@@ -130,6 +133,7 @@ impl SubscribeOptions {
             start,
             end: None,
             heartbeat: Duration::from_secs(2),
+            pace: 0.0,
             backoff: Backoff::default(),
         }
     }
@@ -355,6 +359,7 @@ impl Subscriber {
             resume: self.positions.clone(),
             end: self.options.end,
             heartbeat_ms: u32::try_from(self.heartbeat().as_millis()).unwrap_or(u32::MAX),
+            pace: self.options.pace,
         }
     }
 

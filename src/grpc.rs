@@ -272,6 +272,7 @@ impl pb::tapeline_server::Tapeline for Service {
                 resume: req.resume.into_iter().collect(),
                 end: req.end,
                 heartbeat: (req.heartbeat_ms > 0).then(|| Duration::from_millis(req.heartbeat_ms.into())),
+                pace: req.pace,
             })
             .map_err(|e| status(&e))?;
         let stream = ReceiverStream::new(events).map(|e| e.map(event).map_err(|e| status(&e)));

@@ -18,6 +18,12 @@
 //! - A subscription with an `end` finishes once the watermark reaches it; when the wall clock has
 //!   passed `end` with nothing published, it asks the log to advance, and that commit arrives after
 //!   every earlier one, so no record at or below `end` is skipped.
+//! - Paced delivery (a speed factor `f`): with `B` the tick of the first record delivered and `I`
+//!   the moment it was delivered, record `r` is delivered no earlier than `I + (r.tick - B) / f`,
+//!   in the replay and live alike. A record not yet due waits where it already is (in its read
+//!   window), so pacing holds nothing more in memory; the batch before it is sent first, so nothing
+//!   due waits behind it; the wait ends at once when the client goes away or the broker shuts
+//!   down, and sends heartbeats while it lasts.
 
 use crate::error::{Error, Result};
 use crate::names::Pattern;
@@ -73,6 +79,9 @@ pub struct Spec {
     /// On a relay, its upstream links: their state goes into heartbeats, and a link going down
     /// or coming back is sent as an event.
     pub links: Option<watch::Receiver<Vec<Link>>>,
+    /// Paced delivery: the speed factor (1 = the original timing of the ticks), finite and above
+    /// 0; `None` delivers as fast as the client reads.
+    pub pace: Option<f64>,
 }
 
 /// What a subscriber receives.
@@ -119,6 +128,29 @@ impl From<Error> for Stop {
     }
 }
 
+/// When each record of a paced subscription is due.
+#[derive(Debug)]
+struct Pacing {
+    /// Recorded time per real time: 2 plays twice as fast.
+    factor: f64,
+    /// The tick of the first record delivered and when it was: the origin every later record's
+    /// due time is measured from, so lateness in one wait never accumulates into the next.
+    base: Option<(Tick, Instant)>,
+}
+
+impl Pacing {
+    /// When the record with `tick` is due. The first call fixes the base, so its record is due at
+    /// once. A tick below the base (a record imported into another stream after later ones were
+    /// delivered) is due at once too.
+    fn due(&mut self, tick: Tick, now: Instant) -> Instant {
+        let (base_tick, base_at) = *self.base.get_or_insert((tick, now));
+        let recorded = tick.0.saturating_sub(base_tick.0) as f64 / 1e9;
+        // A tiny factor can ask for a wait no `Duration` or `Instant` holds: wait "forever".
+        let wait = Duration::try_from_secs_f64(recorded / self.factor).unwrap_or(Duration::MAX);
+        base_at.checked_add(wait).unwrap_or_else(|| later(wait))
+    }
+}
+
 struct Pump {
     log: Arc<Log>,
     spec: Spec,
@@ -130,6 +162,8 @@ struct Pump {
     pending: Vec<Record>,
     pending_bytes: usize,
     heartbeat_at: Instant,
+    /// Set when the subscription asked for paced delivery.
+    pacing: Option<Pacing>,
 }
 
 /// Registers the subscription now and spawns its pump on `tasks`. The receiver ends after an
@@ -152,6 +186,7 @@ pub fn spawn(
         pending: Vec::new(),
         pending_bytes: 0,
         heartbeat_at: later(spec.heartbeat),
+        pacing: spec.pace.map(|factor| Pacing { factor, base: None }),
         spec,
     };
     for info in snapshot.streams {
@@ -253,7 +288,7 @@ impl Pump {
     async fn run(&mut self, registered: Tick, mut commits: broadcast::Receiver<Commit>) -> Result<(), Stop> {
         let mut watermark = registered;
         // On a relay: where the upstream links stand, before anything else.
-        let mut links = self.spec.links.take();
+        let mut links = self.spec.links.clone();
         let mut connected: Vec<bool> = Vec::new();
         // A relay's advance for `end` fell short of it: wait for the upstream to confirm more.
         let mut awaiting_upstream = false;
@@ -272,10 +307,7 @@ impl Pump {
                 // The last message says the end was reached, so a client can tell a finished
                 // subscription from a connection closed early.
                 let now = Tick::now();
-                let upstreams = links
-                    .as_ref()
-                    .map(|l| l.borrow().iter().map(|l| l.status(now)).collect())
-                    .unwrap_or_default();
+                let upstreams = self.upstreams(now);
                 self.send(Event::Heartbeat { tail: end, server_time: now, upstreams }).await?;
                 return Ok(());
             }
@@ -346,7 +378,7 @@ impl Pump {
                 }
                 _ = tokio::time::sleep_until(self.heartbeat_at) => {
                     let now = Tick::now();
-                    let upstreams = links.as_ref().map(|l| l.borrow().iter().map(|l| l.status(now)).collect()).unwrap_or_default();
+                    let upstreams = self.upstreams(now);
                     self.send(Event::Heartbeat { tail: watermark, server_time: now, upstreams }).await?;
                     // Let time pass for every reader while nothing is published, so that a
                     // heartbeat's tail (everything up to it was delivered) stays recent; one
@@ -488,12 +520,49 @@ impl Pump {
     }
 
     async fn push(&mut self, record: Record) -> Result<(), Stop> {
+        if let Some(pacing) = &mut self.pacing {
+            let now = Instant::now();
+            let due = pacing.due(record.tick, now);
+            if due > now {
+                // What is due goes out now rather than waiting behind this record.
+                self.flush().await?;
+                self.wait_until(due, record.tick).await?;
+            }
+        }
         self.pending_bytes += record.payload.len();
         self.pending.push(record);
         if self.pending.len() >= BATCH_RECORDS || self.pending_bytes >= BATCH_BYTES {
             self.flush().await?;
         }
         Ok(())
+    }
+
+    /// Waits until a paced record (of tick `next`) is due, unless the client goes away or the
+    /// broker shuts down first; a long wait is not silence, so it keeps the heartbeats going.
+    /// Their tail is just below `next`: everything before it was delivered, nothing after.
+    async fn wait_until(&mut self, due: Instant, next: Tick) -> Result<(), Stop> {
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return self.shutting_down().await,
+                _ = self.out.closed() => return Err(Stop::Gone),
+                _ = tokio::time::sleep_until(due) => return Ok(()),
+                _ = tokio::time::sleep_until(self.heartbeat_at) => {
+                    let now = Tick::now();
+                    let upstreams = self.upstreams(now);
+                    self.send(Event::Heartbeat { tail: Tick(next.0 - 1), server_time: now, upstreams }).await?;
+                }
+            }
+        }
+    }
+
+    /// The state of each upstream link at `now` (empty on an origin).
+    fn upstreams(&self, now: Tick) -> Vec<UpstreamStatus> {
+        self.spec
+            .links
+            .as_ref()
+            .map(|l| l.borrow().iter().map(|l| l.status(now)).collect())
+            .unwrap_or_default()
     }
 
     async fn flush(&mut self) -> Result<(), Stop> {
@@ -512,5 +581,36 @@ impl Pump {
         }
         self.heartbeat_at = later(self.spec.heartbeat);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paced_records_are_due_after_their_recorded_offset_over_the_factor() {
+        let start = Instant::now();
+        let mut pacing = Pacing { factor: 2.0, base: None };
+        assert_eq!(pacing.due(Tick(5_000_000_000), start), start, "the first record is due at once");
+        // Later calls measure from the first record, whenever they are made.
+        let later_call = start + Duration::from_secs(7);
+        assert_eq!(pacing.due(Tick(6_000_000_000), later_call), start + Duration::from_millis(500));
+        assert_eq!(
+            pacing.due(Tick(4_000_000_000), later_call),
+            start,
+            "a tick below the base is due at once"
+        );
+        let mut original = Pacing { factor: 1.0, base: None };
+        original.due(Tick(1), start);
+        assert_eq!(original.due(Tick(1 + 250_000_000), start), start + Duration::from_millis(250));
+    }
+
+    #[test]
+    fn a_wait_too_long_to_represent_is_far_away_not_a_panic() {
+        let start = Instant::now();
+        let mut crawl = Pacing { factor: 1e-300, base: None };
+        crawl.due(Tick(1), start);
+        assert!(crawl.due(Tick::MAX, start) > start + Duration::from_secs(300 * 86_400));
     }
 }

@@ -885,17 +885,25 @@ mod arbitrary {
             tick().prop_map(|t| Some(Start::At(t))),
             tick().prop_map(|t| Some(Start::After(t))),
         ];
+        // Only paces that are refused or instant: a valid pace over random ticks could take years
+        // to reach `CaughtUp`, which is what it promises, not a fault.
+        let pace = prop_oneof![
+            6 => Just(0.0),
+            1 => prop_oneof![Just(-1.0), Just(f64::NAN), Just(f64::INFINITY), Just(f64::MAX), Just(-f64::MIN_POSITIVE)],
+        ];
         (
             prop::collection::vec(pattern(), 0..3),
             start,
             prop::collection::hash_map(name(), tick(), 0..2),
             prop::option::of(tick()),
+            pace,
         )
-            .prop_map(|(streams, start, resume, end)| pb::SubscribeRequest {
+            .prop_map(|(streams, start, resume, end, pace)| pb::SubscribeRequest {
                 streams,
                 start,
                 resume,
                 end,
+                pace,
                 ..Default::default()
             })
     }
