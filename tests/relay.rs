@@ -48,15 +48,19 @@ impl Node {
 
     fn kill(&mut self) {
         if let Some(mut serve) = self.serve.take() {
-            serve.child.kill().unwrap();
-            serve.child.wait().unwrap();
+            // Waiting for a process blocks: let the runtime move other tasks off this thread.
+            tokio::task::block_in_place(|| {
+                serve.child.kill().unwrap();
+                serve.child.wait().unwrap();
+            });
         }
     }
 
     fn restart(&mut self) {
         self.kill();
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        self.serve = Some(Serve::start_at(&self.data, &self.addr, &extra));
+        let serve = tokio::task::block_in_place(|| Serve::start_at(&self.data, &self.addr, &extra));
+        self.serve = Some(serve);
     }
 }
 
