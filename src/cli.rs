@@ -1,11 +1,10 @@
 //! The `tapeline` command line: clap definitions, `serve`, and the client commands.
 
 use crate::client::{self, connect, Delivery, PublishOptions, Publisher, SubscribeOptions, Subscriber};
-use crate::config::{Config, DataDir, FsyncPolicy, Limits};
+use crate::config;
 use crate::error::{Error, Result};
 use crate::grpc::pb;
 use crate::record::Tick;
-use crate::relay::{Mirror, MirrorFrom};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
@@ -39,6 +38,8 @@ pub enum Command {
     Streams(ServerArg),
     /// Show a server's identity, version and protocol versions.
     Info(ServerArg),
+    /// Print a settings file with every default, each explained (for `serve --config`).
+    Config,
     /// Check every stored record of a data dir (no broker may be serving it). Exits 0 when all
     /// is intact, 2 when damage was found, naming each damaged stream and tick range.
     Verify(VerifyArgs),
@@ -69,43 +70,79 @@ pub struct RecoverArgs {
 /// Flags of `serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
-    #[arg(long, default_value = "127.0.0.1:7411")]
-    pub listen: String,
-    /// Data directory.
-    #[arg(long, default_value = "tapeline-data", conflicts_with = "volatile")]
-    pub data: PathBuf,
+    /// Settings file (TOML; `tapeline config` prints one with every default). Flags win over it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed)
+    /// [default: 127.0.0.1:7411].
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Data directory [default: tapeline-data].
+    #[arg(long, conflicts_with = "volatile")]
+    pub data: Option<PathBuf>,
     /// Keep the log in a temporary store, removed at exit.
     #[arg(long)]
     pub volatile: bool,
-    /// When a batch is forced to disk before it is acknowledged: always, interval=MS or never.
-    #[arg(long, default_value = "always")]
-    pub fsync: String,
-    /// Largest payload of one record, in bytes.
-    #[arg(long, default_value_t = Limits::default().max_record_bytes)]
-    pub max_record_bytes: usize,
-    /// Largest sum of payloads and headers in one batch, in bytes.
-    #[arg(long, default_value_t = Limits::default().max_batch_bytes)]
-    pub max_batch_bytes: usize,
-    /// Silence after which a subscriber gets a heartbeat (e.g. 5s, 500ms).
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    pub heartbeat: Duration,
+    /// When a batch is forced to disk before it is acknowledged: always, interval=MS or never
+    /// [default: always].
+    #[arg(long)]
+    pub fsync: Option<String>,
+    /// Largest payload of one record, in bytes [default: 4 MiB].
+    #[arg(long)]
+    pub max_record_bytes: Option<usize>,
+    /// Largest sum of payloads and headers in one batch, in bytes [default: 16 MiB].
+    #[arg(long)]
+    pub max_batch_bytes: Option<usize>,
+    /// Silence after which a subscriber gets a heartbeat, e.g. 5s, 500ms [default: 5s].
+    #[arg(long)]
+    pub heartbeat: Option<String>,
     /// The most bytes the data dir may take; publishing is refused beyond (RESOURCE_EXHAUSTED).
     #[arg(long)]
     pub max_disk_bytes: Option<u64>,
-    /// Free disk space kept in reserve; publishing is refused when a batch would eat into it.
-    #[arg(long, default_value_t = Config::default().min_free_disk_bytes)]
-    pub min_free_disk_bytes: u64,
-    /// Relay mode: the tapeline to copy streams from (an origin or another relay).
+    /// Free disk space kept in reserve; publishing is refused when a batch would eat into it
+    /// [default: 64 MiB].
+    #[arg(long)]
+    pub min_free_disk_bytes: Option<u64>,
+    /// Relay mode: the tapeline to copy streams from (an origin or another relay). Several
+    /// upstreams: `[[mirror]]` tables in the settings file.
     #[arg(long, requires = "mirror")]
     pub upstream: Option<String>,
     /// A stream name or pattern to copy from the upstream (repeat for several); read-only here.
     #[arg(long, requires = "upstream")]
     pub mirror: Vec<String>,
     /// Where mirroring starts the first time: beginning, now or -DURATION (e.g. -10m). Afterwards
-    /// the relay resumes from what it stored.
-    #[arg(long, default_value = "beginning", allow_hyphen_values = true, requires = "upstream")]
-    pub mirror_from: String,
+    /// the relay resumes from what it stored [default: beginning].
+    #[arg(long, allow_hyphen_values = true, requires = "upstream")]
+    pub mirror_from: Option<String>,
+}
+
+impl ServeArgs {
+    /// The flags as settings that win over the file's.
+    fn settings(&self) -> config::File {
+        config::File {
+            listen: self.listen.clone(),
+            data: self.data.clone(),
+            volatile: self.volatile.then_some(true),
+            fsync: self.fsync.clone(),
+            heartbeat: self.heartbeat.clone(),
+            cache_bytes: None,
+            max_disk_bytes: self.max_disk_bytes,
+            min_free_disk_bytes: self.min_free_disk_bytes,
+            limits: config::FileLimits {
+                max_record_bytes: self.max_record_bytes,
+                max_batch_bytes: self.max_batch_bytes,
+                ..Default::default()
+            },
+            mirror: match &self.upstream {
+                Some(upstream) => vec![config::FileMirror {
+                    upstream: upstream.clone(),
+                    streams: self.mirror.clone(),
+                    from: self.mirror_from.clone(),
+                }],
+                None => Vec::new(),
+            },
+        }
+    }
 }
 
 /// The server a client command talks to.
@@ -164,6 +201,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Tail(args) => tail(args).await,
         Command::Streams(args) => streams(args).await,
         Command::Info(args) => info(args).await,
+        Command::Config => {
+            print!("{}", config::DEFAULT_FILE);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Verify(args) => verify(args),
         Command::Recover(args) => recover(args).await,
     }
@@ -205,31 +246,17 @@ async fn recover(args: RecoverArgs) -> Result<ExitCode> {
 }
 
 async fn serve(args: ServeArgs) -> Result<ExitCode> {
-    let config = Config {
-        data: if args.volatile { DataDir::Volatile } else { DataDir::Path(args.data) },
-        fsync: args.fsync.parse::<FsyncPolicy>()?,
-        limits: Limits {
-            max_record_bytes: args.max_record_bytes,
-            max_batch_bytes: args.max_batch_bytes,
-            ..Limits::default()
-        },
-        heartbeat: args.heartbeat,
-        max_disk_bytes: args.max_disk_bytes,
-        min_free_disk_bytes: args.min_free_disk_bytes,
-        mirrors: match args.upstream {
-            Some(upstream) => vec![Mirror {
-                upstream,
-                patterns: args.mirror,
-                from: args.mirror_from.parse::<MirrorFrom>()?,
-            }],
-            None => Vec::new(),
-        },
-        ..Config::default()
+    let file = match &args.config {
+        Some(path) => config::File::load(path)?,
+        None => config::File::default(),
     };
+    let settings = file.overridden_by(args.settings());
+    let config = settings.config()?;
     config.validate()?;
-    let listener = tokio::net::TcpListener::bind(&args.listen)
+    let listen = settings.listen.unwrap_or_else(|| "127.0.0.1:7411".to_string());
+    let listener = tokio::net::TcpListener::bind(&listen)
         .await
-        .map_err(|source| Error::Io { context: format!("cannot listen on {}", args.listen), source })?;
+        .map_err(|source| Error::Io { context: format!("cannot listen on {listen}"), source })?;
     let addr = listener
         .local_addr()
         .map_err(|source| Error::Io { context: "reading the listen address".into(), source })?;

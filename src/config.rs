@@ -186,6 +186,180 @@ impl Config {
     }
 }
 
+/// The settings file (`serve --config FILE`): every key is optional; a flag given on the command
+/// line wins over the file, the file over the default. Unknown keys are refused, so a typo is not
+/// silently ignored.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub listen: Option<String>,
+    pub data: Option<PathBuf>,
+    pub volatile: Option<bool>,
+    pub fsync: Option<String>,
+    pub heartbeat: Option<String>,
+    pub cache_bytes: Option<u64>,
+    pub max_disk_bytes: Option<u64>,
+    pub min_free_disk_bytes: Option<u64>,
+    #[serde(default)]
+    pub limits: FileLimits,
+    /// Relay mode: one table per upstream.
+    #[serde(default)]
+    pub mirror: Vec<FileMirror>,
+}
+
+/// The `[limits]` table of the settings file.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLimits {
+    pub max_record_bytes: Option<usize>,
+    pub max_batch_bytes: Option<usize>,
+    pub max_batch_records: Option<usize>,
+    pub max_header_bytes: Option<usize>,
+    pub max_producers: Option<usize>,
+}
+
+/// One `[[mirror]]` table of the settings file.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileMirror {
+    pub upstream: String,
+    pub streams: Vec<String>,
+    pub from: Option<String>,
+}
+
+/// The settings file with every default, each explained: what `tapeline config` prints.
+pub const DEFAULT_FILE: &str = r#"# tapeline settings (TOML). Start the broker with: tapeline serve --config tapeline.toml
+# Every key is optional: a missing key takes the default shown here, and a flag given to
+# `tapeline serve` wins over the file.
+
+# Address to listen on (port 0 picks a free one).
+listen = "127.0.0.1:7411"
+# Data directory.
+data = "tapeline-data"
+# true: keep the log in a temporary directory, removed at exit (data is then ignored).
+volatile = false
+# When a batch is flushed and acknowledged: "always" (ack after fsync), "interval=MS", "never".
+fsync = "always"
+# Silence after which a subscriber gets a heartbeat ("500ms", "5s", "1m").
+heartbeat = "5s"
+# Bytes of the storage engine's page cache.
+cache_bytes = 268435456
+# The most the data dir may take, in bytes; publishing is refused beyond it. No limit when absent.
+# max_disk_bytes = 10737418240
+# Free disk space kept in reserve, in bytes; publishing is refused rather than eat into it.
+min_free_disk_bytes = 67108864
+
+[limits]
+# Largest payload of one record, in bytes.
+max_record_bytes = 4194304
+# Largest sum of payloads and headers in one batch, in bytes.
+max_batch_bytes = 16777216
+# Most records in one batch.
+max_batch_records = 65536
+# Largest sum of header keys and values of one record, in bytes.
+max_header_bytes = 16384
+# Idempotent producers remembered; beyond it the least recently used one is forgotten.
+max_producers = 10000
+
+# Relay mode: copy the streams matching `streams` from `upstream` (another tapeline), read-only
+# here. `from` is where copying starts the first time: "beginning", "now" or "-DURATION" ("-10m").
+# [[mirror]]
+# upstream = "http://10.0.0.5:7411"
+# streams = ["sensors/**"]
+# from = "beginning"
+"#;
+
+impl File {
+    /// These settings with every key that `over` sets taken from `over` (its mirrors, if any,
+    /// replace these).
+    pub fn overridden_by(self, over: File) -> File {
+        File {
+            listen: over.listen.or(self.listen),
+            // A data dir given on the command line means a data dir, whatever the file says.
+            volatile: if over.data.is_some() { Some(false) } else { over.volatile.or(self.volatile) },
+            data: over.data.or(self.data),
+            fsync: over.fsync.or(self.fsync),
+            heartbeat: over.heartbeat.or(self.heartbeat),
+            cache_bytes: over.cache_bytes.or(self.cache_bytes),
+            max_disk_bytes: over.max_disk_bytes.or(self.max_disk_bytes),
+            min_free_disk_bytes: over.min_free_disk_bytes.or(self.min_free_disk_bytes),
+            limits: FileLimits {
+                max_record_bytes: over.limits.max_record_bytes.or(self.limits.max_record_bytes),
+                max_batch_bytes: over.limits.max_batch_bytes.or(self.limits.max_batch_bytes),
+                max_batch_records: over.limits.max_batch_records.or(self.limits.max_batch_records),
+                max_header_bytes: over.limits.max_header_bytes.or(self.limits.max_header_bytes),
+                max_producers: over.limits.max_producers.or(self.limits.max_producers),
+            },
+            mirror: if over.mirror.is_empty() { self.mirror } else { over.mirror },
+        }
+    }
+
+    /// Reads and parses a settings file; a mistake is reported with its line, the value and what
+    /// was expected.
+    pub fn load(path: &std::path::Path) -> Result<File> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            context: format!("cannot read the settings file {}", path.display()),
+            source,
+        })?;
+        File::parse(&text).map_err(|detail| Error::ConfigFile { path: path.to_path_buf(), detail })
+    }
+
+    /// Parses the text of a settings file.
+    pub fn parse(text: &str) -> std::result::Result<File, String> {
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            // One line: where, the line as written (the key and its value), and what was wrong.
+            let Some(span) = e.span().filter(|s| s.start <= text.len()) else {
+                return e.message().to_string();
+            };
+            let number = text[..span.start].matches('\n').count() + 1;
+            let line = text.lines().nth(number - 1).unwrap_or("").trim();
+            format!("line {number}, `{line}`: {}", e.message())
+        })
+    }
+
+    /// The broker settings the file gives, defaults elsewhere.
+    pub fn config(&self) -> Result<Config> {
+        let default = Config::default();
+        let limits = Limits {
+            max_record_bytes: self.limits.max_record_bytes.unwrap_or(default.limits.max_record_bytes),
+            max_batch_bytes: self.limits.max_batch_bytes.unwrap_or(default.limits.max_batch_bytes),
+            max_batch_records: self.limits.max_batch_records.unwrap_or(default.limits.max_batch_records),
+            max_header_bytes: self.limits.max_header_bytes.unwrap_or(default.limits.max_header_bytes),
+            max_producers: self.limits.max_producers.unwrap_or(default.limits.max_producers),
+        };
+        let heartbeat = match &self.heartbeat {
+            Some(text) => humantime::parse_duration(text).map_err(|_| Error::Config {
+                key: "heartbeat",
+                value: text.clone(),
+                expected: "a duration such as 500ms, 5s or 1m",
+            })?,
+            None => default.heartbeat,
+        };
+        let mut mirrors = Vec::with_capacity(self.mirror.len());
+        for m in &self.mirror {
+            mirrors.push(crate::relay::Mirror {
+                upstream: m.upstream.clone(),
+                patterns: m.streams.clone(),
+                from: m.from.as_deref().unwrap_or("beginning").parse()?,
+            });
+        }
+        Ok(Config {
+            data: match (self.volatile, &self.data) {
+                (Some(true), _) => DataDir::Volatile,
+                (_, Some(path)) => DataDir::Path(path.clone()),
+                _ => default.data,
+            },
+            fsync: self.fsync.as_deref().map(str::parse).transpose()?.unwrap_or(default.fsync),
+            limits,
+            heartbeat,
+            cache_bytes: self.cache_bytes.unwrap_or(default.cache_bytes),
+            max_disk_bytes: self.max_disk_bytes,
+            min_free_disk_bytes: self.min_free_disk_bytes.unwrap_or(default.min_free_disk_bytes),
+            mirrors,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,5 +375,55 @@ mod tests {
         let err = "sometimes".parse::<FsyncPolicy>().unwrap_err().to_string();
         assert!(err.contains("fsync") && err.contains("sometimes") && err.contains("interval=MS"), "{err}");
         assert!("interval=0".parse::<FsyncPolicy>().is_err());
+    }
+
+    #[test]
+    fn the_default_file_gives_the_defaults() {
+        let file = File::parse(DEFAULT_FILE).unwrap();
+        assert_eq!(file.listen.as_deref(), Some("127.0.0.1:7411"));
+        let config = file.config().unwrap();
+        let default = Config::default();
+        assert_eq!(config.data, default.data);
+        assert_eq!(config.fsync, default.fsync);
+        assert_eq!(config.limits, default.limits);
+        assert_eq!(config.heartbeat, default.heartbeat);
+        assert_eq!(config.cache_bytes, default.cache_bytes);
+        assert_eq!(config.max_disk_bytes, default.max_disk_bytes);
+        assert_eq!(config.min_free_disk_bytes, default.min_free_disk_bytes);
+        assert!(config.mirrors.is_empty());
+    }
+
+    #[test]
+    fn a_bad_file_names_the_key_the_value_and_what_was_expected() {
+        let err = File::parse("[limits]\nmax_record_bytes = \"big\"\n").unwrap_err();
+        assert!(err.contains("max_record_bytes") && err.contains("big") && err.contains("expected"), "{err}");
+        let err = File::parse("listen = \"x\"\nfsnyc = \"always\"\n").unwrap_err();
+        assert!(err.contains("fsnyc") && err.contains("unknown field"), "{err}");
+        let err = File::parse("fsync = \"sometimes\"").unwrap().config().unwrap_err().to_string();
+        assert!(err.contains("fsync") && err.contains("sometimes") && err.contains("interval=MS"), "{err}");
+        let err = File::parse("heartbeat = \"soon\"").unwrap().config().unwrap_err().to_string();
+        assert!(err.contains("heartbeat") && err.contains("soon"), "{err}");
+        let file =
+            File::parse("[[mirror]]\nupstream = \"http://a:1\"\nstreams = [\"s/**\"]\nfrom = \"now\"\n")
+                .unwrap();
+        let mirrors = file.config().unwrap().mirrors;
+        assert_eq!(mirrors.len(), 1);
+        assert_eq!(mirrors[0].from, crate::relay::MirrorFrom::Now);
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file = File::parse("listen = \"1.2.3.4:5\"\nvolatile = true\n[limits]\nmax_record_bytes = 10\nmax_batch_bytes = 100\n").unwrap();
+        let flags = File {
+            data: Some(PathBuf::from("d")),
+            limits: FileLimits { max_record_bytes: Some(20), ..Default::default() },
+            ..File::default()
+        };
+        let merged = file.overridden_by(flags);
+        assert_eq!(merged.listen.as_deref(), Some("1.2.3.4:5"));
+        let config = merged.config().unwrap();
+        assert_eq!(config.data, DataDir::Path(PathBuf::from("d")));
+        assert_eq!(config.limits.max_record_bytes, 20);
+        assert_eq!(config.limits.max_batch_bytes, 100);
     }
 }

@@ -16,6 +16,10 @@ pub enum Error {
     #[error("invalid pattern {pattern:?}: {rule}")]
     InvalidPattern { pattern: String, rule: &'static str },
 
+    /// The settings file is not valid TOML of the expected shape.
+    #[error("settings file {path:?}: {detail}")]
+    ConfigFile { path: std::path::PathBuf, detail: String },
+
     /// A request was malformed in a way not covered by a more specific variant.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

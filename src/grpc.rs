@@ -56,6 +56,7 @@ pub fn status(err: &Error) -> Status {
         | Error::Open { .. }
         | Error::Io { .. }
         | Error::Config { .. }
+        | Error::ConfigFile { .. }
         | Error::Remote { .. }
         | Error::Internal(_) => Code::Internal,
     };

@@ -211,3 +211,45 @@ fn volatile_serve_keeps_nothing_on_disk_after_exit() {
     assert!(clean);
     assert!(!Path::new(&store).exists(), "{store} was left behind");
 }
+
+#[test]
+fn a_settings_file_configures_serve_and_a_bad_one_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    // The printed default file is a valid settings file; edited, it configures the broker.
+    let out = run(&["config"], b"");
+    assert!(out.status.success());
+    let default = text(&out.stdout);
+    assert!(default.contains("max_record_bytes = 4194304"), "{default}");
+    let data = dir.path().join("data");
+    let file = dir.path().join("tapeline.toml");
+    let edited = default
+        .replace("listen = \"127.0.0.1:7411\"", "listen = \"127.0.0.1:0\"")
+        .replace("data = \"tapeline-data\"", &format!("data = {:?}", data.to_str().unwrap()))
+        .replace("max_record_bytes = 4194304", "max_record_bytes = 10");
+    std::fs::write(&file, edited).unwrap();
+    let serve = Serve::spawn(&["serve", "--config", file.to_str().unwrap()], dir.path().join("serve.log"));
+    let out = run(&["publish", "s", "--server", &serve.url], b"this line is over ten bytes\n");
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("over the limit of 10 bytes"), "{err}");
+    assert!(data.exists(), "the data dir of the file is used");
+    drop(serve);
+    // A flag wins over the file.
+    let serve = Serve::spawn(
+        &["serve", "--config", file.to_str().unwrap(), "--max-record-bytes", "100"],
+        dir.path().join("serve.log"),
+    );
+    let out = run(&["publish", "s", "--server", &serve.url], b"this line is over ten bytes\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    drop(serve);
+
+    // A mistake names the key, the value and what was expected, in one line, before anything listens.
+    std::fs::write(&file, "[limits]\nmax_record_bytes = \"big\"\n").unwrap();
+    let out = run(&["serve", "--config", file.to_str().unwrap()], b"");
+    assert_one_clear_line(&out, &["max_record_bytes", "big", "expected"]);
+    std::fs::write(&file, "fsnyc = \"always\"\n").unwrap();
+    let out = run(&["serve", "--config", file.to_str().unwrap()], b"");
+    assert_one_clear_line(&out, &["fsnyc", "unknown field"]);
+    std::fs::write(&file, "fsync = \"sometimes\"\n").unwrap();
+    let out = run(&["serve", "--config", file.to_str().unwrap()], b"");
+    assert_one_clear_line(&out, &["fsync", "sometimes", "interval=MS"]);
+}
