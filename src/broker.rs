@@ -111,7 +111,17 @@ impl Broker {
             let patterns = mirror.patterns.iter().map(|p| Pattern::parse(p)).collect::<Result<Vec<_>>>()?;
             mirrors.push((mirror.clone(), patterns));
         }
-        let links = config.mirrors.iter().map(|m| Link::new(&m.upstream)).collect();
+        let mut links: Vec<Link> = config.mirrors.iter().map(|m| Link::new(&m.upstream)).collect();
+        // What is stored of each upstream is a prefix of what it sent: confirmed up to its newest.
+        for info in log.streams() {
+            let index = mirrors.iter().position(|(_, patterns): &(Mirror, Vec<Pattern>)| {
+                patterns.iter().any(|p| p.matches(&info.name))
+            });
+            if let (Some(index), Some(last)) = (index, info.last_tick) {
+                let link = &mut links[index];
+                link.confirmed = Some(link.confirmed.map_or(last, |c| c.max(last)));
+            }
+        }
         Ok(Broker {
             log: Arc::new(log),
             limits: config.limits,
@@ -178,6 +188,16 @@ impl Broker {
                 change(link);
             }
         });
+    }
+
+    /// The tick up to which everything is committed here: the watermark, and on a relay no more
+    /// than every upstream confirmed.
+    pub fn tail(&self) -> Tick {
+        let watermark = self.log.watermark();
+        if self.mirrors.is_empty() {
+            return watermark;
+        }
+        crate::relay::confirmed(&self.links.borrow()).map_or(Tick(0), |c| c.min(watermark))
     }
 
     /// What is known of mirror `index`'s link.
@@ -371,7 +391,7 @@ impl Broker {
             server_version: env!("CARGO_PKG_VERSION"),
             protocol_versions: PROTOCOL_VERSIONS.to_vec(),
             protocol_version: chosen,
-            tail_tick: self.log.watermark(),
+            tail_tick: self.tail(),
         })
     }
 

@@ -175,6 +175,11 @@ impl Link {
     }
 }
 
+/// The tick every link confirmed: how far a relay's tail may go (`None` before all confirmed).
+pub fn confirmed(links: &[Link]) -> Option<Tick> {
+    links.iter().map(|l| l.confirmed).min().flatten()
+}
+
 /// Copies `mirror` (the broker's mirror number `index`) until `shutdown`.
 pub async fn run(broker: Arc<Broker>, index: usize, mirror: Mirror, shutdown: CancellationToken) {
     let backoff = Backoff::default();
@@ -230,10 +235,14 @@ async fn copy(broker: &Broker, index: usize, mirror: &Mirror, stored: &mut bool)
             None => return Error::Internal("the upstream subscription ended".into()),
         };
         match delivery {
-            Delivery::Records(records) => {
+            Delivery::Records(mut records) => {
                 let Some(last) = records.last().map(|r| Tick(r.tick)) else { continue };
-                if let Err(err) = broker.mirror(grpc::incoming(records)).await {
-                    return Error::Internal(format!("cannot store what the upstream sends: {err}"));
+                // A stream matched by several mirrors belongs to the first: the others skip it.
+                records.retain(|r| broker.mirror_of(&r.stream) == Some(index));
+                if !records.is_empty() {
+                    if let Err(err) = broker.mirror(grpc::incoming(records)).await {
+                        return Error::Internal(format!("cannot store what the upstream sends: {err}"));
+                    }
                 }
                 *stored = true;
                 broker.update_link(index, |link| {

@@ -226,10 +226,7 @@ fn statuses(links: &mut watch::Receiver<Vec<Link>>) -> Vec<UpstreamStatus> {
 fn advance_cap(links: &Option<watch::Receiver<Vec<Link>>>) -> Option<Tick> {
     match links {
         None => Some(Tick::now()),
-        Some(links) => {
-            let links = links.borrow();
-            links.iter().map(|l| l.confirmed).min().flatten()
-        }
+        Some(links) => crate::relay::confirmed(&links.borrow()),
     }
 }
 
@@ -281,8 +278,18 @@ impl Pump {
         self.spec.end.map_or(watermark, |end| end.min(watermark))
     }
 
+    /// The tick up to which everything of this subscription was delivered, given that
+    /// everything up to `delivered` was drained: on a relay no further than every upstream
+    /// confirmed (with several upstreams, one may be behind the others).
+    fn complete(&self, delivered: Tick) -> Tick {
+        match &self.spec.links {
+            None => delivered,
+            Some(links) => crate::relay::confirmed(&links.borrow()).map_or(Tick(0), |c| c.min(delivered)),
+        }
+    }
+
     fn ended(&self, watermark: Tick) -> bool {
-        self.spec.end.is_some_and(|end| watermark >= end)
+        self.spec.end.is_some_and(|end| self.complete(watermark) >= end)
     }
 
     async fn run(&mut self, registered: Tick, mut commits: broadcast::Receiver<Commit>) -> Result<(), Stop> {
@@ -300,7 +307,7 @@ impl Pump {
         }
         // Replay: everything up to the tail as it was at registration.
         self.drain(self.bound(watermark)).await?;
-        self.send(Event::CaughtUp(self.bound(watermark))).await?;
+        self.send(Event::CaughtUp(self.complete(self.bound(watermark)))).await?;
         // Live: each commit marks streams dirty and raises the bound.
         loop {
             if let Some(end) = self.spec.end.filter(|_| self.ended(watermark)) {
@@ -379,7 +386,8 @@ impl Pump {
                 _ = tokio::time::sleep_until(self.heartbeat_at) => {
                     let now = Tick::now();
                     let upstreams = self.upstreams(now);
-                    self.send(Event::Heartbeat { tail: watermark, server_time: now, upstreams }).await?;
+                    let tail = self.complete(watermark);
+                    self.send(Event::Heartbeat { tail, server_time: now, upstreams }).await?;
                     // Let time pass for every reader while nothing is published, so that a
                     // heartbeat's tail (everything up to it was delivered) stays recent; one
                     // advance per half interval is enough for all subscriptions together.
@@ -550,7 +558,8 @@ impl Pump {
                 _ = tokio::time::sleep_until(self.heartbeat_at) => {
                     let now = Tick::now();
                     let upstreams = self.upstreams(now);
-                    self.send(Event::Heartbeat { tail: Tick(next.0 - 1), server_time: now, upstreams }).await?;
+                    let tail = self.complete(Tick(next.0 - 1));
+                    self.send(Event::Heartbeat { tail, server_time: now, upstreams }).await?;
                 }
             }
         }

@@ -414,3 +414,102 @@ async fn a_bounded_read_from_a_relay_still_copying_is_complete() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A relay of two independent origins (a settings file with two `[[mirror]]` tables) copies both
+/// exactly; with one origin down, the other's records still flow live, the relay's tail stops at
+/// what the stopped one confirmed, and a bounded read waits for it instead of ending early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_of_two_origins_copies_both_and_its_tail_waits_for_the_slower() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut one = Node::start(&dir, "one", &[]);
+    let two = Node::start(&dir, "two", &[]);
+    let settings = dir.path().join("relay.toml");
+    std::fs::write(
+        &settings,
+        format!(
+            "heartbeat = \"300ms\"\n[[mirror]]\nupstream = \"{}\"\nstreams = [\"r/s0\", \"r/s1\"]\n[[mirror]]\nupstream = \"{}\"\nstreams = [\"r/**\"]\n",
+            one.url(),
+            two.url()
+        ),
+    )
+    .unwrap();
+    let relay = Node::start(&dir, "relay", &["--config", settings.to_str().unwrap()]);
+    // Origin one publishes r/s0 and r/s1; origin two r/s2 (and r/s0, which the relay takes from
+    // the first mirror only: a stream belongs to the first mirror that names it).
+    let mut c1 = client::connect(&one.url()).await.unwrap();
+    let mut c2 = client::connect(&two.url()).await.unwrap();
+    for i in 0..50 {
+        let a = vec![rec("r/s0", format!("one-{i}")), rec("r/s1", format!("one-{i}"))];
+        c1.publish(pb::PublishRequest { records: a, ..Default::default() }).await.unwrap();
+        let b = vec![rec("r/s2", format!("two-{i}")), rec("r/s0", format!("not-copied-{i}"))];
+        c2.publish(pb::PublishRequest { records: b, ..Default::default() }).await.unwrap();
+    }
+    let by_stream = |records: Vec<pb::Record>| {
+        let mut map: std::collections::BTreeMap<String, Vec<(u64, Vec<u8>)>> = Default::default();
+        for r in records {
+            map.entry(r.stream).or_default().push((r.tick, r.payload.to_vec()));
+        }
+        map
+    };
+    let mut expected = by_stream(everything(&one.url()).await);
+    let from_two = by_stream(everything(&two.url()).await);
+    expected.insert("r/s2".into(), from_two["r/s2"].clone());
+    let began = std::time::Instant::now();
+    loop {
+        let got = by_stream(everything(&relay.url()).await);
+        if got == expected {
+            break;
+        }
+        assert!(began.elapsed() < CONVERGE, "the relay holds {:?} streams", got.keys());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Origin one stops: the relay's tail stays at what one confirmed, two's records still flow.
+    one.kill();
+    // Everything one confirmed, it confirmed before this moment (same clock: one machine).
+    let stopped =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let mut r = client::connect(&relay.url()).await.unwrap();
+    let mut options = SubscribeOptions::new(
+        relay.url(),
+        vec!["r/s2".into()],
+        pb::subscribe_request::Start::Now(pb::Now {}),
+    );
+    options.heartbeat = Duration::from_millis(300);
+    let mut live = Subscriber::new(options).unwrap();
+    loop {
+        if let Some(Ok(Delivery::CaughtUp(_))) = live.next().await {
+            break;
+        }
+    }
+    c2.publish(pb::PublishRequest { records: vec![rec("r/s2", "two-live".into())], ..Default::default() })
+        .await
+        .unwrap();
+    let got = loop {
+        match tokio::time::timeout(CONVERGE, live.next()).await.expect("two's record arrives") {
+            Some(Ok(Delivery::Records(records))) => break records,
+            Some(Ok(_)) => continue,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(got[0].payload, "two-live".as_bytes());
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let tail = r.hello(pb::HelloRequest::default()).await.unwrap().into_inner().tail_tick;
+        assert!(tail <= stopped, "the tail passed what the stopped upstream confirmed: {tail} > {stopped}");
+    }
+    assert!(got[0].tick > stopped, "two's newest record is above the tail while one is down");
+
+    // A bounded read up to two's newest record does not end while one cannot confirm it.
+    let mut options = SubscribeOptions::new(relay.url(), vec!["r/**".into()], beginning());
+    options.end = Some(got[0].tick);
+    let mut bounded = Subscriber::new(options).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(delivery) = bounded.next().await {
+            delivery.unwrap();
+        }
+    })
+    .await;
+    assert!(ended.is_err(), "a bounded read ended before every upstream confirmed its end");
+    drop(two);
+}
