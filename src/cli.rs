@@ -379,8 +379,11 @@ async fn publish(args: PublishArgs) -> Result<ExitCode> {
         }
     }
     let sent = match sender.await {
-        Ok(result) => Some(result?),
-        Err(_) => None,
+        Ok(Ok(sent)) => Some(sent),
+        // Stopped because of the refusal reported below, or aborted for it.
+        Ok(Err(_)) | Err(_) if failure.is_some() => None,
+        Ok(Err(err)) => return Err(err),
+        Err(e) => return Err(Error::Internal(format!("the publishing task failed: {e}"))),
     };
     let range = match (first, last) {
         (Some(a), Some(b)) => format!(", ticks {a}..{b}"),

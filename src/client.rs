@@ -2,7 +2,7 @@
 //! appends a batch twice. The CLI's `tail` and `publish` and the relay are built on them.
 //!
 //! A subscriber keeps, per stream, the last tick it delivered, plus the highest tick up to which
-//! it has seen everything (from records, `CaughtUp` and heartbeats). After any failure it
+//! it has seen everything (as the server says: a batch's `complete_to`, `CaughtUp`, heartbeats). After any failure it
 //! reconnects, to the next of its endpoints, with exponential backoff and jitter, and resumes with
 //! `resume` = those positions and `after` = that tick for streams it has not seen yet. Ticks are
 //! assigned by the origin and kept by every relay, so the positions are valid at any endpoint that
@@ -391,8 +391,12 @@ impl Subscriber {
                         continue;
                     }
                     self.positions.insert(record.stream.clone(), record.tick);
-                    seen(record.tick, &mut self.seen_up_to);
                     fresh.push(record);
+                }
+                // Only the server knows how far the delivery is complete (a relay of several
+                // upstreams may send records past what a slower one confirmed): not the ticks.
+                if batch.complete_to > 0 {
+                    seen(batch.complete_to, &mut self.seen_up_to);
                 }
                 Delivery::Records(fresh)
             }

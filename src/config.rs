@@ -92,11 +92,19 @@ impl Limits {
 
     /// Checks that the limits are usable together.
     pub fn validate(&self) -> Result<()> {
-        if self.max_record_bytes == 0 || self.max_record_bytes > u32::MAX as usize {
+        // A record must fit in one message of any tapeline client (a relay is one).
+        if self.max_record_bytes == 0 || self.max_record_bytes > crate::client::MAX_MESSAGE - (1 << 20) {
             return Err(Error::Config {
                 key: "max_record_bytes",
                 value: self.max_record_bytes.to_string(),
-                expected: "a size from 1 byte to 4 GiB",
+                expected: "a size from 1 byte to 255 MiB",
+            });
+        }
+        if self.max_batch_records == 0 {
+            return Err(Error::Config {
+                key: "max_batch_records",
+                value: self.max_batch_records.to_string(),
+                expected: "at least 1",
             });
         }
         if self.max_header_bytes > usize::from(u16::MAX) {
@@ -172,11 +180,11 @@ impl Config {
     /// Checks the settings together.
     pub fn validate(&self) -> Result<()> {
         self.limits.validate()?;
-        if self.heartbeat.is_zero() || self.heartbeat > Duration::from_secs(86_400) {
+        if self.heartbeat < Duration::from_millis(100) || self.heartbeat > Duration::from_secs(86_400) {
             return Err(Error::Config {
                 key: "heartbeat",
                 value: format!("{:?}", self.heartbeat),
-                expected: "a duration above 0 and at most 24 h",
+                expected: "a duration from 100 ms to 24 h",
             });
         }
         for mirror in &self.mirrors {
@@ -270,8 +278,8 @@ max_producers = 10000
 "#;
 
 impl File {
-    /// These settings with every key that `over` sets taken from `over` (its mirrors, if any,
-    /// replace these).
+    /// These settings with every key that `over` sets taken from `over` (its mirrors are added to
+    /// these).
     pub fn overridden_by(self, over: File) -> File {
         File {
             listen: over.listen.or(self.listen),
@@ -290,7 +298,7 @@ impl File {
                 max_header_bytes: over.limits.max_header_bytes.or(self.limits.max_header_bytes),
                 max_producers: over.limits.max_producers.or(self.limits.max_producers),
             },
-            mirror: if over.mirror.is_empty() { self.mirror } else { over.mirror },
+            mirror: self.mirror.into_iter().chain(over.mirror).collect(),
         }
     }
 

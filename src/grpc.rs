@@ -131,9 +131,10 @@ fn upstream_status(u: UpstreamStatus) -> pb::UpstreamStatus {
 fn event(e: Event) -> pb::SubscribeResponse {
     use pb::subscribe_response::Event as E;
     let event = match e {
-        Event::Records(records) => {
-            E::Records(pb::RecordBatch { records: records.into_iter().map(record).collect() })
-        }
+        Event::Records { records, complete_to } => E::Records(pb::RecordBatch {
+            records: records.into_iter().map(record).collect(),
+            complete_to: complete_to.0,
+        }),
         Event::CaughtUp(tick) => E::CaughtUp(pb::CaughtUp { tick: tick.0 }),
         Event::Heartbeat { tail, server_time, upstreams } => E::Heartbeat(pb::Heartbeat {
             tail_tick: tail.0,

@@ -247,13 +247,19 @@ async fn copy(broker: &Broker, index: usize, mirror: &Mirror, stored: &mut bool)
                 *stored = true;
                 broker.update_link(index, |link| {
                     link.heard();
-                    link.confirm(last);
+                    // What the upstream says is complete (not the ticks: an upstream relay of
+                    // several origins may send records past what a slower one confirmed).
+                    if let Some(complete) = upstream.seen_up_to().filter(|&t| t > 0) {
+                        link.confirm(Tick(complete));
+                    }
                     link.fresh_at(last);
                 });
             }
             Delivery::Heartbeat(heartbeat) => broker.update_link(index, |link| {
                 link.heard();
-                link.confirm(Tick(heartbeat.tail_tick));
+                if heartbeat.tail_tick > 0 {
+                    link.confirm(Tick(heartbeat.tail_tick));
+                }
                 let beyond: Vec<UpstreamStatus> = heartbeat.upstreams.into_iter().map(status).collect();
                 let upstream_lag = beyond.iter().map(|b| b.lag).max().unwrap_or_default();
                 let lag_ns = u64::try_from(upstream_lag.as_nanos()).unwrap_or(u64::MAX);
@@ -262,7 +268,9 @@ async fn copy(broker: &Broker, index: usize, mirror: &Mirror, stored: &mut bool)
             }),
             Delivery::CaughtUp(tick) => broker.update_link(index, |link| {
                 link.heard();
-                link.confirm(Tick(tick));
+                if tick > 0 {
+                    link.confirm(Tick(tick));
+                }
             }),
             Delivery::Upstream(reported) => broker.update_link(index, |link| {
                 link.heard();

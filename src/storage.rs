@@ -34,6 +34,7 @@ use crate::record::{NewRecord, Stored, StreamId, StreamInfo, Tick};
 use crate::space::Space;
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use tokio::sync::{broadcast, mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -156,6 +157,8 @@ pub struct Log {
     queue_budget: Arc<Semaphore>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     server_id: String,
+    /// The highest tick an advance was asked for, to let one serve many (`advance_lazily`).
+    advance_asked: std::sync::atomic::AtomicU64,
     /// Keeps a volatile store's directory alive as long as the log.
     _temp_dir: Option<tempfile::TempDir>,
 }
@@ -276,6 +279,7 @@ impl Log {
             queue_budget: Arc::new(Semaphore::new(WRITER_QUEUE_KIB as usize)),
             writer_thread: Mutex::new(Some(writer_thread)),
             server_id,
+            advance_asked: std::sync::atomic::AtomicU64::new(0),
             _temp_dir: temp_dir,
         })
     }
@@ -313,6 +317,21 @@ impl Log {
         let (reply, answer) = oneshot::channel();
         self.writer.send(Command::Advance { to, reply }).await.map_err(|_| Error::ShuttingDown)?;
         answer.await.map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Like [`Log::advance`], but skipped when an advance to within `slack` of `to` was already
+    /// asked for: many subscriptions' heartbeats fire together, and one advance serves them all.
+    pub async fn advance_lazily(&self, to: Tick, slack: std::time::Duration) -> Result<()> {
+        let slack = u64::try_from(slack.as_nanos()).unwrap_or(u64::MAX);
+        let asked = self.advance_asked.load(Ordering::Relaxed);
+        if asked.saturating_add(slack) >= to.0 || self.watermark().0.saturating_add(slack) >= to.0 {
+            return Ok(());
+        }
+        if self.advance_asked.compare_exchange(asked, to.0, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+            // Another subscription asked at the same moment.
+            return Ok(());
+        }
+        self.advance(to).await.map(|_| ())
     }
 
     /// Appends a batch atomically and returns the assigned ticks once it is committed.

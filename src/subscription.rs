@@ -88,7 +88,11 @@ pub struct Spec {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Records in `(tick, stream)` order.
-    Records(Vec<Record>),
+    Records {
+        records: Vec<Record>,
+        /// Every record of the subscription up to this tick has now been delivered.
+        complete_to: Tick,
+    },
     /// Every record up to this tick was delivered; what follows is live.
     CaughtUp(Tick),
     /// Nothing happened for the heartbeat interval; on a relay, with the state of its upstreams.
@@ -162,6 +166,9 @@ struct Pump {
     pending: Vec<Record>,
     pending_bytes: usize,
     heartbeat_at: Instant,
+    /// On a relay, the tick every upstream had confirmed when the commits applied so far were
+    /// read: no completeness claim goes past it.
+    cap: Option<Tick>,
     /// Set when the subscription asked for paced delivery.
     pacing: Option<Pacing>,
 }
@@ -186,6 +193,7 @@ pub fn spawn(
         pending: Vec::new(),
         pending_bytes: 0,
         heartbeat_at: later(spec.heartbeat),
+        cap: None,
         pacing: spec.pace.map(|factor| Pacing { factor, base: None }),
         spec,
     };
@@ -219,6 +227,17 @@ pub fn spawn(
 fn statuses(links: &mut watch::Receiver<Vec<Link>>) -> Vec<UpstreamStatus> {
     let now = Tick::now();
     links.borrow_and_update().iter().map(|l| l.status(now)).collect()
+}
+
+/// The next queued commit, if any.
+fn try_next(
+    commits: &mut broadcast::Receiver<Commit>,
+) -> Option<std::result::Result<Commit, broadcast::error::RecvError>> {
+    match commits.try_recv() {
+        Err(broadcast::error::TryRecvError::Empty) | Err(broadcast::error::TryRecvError::Closed) => None,
+        Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Err(broadcast::error::RecvError::Lagged(n))),
+        Ok(c) => Some(Ok(c)),
+    }
 }
 
 /// How far the clock may be advanced without records: the wall clock on an origin; on a relay the
@@ -282,9 +301,9 @@ impl Pump {
     /// everything up to `delivered` was drained: on a relay no further than every upstream
     /// confirmed (with several upstreams, one may be behind the others).
     fn complete(&self, delivered: Tick) -> Tick {
-        match &self.spec.links {
-            None => delivered,
-            Some(links) => crate::relay::confirmed(&links.borrow()).map_or(Tick(0), |c| c.min(delivered)),
+        match (&self.spec.links, self.cap) {
+            (None, _) => delivered,
+            (Some(_), cap) => cap.map_or(Tick(0), |c| c.min(delivered)),
         }
     }
 
@@ -297,15 +316,15 @@ impl Pump {
         // On a relay: where the upstream links stand, before anything else.
         let mut links = self.spec.links.clone();
         let mut connected: Vec<bool> = Vec::new();
-        // A relay's advance for `end` fell short of it: wait for the upstream to confirm more.
-        let mut awaiting_upstream = false;
         if let Some(links) = &mut links {
             for status in statuses(links) {
                 connected.push(status.connected);
                 self.send(Event::Upstream(status)).await?;
             }
         }
-        // Replay: everything up to the tail as it was at registration.
+        // Replay: everything up to the tail as it was at registration. On a relay the cap is read
+        // first: whatever it confirms was committed (and so is in the snapshot) before.
+        self.cap = advance_cap(&self.spec.links);
         self.drain(self.bound(watermark)).await?;
         self.send(Event::CaughtUp(self.complete(self.bound(watermark)))).await?;
         // Live: each commit marks streams dirty and raises the bound.
@@ -323,47 +342,16 @@ impl Pump {
                 _ = self.shutdown.cancelled() => return self.shutting_down().await,
                 _ = self.out.closed() => return Err(Stop::Gone),
                 commit = commits.recv() => {
-                    let mut next = Some(commit);
-                    while let Some(commit) = next.take() {
-                        match commit {
-                            Ok(commit) => {
-                                watermark = watermark.max(commit.watermark);
-                                self.apply(&commit).await?;
-                            }
-                            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                                debug!(missed, "subscriber lagged; rescanning streams");
-                                watermark = watermark.max(self.log.watermark());
-                                self.rescan().await?;
-                            }
-                            Err(broadcast::error::RecvError::Closed) => return self.shutting_down().await,
-                        }
-                        next = match commits.try_recv() {
-                            Err(broadcast::error::TryRecvError::Empty) => None,
-                            Err(broadcast::error::TryRecvError::Closed) => None,
-                            Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Err(broadcast::error::RecvError::Lagged(n))),
-                            Ok(c) => Some(Ok(c)),
-                        };
-                    }
-                    self.drain(self.bound(watermark)).await?;
+                    self.catch_up(&mut commits, Some(commit), &mut watermark).await?;
                 }
-                _ = tokio::time::sleep_until(self.end_passes_at()), if self.spec.end.is_some() && !awaiting_upstream => {
+                _ = tokio::time::sleep_until(self.end_passes_at()), if self.spec.end.is_some() && links.is_none() => {
                     // The wall clock passed the end but the watermark has not (nothing was
                     // published): have the writer raise it. Its commit arrives after the commits
                     // of every batch queued before, and the branch above applies them all in
                     // order, so no stream's committed tick is stale when the end is reached.
-                    // A relay may only raise it as far as its upstream confirmed; short of the
-                    // end, it waits for the next confirmation (a change of the links).
+                    // (A relay raises it as its upstreams confirm: the branch below.)
                     if let Some(end) = self.spec.end.filter(|&end| self.log.watermark() < end) {
-                        match advance_cap(&links) {
-                            Some(cap) if cap >= end => {
-                                self.log.advance(end).await?;
-                            }
-                            Some(cap) => {
-                                self.log.advance(cap).await?;
-                                awaiting_upstream = links.is_some();
-                            }
-                            None => awaiting_upstream = true,
-                        }
+                        self.log.advance(end).await?;
                     }
                 }
                 changed = changed(&mut links) => {
@@ -372,9 +360,8 @@ impl Pump {
                         links = None;
                         continue;
                     }
-                    awaiting_upstream = false;
-                    let Some(links) = &mut links else { continue };
-                    let now = statuses(links);
+                    let Some(receiver) = &mut links else { continue };
+                    let now = statuses(receiver);
                     connected.resize(now.len(), false);
                     for (i, status) in now.into_iter().enumerate() {
                         if status.connected != connected[i] {
@@ -382,24 +369,60 @@ impl Pump {
                             self.send(Event::Upstream(status)).await?;
                         }
                     }
+                    // What the upstreams confirmed may have moved: deliver what it covers, and
+                    // once the end has passed, let the clock follow the confirmations up to it.
+                    self.catch_up(&mut commits, None, &mut watermark).await?;
+                    if let (Some(end), Some(cap)) = (self.spec.end, self.cap) {
+                        let to = end.min(cap);
+                        if Tick::now() > end && self.log.watermark() < to {
+                            self.log.advance(to).await?;
+                        }
+                    }
                 }
                 _ = tokio::time::sleep_until(self.heartbeat_at) => {
+                    self.catch_up(&mut commits, None, &mut watermark).await?;
                     let now = Tick::now();
                     let upstreams = self.upstreams(now);
                     let tail = self.complete(watermark);
                     self.send(Event::Heartbeat { tail, server_time: now, upstreams }).await?;
                     // Let time pass for every reader while nothing is published, so that a
-                    // heartbeat's tail (everything up to it was delivered) stays recent; one
-                    // advance per half interval is enough for all subscriptions together.
-                    let half = Duration::from_nanos(u64::try_from(self.spec.heartbeat.as_nanos() / 2).unwrap_or(u64::MAX));
-                    if let Some(cap) = advance_cap(&links) {
-                        if self.log.watermark().0.saturating_add(u64::try_from(half.as_nanos()).unwrap_or(u64::MAX)) < cap.0 {
-                            self.log.advance(cap).await?;
-                        }
+                    // heartbeat's tail (everything up to it was delivered) stays recent.
+                    if let Some(cap) = advance_cap(&self.spec.links) {
+                        self.log.advance_lazily(cap, self.spec.heartbeat / 2).await?;
                     }
                 }
             }
         }
+    }
+
+    /// Reads the cap, then applies every commit already queued (`first` included) and delivers
+    /// what they make readable. The order matters on a relay: an upstream's confirmation is
+    /// recorded after the commit of what it confirms, so a cap read first never covers a commit
+    /// that is not applied yet.
+    async fn catch_up(
+        &mut self,
+        commits: &mut broadcast::Receiver<Commit>,
+        first: Option<std::result::Result<Commit, broadcast::error::RecvError>>,
+        watermark: &mut Tick,
+    ) -> Result<(), Stop> {
+        self.cap = advance_cap(&self.spec.links);
+        let mut next = first.or_else(|| try_next(commits));
+        while let Some(commit) = next.take() {
+            match commit {
+                Ok(commit) => {
+                    *watermark = (*watermark).max(commit.watermark);
+                    self.apply(&commit).await?;
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    debug!(missed, "subscriber lagged; rescanning streams");
+                    *watermark = (*watermark).max(self.log.watermark());
+                    self.rescan().await?;
+                }
+                Err(broadcast::error::RecvError::Closed) => return self.shutting_down().await,
+            }
+            next = try_next(commits);
+        }
+        self.drain(self.bound(*watermark)).await
     }
 
     /// When the wall clock passes the subscription's end: at once if it has.
@@ -580,7 +603,9 @@ impl Pump {
         }
         let batch = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
-        self.send(Event::Records(batch)).await
+        let last = batch.last().map_or(Tick(0), |r| r.tick);
+        let complete_to = self.complete(last);
+        self.send(Event::Records { records: batch, complete_to }).await
     }
 
     async fn send(&mut self, event: Event) -> Result<(), Stop> {

@@ -25,8 +25,8 @@ const GAPS_MS: [u64; 35] = [
 
 /// Lateness allowed to every record besides the 10%: scheduling and loopback, which matter only
 /// for records a few ms after the first. Up to 33 ms was seen on this 2-core machine with both
-/// cores busy elsewhere.
-const SLACK: Duration = Duration::from_millis(50);
+/// cores busy elsewhere; CI machines may be slower still.
+const SLACK: Duration = Duration::from_millis(150);
 
 /// Publishes the recorded session with explicit ticks over two streams, ending 50 ms ago; returns
 /// its ticks.
@@ -97,7 +97,14 @@ async fn paced_replay_then_live(factor: f64) {
     .await;
     let replay = arrivals(&mut sub, ticks.len()).await;
     assert_eq!(replay.iter().map(|(t, _)| *t).collect::<Vec<_>>(), ticks, "every record once, in order");
-    let first = replay[0];
+    // The moment the replay began, as the arrivals imply it: the first record's own arrival may
+    // have been delayed by scheduling, which would make every later one look early.
+    let began = replay
+        .iter()
+        .map(|&(tick, at)| at - Duration::from_secs_f64((tick - ticks[0]) as f64 / 1e9 / factor))
+        .min()
+        .unwrap();
+    let first = (ticks[0], began);
     let (early, late) = check_pacing(first, &replay, factor);
 
     // The whole run, without the slack: within 10% of the recorded span over the factor.

@@ -328,8 +328,10 @@ async fn the_session_so_far_from_a_relay_stitches_exactly_to_the_live_feed_of_th
         tokio::spawn(async move {
             let mut got = Vec::new();
             while got.len() < 250 {
-                if let Some(Ok(Delivery::Records(records))) = sub.next().await {
-                    got.extend(records);
+                match tokio::time::timeout(CONVERGE, sub.next()).await.expect("the live feed goes on") {
+                    Some(Ok(Delivery::Records(records))) => got.extend(records),
+                    Some(Ok(_)) => {}
+                    other => panic!("{other:?}"),
                 }
             }
             got
@@ -478,8 +480,10 @@ async fn a_relay_of_two_origins_copies_both_and_its_tail_waits_for_the_slower() 
     options.heartbeat = Duration::from_millis(300);
     let mut live = Subscriber::new(options).unwrap();
     loop {
-        if let Some(Ok(Delivery::CaughtUp(_))) = live.next().await {
-            break;
+        match tokio::time::timeout(CONVERGE, live.next()).await.expect("CaughtUp arrives") {
+            Some(Ok(Delivery::CaughtUp(_))) => break,
+            Some(Ok(_)) => {}
+            other => panic!("{other:?}"),
         }
     }
     c2.publish(pb::PublishRequest { records: vec![rec("r/s2", "two-live".into())], ..Default::default() })
@@ -504,12 +508,30 @@ async fn a_relay_of_two_origins_copies_both_and_its_tail_waits_for_the_slower() 
     let mut options = SubscribeOptions::new(relay.url(), vec!["r/**".into()], beginning());
     options.end = Some(got[0].tick);
     let mut bounded = Subscriber::new(options).unwrap();
+    let mut read = Vec::new();
     let ended = tokio::time::timeout(Duration::from_secs(2), async {
         while let Some(delivery) = bounded.next().await {
-            delivery.unwrap();
+            if let Delivery::Records(records) = delivery.unwrap() {
+                read.extend(records);
+            }
         }
     })
     .await;
     assert!(ended.is_err(), "a bounded read ended before every upstream confirmed its end");
-    drop(two);
+    // Once the stopped origin is back, the same read ends, complete.
+    one.restart();
+    let ended = tokio::time::timeout(CONVERGE, async {
+        while let Some(delivery) = bounded.next().await {
+            if let Delivery::Records(records) = delivery.unwrap() {
+                read.extend(records);
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the bounded read ends once every upstream confirmed its end");
+    let mut want = by_stream(everything(&one.url()).await);
+    want.insert("r/s2".into(), by_stream(everything(&two.url()).await)["r/s2"].clone());
+    want.values_mut().for_each(|v| v.retain(|(tick, _)| *tick <= got[0].tick));
+    assert_eq!(by_stream(read), want, "exactly every record up to the end, from both upstreams");
+    assert_eq!(bounded.duplicates_dropped(), 0);
 }
