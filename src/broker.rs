@@ -84,6 +84,8 @@ pub struct ServerInfo {
     pub protocol_versions: Vec<u32>,
     pub protocol_version: u32,
     pub tail_tick: Tick,
+    /// The operator's message, for a client older than the recommended version.
+    pub notice: Option<crate::config::Notice>,
 }
 
 /// The broker: the log plus the rules, and the tasks serving subscribers.
@@ -95,6 +97,8 @@ pub struct Broker {
     shutdown: CancellationToken,
     /// Every subscription task, so shutdown can wait for them.
     tasks: TaskTracker,
+    /// What `Hello` tells clients older than a recommended version.
+    notice: Option<crate::config::Notice>,
     /// Relay mode: each upstream with its parsed patterns.
     mirrors: Vec<(Mirror, Vec<Pattern>)>,
     /// The state of each upstream link (same order as `mirrors`); subscriptions watch it.
@@ -130,6 +134,7 @@ impl Broker {
             tasks: TaskTracker::new(),
             mirrors,
             links: watch::Sender::new(links),
+            notice: config.notice.clone(),
         })
     }
 
@@ -376,8 +381,9 @@ impl Broker {
         self.log.stream(name).ok_or_else(|| Error::UnknownStream(name.to_string()))
     }
 
-    /// Answers a client's hello: refuses a protocol version this server does not speak.
-    pub fn hello(&self, protocol_version: u32) -> Result<ServerInfo> {
+    /// Answers a client's hello: refuses a protocol version this server does not speak, and
+    /// adds the operator's notice for a client older than the recommended version.
+    pub fn hello(&self, protocol_version: u32, client_version: &str) -> Result<ServerInfo> {
         let current = PROTOCOL_VERSIONS[PROTOCOL_VERSIONS.len() - 1];
         let chosen = match protocol_version {
             0 => current,
@@ -392,6 +398,7 @@ impl Broker {
             protocol_versions: PROTOCOL_VERSIONS.to_vec(),
             protocol_version: chosen,
             tail_tick: self.tail(),
+            notice: self.notice.clone().filter(|n| n.applies_to(client_version)),
         })
     }
 

@@ -141,6 +141,7 @@ impl ServeArgs {
                 }],
                 None => Vec::new(),
             },
+            notice: None,
         }
     }
 }
@@ -300,7 +301,7 @@ fn remote(action: &'static str, status: tonic::Status) -> Error {
 async fn publish(args: PublishArgs) -> Result<ExitCode> {
     crate::names::StreamName::parse(&args.stream)?;
     // Fail at once, with one clear line, when the server cannot be reached at all.
-    connect(&args.server.server).await?;
+    greet(&args.server.server).await?;
     let mut publisher = Publisher::start(PublishOptions::new(args.server.server.clone()));
     let batches = publisher.batches().expect("a new publisher takes batches");
     publisher.finish();
@@ -460,17 +461,14 @@ async fn tail(args: TailArgs) -> Result<ExitCode> {
         (None, None) => Start::Beginning(pb::Beginning {}),
     };
     let end = match args.to.as_deref() {
-        None => None,
+        // Says hello for the operator's notice; a server that is down now is waited for below.
+        None => match greet(&args.servers[0]).await {
+            Err(Error::Remote { action: "connect", .. }) => None,
+            Err(err) => return Err(err),
+            Ok(_) => None,
+        },
         // "now" is the server's latest committed tick: exact, whatever the clocks say.
-        Some("now") => Some(
-            connect(&args.servers[0])
-                .await?
-                .hello(pb::HelloRequest::default())
-                .await
-                .map_err(|s| remote("tail", s))?
-                .into_inner()
-                .tail_tick,
-        ),
+        Some("now") => Some(greet(&args.servers[0]).await?.tail_tick),
         Some(v) => Some(parse_point("--to", v)?.0),
     };
     if args.limit == Some(0) {
@@ -561,6 +559,7 @@ pub fn json_line(record: &pb::Record) -> String {
 }
 
 async fn streams(args: ServerArg) -> Result<ExitCode> {
+    greet(&args.server).await?;
     let mut client = connect(&args.server).await?;
     let list = client
         .list_streams(pb::ListStreamsRequest::default())
@@ -593,15 +592,32 @@ async fn streams(args: ServerArg) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn info(args: ServerArg) -> Result<ExitCode> {
-    let mut client = connect(&args.server).await?;
+/// Says hello as this CLI (its protocol and version) and prints the operator's notice if the
+/// server has one for this version. Fails with one clear line when the server cannot be reached
+/// or does not speak this protocol.
+async fn greet(server: &str) -> Result<pb::HelloResponse> {
+    let mut client = connect(server).await?;
     let hello = pb::HelloRequest {
-        protocol_version: 0,
+        protocol_version: crate::broker::PROTOCOL_VERSIONS[crate::broker::PROTOCOL_VERSIONS.len() - 1],
         client_name: "tapeline-cli".into(),
         client_version: env!("CARGO_PKG_VERSION").into(),
         client_id: String::new(),
     };
-    let info = client.hello(hello).await.map_err(|s| remote("info", s))?.into_inner();
+    let answer = client.hello(hello).await.map_err(|s| remote("hello", s))?.into_inner();
+    if let Some(notice) = &answer.notice {
+        let url = if notice.url.is_empty() { String::new() } else { format!(" ({})", notice.url) };
+        eprintln!(
+            "tapeline: notice from {server}: {}{url} [this is tapeline {}; {} is recommended]",
+            notice.text,
+            env!("CARGO_PKG_VERSION"),
+            notice.recommended_version
+        );
+    }
+    Ok(answer)
+}
+
+async fn info(args: ServerArg) -> Result<ExitCode> {
+    let info = greet(&args.server).await?;
     println!("server          {}", args.server);
     println!("server id       {}", info.server_id);
     println!("version         {}", info.server_version);

@@ -159,6 +159,42 @@ pub struct Config {
     pub min_free_disk_bytes: u64,
     /// Relay mode: the upstreams whose streams this broker copies (read-only here).
     pub mirrors: Vec<crate::relay::Mirror>,
+    /// What `Hello` tells clients older than a recommended version.
+    pub notice: Option<Notice>,
+}
+
+/// The operator's message to clients older than `recommended_version` (a dotted version such as
+/// `0.3.0`), sent in their `Hello` answer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Notice {
+    pub recommended_version: String,
+    pub text: String,
+    #[serde(default)]
+    pub url: String,
+}
+
+impl Notice {
+    /// Whether a client of `version` is older than the recommended one. Versions compare by
+    /// their dotted numbers (`0.10.0` > `0.9.2`; a suffix such as `-rc1` is ignored); a client
+    /// that gives no version, or one that cannot be read, is told too.
+    pub fn applies_to(&self, version: &str) -> bool {
+        match (numbers(version), numbers(&self.recommended_version)) {
+            (Some(client), Some(recommended)) => client < recommended,
+            _ => true,
+        }
+    }
+}
+
+/// The dotted numbers of a version, padded to three: `1.2` → [1, 2, 0].
+fn numbers(version: &str) -> Option<Vec<u64>> {
+    let core = version.trim().trim_start_matches('v').split(['-', '+']).next()?;
+    let mut parts = core.split('.').map(|p| p.parse::<u64>().ok()).collect::<Option<Vec<_>>>()?;
+    if parts.is_empty() {
+        return None;
+    }
+    parts.resize(parts.len().max(3), 0);
+    Some(parts)
 }
 
 impl Default for Config {
@@ -172,6 +208,7 @@ impl Default for Config {
             max_disk_bytes: None,
             min_free_disk_bytes: 64 << 20,
             mirrors: Vec::new(),
+            notice: None,
         }
     }
 }
@@ -189,6 +226,15 @@ impl Config {
         }
         for mirror in &self.mirrors {
             mirror.validate()?;
+        }
+        if let Some(notice) = &self.notice {
+            if numbers(&notice.recommended_version).is_none() {
+                return Err(Error::Config {
+                    key: "notice.recommended_version",
+                    value: notice.recommended_version.clone(),
+                    expected: "a dotted version such as 0.3.0",
+                });
+            }
         }
         Ok(())
     }
@@ -213,6 +259,8 @@ pub struct File {
     /// Relay mode: one table per upstream.
     #[serde(default)]
     pub mirror: Vec<FileMirror>,
+    /// The message `Hello` gives clients older than a recommended version.
+    pub notice: Option<Notice>,
 }
 
 /// The `[limits]` table of the settings file.
@@ -269,6 +317,12 @@ max_header_bytes = 16384
 # Idempotent producers remembered; beyond it the least recently used one is forgotten.
 max_producers = 10000
 
+# What `Hello` tells clients older than a recommended version (the CLI prints it).
+# [notice]
+# recommended_version = "0.2.0"
+# text = "tapeline 0.2 resumes across relays; please upgrade"
+# url = "https://example.org/tapeline/releases"
+
 # Relay mode: copy the streams matching `streams` from `upstream` (another tapeline), read-only
 # here. `from` is where copying starts the first time: "beginning", "now" or "-DURATION" ("-10m").
 # [[mirror]]
@@ -299,6 +353,7 @@ impl File {
                 max_producers: over.limits.max_producers.or(self.limits.max_producers),
             },
             mirror: self.mirror.into_iter().chain(over.mirror).collect(),
+            notice: over.notice.or(self.notice),
         }
     }
 
@@ -364,6 +419,7 @@ impl File {
             max_disk_bytes: self.max_disk_bytes,
             min_free_disk_bytes: self.min_free_disk_bytes.unwrap_or(default.min_free_disk_bytes),
             mirrors,
+            notice: self.notice.clone(),
         })
     }
 }

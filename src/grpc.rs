@@ -170,13 +170,18 @@ impl pb::tapeline_server::Tapeline for Service {
     async fn hello(&self, request: Request<pb::HelloRequest>) -> Result<Response<pb::HelloResponse>, Status> {
         let req = request.into_inner();
         debug!(client = %req.client_name, version = %req.client_version, id = %req.client_id, "hello");
-        let info = self.broker.hello(req.protocol_version).map_err(|e| status(&e))?;
+        let info = self.broker.hello(req.protocol_version, &req.client_version).map_err(|e| status(&e))?;
         Ok(Response::new(pb::HelloResponse {
             server_id: info.server_id,
             server_version: info.server_version.to_string(),
             protocol_versions: info.protocol_versions,
             protocol_version: info.protocol_version,
             tail_tick: info.tail_tick.0,
+            notice: info.notice.map(|n| pb::Notice {
+                recommended_version: n.recommended_version,
+                text: n.text,
+                url: n.url,
+            }),
         }))
     }
 
