@@ -2,11 +2,12 @@
 //! appends a batch twice. The CLI's `tail` and `publish` and the relay are built on them.
 //!
 //! A subscriber keeps, per stream, the last tick it delivered, plus the highest tick up to which
-//! it has seen everything (as the server says: a batch's `complete_to`, `CaughtUp`, heartbeats). After any failure it
-//! reconnects, to the next of its endpoints, with exponential backoff and jitter, and resumes with
-//! `resume` = those positions and `after` = that tick for streams it has not seen yet. Ticks are
-//! assigned by the origin and kept by every relay, so the positions are valid at any endpoint that
-//! serves the same origin: switching endpoints gives no gap and no duplicate.
+//! it has seen everything (as the server says it: a batch's `complete_to`, `CaughtUp`, heartbeats).
+//! After any failure it reconnects, to the next of its endpoints, with exponential backoff and
+//! jitter, and resumes with `resume` = those positions and `after` = that tick for streams it has
+//! not seen yet. Ticks are assigned by the origin and kept by every relay, so the positions are
+//! valid at any endpoint that serves the same origin: switching endpoints gives no gap and no
+//! duplicate.
 //!
 //! A publisher pipelines batches over one `PublishStream` with a bounded window. Every batch carries
 //! the producer id and a sequence number; after a failure it reconnects and sends the unacknowledged
