@@ -252,12 +252,6 @@ impl Subscriber {
         })
     }
 
-    /// Drops the current connection, so the next call resumes at the next endpoint.
-    pub fn fail_over(&mut self) {
-        self.stream = None;
-        self.current = (self.current + 1) % self.options.endpoints.len();
-    }
-
     /// The next delivery; `None` once a bounded subscription delivered its end. An `Err` is final:
     /// the request itself was refused (a retry would repeat the refusal).
     pub async fn next(&mut self) -> Option<Result<Delivery>> {

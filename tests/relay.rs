@@ -78,8 +78,13 @@ fn rec(stream: &str, payload: String) -> pb::Record {
 async fn everything(url: &str) -> Vec<pb::Record> {
     let mut c = client::connect(url).await.unwrap();
     let tail = c.hello(pb::HelloRequest::default()).await.unwrap().into_inner().tail_tick;
+    read_to(url, tail).await
+}
+
+/// `r/**` at `url` from the beginning up to `end`, by a bounded subscription.
+async fn read_to(url: &str, end: u64) -> Vec<pb::Record> {
     let mut options = SubscribeOptions::new(url, vec!["r/**".into()], beginning());
-    options.end = Some(tail);
+    options.end = Some(end);
     let mut sub = Subscriber::new(options).unwrap();
     let mut out = Vec::new();
     while let Some(delivery) = sub.next().await {
@@ -339,16 +344,7 @@ async fn the_session_so_far_from_a_relay_stitches_exactly_to_the_live_feed_of_th
     };
     assert_eq!(publish(origin.url(), 60, 50, Duration::from_millis(2)).await, 250);
     // The history, bounded at the seam, from the relay.
-    let mut options = SubscribeOptions::new(relay.url(), vec!["r/**".into()], beginning());
-    options.end = Some(seam);
-    let mut history = Vec::new();
-    let mut sub = Subscriber::new(options).unwrap();
-    while let Some(delivery) = sub.next().await {
-        if let Delivery::Records(records) = delivery.unwrap() {
-            history.extend(records);
-        }
-    }
-    let mut stitched = history;
+    let mut stitched = read_to(&relay.url(), seam).await;
     stitched.extend(live.await.unwrap());
     assert!(stitched == everything(&origin.url()).await, "relay history + origin live = the origin");
 }
@@ -402,15 +398,7 @@ async fn a_bounded_read_from_a_relay_still_copying_is_complete() {
     let relay = Node::relay(&dir, "relay", &origin, "beginning");
     // At once, while the relay copies; then again a little later.
     for _ in 0..2 {
-        let mut options = SubscribeOptions::new(relay.url(), vec!["r/**".into()], beginning());
-        options.end = Some(end);
-        let mut sub = Subscriber::new(options).unwrap();
-        let mut got = Vec::new();
-        while let Some(delivery) = sub.next().await {
-            if let Delivery::Records(records) = delivery.unwrap() {
-                got.extend(records);
-            }
-        }
+        let got = read_to(&relay.url(), end).await;
         assert_eq!(got.len(), expected.len(), "the bounded read ended early");
         assert!(got == expected);
         tokio::time::sleep(Duration::from_millis(50)).await;
