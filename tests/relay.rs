@@ -329,8 +329,10 @@ async fn the_session_so_far_from_a_relay_stitches_exactly_to_the_live_feed_of_th
             pb::subscribe_request::Start::After(seam),
         );
         options.heartbeat = Duration::from_millis(300);
-        let mut sub = Subscriber::new(options).unwrap();
+        // Read as a `Stream`, the form for code built on stream combinators.
+        let mut sub = Box::pin(Subscriber::new(options).unwrap().into_stream());
         tokio::spawn(async move {
+            use futures::StreamExt;
             let mut got = Vec::new();
             while got.len() < 250 {
                 match tokio::time::timeout(CONVERGE, sub.next()).await.expect("the live feed goes on") {
