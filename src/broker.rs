@@ -222,6 +222,11 @@ impl Broker {
         self.links.borrow().get(index).map(|l| l.status(Tick::now()))
     }
 
+    /// The log, for the background tasks that work on it directly (the retention trimmer).
+    pub fn log(&self) -> Arc<Log> {
+        self.log.clone()
+    }
+
     /// Every stream, as the log knows them.
     pub fn all_streams(&self) -> Vec<StreamInfo> {
         self.log.streams()

@@ -114,6 +114,20 @@ pub struct ServeArgs {
     /// the relay resumes from what it stored [default: beginning].
     #[arg(long, allow_hyphen_values = true, requires = "upstream")]
     pub mirror_from: Option<String>,
+    /// Retention: each stream keeps records younger than this, e.g. 7d, 12h (rules for some
+    /// streams: `[[retention.rule]]` in the settings file) [default: forever].
+    #[arg(long)]
+    pub retention_max_age: Option<String>,
+    /// Retention: each stream keeps at most this many payload bytes [default: no limit].
+    #[arg(long)]
+    pub retention_max_bytes: Option<u64>,
+    /// Retention: each stream keeps at most this many records [default: no limit].
+    #[arg(long)]
+    pub retention_max_records: Option<u64>,
+    /// Retention: the whole store keeps at most this many payload bytes, oldest records first
+    /// [default: no limit; 1 GiB with --volatile].
+    #[arg(long)]
+    pub retention_max_total_bytes: Option<u64>,
 }
 
 impl ServeArgs {
@@ -142,6 +156,13 @@ impl ServeArgs {
                 None => Vec::new(),
             },
             notice: None,
+            retention: config::FileRetention {
+                max_age: self.retention_max_age.clone(),
+                max_bytes: self.retention_max_bytes,
+                max_records: self.retention_max_records,
+                max_total_bytes: self.retention_max_total_bytes,
+                ..Default::default()
+            },
         }
     }
 }
@@ -508,6 +529,13 @@ async fn tail(args: TailArgs) -> Result<ExitCode> {
                 } else {
                     eprintln!("tapeline: the server's upstream {} is down: {}", u.upstream, u.detail);
                 }
+                continue;
+            }
+            Some(Ok(Delivery::Truncated(t))) => {
+                eprintln!(
+                    "tapeline: {}: records up to tick {} were removed by retention; continuing from tick {}",
+                    t.stream, t.through, t.earliest_available
+                );
                 continue;
             }
             Some(Ok(_)) => continue,

@@ -151,6 +151,9 @@ pub enum Delivery {
     StreamAdded(pb::StreamInfo),
     /// A relay's upstream link changed.
     Upstream(pb::UpstreamStatus),
+    /// Retention removed part of a stream's range before it could be delivered; the stream goes
+    /// on after `through`.
+    Truncated(pb::Truncated),
     /// Subscribed at `endpoint` (first time or after a failure).
     Connected {
         endpoint: String,
@@ -421,6 +424,12 @@ impl Subscriber {
                 Delivery::StreamAdded(info)
             }
             Event::UpstreamStatus(u) => Delivery::Upstream(u),
+            Event::Truncated(t) => {
+                // What was removed is behind the stream now: a reconnection resumes after it.
+                let position = self.positions.entry(t.stream.clone()).or_insert(t.through);
+                *position = (*position).max(t.through);
+                Delivery::Truncated(t)
+            }
         })
     }
 }

@@ -161,6 +161,8 @@ pub struct Config {
     pub mirrors: Vec<crate::relay::Mirror>,
     /// What `Hello` tells clients older than a recommended version.
     pub notice: Option<Notice>,
+    /// What is kept of each stream, and of the whole store.
+    pub retention: crate::retention::Retention,
 }
 
 /// The operator's message to clients older than `recommended_version` (a dotted version such as
@@ -209,6 +211,7 @@ impl Default for Config {
             min_free_disk_bytes: 64 << 20,
             mirrors: Vec::new(),
             notice: None,
+            retention: crate::retention::Retention::default(),
         }
     }
 }
@@ -227,6 +230,7 @@ impl Config {
         for mirror in &self.mirrors {
             mirror.validate()?;
         }
+        self.retention.validate()?;
         if let Some(notice) = &self.notice {
             if numbers(&notice.recommended_version).is_none() {
                 return Err(Error::Config {
@@ -261,6 +265,41 @@ pub struct File {
     pub mirror: Vec<FileMirror>,
     /// The message `Hello` gives clients older than a recommended version.
     pub notice: Option<Notice>,
+    #[serde(default)]
+    pub retention: FileRetention,
+}
+
+/// The `[retention]` table of the settings file.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRetention {
+    pub max_age: Option<String>,
+    pub max_bytes: Option<u64>,
+    pub max_records: Option<u64>,
+    pub max_total_bytes: Option<u64>,
+    pub check_every: Option<String>,
+    /// `[[retention.rule]]` tables: limits for some streams.
+    #[serde(default)]
+    pub rule: Vec<FileRetentionRule>,
+}
+
+/// One `[[retention.rule]]` table.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRetentionRule {
+    pub streams: Vec<String>,
+    pub max_age: Option<String>,
+    pub max_bytes: Option<u64>,
+    pub max_records: Option<u64>,
+}
+
+/// A duration of the settings file, such as `500ms`, `5s`, `7d`.
+fn duration(key: &'static str, text: &str) -> Result<Duration> {
+    humantime::parse_duration(text).map_err(|_| Error::Config {
+        key,
+        value: text.to_string(),
+        expected: "a duration such as 500ms, 5s, 1m, 12h or 7d",
+    })
 }
 
 /// The `[limits]` table of the settings file.
@@ -323,6 +362,26 @@ max_producers = 10000
 # text = "tapeline 0.2 resumes across relays; please upgrade"
 # url = "https://example.org/tapeline/releases"
 
+# What is kept. A stream keeps records younger than max_age, at most max_bytes of payload and at
+# most max_records records; whole chunks are removed from the front, never a stream's newest
+# one. A subscriber whose range was removed gets a Truncated event and continues from the
+# earliest record kept. Nothing is removed when no limit is set (the default), except in a
+# --volatile store, which keeps at most 1 GiB of payload unless max_total_bytes says otherwise.
+[retention]
+# max_age = "7d"
+# max_bytes = 10737418240
+# max_records = 100000000
+# Payload bytes the whole store keeps at most, oldest records first across streams.
+# max_total_bytes = 53687091200
+# How often the trimmer looks.
+check_every = "1s"
+
+# Limits for some streams (the first rule that matches wins; limits it leaves out come from
+# [retention]).
+# [[retention.rule]]
+# streams = ["sensors/raw/**"]
+# max_age = "1h"
+
 # Relay mode: copy the streams matching `streams` from `upstream` (another tapeline), read-only
 # here. `from` is where copying starts the first time: "beginning", "now" or "-DURATION" ("-10m").
 # [[mirror]]
@@ -354,6 +413,14 @@ impl File {
             },
             mirror: self.mirror.into_iter().chain(over.mirror).collect(),
             notice: over.notice.or(self.notice),
+            retention: FileRetention {
+                max_age: over.retention.max_age.or(self.retention.max_age),
+                max_bytes: over.retention.max_bytes.or(self.retention.max_bytes),
+                max_records: over.retention.max_records.or(self.retention.max_records),
+                max_total_bytes: over.retention.max_total_bytes.or(self.retention.max_total_bytes),
+                check_every: over.retention.check_every.or(self.retention.check_every),
+                rule: self.retention.rule.into_iter().chain(over.retention.rule).collect(),
+            },
         }
     }
 
@@ -391,11 +458,7 @@ impl File {
             max_producers: self.limits.max_producers.unwrap_or(default.limits.max_producers),
         };
         let heartbeat = match &self.heartbeat {
-            Some(text) => humantime::parse_duration(text).map_err(|_| Error::Config {
-                key: "heartbeat",
-                value: text.clone(),
-                expected: "a duration such as 500ms, 5s or 1m",
-            })?,
+            Some(text) => duration("heartbeat", text)?,
             None => default.heartbeat,
         };
         let mut mirrors = Vec::with_capacity(self.mirror.len());
@@ -406,12 +469,45 @@ impl File {
                 from: m.from.as_deref().unwrap_or("beginning").parse()?,
             });
         }
-        Ok(Config {
-            data: match (self.volatile, &self.data) {
-                (Some(true), _) => DataDir::Volatile,
-                (_, Some(path)) => DataDir::Path(path.clone()),
-                _ => default.data,
+        let data = match (self.volatile, &self.data) {
+            (Some(true), _) => DataDir::Volatile,
+            (_, Some(path)) => DataDir::Path(path.clone()),
+            _ => default.data,
+        };
+        let r = &self.retention;
+        let mut rules = Vec::with_capacity(r.rule.len());
+        for rule in &r.rule {
+            rules.push(crate::retention::Rule {
+                streams: rule.streams.clone(),
+                policy: crate::retention::Policy {
+                    max_age: rule
+                        .max_age
+                        .as_deref()
+                        .map(|a| duration("retention.rule.max_age", a))
+                        .transpose()?,
+                    max_bytes: rule.max_bytes,
+                    max_records: rule.max_records,
+                },
+            });
+        }
+        let retention = crate::retention::Retention {
+            default: crate::retention::Policy {
+                max_age: r.max_age.as_deref().map(|a| duration("retention.max_age", a)).transpose()?,
+                max_bytes: r.max_bytes,
+                max_records: r.max_records,
             },
+            rules,
+            // A volatile store must never fill the disk.
+            max_total_bytes: r
+                .max_total_bytes
+                .or((data == DataDir::Volatile).then_some(crate::retention::VOLATILE_MAX_TOTAL_BYTES)),
+            check_every: match &r.check_every {
+                Some(text) => duration("retention.check_every", text)?,
+                None => crate::retention::CHECK_EVERY,
+            },
+        };
+        Ok(Config {
+            data,
             fsync: self.fsync.as_deref().map(str::parse).transpose()?.unwrap_or(default.fsync),
             limits,
             heartbeat,
@@ -420,6 +516,7 @@ impl File {
             min_free_disk_bytes: self.min_free_disk_bytes.unwrap_or(default.min_free_disk_bytes),
             mirrors,
             notice: self.notice.clone(),
+            retention,
         })
     }
 }

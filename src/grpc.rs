@@ -143,6 +143,12 @@ fn event(e: Event) -> pb::SubscribeResponse {
         }),
         Event::StreamAdded(info) => E::StreamAdded(pb::StreamAdded { stream: Some(stream_info(info, None)) }),
         Event::Upstream(u) => E::UpstreamStatus(upstream_status(u)),
+        Event::Truncated { stream, requested, through, earliest } => E::Truncated(pb::Truncated {
+            stream: stream.to_string(),
+            requested: requested.0,
+            earliest_available: earliest.map_or(0, |t| t.0),
+            through: through.0,
+        }),
     };
     pb::SubscribeResponse { event: Some(event) }
 }

@@ -89,7 +89,7 @@ pub fn verify(dir: &Path) -> Result<Report> {
     }
     // Chunks of no stream in the catalog mean a lost catalog entry.
     let mut orphans: BTreeMap<StreamId, (Tick, Tick)> = BTreeMap::new();
-    for entry in records.range(..storage::PRODUCER_PREFIX.as_slice()) {
+    for entry in records.range(..storage::TRIM_PREFIX.as_slice()) {
         let Ok((k, _)) = entry else { continue };
         let id = StreamId(u32::from_be_bytes(k[..4].try_into().unwrap_or_default()));
         if !known.contains(&id) {

@@ -37,6 +37,7 @@ pub mod names;
 pub mod producers;
 pub mod record;
 pub mod relay;
+pub mod retention;
 pub mod server;
 pub mod space;
 pub mod storage;

@@ -106,4 +106,17 @@ pub struct StreamInfo {
     pub last_tick: Option<Tick>,
     /// The broker's tick when the stream was created.
     pub created_tick: Tick,
+    /// What retention removed from the front of the stream.
+    pub trimmed: Trimmed,
+}
+
+/// What retention removed from the front of a stream, counted since the stream was created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Trimmed {
+    /// Records and payload bytes removed.
+    pub records: u64,
+    pub bytes: u64,
+    /// The tick of the last record removed: a read that asks for anything at or below it is told
+    /// that part of its range is gone (`Truncated`).
+    pub through: Option<Tick>,
 }

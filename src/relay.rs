@@ -288,6 +288,11 @@ async fn copy(broker: &Broker, index: usize, mirror: &Mirror, stored: &mut bool)
                     link.detail = cause;
                 });
             }
+            Delivery::Truncated(t) => {
+                // The upstream's retention removed records before they were copied: nothing can
+                // bring them back; copying goes on after them.
+                warn!(stream = %t.stream, requested = t.requested, through = t.through, "the upstream removed records before they were copied");
+            }
             Delivery::StreamAdded(_) => {}
         }
     }

@@ -80,10 +80,12 @@ async fn serve(
         .add_service(grpc::service(broker.clone(), &config.limits))
         .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
     info!(%addr, "serving");
-    // Relay mode: one task per upstream, stopped by the same token as everything else.
-    let relays = tokio_util::task::TaskTracker::new();
-    crate::relay::spawn_all(&broker, &token, &relays);
-    relays.close();
+    // Relay mode: one task per upstream, and the retention trimmer, stopped by the same token as
+    // everything else.
+    let background = tokio_util::task::TaskTracker::new();
+    crate::relay::spawn_all(&broker, &token, &background);
+    crate::retention::spawn(broker.log(), config.retention.clone(), token.clone(), &background);
+    background.close();
 
     tokio::pin!(serve);
     let served = tokio::select! {
@@ -105,7 +107,7 @@ async fn serve(
         }
     };
     token.cancel();
-    relays.wait().await;
+    background.wait().await;
     let closed = broker.close().await;
     served.map_err(|e| Error::Internal(format!("gRPC server failed: {e}")))?;
     closed

@@ -3,7 +3,8 @@
 //! Layout in sled: tree `records` maps `(stream_id u32 BE, first_tick u64 BE)` to a chunk (see
 //! `chunk.rs`); keys starting with `u32::MAX` (never a stream id) hold idempotent producers'
 //! state (see `producers.rs`), so that it is written in the same atomic batch as the records it
-//! describes; tree `catalog` maps a stream name to its id and creation tick; tree `meta` holds
+//! describes; keys starting with `u32::MAX - 1` hold, per stream, the tick of the last record
+//! retention removed, written in the same atomic batch as the removal; tree `catalog` maps a stream name to its id and creation tick; tree `meta` holds
 //! the broker's identity.
 //!
 //! Invariants:
@@ -24,13 +25,18 @@
 //!   is readable (and durable under `always`): a reader that sees a watermark can read every record
 //!   up to it, and a subscriber that snapshots the catalog receives every later commit.
 //! - Recovery reads the catalog and, per stream, only its first and last chunk.
+//! - Retention removes whole chunks from the front of a stream, never its last chunk (which keeps
+//!   the stream's last tick and counters across restarts). The trimmer plans a removal from
+//!   what it reads; the writer carries it out: it publishes the stream's new first tick and
+//!   `trimmed.through` before deleting, so a read that missed a deleted chunk finds the mark when
+//!   it looks afterwards and reports `Truncated` instead of a silent gap.
 
 use crate::chunk::{self, ChunkEncoder};
 use crate::config::{Config, DataDir, FsyncPolicy};
 use crate::error::{Error, Result};
 use crate::guard::{self, Mark};
 use crate::producers::{self, BatchTag, Producers, Seen};
-use crate::record::{NewRecord, Stored, StreamId, StreamInfo, Tick};
+use crate::record::{NewRecord, Stored, StreamId, StreamInfo, Tick, Trimmed};
 use crate::space::Space;
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
@@ -58,6 +64,8 @@ const COMMIT_BROADCAST: usize = 4096;
 
 /// Key prefix of producer state in the records tree; stream ids stay below it.
 pub(crate) const PRODUCER_PREFIX: [u8; 4] = u32::MAX.to_be_bytes();
+/// Key prefix of retention marks in the records tree (the lowest reserved prefix).
+pub(crate) const TRIM_PREFIX: [u8; 4] = (u32::MAX - 1).to_be_bytes();
 
 /// An appended batch, as acknowledged to its publisher.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +105,49 @@ pub struct ReadBatch {
     pub chunks: Vec<Bytes>,
     /// `false` when the read stopped because of its record limit: there may be more.
     pub complete: bool,
+    /// Retention removed part of the range asked for.
+    pub truncated: Option<Truncation>,
+}
+
+/// Part of a read's range was removed by retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Truncation {
+    /// The first tick the read asked for (0: the beginning).
+    pub requested: Tick,
+    /// Every record up to this tick is gone; the reader continues after it.
+    pub through: Tick,
+    /// The stream's earliest record still stored.
+    pub earliest: Option<Tick>,
+}
+
+/// What retention keeps of one stream; a chunk is removed when any rule asks for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Keep {
+    /// Records with a tick below this one are removed.
+    pub below: Option<Tick>,
+    /// The stream keeps at most this many payload bytes / records.
+    pub max_bytes: Option<u64>,
+    pub max_records: Option<u64>,
+    /// Past the first chunk, only chunks wholly below this tick are removed (the store-wide bound
+    /// takes the oldest records first, across streams).
+    pub only_below: Option<Tick>,
+}
+
+/// A removal planned by the trimmer: the first chunks of one stream, up to the chunk that starts
+/// at `first`, which becomes the stream's first chunk.
+#[derive(Debug, Clone)]
+pub struct TrimPlan {
+    pub stream: Arc<str>,
+    pub id: StreamId,
+    /// The keys of the chunks to remove, in order.
+    pub delete: Vec<sled::IVec>,
+    /// The first tick of the first chunk kept.
+    pub first: Tick,
+    /// The tick of the last record removed.
+    pub through: Tick,
+    /// The counters of the first chunk kept: what the stream held before it, since its creation.
+    pub records_before: u64,
+    pub bytes_before: u64,
 }
 
 /// The catalog as readers see it.
@@ -134,6 +185,11 @@ enum Command {
         source: Source,
         reply: Reply,
         _queued: OwnedSemaphorePermit,
+    },
+    /// Carry out a removal planned by the trimmer.
+    Trim {
+        plan: TrimPlan,
+        reply: oneshot::Sender<Result<()>>,
     },
     /// Raise the clock to `to` (at most now) and publish the watermark, so that time passes for
     /// readers even when nothing is published; answers the new watermark.
@@ -174,6 +230,14 @@ pub(crate) fn key(id: StreamId, tick: Tick) -> [u8; 12] {
 /// The first tick of the chunk stored under a records-tree key.
 pub(crate) fn key_tick(k: &[u8]) -> Tick {
     Tick(u64::from_be_bytes(k[4..12].try_into().unwrap_or_default()))
+}
+
+/// The records-tree key of a stream's retention mark.
+fn trim_key(id: StreamId) -> [u8; 8] {
+    let mut k = [0u8; 8];
+    k[..4].copy_from_slice(&TRIM_PREFIX);
+    k[4..].copy_from_slice(&id.0.to_be_bytes());
+    k
 }
 
 fn producer_key(id: &str) -> Vec<u8> {
@@ -373,8 +437,32 @@ impl Log {
 
     /// Reads records of one stream with `after < tick <= upto`, in tick order, whole chunks at a
     /// time, stopping after the chunk that reaches `max_records`. Every record's CRC is checked;
-    /// a damaged chunk is an `Error::DataLoss` naming its tick range. Blocking.
+    /// a damaged chunk is an `Error::DataLoss` naming its tick range. When retention removed part
+    /// of the range, the batch says so (`truncated`) and holds only records after the removed
+    /// ones. Blocking.
     pub fn read(
+        &self,
+        stream: &StreamInfo,
+        after: Option<Tick>,
+        upto: Tick,
+        max_records: usize,
+    ) -> Result<ReadBatch> {
+        let mut batch = self.read_chunks(stream, after, upto, max_records)?;
+        // Looked up after the scan: a removal is published before its chunks are deleted, so a
+        // scan that missed a deleted chunk finds the mark here.
+        let (through, earliest) = match self.read_shared().streams.get(&stream.name) {
+            Some(now) if now.id == stream.id => (now.trimmed.through, now.first_tick),
+            _ => (None, None),
+        };
+        let requested = after.map_or(Tick(0), |t| Tick(t.0.saturating_add(1)));
+        if let Some(through) = through.filter(|&through| requested <= through && requested <= upto) {
+            batch.records.retain(|r| r.tick > through);
+            batch.truncated = Some(Truncation { requested, through, earliest });
+        }
+        Ok(batch)
+    }
+
+    fn read_chunks(
         &self,
         stream: &StreamInfo,
         after: Option<Tick>,
@@ -385,7 +473,12 @@ impl Log {
         let first_wanted = match after {
             None => Tick(0),
             Some(t) if t >= upto => {
-                return Ok(ReadBatch { records: Vec::new(), chunks: Vec::new(), complete: true })
+                return Ok(ReadBatch {
+                    records: Vec::new(),
+                    chunks: Vec::new(),
+                    complete: true,
+                    truncated: None,
+                })
             }
             Some(t) => Tick(t.0 + 1),
         };
@@ -407,7 +500,7 @@ impl Log {
                 Ok(entry) => entry,
                 Err(sled::Error::Corruption { .. }) if !records.is_empty() => {
                     // Deliver what was read; the next read starts at the damage and reports it.
-                    return Ok(ReadBatch { records, chunks, complete: false });
+                    return Ok(ReadBatch { records, chunks, complete: false, truncated: None });
                 }
                 Err(sled::Error::Corruption { .. }) => {
                     return Err(self.damaged_page(stream, first_wanted, upto))
@@ -422,7 +515,7 @@ impl Log {
                     // Deliver the intact records first (those before the damage included); the
                     // next read starts at the damage and reports it.
                     chunks.push(value);
-                    return Ok(ReadBatch { records, chunks, complete: false });
+                    return Ok(ReadBatch { records, chunks, complete: false, truncated: None });
                 }
                 let from = key_tick(&k).max(first_wanted);
                 // Up to the stream's next chunk, wherever it lies (not bounded by this read).
@@ -441,13 +534,13 @@ impl Log {
             }
             chunks.push(value);
             if records.last().is_some_and(|r| r.tick >= upto) {
-                return Ok(ReadBatch { records, chunks, complete: true });
+                return Ok(ReadBatch { records, chunks, complete: true, truncated: None });
             }
             if records.len() >= max_records {
-                return Ok(ReadBatch { records, chunks, complete: false });
+                return Ok(ReadBatch { records, chunks, complete: false, truncated: None });
             }
         }
-        Ok(ReadBatch { records, chunks, complete: true })
+        Ok(ReadBatch { records, chunks, complete: true, truncated: None })
     }
 
     /// The error for a stream whose stored pages sled reports corrupt from `from` on: names the
@@ -466,6 +559,69 @@ impl Log {
         }
     }
 
+    /// Plans the removal of `stream`'s oldest chunks that `keep` asks for, at most `max_chunks`
+    /// of them; `None` when nothing is to be removed. Reads only (the chunks it may remove and
+    /// the first one it keeps), so it runs beside the writer. Blocking.
+    pub fn plan_trim(&self, stream: &StreamInfo, keep: &Keep, max_chunks: usize) -> Result<Option<TrimPlan>> {
+        // Counters since the stream's creation: what it held before a chunk, and in all.
+        let end_records = stream.trimmed.records + stream.records;
+        let end_bytes = stream.trimmed.bytes + stream.bytes;
+        let mut chunks = self.records.scan_prefix(stream.id.0.to_be_bytes());
+        let Some(first) = chunks.next() else { return Ok(None) };
+        let (mut key_now, mut value_now) = first?;
+        let mut head_now = chunk::header(&value_now).map_err(|_| bad_header(stream, &key_now))?;
+        let mut delete = Vec::new();
+        let mut last_deleted = None;
+        // The last chunk is never removed: the loop only removes a chunk that has a successor.
+        for next in chunks {
+            let (key_next, value_next) = next?;
+            let head_next = chunk::header(&value_next).map_err(|_| bad_header(stream, &key_next))?;
+            // Every record of a chunk lies below the first tick of the next one.
+            let below = key_tick(&key_next);
+            let old = keep.below.is_some_and(|b| below <= b);
+            let over =
+                keep.max_records.is_some_and(|m| end_records.saturating_sub(head_now.records_before) > m)
+                    || keep.max_bytes.is_some_and(|m| end_bytes.saturating_sub(head_now.bytes_before) > m);
+            let in_order = delete.is_empty() || keep.only_below.is_none_or(|b| below <= b);
+            if !(old || over) || !in_order || delete.len() >= max_chunks {
+                break;
+            }
+            delete.push(key_now);
+            last_deleted = Some(value_now);
+            (key_now, value_now, head_now) = (key_next, value_next, head_next);
+        }
+        let Some(last_deleted) = last_deleted else { return Ok(None) };
+        let first = key_tick(&key_now);
+        // The exact last tick removed, so that a reader resuming right after it is not told of a
+        // removal; a damaged chunk falls back to the tick before the next chunk.
+        let through = chunk::decode(&Bytes::from_owner(last_deleted))
+            .ok()
+            .and_then(|(_, records)| records.last().map(|r| r.tick))
+            .unwrap_or(Tick(first.0.saturating_sub(1)));
+        Ok(Some(TrimPlan {
+            stream: stream.name.clone(),
+            id: stream.id,
+            delete,
+            first,
+            through,
+            records_before: head_now.records_before,
+            bytes_before: head_now.bytes_before,
+        }))
+    }
+
+    /// Makes everything written so far durable.
+    pub async fn flush(&self) -> Result<()> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Has the writer carry out a planned removal (skipped when the stream changed under it).
+    pub async fn trim(&self, plan: TrimPlan) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.writer.send(Command::Trim { plan, reply }).await.map_err(|_| Error::ShuttingDown)?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+
     /// Stops the writer after every queued batch is committed, then flushes. Idempotent.
     pub async fn close(&self) -> Result<()> {
         let (reply, done) = oneshot::channel();
@@ -478,6 +634,15 @@ impl Log {
         }
         self.db.flush_async().await?;
         Ok(())
+    }
+}
+
+fn bad_header(stream: &StreamInfo, key: &[u8]) -> Error {
+    Error::DataLoss {
+        stream: stream.name.to_string(),
+        from: key_tick(key),
+        to: key_tick(key),
+        detail: "a chunk header is unreadable; retention stops before it".into(),
     }
 }
 
@@ -557,6 +722,7 @@ fn recover(records: &sled::Tree, catalog: &sled::Tree) -> Result<(HashMap<Arc<st
             first_tick: None,
             last_tick: None,
             created_tick,
+            trimmed: Trimmed::default(),
         };
         let prefix = id.0.to_be_bytes();
         if let (Some(first), Some(last)) =
@@ -581,6 +747,12 @@ fn recover(records: &sled::Tree, catalog: &sled::Tree) -> Result<(HashMap<Arc<st
             info.records = (last_head.records_before + last_records.len() as u64)
                 .saturating_sub(first_head.records_before);
             info.bytes = (last_head.bytes_before + last_bytes).saturating_sub(first_head.bytes_before);
+            info.trimmed.records = first_head.records_before;
+            info.trimmed.bytes = first_head.bytes_before;
+            if let Some(mark) = records.get(trim_key(id))? {
+                info.trimmed.through =
+                    <[u8; 8]>::try_from(mark.as_ref()).ok().map(|b| Tick(u64::from_le_bytes(b)));
+            }
         }
         debug!(stream = %name, records = info.records, "stream recovered");
         streams.insert(name, info);
@@ -666,6 +838,9 @@ impl Writer {
                 Some(Command::Advance { to, reply }) => {
                     let _ = reply.send(self.advance(to));
                 }
+                Some(Command::Trim { plan, reply }) => {
+                    let _ = reply.send(self.trim(plan));
+                }
                 Some(Command::Stop { reply }) => stop = Some(reply),
                 Some(Command::Append { .. }) | None => {}
             }
@@ -702,6 +877,48 @@ impl Writer {
         shared.watermark
     }
 
+    /// Removes the chunks of a plan, unless the stream changed since it was planned (it can only
+    /// have grown, or been trimmed by an earlier plan).
+    fn trim(&mut self, plan: TrimPlan) -> Result<()> {
+        if let Some(cause) = &self.failed {
+            return Err(Error::LogFailed { cause: cause.clone() });
+        }
+        let Some(stream) = self.streams.get_mut(&plan.stream).filter(|s| s.id == plan.id) else {
+            return Ok(());
+        };
+        // Stale: an earlier removal already went past it. The writer only appends, so the chunk
+        // the plan keeps is still there and not after the last tick.
+        if stream.first_tick.is_none_or(|f| f >= plan.first)
+            || stream.last_tick.is_none_or(|l| l < plan.first)
+        {
+            return Ok(());
+        }
+        let (records, bytes) = (stream.trimmed.records + stream.records, stream.trimmed.bytes + stream.bytes);
+        stream.trimmed =
+            Trimmed { records: plan.records_before, bytes: plan.bytes_before, through: Some(plan.through) };
+        stream.records = records.saturating_sub(plan.records_before);
+        stream.bytes = bytes.saturating_sub(plan.bytes_before);
+        stream.first_tick = Some(plan.first);
+        // Published before the chunks go: see `Log::read`.
+        self.shared
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .streams
+            .insert(stream.name.clone(), stream.clone());
+        let mut batch = sled::Batch::default();
+        for k in &plan.delete {
+            batch.remove(k.clone());
+        }
+        batch.insert(trim_key(plan.id).as_ref(), plan.through.0.to_le_bytes().as_ref());
+        if let Err(err) = self.records.apply_batch(batch) {
+            error!(cause = %err, stream = %plan.stream, "removing chunks failed; the log takes no more writes");
+            self.failed = Some(err.to_string());
+            return Err(err.into());
+        }
+        debug!(stream = %plan.stream, chunks = plan.delete.len(), through = %plan.through, "chunks removed");
+        Ok(())
+    }
+
     /// Checks a batch and assigns its ticks without changing any state; `upstream` ticks are not
     /// held to this broker's clock.
     fn assign(&self, records: &[NewRecord], now: Tick, upstream: bool) -> Result<Vec<Tick>> {
@@ -717,8 +934,8 @@ impl Writer {
             };
             if !self.streams.contains_key(name) && !last.contains_key(name) {
                 created += 1;
-                // Ids at and above PRODUCER_PREFIX's are reserved.
-                if u64::from(self.next_id) + created >= u64::from(u32::MAX) {
+                // Ids at and above TRIM_PREFIX's are reserved.
+                if u64::from(self.next_id) + created >= u64::from(u32::MAX - 1) {
                     return Err(Error::Internal(format!("no stream id is left for stream {name:?}")));
                 }
             }
@@ -799,6 +1016,7 @@ impl Writer {
                         first_tick: None,
                         last_tick: None,
                         created_tick: tick,
+                        trimmed: Trimmed::default(),
                     };
                     self.next_id += 1;
                     catalog_batch.insert(name.as_bytes(), catalog_value(info.id, tick).as_ref());
@@ -807,14 +1025,10 @@ impl Writer {
                     self.streams.insert(info.name.clone(), info);
                 }
                 let Some(stream) = self.streams.get_mut(name) else { continue };
-                let (_, first, encoder) = open.entry(stream.id).or_insert_with(|| {
-                    (stream.name.clone(), tick, ChunkEncoder::new(&stream.name, stream.records, stream.bytes))
-                });
+                let (_, first, encoder) =
+                    open.entry(stream.id).or_insert_with(|| (stream.name.clone(), tick, chunk_after(stream)));
                 if encoder.encoded_len() >= CHUNK_MAX_BYTES || encoder.count() >= CHUNK_MAX_RECORDS {
-                    let full = std::mem::replace(
-                        encoder,
-                        ChunkEncoder::new(&stream.name, stream.records, stream.bytes),
-                    );
+                    let full = std::mem::replace(encoder, chunk_after(stream));
                     sealed.push((key(stream.id, *first), full.finish()));
                     *first = tick;
                 }
@@ -906,6 +1120,15 @@ impl Writer {
             let _ = a.reply.send(Ok(Appended { ticks: a.ticks, duplicate: a.duplicate }));
         }
     }
+}
+
+/// A new chunk for what `stream` holds now: its counters count from the stream's creation.
+fn chunk_after(stream: &StreamInfo) -> ChunkEncoder {
+    ChunkEncoder::new(
+        &stream.name,
+        stream.trimmed.records + stream.records,
+        stream.trimmed.bytes + stream.bytes,
+    )
 }
 
 /// One atomic sled batch of chunks and producer state (`None` deletes a producer's state).

@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::names::Pattern;
 use crate::record::{Record, Stored, StreamId, StreamInfo, Tick};
 use crate::relay::{Link, UpstreamStatus};
-use crate::storage::{Commit, Log};
+use crate::storage::{Commit, Log, Truncation};
 use bytes::Bytes;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -102,6 +102,9 @@ pub enum Event {
     /// On a relay: an upstream link's state at the start of the subscription, and whenever it
     /// goes down or comes back.
     Upstream(UpstreamStatus),
+    /// Retention removed part of the range asked for: the stream continues after `through`.
+    /// Sent before the stream's next record.
+    Truncated { stream: Arc<str>, requested: Tick, through: Tick, earliest: Option<Tick> },
 }
 
 struct Cursor {
@@ -117,6 +120,8 @@ struct Cursor {
     more: bool,
     /// A commit touched this stream since the last drain.
     dirty: bool,
+    /// Retention removed part of what this cursor was to read: told before its next record.
+    truncated: Option<Truncation>,
 }
 
 /// Why the pump stopped early.
@@ -289,6 +294,7 @@ impl Pump {
             chunks: Vec::new(),
             more: false,
             dirty: true,
+            truncated: None,
         });
     }
 
@@ -490,6 +496,7 @@ impl Pump {
             }
         }
         while let Some(Reverse((_, _, i))) = heads.pop() {
+            self.announce_truncation(i).await?;
             if let Some(record) = self.cursors[i].buffer.pop_front() {
                 let cursor = &self.cursors[i];
                 let record = record.named(&cursor.info.name, &cursor.chunks);
@@ -541,13 +548,38 @@ impl Pump {
             .await
             .map_err(|e| Error::Internal(format!("read task failed: {e}")))??;
         let cursor = &mut self.cursors[i];
+        if let Some(truncation) = read.truncated {
+            // What was removed counts as read: the next read starts after it.
+            cursor.pos = cursor.pos.max(Some(truncation.through));
+            cursor.truncated = Some(truncation);
+        }
         if let Some(last) = read.records.last() {
             cursor.pos = Some(last.tick);
         }
         cursor.more = !read.complete;
         cursor.buffer.extend(read.records);
         cursor.chunks = read.chunks;
+        if cursor.buffer.is_empty() {
+            // No record of this stream to put the event before: it goes now.
+            self.announce_truncation(i).await?;
+        }
         Ok(())
+    }
+
+    /// Tells the client that retention removed part of cursor `i`'s range, once, after every
+    /// record before it was sent.
+    async fn announce_truncation(&mut self, i: usize) -> Result<(), Stop> {
+        let Some(t) = self.cursors[i].truncated.take() else { return Ok(()) };
+        self.flush().await?;
+        let stream = self.cursors[i].info.name.clone();
+        debug!(%stream, requested = %t.requested, through = %t.through, "range truncated by retention");
+        self.send(Event::Truncated {
+            stream,
+            requested: t.requested,
+            through: t.through,
+            earliest: t.earliest,
+        })
+        .await
     }
 
     async fn push(&mut self, record: Record) -> Result<(), Stop> {

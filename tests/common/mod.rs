@@ -145,6 +145,13 @@ pub enum Seen {
         upstream: String,
         connected: bool,
     },
+    /// Retention removed the stream's records up to `through`.
+    Truncated {
+        stream: String,
+        requested: u64,
+        through: u64,
+        earliest: u64,
+    },
 }
 
 /// A subscription being read by a test.
@@ -247,6 +254,12 @@ fn seen(message: pb::SubscribeResponse) -> Vec<Seen> {
         Some(Event::UpstreamStatus(u)) => {
             vec![Seen::Upstream { upstream: u.upstream, connected: u.connected }]
         }
+        Some(Event::Truncated(t)) => vec![Seen::Truncated {
+            stream: t.stream,
+            requested: t.requested,
+            through: t.through,
+            earliest: t.earliest_available,
+        }],
         None => vec![],
     }
 }

@@ -1,0 +1,266 @@
+//! Retention: what the broker keeps of each stream, and the background trimmer that removes the
+//! rest.
+//!
+//! A stream keeps records younger than `max_age`, at most `max_bytes` of payload and at most
+//! `max_records` records; a store-wide `max_total_bytes` (the default bound of a `--volatile`
+//! store) takes the oldest records first, across streams. Rules give patterns of streams their own
+//! limits; the defaults apply to the rest.
+//!
+//! The trimmer wakes every `check_every`. It removes whole chunks from the front of a stream (so a
+//! stream may hold a little more than a size limit asks, never less than it, and records a little
+//! older than `max_age` until their chunk is wholly past it); it never removes a stream's last
+//! chunk. It plans each removal by reading, beside the writer, and hands the writer only the
+//! deletion, at most [`SLICE`] chunks at a time, so publishers and subscribers are never held
+//! behind a long trim. A subscriber whose range was removed is told (`Truncated`) and continues
+//! from the earliest record still stored.
+
+use crate::error::{Error, Result};
+use crate::names::Pattern;
+use crate::record::{StreamInfo, Tick};
+use crate::storage::{Keep, Log};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+/// Chunks removed per writer command at most.
+pub const SLICE: usize = 256;
+/// The store-wide bound of a `--volatile` store when none is configured.
+pub const VOLATILE_MAX_TOTAL_BYTES: u64 = 1 << 30;
+/// How often the trimmer looks when not configured.
+pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// What one stream keeps; an unset limit does not limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Policy {
+    pub max_age: Option<Duration>,
+    pub max_bytes: Option<u64>,
+    pub max_records: Option<u64>,
+}
+
+impl Policy {
+    /// This policy with every limit `over` sets taken from `over`.
+    pub fn overridden_by(self, over: Policy) -> Policy {
+        Policy {
+            max_age: over.max_age.or(self.max_age),
+            max_bytes: over.max_bytes.or(self.max_bytes),
+            max_records: over.max_records.or(self.max_records),
+        }
+    }
+
+    /// Whether it keeps everything.
+    pub fn keeps_everything(&self) -> bool {
+        *self == Policy::default()
+    }
+
+    fn validate(&self, key: &'static str) -> Result<()> {
+        if self.max_age.is_some_and(|a| a < Duration::from_millis(1)) {
+            return Err(Error::Config {
+                key,
+                value: "max_age = 0".into(),
+                expected: "a duration of at least 1ms",
+            });
+        }
+        if self.max_bytes == Some(0) || self.max_records == Some(0) {
+            return Err(Error::Config {
+                key,
+                value: format!("{self:?}"),
+                expected: "max_bytes and max_records of at least 1 (leave a limit out to keep everything)",
+            });
+        }
+        Ok(())
+    }
+
+    /// What the trimmer keeps of a stream at `now`.
+    fn keep(&self, now: Tick) -> Keep {
+        Keep {
+            below: self
+                .max_age
+                .map(|age| Tick(now.0.saturating_sub(u64::try_from(age.as_nanos()).unwrap_or(u64::MAX)))),
+            max_bytes: self.max_bytes,
+            max_records: self.max_records,
+            only_below: None,
+        }
+    }
+}
+
+/// Limits for the streams matching any of `streams`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub streams: Vec<String>,
+    pub policy: Policy,
+}
+
+/// Every retention setting of a broker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retention {
+    /// For streams no rule matches, and the limits a matching rule leaves unset.
+    pub default: Policy,
+    /// The first rule whose patterns match a stream applies to it.
+    pub rules: Vec<Rule>,
+    /// Payload bytes the whole store keeps at most.
+    pub max_total_bytes: Option<u64>,
+    pub check_every: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            default: Policy::default(),
+            rules: Vec::new(),
+            max_total_bytes: None,
+            check_every: CHECK_EVERY,
+        }
+    }
+}
+
+impl Retention {
+    /// Checks every limit and pattern.
+    pub fn validate(&self) -> Result<()> {
+        self.default.validate("retention")?;
+        for rule in &self.rules {
+            rule.policy.validate("retention.rule")?;
+            if rule.streams.is_empty() {
+                return Err(Error::Config {
+                    key: "retention.rule.streams",
+                    value: "[]".into(),
+                    expected: "at least one stream name or pattern",
+                });
+            }
+            for pattern in &rule.streams {
+                Pattern::parse(pattern)?;
+            }
+        }
+        if self.max_total_bytes == Some(0) {
+            return Err(Error::Config {
+                key: "retention.max_total_bytes",
+                value: "0".into(),
+                expected: "at least 1 (leave it out to keep everything)",
+            });
+        }
+        if self.check_every < Duration::from_millis(10) || self.check_every > Duration::from_secs(3600) {
+            return Err(Error::Config {
+                key: "retention.check_every",
+                value: format!("{:?}", self.check_every),
+                expected: "a duration from 10ms to 1h",
+            });
+        }
+        Ok(())
+    }
+
+    /// The policy of the stream `name`.
+    pub fn policy_for(&self, name: &str) -> Policy {
+        let rule = self
+            .rules
+            .iter()
+            .find(|rule| rule.streams.iter().any(|p| Pattern::parse(p).is_ok_and(|p| p.matches(name))));
+        match rule {
+            Some(rule) => self.default.overridden_by(rule.policy),
+            None => self.default,
+        }
+    }
+
+    /// Whether the trimmer has anything to do.
+    pub fn keeps_everything(&self) -> bool {
+        self.max_total_bytes.is_none()
+            && self.default.keeps_everything()
+            && self.rules.iter().all(|r| r.policy.keeps_everything())
+    }
+}
+
+/// Starts the trimmer (unless everything is kept); it stops when `token` is cancelled.
+pub fn spawn(log: Arc<Log>, retention: Retention, token: CancellationToken, tasks: &TaskTracker) {
+    if retention.keeps_everything() {
+        return;
+    }
+    tasks.spawn(async move {
+        let mut ticks = tokio::time::interval(retention.check_every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            match pass(&log, &retention, &token).await {
+                Ok(0) => {}
+                Ok(chunks) => info!(chunks, "retention removed chunks"),
+                // The next pass tries again; a failed write has stopped the log anyway.
+                Err(err) => warn!(cause = %err, "retention pass failed"),
+            }
+        }
+    });
+}
+
+/// One pass over every stream; returns the chunks removed.
+pub async fn pass(log: &Arc<Log>, retention: &Retention, token: &CancellationToken) -> Result<usize> {
+    let now = Tick::now();
+    let mut removed = 0;
+    for stream in log.streams() {
+        let policy = retention.policy_for(&stream.name);
+        if !policy.keeps_everything() {
+            removed += trim(log, &stream, policy.keep(now), token).await?;
+        }
+    }
+    if let Some(total) = retention.max_total_bytes {
+        removed += bound_total(log, total, token).await?;
+    }
+    if removed > 0 {
+        // Makes the removals durable, and lets the storage engine reuse their space.
+        log.flush().await?;
+    }
+    Ok(removed)
+}
+
+/// Removes the oldest records across streams until the store holds at most `total` payload bytes
+/// (or only streams' last chunks are left).
+async fn bound_total(log: &Arc<Log>, total: u64, token: &CancellationToken) -> Result<usize> {
+    let mut removed = 0;
+    while !token.is_cancelled() {
+        let mut streams: Vec<StreamInfo> =
+            log.streams().into_iter().filter(|s| s.first_tick.is_some()).collect();
+        let held: u64 = streams.iter().map(|s| s.bytes).sum();
+        if held <= total {
+            break;
+        }
+        streams.sort_by_key(|s| s.first_tick);
+        let mut progress = 0;
+        for (i, oldest) in streams.iter().enumerate() {
+            // From the oldest stream, up to the next stream's first record (or the excess).
+            let keep = Keep {
+                max_bytes: Some(oldest.bytes.saturating_sub(held - total)),
+                only_below: streams.get(i + 1).and_then(|s| s.first_tick),
+                ..Keep::default()
+            };
+            progress = trim(log, oldest, keep, token).await?;
+            if progress > 0 {
+                break;
+            }
+        }
+        if progress == 0 {
+            break;
+        }
+        removed += progress;
+    }
+    Ok(removed)
+}
+
+/// Removes what `keep` asks of one stream, a slice at a time.
+async fn trim(log: &Arc<Log>, stream: &StreamInfo, keep: Keep, token: &CancellationToken) -> Result<usize> {
+    let mut removed = 0;
+    while !token.is_cancelled() {
+        let Some(info) = log.stream(&stream.name).filter(|s| s.id == stream.id) else { break };
+        let reader = log.clone();
+        let plan = tokio::task::spawn_blocking(move || reader.plan_trim(&info, &keep, SLICE))
+            .await
+            .map_err(|e| Error::Internal(format!("retention task failed: {e}")))??;
+        let Some(plan) = plan else { break };
+        let chunks = plan.delete.len();
+        log.trim(plan).await?;
+        removed += chunks;
+        if chunks < SLICE {
+            break;
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,229 @@
+//! Retention on a running broker: by age (records given old explicit ticks, so no test waits for
+//! time to pass), by size per stream and for the whole store; `Truncated` for subscribers whose
+//! range was removed, never for one that resumes after it; live subscribers and publishers going
+//! on while chunks are removed; the removal surviving a restart; disk space coming back.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+use tapeline::config::Config;
+use tapeline::grpc::pb;
+use tapeline::retention::{Policy, Retention};
+use tonic::transport::Channel;
+
+type Client = pb::tapeline_client::TapelineClient<Channel>;
+
+const HOUR_NS: u64 = 3_600_000_000_000;
+const MINUTE_NS: u64 = 60_000_000_000;
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+fn with_retention(dir: &std::path::Path, retention: Retention) -> Config {
+    Config { retention: Retention { check_every: Duration::from_millis(20), ..retention }, ..config(dir) }
+}
+
+async fn describe(client: &mut Client, stream: &str) -> pb::StreamInfo {
+    client
+        .describe_stream(pb::DescribeStreamRequest { stream: stream.to_string() })
+        .await
+        .expect("describe")
+        .into_inner()
+}
+
+/// Waits (polling, bounded) until `done` holds for the stream's description.
+async fn until(
+    client: &mut Client,
+    stream: &str,
+    what: &str,
+    done: impl Fn(&pb::StreamInfo) -> bool,
+) -> pb::StreamInfo {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let info = describe(client, stream).await;
+        if done(&info) {
+            return info;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "gave up waiting for {what}: {info:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Publishes one batch (one chunk) per tick, each record naming its tick.
+async fn publish_at(client: &mut Client, stream: &str, ticks: &[u64]) {
+    for &tick in ticks {
+        let record = pb::Record { tick, ..record(stream, format!("at {tick}")) };
+        assert_eq!(publish_records(client, vec![record]).await, vec![tick]);
+    }
+}
+
+/// Every event of a bounded read of `stream` up to `end`, from `request`'s start.
+async fn read(client: &mut Client, stream: &str, request: pb::SubscribeRequest, end: u64) -> Vec<Seen> {
+    let request = pb::SubscribeRequest {
+        end: Some(end),
+        ..pb::SubscribeRequest { streams: vec![stream.into()], ..request }
+    };
+    Sub::open(client, request).await.until_end().await
+}
+
+fn truncations(events: &[Seen]) -> Vec<(u64, u64, u64)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Seen::Truncated { requested, through, earliest, .. } => Some((*requested, *through, *earliest)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn records_older_than_max_age_are_removed_and_readers_are_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = Policy { max_age: Some(Duration::from_secs(3600)), ..Policy::default() };
+    let server = TestServer::start_with(with_retention(
+        dir.path(),
+        Retention { default: policy, ..Retention::default() },
+    ))
+    .await;
+    let mut client = server.client().await;
+
+    // A live subscriber from the beginning, there before anything is published or removed.
+    let mut live = Sub::open(&mut client, request(&["age/s"], beginning())).await;
+    let base = now_ns() - 5 * HOUR_NS;
+    let old: Vec<u64> = (0..8).map(|i| base + i * MINUTE_NS).collect();
+    let young: Vec<u64> = (0..4).map(|i| now_ns() - 10 * MINUTE_NS + i * MINUTE_NS).collect();
+    publish_at(&mut client, "age/s", &old).await;
+    publish_at(&mut client, "age/s", &young).await;
+
+    // Each old chunk goes once the chunk after it starts before the limit: all but the last one.
+    let info = until(&mut client, "age/s", "the old chunks to go", |i| i.first_tick == old[7]).await;
+    assert_eq!(info.records, 1 + young.len() as u64, "{info:?}");
+    assert_eq!(info.last_tick, young[3]);
+
+    // The live subscriber got everything it was there for, then goes on with new records.
+    let before: Vec<u64> = records(&live.take_records(12).await).iter().map(|r| r.1).collect();
+    assert_eq!(before, [old.clone(), young.clone()].concat());
+    let fresh = publish(&mut client, "age/s", &["fresh"]).await;
+    let after = live.take_records(1).await;
+    assert_eq!(records(&after).iter().map(|r| r.1).collect::<Vec<_>>(), fresh);
+    assert!(truncations(&after).is_empty(), "{after:?}");
+
+    // From the beginning: told once, before the first record kept, then exactly what is kept.
+    let end = fresh[0];
+    let events = read(&mut client, "age/s", request(&[], beginning()), end).await;
+    assert_eq!(truncations(&events), vec![(0, old[6], old[7])]);
+    assert!(matches!(events.first(), Some(Seen::Truncated { .. })), "{events:?}");
+    let got: Vec<u64> = records(&events).iter().map(|r| r.1).collect();
+    assert_eq!(got, [&old[7..], &young[..], &fresh[..]].concat());
+
+    // Starting inside the removed range: told. Resuming right after the last removed record: not.
+    let inside = pb::subscribe_request::Start::After(old[2]);
+    let events = read(&mut client, "age/s", request(&[], inside), end).await;
+    assert_eq!(truncations(&events), vec![(old[2] + 1, old[6], old[7])]);
+    let mut resume = request(&[], beginning());
+    resume.resume.insert("age/s".into(), old[6]);
+    let events = read(&mut client, "age/s", resume, end).await;
+    assert!(truncations(&events).is_empty(), "{events:?}");
+    assert_eq!(records(&events)[0].1, old[7]);
+}
+
+#[tokio::test]
+async fn a_stream_keeps_at_most_max_bytes_and_the_removal_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = Policy { max_bytes: Some(10_000), ..Policy::default() };
+    let retention = Retention { default: policy, ..Retention::default() };
+    let server = TestServer::start_with(with_retention(dir.path(), retention.clone())).await;
+    let mut client = server.client().await;
+    let payload = "x".repeat(100);
+    let mut ticks = Vec::new();
+    // 40 chunks of 10 records of 100 bytes: 40,000 bytes, four times the limit.
+    for _ in 0..40 {
+        ticks.extend(publish(&mut client, "size/s", &[payload.as_str(); 10]).await);
+    }
+    let info = until(&mut client, "size/s", "the stream to fit", |i| i.bytes <= 10_000).await;
+    assert!(info.bytes > 9_000, "whole chunks go, and no more than needed: {info:?}");
+    assert_eq!(info.records * 100, info.bytes);
+    let kept = info.records as usize;
+    assert_eq!(info.first_tick, ticks[ticks.len() - kept]);
+
+    let end = *ticks.last().unwrap();
+    let events = read(&mut client, "size/s", request(&[], beginning()), end).await;
+    let removed_through = ticks[ticks.len() - kept - 1];
+    assert_eq!(truncations(&events), vec![(0, removed_through, info.first_tick)]);
+    assert_eq!(records(&events).len(), kept);
+
+    server.stop().await;
+    let server = TestServer::start_with(with_retention(dir.path(), retention)).await;
+    let mut client = server.client().await;
+    let again = describe(&mut client, "size/s").await;
+    assert_eq!(
+        (again.records, again.bytes, again.first_tick, again.last_tick),
+        (info.records, info.bytes, info.first_tick, info.last_tick)
+    );
+    let events = read(&mut client, "size/s", request(&[], beginning()), end).await;
+    assert_eq!(truncations(&events), vec![(0, removed_through, info.first_tick)], "the mark is stored");
+    // Appending after the restart continues the counters.
+    publish(&mut client, "size/s", &[payload.as_str(); 10]).await;
+    let grown = until(&mut client, "size/s", "the new chunk", |i| i.last_tick > end).await;
+    assert!(grown.bytes <= 10_000 + 1_000 && grown.records * 100 == grown.bytes, "{grown:?}");
+}
+
+#[tokio::test]
+async fn max_records_and_rules_apply_per_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let retention = Retention {
+        default: Policy { max_records: Some(50), ..Policy::default() },
+        rules: vec![tapeline::retention::Rule {
+            streams: vec!["keep/**".into()],
+            policy: Policy { max_records: Some(1_000_000), ..Policy::default() },
+        }],
+        ..Retention::default()
+    };
+    let server = TestServer::start_with(with_retention(dir.path(), retention)).await;
+    let mut client = server.client().await;
+    for _ in 0..20 {
+        publish(&mut client, "trim/a", &["r"; 10]).await;
+        publish(&mut client, "keep/a", &["r"; 10]).await;
+    }
+    until(&mut client, "trim/a", "max_records", |i| i.records <= 50 && i.records > 40).await;
+    // The trimmer has run many times over by now; the rule keeps everything of keep/a.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(describe(&mut client, "keep/a").await.records, 200);
+}
+
+#[tokio::test]
+async fn the_store_wide_bound_removes_the_oldest_records_across_streams_while_publishing_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let retention = Retention { max_total_bytes: Some(200_000), ..Retention::default() };
+    let server = TestServer::start_with(with_retention(dir.path(), retention)).await;
+    let mut client = server.client().await;
+    let payload = "y".repeat(1000);
+    // A subscriber that keeps up with everything while the trimmer works behind it.
+    let mut live = Sub::open(&mut client.clone(), request(&["total/**"], now())).await;
+    let mut published = Vec::new();
+    for i in 0..100 {
+        let stream = format!("total/{}", i % 4);
+        for tick in publish(&mut client, &stream, &[payload.as_str(); 10]).await {
+            published.push((stream.clone(), tick));
+        }
+    }
+    let seen: Vec<(String, u64)> =
+        records(&live.take_records(published.len()).await).into_iter().map(|(s, t, _)| (s, t)).collect();
+    assert_eq!(seen, published, "a live subscriber is not disturbed by the trimmer");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let streams =
+            client.list_streams(pb::ListStreamsRequest::default()).await.unwrap().into_inner().streams;
+        let held: u64 = streams.iter().map(|s| s.bytes).sum();
+        if held <= 200_000 {
+            // Oldest first: every stream still holds its newest records, none was emptied.
+            assert!(held > 150_000, "{held}");
+            assert!(streams.iter().all(|s| s.records >= 10), "{streams:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the store never got under its bound: {held}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
