@@ -10,7 +10,7 @@ use std::time::Duration;
 use tapeline::config::{Config, DataDir, FsyncPolicy};
 use tapeline::names::StreamName;
 use tapeline::record::{NewRecord, Tick};
-use tapeline::storage::Log;
+use tapeline::storage::{engine_config, Log};
 
 const RECORD_BYTES: usize = 256;
 const CACHE: u64 = 256 << 20;
@@ -53,8 +53,7 @@ fn append(c: &mut Criterion) {
 
         // The reference: the same records packed into one value per batch, then one flush.
         let dir = tempfile::tempdir().unwrap();
-        let db =
-            sled::Config::new().path(dir.path()).cache_capacity(CACHE).flush_every_ms(None).open().unwrap();
+        let db = engine_config(dir.path()).cache_capacity(CACHE).flush_every_ms(None).open().unwrap();
         let tree = db.open_tree("records").unwrap();
         let payload = vec![0x5a; RECORD_BYTES];
         let mut tick = 0u64;
@@ -142,7 +141,7 @@ fn scan(c: &mut Criterion) {
     // `tick | len | payload | crc32`, read back by walking every record and checking its CRC (the
     // one piece of work every read must do) but building no record values.
     let bare_dir = tempfile::tempdir().unwrap();
-    let db = sled::Config::new().path(bare_dir.path()).cache_capacity(CACHE).open().unwrap();
+    let db = engine_config(bare_dir.path()).cache_capacity(CACHE).open().unwrap();
     let tree = db.open_tree("records").unwrap();
     let payload = vec![0x5a; RECORD_BYTES];
     let mut tick = 0u64;

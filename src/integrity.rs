@@ -49,7 +49,7 @@ fn open_sled(dir: &Path) -> Result<sled::Db> {
     if !dir.join("conf").exists() && !dir.join("db").exists() {
         return Err(Error::Open { path: dir.to_path_buf(), cause: "it holds no tapeline data".into() });
     }
-    sled::Config::new().path(dir).open().map_err(|err| Error::Open {
+    storage::engine_config(dir).open().map_err(|err| Error::Open {
         path: dir.to_path_buf(),
         cause: match err {
             sled::Error::Corruption { .. } => format!(

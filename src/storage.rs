@@ -47,7 +47,16 @@ use tokio::sync::{broadcast, mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, info, warn};
 
 /// A chunk is sealed when it reaches this many encoded bytes or records.
-const CHUNK_MAX_BYTES: usize = 1 << 20;
+///
+/// 64 KiB keeps a leaf of sled's tree (up to 16 values) below sled's blob threshold (a quarter of
+/// [`SEGMENT_BYTES`]): sled then writes chunks into its log segments, whose space it reuses once
+/// retention removed them. Larger values go to blob files, which sled frees only as log segments
+/// fill up: with 1 MiB chunks, a store of 16 KiB records bounded to 128 MiB grew past 4.6 GiB
+/// (README, *Retention*).
+const CHUNK_MAX_BYTES: usize = 64 << 10;
+/// sled's log segment size for a new data dir (sled's default is 512 KiB); an existing data dir
+/// keeps the size it was created with, as sled requires.
+const SEGMENT_BYTES: usize = 8 << 20;
 const CHUNK_MAX_RECORDS: u32 = 4096;
 /// One group commit gathers at most this many payload bytes.
 const GROUP_MAX_BYTES: usize = 32 << 20;
@@ -219,6 +228,19 @@ pub struct Log {
     _temp_dir: Option<tempfile::TempDir>,
 }
 
+/// sled's settings for the data dir `dir`: the segment size it was created with (sled refuses to
+/// open a data dir with another), [`SEGMENT_BYTES`] for a new one. Everything that opens a data
+/// dir with sled goes through here.
+pub fn engine_config(dir: &std::path::Path) -> sled::Config {
+    // sled's `conf` is `key: value` lines followed by a binary CRC.
+    let persisted = std::fs::read(dir.join("conf")).ok().and_then(|conf| {
+        String::from_utf8_lossy(&conf)
+            .lines()
+            .find_map(|line| line.strip_prefix("segment_size:")?.trim().parse::<usize>().ok())
+    });
+    sled::Config::new().path(dir).segment_size(persisted.unwrap_or(SEGMENT_BYTES))
+}
+
 /// The records-tree key of a stream's chunk starting at `tick`.
 pub(crate) fn key(id: StreamId, tick: Tick) -> [u8; 12] {
     let mut k = [0u8; 12];
@@ -274,8 +296,7 @@ impl Log {
         if mark.is_some() {
             guard::preserve_blobs(&path)?;
         }
-        let db = sled::Config::new()
-            .path(&path)
+        let db = engine_config(&path)
             .cache_capacity(config.cache_bytes)
             .flush_every_ms(flush_every)
             .open()

@@ -210,7 +210,7 @@ async fn a_damaged_page_is_data_loss_for_its_range_and_the_rest_stays_readable()
     let (&victim, victim_payload) = s.iter().nth(s.len() / 2).unwrap();
     {
         // No background flusher: its thread would hold the lock after `db` is dropped.
-        let db = sled::Config::new().path(&data).flush_every_ms(None).open().unwrap();
+        let db = tapeline::storage::engine_config(&data).flush_every_ms(None).open().unwrap();
         let records = db.open_tree("records").unwrap();
         let needle = victim_payload.as_bytes();
         let (key, value) = records
@@ -323,4 +323,31 @@ async fn a_data_dir_sled_cannot_open_is_refused_clearly_and_recover_scans_its_fi
         assert_eq!(copied, expected, "{damage}");
         eprintln!("{damage}: {} of {} records recovered", expected.len(), all.len());
     }
+}
+
+/// Data dirs created before tapeline chose its own sled segment size (sled's default, 512 KiB)
+/// still open, keep their records, and take new ones: sled refuses to open a data dir with another
+/// segment size than the one it was created with.
+#[tokio::test]
+async fn a_data_dir_created_with_sleds_default_segment_size_still_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    drop(sled::Config::new().path(&data).flush_every_ms(None).open().unwrap());
+    let conf = || String::from_utf8_lossy(&std::fs::read(data.join("conf")).unwrap()).into_owned();
+    assert!(conf().contains("segment_size: 524288"), "{}", conf());
+    let server = TestServer::start(&data).await;
+    let before = fill(&server.url(), "old", 2, 50).await;
+    server.stop().await;
+    let server = TestServer::start(&data).await;
+    let last = *before.keys().last().unwrap();
+    let (read_back, status) = read(&server.url(), "old", None, last).await;
+    assert!(status.is_none(), "{status:?}");
+    assert_eq!(read_back.into_iter().collect::<BTreeMap<_, _>>(), before);
+    server.stop().await;
+    assert!(conf().contains("segment_size: 524288"));
+    // A new data dir gets tapeline's own size.
+    let fresh = dir.path().join("fresh");
+    TestServer::start(&fresh).await.stop().await;
+    assert!(String::from_utf8_lossy(&std::fs::read(fresh.join("conf")).unwrap())
+        .contains("segment_size: 8388608"));
 }
