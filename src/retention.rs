@@ -7,8 +7,8 @@
 //! limits; the defaults apply to the rest.
 //!
 //! The trimmer wakes every `check_every`. It removes whole chunks from the front of a stream (so a
-//! stream may hold a little more than a size limit asks, never less than it, and records a little
-//! older than `max_age` until their chunk is wholly past it); it never removes a stream's last
+//! stream holds at most what a size limit allows, up to a chunk less, and records a little older
+//! than `max_age` until the chunk after theirs starts past it); it never removes a stream's last
 //! chunk. It plans each removal by reading, beside the writer, and hands the writer only the
 //! deletion, at most [`SLICE`] chunks at a time, so publishers and subscribers are never held
 //! behind a long trim. A subscriber whose range was removed is told (`Truncated`) and continues

@@ -8,6 +8,11 @@
 //!   it), so the log must equal exactly the set of batches ever sent;
 //! - a subscriber that resumes with its last positions gets exactly the rest.
 //!
+//! Retention runs all the while (each stream keeps at most its newest `KEPT` records, checked every
+//! 20 ms), so kills also land in the middle of removals. Retention removes only from
+//! the front: of each stream, every acknowledged record from the first one stored on is present,
+//! and those before it are gone.
+//!
 //! CI runs `CI_CYCLES`; `cargo test --test crash -- --ignored --nocapture` runs `LONG_CYCLES` and
 //! prints the counts (the README's guarantees section quotes a run).
 
@@ -24,6 +29,13 @@ const CI_CYCLES: usize = 20;
 const LONG_CYCLES: usize = 300;
 const PUBLISHERS: usize = 3;
 const STREAMS: usize = 4;
+/// Records each stream keeps (retention's `max_records`).
+const KEPT: usize = 1500;
+
+/// The broker's settings file: retention that runs often.
+fn settings() -> String {
+    format!("[retention]\nmax_records = {KEPT}\ncheck_every = \"20ms\"\n")
+}
 
 /// Everything the test knows, carried across restarts.
 #[derive(Default)]
@@ -40,6 +52,10 @@ struct World {
     retried: u64,
     duplicates: u64,
     during_shutdown: u64,
+    /// Acknowledged records retention removed, as of the last check, and the checks that saw
+    /// the number grow.
+    removed: usize,
+    removals_seen: u64,
     /// Each retry after a restart, for a failure's report.
     retries: Vec<String>,
 }
@@ -190,26 +206,41 @@ async fn check(world: &Shared, url: &str) -> usize {
             .push(format!("p{n}:{sequence} {}", if duplicate { "was stored" } else { "appended now" }));
     }
     let log = stored(url).await;
-    let w = lock(world);
-    if log != w.acked {
-        let missing: Vec<_> = w.acked.keys().filter(|k| !log.contains_key(*k)).take(5).collect();
+    let mut w = lock(world);
+    // Retention removed the records of each stream before its first stored one.
+    let mut first: HashMap<String, u64> = HashMap::new();
+    for (stream, tick) in log.keys() {
+        first.entry(stream.clone()).or_insert(*tick);
+    }
+    let kept = |stream: &str, tick: u64| first.get(stream).is_none_or(|&f| tick >= f);
+    let removed = w.acked.keys().filter(|(s, t)| !kept(s, *t)).count();
+    if removed > w.removed {
+        w.removals_seen += 1;
+        w.removed = removed;
+    }
+    let acked: BTreeMap<(String, u64), String> =
+        w.acked.iter().filter(|((s, t), _)| kept(s, *t)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    if log != acked {
+        let w = (&acked, &w.retries);
+        let missing: Vec<_> = w.0.keys().filter(|k| !log.contains_key(*k)).take(5).collect();
         let extra: Vec<_> = log
             .iter()
-            .filter(|(k, _)| !w.acked.contains_key(*k))
+            .filter(|(k, _)| !w.0.contains_key(*k))
             .map(|((s, t), p)| (s, t, &p[..p.len().min(24)]))
             .take(30)
             .collect();
         let changed: Vec<_> =
-            log.iter().filter(|(k, v)| w.acked.get(*k).is_some_and(|a| a != *v)).take(5).collect();
+            log.iter().filter(|(k, v)| w.0.get(*k).is_some_and(|a| a != *v)).take(5).collect();
         panic!(
-            "log ({}) != acknowledged ({}): missing {missing:?}, not acknowledged {extra:?}, changed {changed:?}; last retries {:?}",
+            "log ({}) != acknowledged and not removed by retention ({}): missing {missing:?}, not acknowledged {extra:?}, changed {changed:?}; last retries {:?}",
             log.len(),
-            w.acked.len(),
-            &w.retries[w.retries.len().saturating_sub(10)..]
+            w.0.len(),
+            &w.1[w.1.len().saturating_sub(10)..]
         );
     }
     // Every batch is whole: its records are the batch's records (checked by payload names).
     for (stream, got) in &w.received {
+        let got: Vec<(u64, String)> = got.iter().filter(|(t, _)| kept(stream, *t)).cloned().collect();
         let expected: Vec<(u64, String)> = log
             .range((stream.clone(), 0)..=(stream.clone(), u64::MAX))
             .map(|((_, t), p)| (*t, p.clone()))
@@ -224,6 +255,9 @@ fn cycles(n: usize) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
+    let settings_file = dir.path().join("tapeline.toml");
+    std::fs::write(&settings_file, settings()).unwrap();
+    let settings = settings_file.to_str().unwrap();
     // Kept for a post-mortem when the suite fails.
     let keep = KeepOnPanic(data.clone());
     let world: Shared = Arc::new(Mutex::new(World {
@@ -233,7 +267,7 @@ fn cycles(n: usize) {
     let mut rng = rand::rng();
     let began = std::time::Instant::now();
     for cycle in 0..n {
-        let serve = Serve::start(&data, &["--fsync", "always"]);
+        let serve = Serve::start(&data, &["--fsync", "always", "--config", settings]);
         let url = serve.url.clone();
         runtime.block_on(check(&world, &url));
         let mut tasks = Vec::new();
@@ -263,7 +297,7 @@ fn cycles(n: usize) {
         }
     }
     // The last restart: everything checks, and the subscriber resumes to exactly the log.
-    let serve = Serve::start(&data, &["--fsync", "always"]);
+    let serve = Serve::start(&data, &["--fsync", "always", "--config", settings]);
     let total = runtime.block_on(async {
         let total = check(&world, &serve.url).await;
         let tail =
@@ -277,19 +311,32 @@ fn cycles(n: usize) {
         for (stream, tick, payload) in rest {
             w.received.entry(stream).or_default().push((tick, payload));
         }
-        let received: usize = w.received.values().map(Vec::len).sum();
-        assert_eq!(received, total, "resuming gave exactly the rest");
-        total
+        // Of what was delivered, what retention has not removed since.
+        let log = stored(&serve.url).await;
+        let received = log
+            .keys()
+            .filter(|(stream, tick)| {
+                w.received.get(stream).is_some_and(|got| got.iter().any(|(t, _)| t == tick))
+            })
+            .count();
+        // (The trimmer may have removed more since `check`: compare with the log as it is now.)
+        assert_eq!(received, log.len(), "resuming gave exactly the rest");
+        assert!(log.len() <= total);
+        log.len()
     });
     let w = lock(&world);
     eprintln!(
-        "crash suite: {n} SIGKILL cycles ({} during shutdown) in {:?}; {} batches acknowledged ({} retried after a kill, {} of them already stored), {total} records, all present exactly once",
+        "crash suite: {n} SIGKILL cycles ({} during shutdown) in {:?}; {} batches acknowledged ({} retried after a kill, {} of them already stored), {} records; retention removed the oldest {} (its front moved in {} cycles); the {total} kept are present exactly once",
         w.during_shutdown,
         began.elapsed(),
         w.batches,
         w.retried,
-        w.duplicates
+        w.duplicates,
+        w.acked.len(),
+        w.removed,
+        w.removals_seen
     );
+    assert!(w.removals_seen > 0, "retention removed nothing: the suite did not test kills during removals");
     drop(serve);
     drop(keep);
 }
