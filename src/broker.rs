@@ -5,16 +5,17 @@ use crate::config::{Config, Limits};
 use crate::error::{Error, Result};
 use crate::names::{Pattern, StreamName};
 use crate::producers::BatchTag;
+use crate::quota::{PerConnection, Rate};
 use crate::record::{NewRecord, StreamInfo, Tick};
 use crate::relay::{Link, Mirror, UpstreamStatus};
 use crate::storage::{Appended, Log, Source};
-use crate::subscription::{self, Event, Spec, Start};
+use crate::subscription::{self, Event, SlowConsumer, Spec, Start};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
@@ -54,6 +55,8 @@ pub struct Batch {
     pub producer_id: String,
     /// The producer's sequence number of this batch; 0 for a plain batch.
     pub sequence: u64,
+    /// The client connection it came on, for the per-connection publish quota.
+    pub from: Option<std::net::SocketAddr>,
 }
 
 impl From<Vec<Incoming>> for Batch {
@@ -74,6 +77,12 @@ pub struct SubscribeRequest {
     /// 0 for instant delivery; otherwise the speed factor of paced delivery (1 = the original
     /// timing of the ticks).
     pub pace: f64,
+    /// The client's quota, instead of the server's default (never above its ceiling).
+    pub max_bytes_per_second: Option<u64>,
+    pub rate_window: Option<Duration>,
+    pub slow: SlowConsumer,
+    /// The client's lag limit, instead of the server's.
+    pub max_lag: Option<Duration>,
 }
 
 /// Who this server is, for `Hello`.
@@ -103,6 +112,10 @@ pub struct Broker {
     mirrors: Vec<(Mirror, Vec<Pattern>)>,
     /// The state of each upstream link (same order as `mirrors`); subscriptions watch it.
     links: watch::Sender<Vec<Link>>,
+    /// One permit per subscription that may run at once (`max_subscriptions`).
+    subscription_slots: Arc<Semaphore>,
+    /// Each client connection's publish quota, when there is one.
+    publish_quota: PerConnection,
 }
 
 impl Broker {
@@ -135,6 +148,8 @@ impl Broker {
             mirrors,
             links: watch::Sender::new(links),
             notice: config.notice.clone(),
+            subscription_slots: Arc::new(Semaphore::new(config.limits.max_subscriptions)),
+            publish_quota: PerConnection::default(),
         })
     }
 
@@ -142,6 +157,13 @@ impl Broker {
     /// the assigned ticks once the batch is durable under the fsync policy.
     pub async fn submit(&self, batch: Batch) -> Result<impl Future<Output = Result<Appended>>> {
         let records = self.check(batch.records)?;
+        // Over its connection's quota, a publisher waits here: the call (or the publish stream)
+        // reads nothing more meanwhile, so HTTP/2 flow control slows the client. Nothing is dropped.
+        if let (Some(bytes_per_second), Some(from)) = (self.limits.publish_bytes_per_second, batch.from) {
+            let rate = Rate { bytes_per_second, window: self.limits.rate_window };
+            let bytes = records.iter().map(|r| r.payload.len() + r.stream.as_str().len() + 32).sum::<usize>();
+            self.publish_quota.window(from, rate).lock().await.take(bytes as u64).await;
+        }
         // A relay has one writer, its relay task. A record published into a mirrored stream would
         // be missing upstream and at every other relay and could take a tick the upstream uses
         // later; one of a stream of its own would get a tick from this broker's clock, ahead of
@@ -358,6 +380,26 @@ impl Broker {
                 request.pace
             )));
         }
+        let limits = &self.limits;
+        let bytes_per_second = match (
+            request.max_bytes_per_second.or(limits.subscribe_bytes_per_second),
+            limits.max_subscribe_bytes_per_second,
+        ) {
+            (Some(asked), Some(ceiling)) => Some(asked.min(ceiling)),
+            (asked, ceiling) => asked.or(ceiling),
+        };
+        let rate_window = request.rate_window.unwrap_or(limits.rate_window);
+        if rate_window < Duration::from_millis(10) || rate_window > Duration::from_secs(3600) {
+            return Err(Error::InvalidArgument(format!(
+                "rate window of {rate_window:?} is out of range: it must be from 10 ms to 1 h"
+            )));
+        }
+        let slot = self.subscription_slots.clone().try_acquire_owned().map_err(|_| Error::TooMany {
+            what: "subscriptions at once",
+            limit: limits.max_subscriptions,
+            setting: "limits.max_subscriptions",
+            hint: "retry later, or end subscriptions you no longer read",
+        })?;
         let spec = Spec {
             selectors,
             start: request.start,
@@ -366,8 +408,11 @@ impl Broker {
             heartbeat: request.heartbeat.map_or(self.heartbeat, |h| h.max(MIN_HEARTBEAT)),
             links: (!self.mirrors.is_empty()).then(|| self.links.subscribe()),
             pace: (request.pace > 0.0).then_some(request.pace),
+            rate: bytes_per_second.map(|bytes_per_second| Rate { bytes_per_second, window: rate_window }),
+            slow: request.slow,
+            max_lag: request.max_lag.unwrap_or(limits.max_lag),
         };
-        Ok(subscription::spawn(self.log.clone(), spec, self.shutdown.clone(), &self.tasks))
+        Ok(subscription::spawn(self.log.clone(), spec, self.shutdown.clone(), &self.tasks, slot))
     }
 
     /// Streams matching `pattern` (every stream when `None`), in name order.

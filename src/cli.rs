@@ -213,6 +213,15 @@ pub struct TailArgs {
     /// 2x or 0.5x; the replay then continues live at the same pace.
     #[arg(long, default_value = "instant")]
     pub pace: String,
+    /// Receive at most this many record bytes per second, averaged over the server's window
+    /// [default: the server's quota, if any].
+    #[arg(long)]
+    pub max_bytes_per_second: Option<u64>,
+    /// When this tail cannot keep up with the live streams: catch-up (lag, and read from
+    /// storage), latest (skip to the newest records; a line says what was skipped) or disconnect
+    /// (and resume).
+    #[arg(long, default_value = "catch-up", value_parser = ["catch-up", "latest", "disconnect"])]
+    pub slow_consumer: String,
 }
 
 /// Runs a parsed command line.
@@ -505,6 +514,12 @@ async fn tail(args: TailArgs) -> Result<ExitCode> {
         endpoints: args.servers.clone(),
         end,
         pace,
+        max_bytes_per_second: args.max_bytes_per_second.unwrap_or(0),
+        slow_consumer: match args.slow_consumer.as_str() {
+            "latest" => pb::SlowConsumer::Latest,
+            "disconnect" => pb::SlowConsumer::Disconnect,
+            _ => pb::SlowConsumer::CatchUp,
+        },
         ..SubscribeOptions::new(String::new(), args.patterns, start)
     };
     let mut subscriber = Subscriber::new(options)?;
@@ -529,6 +544,13 @@ async fn tail(args: TailArgs) -> Result<ExitCode> {
                 } else {
                     eprintln!("tapeline: the server's upstream {} is down: {}", u.upstream, u.detail);
                 }
+                continue;
+            }
+            Some(Ok(Delivery::Gap(g))) => {
+                eprintln!(
+                    "tapeline: {}: skipped {} records (ticks {} to {}) to keep up with the live tail",
+                    g.stream, g.records, g.from_tick, g.to_tick
+                );
                 continue;
             }
             Some(Ok(Delivery::Truncated(t))) => {

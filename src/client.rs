@@ -122,6 +122,11 @@ pub struct SubscribeOptions {
     /// Paced delivery: 0 = as fast as possible, otherwise the speed factor of the recorded timing
     /// (1 = original). After a reconnection the pacing starts again from the next record.
     pub pace: f64,
+    /// Record bytes per second at most (0 = the server's default quota).
+    pub max_bytes_per_second: u64,
+    /// What the server does when this subscriber falls behind the live tail (a `Disconnect`
+    /// failure is resumed from like any other).
+    pub slow_consumer: pb::SlowConsumer,
     pub backoff: Backoff,
 }
 
@@ -135,6 +140,8 @@ impl SubscribeOptions {
             end: None,
             heartbeat: Duration::from_secs(2),
             pace: 0.0,
+            max_bytes_per_second: 0,
+            slow_consumer: pb::SlowConsumer::CatchUp,
             backoff: Backoff::default(),
         }
     }
@@ -154,6 +161,8 @@ pub enum Delivery {
     /// Retention removed part of a stream's range before it could be delivered; the stream goes
     /// on after `through`.
     Truncated(pb::Truncated),
+    /// The server skipped records because this subscriber was too slow (`SlowConsumer::Latest`).
+    Gap(pb::Gap),
     /// Subscribed at `endpoint` (first time or after a failure).
     Connected {
         endpoint: String,
@@ -358,6 +367,9 @@ impl Subscriber {
             end: self.options.end,
             heartbeat_ms: u32::try_from(self.heartbeat().as_millis()).unwrap_or(u32::MAX),
             pace: self.options.pace,
+            max_bytes_per_second: self.options.max_bytes_per_second,
+            slow_consumer: self.options.slow_consumer.into(),
+            ..Default::default()
         }
     }
 
@@ -424,6 +436,12 @@ impl Subscriber {
                 Delivery::StreamAdded(info)
             }
             Event::UpstreamStatus(u) => Delivery::Upstream(u),
+            Event::Gap(g) => {
+                // Skipped on purpose: a reconnection goes on after it too.
+                let position = self.positions.entry(g.stream.clone()).or_insert(g.to_tick);
+                *position = (*position).max(g.to_tick);
+                Delivery::Gap(g)
+            }
             Event::Truncated(t) => {
                 // What was removed is behind the stream now: a reconnection resumes after it.
                 let position = self.positions.entry(t.stream.clone()).or_insert(t.through);

@@ -68,6 +68,23 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Idempotent producers remembered; beyond it the least recently used one is forgotten.
     pub max_producers: usize,
+    /// Subscriptions running at once; beyond it `Subscribe` is refused.
+    pub max_subscriptions: usize,
+    /// Streams the store holds; a batch that would create more is refused.
+    pub max_streams: usize,
+    /// Client connections at once; calls on connections beyond it are refused.
+    pub max_connections: usize,
+    /// The quota of a subscription that asks for none (record bytes per second).
+    pub subscribe_bytes_per_second: Option<u64>,
+    /// The most a subscription may ask for.
+    pub max_subscribe_bytes_per_second: Option<u64>,
+    /// The quota of each client connection for publishing.
+    pub publish_bytes_per_second: Option<u64>,
+    /// The window quotas are averaged over.
+    pub rate_window: Duration,
+    /// How far behind the live tail a subscription may fall before its slow-consumer policy
+    /// applies, unless it asks for another limit.
+    pub max_lag: Duration,
 }
 
 impl Default for Limits {
@@ -78,6 +95,14 @@ impl Default for Limits {
             max_batch_records: 65_536,
             max_header_bytes: 16 << 10,
             max_producers: 10_000,
+            max_subscriptions: 10_000,
+            max_streams: 1_000_000,
+            max_connections: 10_000,
+            subscribe_bytes_per_second: None,
+            max_subscribe_bytes_per_second: None,
+            publish_bytes_per_second: None,
+            rate_window: Duration::from_secs(5),
+            max_lag: Duration::from_secs(10),
         }
     }
 }
@@ -127,6 +152,35 @@ impl Limits {
                 key: "max_producers",
                 value: self.max_producers.to_string(),
                 expected: "at least 1",
+            });
+        }
+        for (key, value) in [
+            ("max_subscriptions", self.max_subscriptions),
+            ("max_streams", self.max_streams),
+            ("max_connections", self.max_connections),
+        ] {
+            if value == 0 {
+                return Err(Error::Config { key, value: "0".into(), expected: "at least 1" });
+            }
+        }
+        for (key, value) in [
+            ("subscribe_bytes_per_second", self.subscribe_bytes_per_second),
+            ("max_subscribe_bytes_per_second", self.max_subscribe_bytes_per_second),
+            ("publish_bytes_per_second", self.publish_bytes_per_second),
+        ] {
+            if value == Some(0) {
+                return Err(Error::Config {
+                    key,
+                    value: "0".into(),
+                    expected: "a rate of at least 1 byte per second (leave it out for no limit)",
+                });
+            }
+        }
+        if self.rate_window < Duration::from_millis(10) || self.rate_window > Duration::from_secs(3600) {
+            return Err(Error::Config {
+                key: "rate_window",
+                value: format!("{:?}", self.rate_window),
+                expected: "a duration from 10ms to 1h",
             });
         }
         if self.max_batch_bytes < self.max_record_bytes {
@@ -311,6 +365,14 @@ pub struct FileLimits {
     pub max_batch_records: Option<usize>,
     pub max_header_bytes: Option<usize>,
     pub max_producers: Option<usize>,
+    pub max_subscriptions: Option<usize>,
+    pub max_streams: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub subscribe_bytes_per_second: Option<u64>,
+    pub max_subscribe_bytes_per_second: Option<u64>,
+    pub publish_bytes_per_second: Option<u64>,
+    pub rate_window: Option<String>,
+    pub max_lag: Option<String>,
 }
 
 /// One `[[mirror]]` table of the settings file.
@@ -355,6 +417,22 @@ max_batch_records = 65536
 max_header_bytes = 16384
 # Idempotent producers remembered; beyond it the least recently used one is forgotten.
 max_producers = 10000
+# Subscriptions running at once, streams in the store, client connections at once: beyond them
+# the call is refused with RESOURCE_EXHAUSTED naming the limit.
+max_subscriptions = 10000
+max_streams = 1000000
+max_connections = 10000
+# Quotas in bytes per second (payloads, headers and stream names), averaged over rate_window;
+# nothing is dropped, delivery or reading waits. No limit when absent.
+# The quota of a subscription that asks for none, and the most one may ask for:
+# subscribe_bytes_per_second = 1048576
+# max_subscribe_bytes_per_second = 104857600
+# Each client connection's publishing (slowed through HTTP/2 flow control):
+# publish_bytes_per_second = 10485760
+rate_window = "5s"
+# How far behind the live tail a subscription may fall before its slow_consumer policy
+# (latest: skip ahead with a gap event; disconnect: end, to resume) applies.
+max_lag = "10s"
 
 # What `Hello` tells clients older than a recommended version (the CLI prints it).
 # [notice]
@@ -410,6 +488,23 @@ impl File {
                 max_batch_records: over.limits.max_batch_records.or(self.limits.max_batch_records),
                 max_header_bytes: over.limits.max_header_bytes.or(self.limits.max_header_bytes),
                 max_producers: over.limits.max_producers.or(self.limits.max_producers),
+                max_subscriptions: over.limits.max_subscriptions.or(self.limits.max_subscriptions),
+                max_streams: over.limits.max_streams.or(self.limits.max_streams),
+                max_connections: over.limits.max_connections.or(self.limits.max_connections),
+                subscribe_bytes_per_second: over
+                    .limits
+                    .subscribe_bytes_per_second
+                    .or(self.limits.subscribe_bytes_per_second),
+                max_subscribe_bytes_per_second: over
+                    .limits
+                    .max_subscribe_bytes_per_second
+                    .or(self.limits.max_subscribe_bytes_per_second),
+                publish_bytes_per_second: over
+                    .limits
+                    .publish_bytes_per_second
+                    .or(self.limits.publish_bytes_per_second),
+                rate_window: over.limits.rate_window.or(self.limits.rate_window),
+                max_lag: over.limits.max_lag.or(self.limits.max_lag),
             },
             mirror: self.mirror.into_iter().chain(over.mirror).collect(),
             notice: over.notice.or(self.notice),
@@ -456,6 +551,20 @@ impl File {
             max_batch_records: self.limits.max_batch_records.unwrap_or(default.limits.max_batch_records),
             max_header_bytes: self.limits.max_header_bytes.unwrap_or(default.limits.max_header_bytes),
             max_producers: self.limits.max_producers.unwrap_or(default.limits.max_producers),
+            max_subscriptions: self.limits.max_subscriptions.unwrap_or(default.limits.max_subscriptions),
+            max_streams: self.limits.max_streams.unwrap_or(default.limits.max_streams),
+            max_connections: self.limits.max_connections.unwrap_or(default.limits.max_connections),
+            subscribe_bytes_per_second: self.limits.subscribe_bytes_per_second,
+            max_subscribe_bytes_per_second: self.limits.max_subscribe_bytes_per_second,
+            publish_bytes_per_second: self.limits.publish_bytes_per_second,
+            rate_window: match &self.limits.rate_window {
+                Some(text) => duration("limits.rate_window", text)?,
+                None => default.limits.rate_window,
+            },
+            max_lag: match &self.limits.max_lag {
+                Some(text) => duration("limits.max_lag", text)?,
+                None => default.limits.max_lag,
+            },
         };
         let heartbeat = match &self.heartbeat {
             Some(text) => duration("heartbeat", text)?,

@@ -69,6 +69,14 @@ pub enum Error {
     #[error("the disk budget is exhausted: {rule}; the data dir takes {used} bytes, {free} bytes are free and the batch needs about {needed}: free space or raise the limit, then retry (nothing acknowledged is affected)")]
     DiskFull { used: u64, free: u64, needed: u64, rule: String },
 
+    /// A subscriber under `slow_consumer = disconnect` fell too far behind the live tail.
+    #[error("the subscriber fell {lag:?} behind the live tail, more than its max_lag of {max_lag:?} (slow_consumer = disconnect): resume after tick {last}, the last one delivered")]
+    SlowConsumer { lag: std::time::Duration, max_lag: std::time::Duration, last: Tick },
+
+    /// A server-wide limit on how many of something may exist at once.
+    #[error("this server takes at most {limit} {what} ({setting}); {hint}")]
+    TooMany { what: &'static str, limit: usize, setting: &'static str, hint: &'static str },
+
     /// A write or flush failed; the log refuses writes until the broker is restarted.
     #[error("the log takes no more writes since a write or flush failed ({cause}); nothing acknowledged is affected: restart the broker")]
     LogFailed { cause: String },

@@ -5,17 +5,19 @@
 use crate::broker::{Batch, Broker, Incoming, SubscribeRequest};
 use crate::codec;
 use crate::config::Limits;
+use crate::connections::Connections;
 use crate::error::Error;
 use crate::record::{Record, StreamInfo};
 use crate::relay::UpstreamStatus;
 use crate::storage::Appended;
-use crate::subscription::{Event, Start};
+use crate::subscription::{Event, SlowConsumer, Start};
 use futures::stream::{FuturesOrdered, Stream, StreamExt};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::debug;
 
@@ -42,6 +44,8 @@ pub fn status(err: &Error) -> Status {
         | Error::HeadersTooLarge { .. }
         | Error::BatchTooLarge { .. }
         | Error::BatchTooHeavy { .. }
+        | Error::SlowConsumer { .. }
+        | Error::TooMany { .. }
         | Error::DiskFull { .. } => Code::ResourceExhausted,
         Error::TickNotAfter { .. }
         | Error::TickAhead { .. }
@@ -63,12 +67,22 @@ pub fn status(err: &Error) -> Status {
     Status::new(code, err.to_string())
 }
 
-/// The `tapeline.v1.Tapeline` service, ready to be added to a tonic server.
-pub fn service(broker: Arc<Broker>, limits: &Limits) -> pb::tapeline_server::TapelineServer<Service> {
+/// The `tapeline.v1.Tapeline` service, ready to be added to a tonic server. Every call on a
+/// connection accepted over `max_connections` is refused.
+pub fn service(
+    broker: Arc<Broker>,
+    limits: &Limits,
+    connections: Arc<Connections>,
+) -> InterceptedService<pb::tapeline_server::TapelineServer<Service>, impl tonic::service::Interceptor + Clone>
+{
     codec::admit(limits);
-    pb::tapeline_server::TapelineServer::new(Service { broker })
+    let server = pb::tapeline_server::TapelineServer::new(Service { broker })
         .max_decoding_message_size(limits.max_message_bytes())
-        .max_encoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    InterceptedService::new(server, move |request: Request<()>| {
+        connections.check(request.remote_addr()).map_err(|e| status(&e))?;
+        Ok(request)
+    })
 }
 
 /// Implements the generated service trait on top of the broker.
@@ -76,8 +90,8 @@ pub struct Service {
     broker: Arc<Broker>,
 }
 
-fn batch(req: pb::PublishRequest) -> Batch {
-    Batch { records: incoming(req.records), producer_id: req.producer_id, sequence: req.sequence }
+fn batch(req: pb::PublishRequest, from: Option<std::net::SocketAddr>) -> Batch {
+    Batch { records: incoming(req.records), producer_id: req.producer_id, sequence: req.sequence, from }
 }
 
 /// Records of the wire as the broker takes them.
@@ -149,6 +163,9 @@ fn event(e: Event) -> pb::SubscribeResponse {
             earliest_available: earliest.map_or(0, |t| t.0),
             through: through.0,
         }),
+        Event::Gap { stream, records, from, to } => {
+            E::Gap(pb::Gap { stream: stream.to_string(), records, from_tick: from.0, to_tick: to.0 })
+        }
     };
     pb::SubscribeResponse { event: Some(event) }
 }
@@ -195,9 +212,10 @@ impl pb::tapeline_server::Tapeline for Service {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishAck>, Status> {
+        let from = request.remote_addr();
         let req = request.into_inner();
         let batch_id = req.batch_id;
-        let appended = self.broker.publish(batch(req)).await.map_err(|e| status(&e))?;
+        let appended = self.broker.publish(batch(req, from)).await.map_err(|e| status(&e))?;
         Ok(Response::new(ack(batch_id, Ok(appended))))
     }
 
@@ -207,6 +225,7 @@ impl pb::tapeline_server::Tapeline for Service {
         &self,
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let from = request.remote_addr();
         let mut requests = request.into_inner();
         let broker = self.broker.clone();
         let shutdown = broker.shutdown_token();
@@ -234,7 +253,7 @@ impl pb::tapeline_server::Tapeline for Service {
                         Ok(Some(req)) => {
                             // Submitted in order, so batches of one stream commit in order.
                             let batch_id = req.batch_id;
-                            let submitted = broker.submit(batch(req)).await;
+                            let submitted = broker.submit(batch(req, from)).await;
                             in_flight.push_back(async move {
                                 match submitted {
                                     Ok(answer) => (batch_id, answer.await),
@@ -286,6 +305,21 @@ impl pb::tapeline_server::Tapeline for Service {
                 end: req.end,
                 heartbeat: (req.heartbeat_ms > 0).then(|| Duration::from_millis(req.heartbeat_ms.into())),
                 pace: req.pace,
+                max_bytes_per_second: (req.max_bytes_per_second > 0).then_some(req.max_bytes_per_second),
+                rate_window: (req.rate_window_ms > 0)
+                    .then(|| Duration::from_millis(req.rate_window_ms.into())),
+                slow: match pb::SlowConsumer::try_from(req.slow_consumer) {
+                    Ok(pb::SlowConsumer::CatchUp) => SlowConsumer::CatchUp,
+                    Ok(pb::SlowConsumer::Latest) => SlowConsumer::Latest,
+                    Ok(pb::SlowConsumer::Disconnect) => SlowConsumer::Disconnect,
+                    Err(_) => {
+                        return Err(status(&Error::InvalidArgument(format!(
+                            "slow_consumer {} is not one of CATCH_UP (0), LATEST (1), DISCONNECT (2)",
+                            req.slow_consumer
+                        ))))
+                    }
+                },
+                max_lag: (req.max_lag_ms > 0).then(|| Duration::from_millis(req.max_lag_ms.into())),
             })
             .map_err(|e| status(&e))?;
         let stream = ReceiverStream::new(events).map(|e| e.map(event).map_err(|e| status(&e)));

@@ -293,6 +293,10 @@ async fn copy(broker: &Broker, index: usize, mirror: &Mirror, stored: &mut bool)
                 // bring them back; copying goes on after them.
                 warn!(stream = %t.stream, requested = t.requested, through = t.through, "the upstream removed records before they were copied");
             }
+            Delivery::Gap(g) => {
+                // Never asked for (the relay's subscription catches up), but said if it comes.
+                warn!(stream = %g.stream, records = g.records, "the upstream skipped records");
+            }
             Delivery::StreamAdded(_) => {}
         }
     }

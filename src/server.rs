@@ -9,6 +9,7 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::grpc;
+use futures::StreamExt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,12 +73,16 @@ async fn serve(
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("building server reflection: {e}")))?;
 
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let connections = crate::connections::Connections::new(config.limits.max_connections);
+    let counted = connections.clone();
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(move |accepted| accepted.map(|stream| counted.admit(stream)));
     let serve = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(grpc::service(broker.clone(), &config.limits))
+        .add_service(grpc::service(broker.clone(), &config.limits, connections))
         .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
     info!(%addr, "serving");
     // Relay mode: one task per upstream, and the retention trimmer, stopped by the same token as

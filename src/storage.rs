@@ -345,6 +345,7 @@ impl Log {
             next_id,
             producers,
             max_producers: config.limits.max_producers,
+            max_streams: config.limits.max_streams,
             mark: temp_dir.is_none().then(|| Mark::new(path.clone(), last.unwrap_or_default())),
             space: Space::new(db.clone(), path.clone(), config.max_disk_bytes, config.min_free_disk_bytes),
             failed: None,
@@ -630,6 +631,26 @@ impl Log {
         }))
     }
 
+    /// How many records `stream` has had with a tick at or below `tick` since it was created
+    /// (those retention removed included): the running total of the chunk holding `tick` plus
+    /// its records up to it. Reads one chunk. Blocking.
+    pub fn count_through(&self, stream: &StreamInfo, tick: Option<Tick>) -> Result<u64> {
+        let Some(tick) = tick else { return Ok(0) };
+        let Some(entry) = self.records.range(key(stream.id, Tick(0))..=key(stream.id, tick)).next_back()
+        else {
+            // Before the first chunk kept: only removed records lie there.
+            return Ok(stream.trimmed.records);
+        };
+        let (k, v) = entry?;
+        let (head, records) = chunk::decode(&Bytes::from_owner(v)).map_err(|err| Error::DataLoss {
+            stream: stream.name.to_string(),
+            from: key_tick(&k),
+            to: tick,
+            detail: err.detail,
+        })?;
+        Ok(head.records_before + records.iter().filter(|r| r.tick <= tick).count() as u64)
+    }
+
     /// Makes everything written so far durable.
     pub async fn flush(&self) -> Result<()> {
         self.db.flush_async().await?;
@@ -810,6 +831,8 @@ struct Writer {
     /// Idempotent producers' recent batches.
     producers: Producers,
     max_producers: usize,
+    /// Streams the store may hold.
+    max_streams: usize,
     /// Refuses batches before they could fill the disk.
     space: Space,
     /// The acknowledged-tick mark beside sled (none for a volatile store).
@@ -955,6 +978,14 @@ impl Writer {
             };
             if !self.streams.contains_key(name) && !last.contains_key(name) {
                 created += 1;
+                if self.streams.len() as u64 + created > self.max_streams as u64 {
+                    return Err(Error::TooMany {
+                        what: "streams",
+                        limit: self.max_streams,
+                        setting: "limits.max_streams",
+                        hint: "publish into existing streams, or raise the limit",
+                    });
+                }
                 // Ids at and above TRIM_PREFIX's are reserved.
                 if u64::from(self.next_id) + created >= u64::from(u32::MAX - 1) {
                     return Err(Error::Internal(format!("no stream id is left for stream {name:?}")));

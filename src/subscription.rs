@@ -27,6 +27,7 @@
 
 use crate::error::{Error, Result};
 use crate::names::Pattern;
+use crate::quota::{Rate, Window};
 use crate::record::{Record, Stored, StreamId, StreamInfo, Tick};
 use crate::relay::{Link, UpstreamStatus};
 use crate::storage::{Commit, Log, Truncation};
@@ -35,7 +36,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -82,6 +83,26 @@ pub struct Spec {
     /// Paced delivery: the speed factor (1 = the original timing of the ticks), finite and above
     /// 0; `None` delivers as fast as the client reads.
     pub pace: Option<f64>,
+    /// The most record bytes (payloads, headers and stream names) delivered per second, averaged
+    /// over the rate's window.
+    pub rate: Option<Rate>,
+    /// What happens when the subscription, once live, falls more than `max_lag` behind the tail.
+    pub slow: SlowConsumer,
+    pub max_lag: Duration,
+}
+
+/// What a live subscription does when it falls more than its `max_lag` behind the tail (in ticks,
+/// between the newest committed record and the last one delivered). A paced subscription is
+/// behind on purpose and never counts as slow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SlowConsumer {
+    /// Lag, and read what is behind from storage.
+    #[default]
+    CatchUp,
+    /// Skip to the newest records, telling what was skipped (`Gap`).
+    Latest,
+    /// End with a status the client resumes from.
+    Disconnect,
 }
 
 /// What a subscriber receives.
@@ -105,6 +126,9 @@ pub enum Event {
     /// Retention removed part of the range asked for: the stream continues after `through`.
     /// Sent before the stream's next record.
     Truncated { stream: Arc<str>, requested: Tick, through: Tick, earliest: Option<Tick> },
+    /// A slow subscriber under `SlowConsumer::Latest` skipped `records` records of a stream, with
+    /// ticks from `from` to `to`; the stream continues after `to`.
+    Gap { stream: Arc<str>, records: u64, from: Tick, to: Tick },
 }
 
 struct Cursor {
@@ -122,6 +146,8 @@ struct Cursor {
     dirty: bool,
     /// Retention removed part of what this cursor was to read: told before its next record.
     truncated: Option<Truncation>,
+    /// The last tick delivered (or the start position).
+    delivered: Option<Tick>,
 }
 
 /// Why the pump stopped early.
@@ -169,13 +195,25 @@ struct Pump {
     out: mpsc::Sender<Result<Event>>,
     shutdown: CancellationToken,
     pending: Vec<Record>,
+    /// What `pending` weighs (see `weight`).
     pending_bytes: usize,
+    /// A batch is sent once it weighs this much: `BATCH_BYTES`, or under a quota a sixteenth of
+    /// its window, so that the measured rate follows the quota closely.
+    batch_bytes: usize,
     heartbeat_at: Instant,
     /// On a relay, the tick every upstream had confirmed when the commits applied so far were
     /// read: no completeness claim goes past it.
     cap: Option<Tick>,
     /// Set when the subscription asked for paced delivery.
     pacing: Option<Pacing>,
+    /// What went out within the quota's window, when the subscription has a quota.
+    quota: Option<Window>,
+    /// Past `CaughtUp`: the slow-consumer policy applies.
+    live: bool,
+    /// The tick of the last record sent.
+    last_sent: Tick,
+    /// Holds one of the broker's subscription slots while the pump runs.
+    _slot: OwnedSemaphorePermit,
 }
 
 /// Registers the subscription now and spawns its pump on `tasks`. The receiver ends after an
@@ -186,6 +224,7 @@ pub fn spawn(
     spec: Spec,
     shutdown: CancellationToken,
     tasks: &tokio_util::task::TaskTracker,
+    slot: OwnedSemaphorePermit,
 ) -> mpsc::Receiver<Result<Event>> {
     let (out, events) = mpsc::channel(OUTBOX);
     let snapshot = log.snapshot();
@@ -197,9 +236,16 @@ pub fn spawn(
         shutdown,
         pending: Vec::new(),
         pending_bytes: 0,
+        batch_bytes: spec
+            .rate
+            .map_or(BATCH_BYTES, |r| (r.budget() / 16).clamp(1, BATCH_BYTES as u64) as usize),
         heartbeat_at: later(spec.heartbeat),
         cap: None,
         pacing: spec.pace.map(|factor| Pacing { factor, base: None }),
+        quota: spec.rate.map(Window::new),
+        live: false,
+        last_sent: Tick(0),
+        _slot: slot,
         spec,
     };
     for info in snapshot.streams {
@@ -295,6 +341,7 @@ impl Pump {
             more: false,
             dirty: true,
             truncated: None,
+            delivered: pos,
         });
     }
 
@@ -333,6 +380,7 @@ impl Pump {
         self.cap = advance_cap(&self.spec.links);
         self.drain(self.bound(watermark)).await?;
         self.send(Event::CaughtUp(self.complete(self.bound(watermark)))).await?;
+        self.live = true;
         // Live: each commit marks streams dirty and raises the bound.
         loop {
             if let Some(end) = self.spec.end.filter(|_| self.ended(watermark)) {
@@ -498,7 +546,8 @@ impl Pump {
         while let Some(Reverse((_, _, i))) = heads.pop() {
             self.announce_truncation(i).await?;
             if let Some(record) = self.cursors[i].buffer.pop_front() {
-                let cursor = &self.cursors[i];
+                let cursor = &mut self.cursors[i];
+                cursor.delivered = Some(record.tick);
                 let record = record.named(&cursor.info.name, &cursor.chunks);
                 self.push(record).await?;
             }
@@ -592,9 +641,9 @@ impl Pump {
                 self.wait_until(due, record.tick).await?;
             }
         }
-        self.pending_bytes += record.payload.len();
+        self.pending_bytes += weight(&record) as usize;
         self.pending.push(record);
-        if self.pending.len() >= BATCH_RECORDS || self.pending_bytes >= BATCH_BYTES {
+        if self.pending.len() >= BATCH_RECORDS || self.pending_bytes >= self.batch_bytes {
             self.flush().await?;
         }
         Ok(())
@@ -633,11 +682,87 @@ impl Pump {
         if self.pending.is_empty() {
             return Ok(());
         }
+        if let Some(quota) = &mut self.quota {
+            let bytes = self.pending_bytes as u64;
+            let now = Instant::now();
+            let due = quota.due(bytes, now);
+            if due > now {
+                let next = self.pending[0].tick;
+                self.wait_until(due, next).await?;
+            }
+            if let Some(quota) = &mut self.quota {
+                quota.record(bytes, Instant::now());
+            }
+        }
         let batch = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
         let last = batch.last().map_or(Tick(0), |r| r.tick);
         let complete_to = self.complete(last);
-        self.send(Event::Records { records: batch, complete_to }).await
+        self.send(Event::Records { records: batch, complete_to }).await?;
+        self.last_sent = self.last_sent.max(last);
+        self.keep_up().await
+    }
+
+    /// After a live batch went out: applies the slow-consumer policy when the subscription is more
+    /// than `max_lag` behind the tail.
+    async fn keep_up(&mut self) -> Result<(), Stop> {
+        if !self.live || self.spec.slow == SlowConsumer::CatchUp || self.pacing.is_some() {
+            return Ok(());
+        }
+        let tail = self.bound(self.log.watermark());
+        let lag = Duration::from_nanos(tail.0.saturating_sub(self.last_sent.0));
+        if lag <= self.spec.max_lag {
+            return Ok(());
+        }
+        match self.spec.slow {
+            SlowConsumer::CatchUp => Ok(()),
+            SlowConsumer::Disconnect => {
+                debug!(?lag, "slow subscriber disconnected");
+                Err(Stop::Failed(Error::SlowConsumer {
+                    lag,
+                    max_lag: self.spec.max_lag,
+                    last: self.last_sent,
+                }))
+            }
+            SlowConsumer::Latest => self.skip_to(tail).await,
+        }
+    }
+
+    /// Skips every stream to its newest record at or below `tail`, telling the client what was
+    /// skipped (`Gap`, counted from the chunks' running totals: two chunk reads per stream).
+    async fn skip_to(&mut self, tail: Tick) -> Result<(), Stop> {
+        for i in 0..self.cursors.len() {
+            let cursor = &self.cursors[i];
+            let Some(info) = self.log.stream(&cursor.info.name).filter(|s| s.id == cursor.info.id) else {
+                continue;
+            };
+            let Some(to) = info.last_tick.map(|last| last.min(tail)) else { continue };
+            let from = cursor.delivered;
+            if from >= Some(to) {
+                continue;
+            }
+            let log = self.log.clone();
+            let records = tokio::task::spawn_blocking(move || -> Result<u64> {
+                Ok(log.count_through(&info, Some(to))?.saturating_sub(log.count_through(&info, from)?))
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("count task failed: {e}")))??;
+            let cursor = &mut self.cursors[i];
+            cursor.buffer.clear();
+            cursor.chunks = Vec::new();
+            cursor.truncated = None;
+            cursor.more = false;
+            cursor.pos = Some(to);
+            cursor.delivered = Some(to);
+            if records > 0 {
+                let stream = cursor.info.name.clone();
+                let from = Tick(from.map_or(0, |f| f.0 + 1));
+                debug!(%stream, records, %from, %to, "slow subscriber skipped to the newest records");
+                self.send(Event::Gap { stream, records, from, to }).await?;
+            }
+        }
+        self.last_sent = self.last_sent.max(tail);
+        Ok(())
     }
 
     async fn send(&mut self, event: Event) -> Result<(), Stop> {
@@ -648,6 +773,13 @@ impl Pump {
         self.heartbeat_at = later(self.spec.heartbeat);
         Ok(())
     }
+}
+
+/// What a record weighs against a quota: its payload, headers and stream name, and its other
+/// fields.
+fn weight(record: &Record) -> u64 {
+    let headers: usize = record.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    (record.payload.len() + headers + record.stream.len() + 32) as u64
 }
 
 #[cfg(test)]

@@ -145,6 +145,13 @@ pub enum Seen {
         upstream: String,
         connected: bool,
     },
+    /// A slow subscriber skipped `records` records with ticks `from..=to`.
+    Gap {
+        stream: String,
+        records: u64,
+        from: u64,
+        to: u64,
+    },
     /// Retention removed the stream's records up to `through`.
     Truncated {
         stream: String,
@@ -253,6 +260,9 @@ fn seen(message: pb::SubscribeResponse) -> Vec<Seen> {
         Some(Event::StreamAdded(a)) => vec![Seen::StreamAdded(a.stream.map(|s| s.name).unwrap_or_default())],
         Some(Event::UpstreamStatus(u)) => {
             vec![Seen::Upstream { upstream: u.upstream, connected: u.connected }]
+        }
+        Some(Event::Gap(g)) => {
+            vec![Seen::Gap { stream: g.stream, records: g.records, from: g.from_tick, to: g.to_tick }]
         }
         Some(Event::Truncated(t)) => vec![Seen::Truncated {
             stream: t.stream,
