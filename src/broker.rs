@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::names::{Pattern, StreamName};
 use crate::producers::BatchTag;
 use crate::quota::{PerConnection, Rate};
-use crate::record::{NewRecord, StreamInfo, Tick};
+use crate::record::{NewRecord, StreamInfo, StreamMeta, Tick};
 use crate::relay::{Link, Mirror, UpstreamStatus};
 use crate::storage::{Appended, Log, Source};
 use crate::subscription::{self, Event, SlowConsumer, Spec, Start};
@@ -116,6 +116,8 @@ pub struct Broker {
     subscription_slots: Arc<Semaphore>,
     /// Each client connection's publish quota, when there is one.
     publish_quota: PerConnection,
+    /// The server's retention settings, to tell a stream's effective retention.
+    retention: crate::retention::Retention,
 }
 
 impl Broker {
@@ -150,6 +152,7 @@ impl Broker {
             notice: config.notice.clone(),
             subscription_slots: Arc::new(Semaphore::new(config.limits.max_subscriptions)),
             publish_quota: PerConnection::default(),
+            retention: config.retention.clone(),
         })
     }
 
@@ -423,6 +426,48 @@ impl Broker {
             streams.retain(|s| p.matches(&s.name));
         }
         Ok(streams)
+    }
+
+    /// Creates a stream with metadata, or changes an existing one's when `update` (see
+    /// [`Log::define`]). A relay refuses: its streams are its upstream's.
+    pub async fn create_stream(&self, name: &str, meta: StreamMeta, update: bool) -> Result<StreamInfo> {
+        let name = StreamName::parse(name)?;
+        self.refuse_on_relay(name.as_str())?;
+        for (field, value, limit) in [
+            ("content_type", &meta.content_type, 255),
+            ("schema_version", &meta.schema_version, 255),
+            ("description", &meta.description, 4096),
+        ] {
+            if value.len() > limit || value.chars().any(char::is_control) {
+                return Err(Error::InvalidArgument(format!(
+                    "{field} of stream {name} is invalid: it must be at most {limit} bytes without control characters"
+                )));
+            }
+        }
+        meta.retention.validate("CreateStream retention")?;
+        self.log.define(name, meta, update).await
+    }
+
+    /// Deletes a stream and every record of it. A relay refuses.
+    pub async fn delete_stream(&self, name: &str) -> Result<StreamInfo> {
+        StreamName::parse(name)?;
+        self.refuse_on_relay(name)?;
+        self.log.delete(name).await
+    }
+
+    fn refuse_on_relay(&self, stream: &str) -> Result<()> {
+        match (self.mirror_of(stream), self.mirrors.first()) {
+            (_, None) => Ok(()),
+            (index, Some((first, _))) => Err(Error::Mirrored {
+                stream: stream.to_string(),
+                upstream: index.map_or(&first.upstream, |i| &self.mirrors[i].0.upstream).clone(),
+            }),
+        }
+    }
+
+    /// The retention that applies to a stream: its own limits over the server's.
+    pub fn retention_of(&self, stream: &StreamInfo) -> crate::retention::Policy {
+        self.retention.policy_of(stream)
     }
 
     /// One stream.

@@ -34,8 +34,12 @@ pub enum Command {
     Publish(PublishArgs),
     /// Print records of the streams matching PATTERN..., replayed then live.
     Tail(TailArgs),
-    /// List the streams of a server.
-    Streams(ServerArg),
+    /// List the streams of a server: a table, or JSON for scripts.
+    Streams(StreamsArgs),
+    /// Create a stream with its metadata and retention (or change them with --update).
+    Create(CreateArgs),
+    /// Delete a stream and every record of it.
+    Delete(DeleteArgs),
     /// Show a server's identity, version and protocol versions.
     Info(ServerArg),
     /// Print a settings file with every default, each explained (for `serve --config`).
@@ -175,6 +179,53 @@ pub struct ServerArg {
     pub server: String,
 }
 
+/// Flags of `streams`.
+#[derive(Debug, Args)]
+pub struct StreamsArgs {
+    #[command(flatten)]
+    pub server: ServerArg,
+    /// Output: table (for people) or json (one array, for scripts).
+    #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+    pub output: String,
+}
+
+/// Flags of `create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The stream's name.
+    pub stream: String,
+    #[command(flatten)]
+    pub server: ServerArg,
+    /// The payloads' type, e.g. application/json or "application/x-protobuf; messageType=pkg.Msg".
+    #[arg(long, default_value = "")]
+    pub content_type: String,
+    #[arg(long, default_value = "")]
+    pub schema_version: String,
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// The stream keeps records younger than this (e.g. 7d) [default: the server's].
+    #[arg(long)]
+    pub max_age: Option<String>,
+    /// The stream keeps at most this many payload bytes [default: the server's].
+    #[arg(long)]
+    pub max_bytes: Option<u64>,
+    /// The stream keeps at most this many records [default: the server's].
+    #[arg(long)]
+    pub max_records: Option<u64>,
+    /// Change the metadata of an existing stream (its records stay).
+    #[arg(long)]
+    pub update: bool,
+}
+
+/// Flags of `delete`.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// The stream to delete.
+    pub stream: String,
+    #[command(flatten)]
+    pub server: ServerArg,
+}
+
 /// Flags of `publish`.
 #[derive(Debug, Args)]
 pub struct PublishArgs {
@@ -231,6 +282,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Publish(args) => publish(args).await,
         Command::Tail(args) => tail(args).await,
         Command::Streams(args) => streams(args).await,
+        Command::Create(args) => create(args).await,
+        Command::Delete(args) => delete(args).await,
         Command::Info(args) => info(args).await,
         Command::Config => {
             print!("{}", config::DEFAULT_FILE);
@@ -608,20 +661,98 @@ pub fn json_line(record: &pb::Record) -> String {
     line
 }
 
-async fn streams(args: ServerArg) -> Result<ExitCode> {
-    greet(&args.server).await?;
-    let mut client = connect(&args.server).await?;
+/// A stream as `streams --output json`, `create` and `delete` print it.
+fn stream_json(s: &pb::StreamInfo) -> serde_json::Value {
+    let retention = |r: &Option<pb::Retention>| {
+        let r = r.unwrap_or_default();
+        serde_json::json!({"max_age_ms": r.max_age_ms, "max_bytes": r.max_bytes, "max_records": r.max_records})
+    };
+    serde_json::json!({
+        "stream": s.name,
+        "records": s.records,
+        "bytes": s.bytes,
+        "first_tick": s.first_tick,
+        "last_tick": s.last_tick,
+        "created_tick": s.created_tick,
+        "content_type": s.content_type,
+        "schema_version": s.schema_version,
+        "description": s.description,
+        "retention": retention(&s.retention),
+        "effective_retention": retention(&s.effective_retention),
+        "records_per_second": s.records_per_second,
+        "bytes_per_second": s.bytes_per_second,
+        "upstream": s.upstream,
+    })
+}
+
+/// Retention in a few characters: `7d/10GiB/-` (age, bytes, records; `-` for no limit).
+fn retention_text(r: &Option<pb::Retention>) -> String {
+    let r = r.unwrap_or_default();
+    let age = match r.max_age_ms {
+        0 => "-".to_string(),
+        ms => humantime::format_duration(Duration::from_millis(ms)).to_string(),
+    };
+    let number = |n: u64| if n == 0 { "-".to_string() } else { n.to_string() };
+    format!("{age}/{}/{}", number(r.max_bytes), number(r.max_records))
+}
+
+async fn create(args: CreateArgs) -> Result<ExitCode> {
+    greet(&args.server.server).await?;
+    let max_age = match &args.max_age {
+        Some(text) => humantime::parse_duration(text).map_err(|_| Error::Config {
+            key: "--max-age",
+            value: text.clone(),
+            expected: "a duration such as 90s, 12h or 7d",
+        })?,
+        None => Duration::ZERO,
+    };
+    let request = pb::CreateStreamRequest {
+        stream: args.stream,
+        content_type: args.content_type,
+        schema_version: args.schema_version,
+        description: args.description,
+        retention: Some(pb::Retention {
+            max_age_ms: u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX),
+            max_bytes: args.max_bytes.unwrap_or(0),
+            max_records: args.max_records.unwrap_or(0),
+        }),
+        update: args.update,
+    };
+    let mut client = connect(&args.server.server).await?;
+    let info = client.create_stream(request).await.map_err(|s| remote("create", s))?.into_inner();
+    println!("{}", stream_json(&info));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn delete(args: DeleteArgs) -> Result<ExitCode> {
+    greet(&args.server.server).await?;
+    let mut client = connect(&args.server.server).await?;
+    let request = pb::DeleteStreamRequest { stream: args.stream };
+    let info = client.delete_stream(request).await.map_err(|s| remote("delete", s))?.into_inner();
+    println!("{}", stream_json(&info));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn streams(args: StreamsArgs) -> Result<ExitCode> {
+    let server = &args.server.server;
+    greet(server).await?;
+    let mut client = connect(server).await?;
     let list = client
         .list_streams(pb::ListStreamsRequest::default())
         .await
         .map_err(|s| remote("streams", s))?
         .into_inner();
+    if args.output == "json" {
+        let all: Vec<serde_json::Value> = list.streams.iter().map(stream_json).collect();
+        println!("{}", serde_json::Value::Array(all));
+        return Ok(ExitCode::SUCCESS);
+    }
     let width = list.streams.iter().map(|s| s.name.len()).max().unwrap_or(4).max(6);
     // A relay also shows where each mirrored stream comes from and how fresh it is.
     let relay = list.streams.iter().any(|s| !s.upstream.is_empty());
     let mut header = format!(
-        "{:<width$}  {:>10}  {:>12}  {:>20}  {:>20}",
-        "STREAM", "RECORDS", "BYTES", "FIRST_TICK", "LAST_TICK"
+        "{:<width$}  {:>10}  {:>12}  {:>20}  {:>20}  {:>9}  {:<16}  {}",
+        "STREAM", "RECORDS", "BYTES", "FIRST_TICK", "LAST_TICK", "RECORDS/S", "RETENTION", "TYPE"
     );
     if relay {
         header.push_str("  UPSTREAM  LAG");
@@ -629,8 +760,15 @@ async fn streams(args: ServerArg) -> Result<ExitCode> {
     println!("{header}");
     for s in list.streams {
         let mut line = format!(
-            "{:<width$}  {:>10}  {:>12}  {:>20}  {:>20}",
-            s.name, s.records, s.bytes, s.first_tick, s.last_tick
+            "{:<width$}  {:>10}  {:>12}  {:>20}  {:>20}  {:>9.1}  {:<16}  {}",
+            s.name,
+            s.records,
+            s.bytes,
+            s.first_tick,
+            s.last_tick,
+            s.records_per_second,
+            retention_text(&s.effective_retention),
+            if s.content_type.is_empty() { "-" } else { &s.content_type }
         );
         if let Some(status) = s.upstream_status.filter(|_| relay) {
             let lag = Duration::from_millis(status.lag / 1_000_000);

@@ -161,6 +161,8 @@ pub enum Delivery {
     /// Retention removed part of a stream's range before it could be delivered; the stream goes
     /// on after `through`.
     Truncated(pb::Truncated),
+    /// A selected stream's metadata changed, or it was deleted.
+    StreamChanged(pb::StreamChanged),
     /// The server skipped records because this subscriber was too slow (`SlowConsumer::Latest`).
     Gap(pb::Gap),
     /// Subscribed at `endpoint` (first time or after a failure).
@@ -436,6 +438,7 @@ impl Subscriber {
                 Delivery::StreamAdded(info)
             }
             Event::UpstreamStatus(u) => Delivery::Upstream(u),
+            Event::StreamChanged(c) => Delivery::StreamChanged(c),
             Event::Gap(g) => {
                 // Skipped on purpose: a reconnection goes on after it too.
                 let position = self.positions.entry(g.stream.clone()).or_insert(g.to_tick);

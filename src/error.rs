@@ -85,6 +85,10 @@ pub enum Error {
     #[error("protocol version {version} is not supported; this server speaks {supported:?}")]
     UnsupportedProtocol { version: u32, supported: Vec<u32> },
 
+    /// `CreateStream` named a stream that exists with other metadata.
+    #[error("stream {stream:?} already exists with other metadata: set update to change it")]
+    StreamExists { stream: String },
+
     /// The named stream does not exist.
     #[error("stream {0:?} does not exist")]
     UnknownStream(String),

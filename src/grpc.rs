@@ -7,8 +7,9 @@ use crate::codec;
 use crate::config::Limits;
 use crate::connections::Connections;
 use crate::error::Error;
-use crate::record::{Record, StreamInfo};
+use crate::record::{Record, StreamInfo, StreamMeta};
 use crate::relay::UpstreamStatus;
+use crate::retention::Policy;
 use crate::storage::Appended;
 use crate::subscription::{Event, SlowConsumer, Start};
 use futures::stream::{FuturesOrdered, Stream, StreamExt};
@@ -52,7 +53,7 @@ pub fn status(err: &Error) -> Status {
         | Error::UnsupportedProtocol { .. }
         | Error::SequenceNotAfter { .. }
         | Error::Mirrored { .. } => Code::FailedPrecondition,
-        Error::SequenceReused { .. } => Code::AlreadyExists,
+        Error::SequenceReused { .. } | Error::StreamExists { .. } => Code::AlreadyExists,
         Error::UnknownStream(_) => Code::NotFound,
         Error::DataLoss { .. } => Code::DataLoss,
         Error::ShuttingDown | Error::LogFailed { .. } => Code::Unavailable,
@@ -120,8 +121,34 @@ fn record(r: Record) -> pb::Record {
     }
 }
 
-fn stream_info(s: StreamInfo, upstream: Option<UpstreamStatus>) -> pb::StreamInfo {
+fn retention(p: &Policy) -> pb::Retention {
+    pb::Retention {
+        max_age_ms: p.max_age.map_or(0, |a| u64::try_from(a.as_millis()).unwrap_or(u64::MAX)),
+        max_bytes: p.max_bytes.unwrap_or(0),
+        max_records: p.max_records.unwrap_or(0),
+    }
+}
+
+fn policy(r: Option<pb::Retention>) -> Policy {
+    let r = r.unwrap_or_default();
+    Policy {
+        max_age: (r.max_age_ms > 0).then(|| Duration::from_millis(r.max_age_ms)),
+        max_bytes: (r.max_bytes > 0).then_some(r.max_bytes),
+        max_records: (r.max_records > 0).then_some(r.max_records),
+    }
+}
+
+/// A stream as the API shows it; `effective` is the retention that applies, when known.
+fn stream_info(s: StreamInfo, upstream: Option<UpstreamStatus>, effective: Option<Policy>) -> pb::StreamInfo {
+    let (records_per_second, bytes_per_second) = s.recent.at(crate::record::Tick::now());
     pb::StreamInfo {
+        content_type: s.meta.content_type.clone(),
+        schema_version: s.meta.schema_version.clone(),
+        description: s.meta.description.clone(),
+        retention: Some(retention(&s.meta.retention)),
+        effective_retention: effective.as_ref().map(retention),
+        records_per_second,
+        bytes_per_second,
         name: s.name.to_string(),
         records: s.records,
         bytes: s.bytes,
@@ -155,7 +182,9 @@ fn event(e: Event) -> pb::SubscribeResponse {
             server_time: server_time.0,
             upstreams: upstreams.into_iter().map(upstream_status).collect(),
         }),
-        Event::StreamAdded(info) => E::StreamAdded(pb::StreamAdded { stream: Some(stream_info(info, None)) }),
+        Event::StreamAdded(info) => {
+            E::StreamAdded(pb::StreamAdded { stream: Some(stream_info(info, None, None)) })
+        }
         Event::Upstream(u) => E::UpstreamStatus(upstream_status(u)),
         Event::Truncated { stream, requested, through, earliest } => E::Truncated(pb::Truncated {
             stream: stream.to_string(),
@@ -163,6 +192,9 @@ fn event(e: Event) -> pb::SubscribeResponse {
             earliest_available: earliest.map_or(0, |t| t.0),
             through: through.0,
         }),
+        Event::StreamChanged { info, deleted } => {
+            E::StreamChanged(pb::StreamChanged { stream: Some(stream_info(info, None, None)), deleted })
+        }
         Event::Gap { stream, records, from, to } => {
             E::Gap(pb::Gap { stream: stream.to_string(), records, from_tick: from.0, to_tick: to.0 })
         }
@@ -337,7 +369,8 @@ impl pb::tapeline_server::Tapeline for Service {
             .into_iter()
             .map(|info| {
                 let upstream = self.broker.upstream_of(&info.name);
-                stream_info(info, upstream)
+                let effective = self.broker.retention_of(&info);
+                stream_info(info, upstream, Some(effective))
             })
             .collect();
         Ok(Response::new(pb::ListStreamsResponse { streams }))
@@ -349,6 +382,31 @@ impl pb::tapeline_server::Tapeline for Service {
     ) -> Result<Response<pb::StreamInfo>, Status> {
         let info = self.broker.stream(&request.into_inner().stream).map_err(|e| status(&e))?;
         let upstream = self.broker.upstream_of(&info.name);
-        Ok(Response::new(stream_info(info, upstream)))
+        let effective = self.broker.retention_of(&info);
+        Ok(Response::new(stream_info(info, upstream, Some(effective))))
+    }
+
+    async fn create_stream(
+        &self,
+        request: Request<pb::CreateStreamRequest>,
+    ) -> Result<Response<pb::StreamInfo>, Status> {
+        let req = request.into_inner();
+        let meta = StreamMeta {
+            content_type: req.content_type,
+            schema_version: req.schema_version,
+            description: req.description,
+            retention: policy(req.retention),
+        };
+        let info = self.broker.create_stream(&req.stream, meta, req.update).await.map_err(|e| status(&e))?;
+        let effective = self.broker.retention_of(&info);
+        Ok(Response::new(stream_info(info, None, Some(effective))))
+    }
+
+    async fn delete_stream(
+        &self,
+        request: Request<pb::DeleteStreamRequest>,
+    ) -> Result<Response<pb::StreamInfo>, Status> {
+        let info = self.broker.delete_stream(&request.into_inner().stream).await.map_err(|e| status(&e))?;
+        Ok(Response::new(stream_info(info, None, None)))
     }
 }

@@ -72,7 +72,7 @@ pub fn verify(dir: &Path) -> Result<Report> {
     let mut report = Report::default();
     let mut known = std::collections::HashSet::new();
     let mut newest: Option<Tick> = None;
-    for (name, id, _) in storage::read_catalog(&catalog)? {
+    for (name, id, _, _) in storage::read_catalog(&catalog)? {
         report.streams += 1;
         known.insert(id);
         read_stream(&records, &name, id, &mut report, |_, good| {
@@ -236,7 +236,7 @@ pub async fn recover(from: &Path, into: &Path) -> Result<Recovered> {
             let records = db.open_tree("records")?;
             let catalog = db.open_tree("catalog")?;
             let mut report = Report::default();
-            for (name, id, _) in storage::read_catalog(&catalog)? {
+            for (name, id, _, _) in storage::read_catalog(&catalog)? {
                 let stream = found.entry(name.to_string()).or_default();
                 read_stream(&records, &name, id, &mut report, |value, good| {
                     for r in good {

@@ -108,6 +108,57 @@ pub struct StreamInfo {
     pub created_tick: Tick,
     /// What retention removed from the front of the stream.
     pub trimmed: Trimmed,
+    /// What the stream holds and how long it keeps it, as `CreateStream` set it.
+    pub meta: Arc<StreamMeta>,
+    /// How fast records arrived lately.
+    pub recent: Recent,
+}
+
+/// A stream's metadata: set by `CreateStream` (a stream created by its first publish has the
+/// defaults), stored in the catalog.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct StreamMeta {
+    /// The payloads' type, e.g. `application/json` or `application/x-protobuf; messageType=pkg.Msg`.
+    pub content_type: String,
+    pub schema_version: String,
+    pub description: String,
+    /// The stream's own retention; limits it leaves unset come from the server's rules.
+    pub retention: crate::retention::Policy,
+}
+
+/// The recent arrival rate of a stream: an exponentially weighted average over about
+/// [`Recent::TAU`], updated at each commit and decayed when read.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Recent {
+    records_per_second: f64,
+    bytes_per_second: f64,
+    /// When it was last updated (0: never).
+    at: Tick,
+}
+
+impl Recent {
+    /// The averaging time, in seconds.
+    pub const TAU: f64 = 10.0;
+
+    fn decay(&self, now: Tick) -> f64 {
+        let elapsed = now.0.saturating_sub(self.at.0) as f64 / 1e9;
+        (-elapsed / Self::TAU).exp()
+    }
+
+    /// Counts `records` of `bytes` arriving at `now`.
+    pub fn arrived(&mut self, records: u64, bytes: u64, now: Tick) {
+        let decay = if self.at.0 == 0 { 0.0 } else { self.decay(now) };
+        self.records_per_second = self.records_per_second * decay + records as f64 / Self::TAU;
+        self.bytes_per_second = self.bytes_per_second * decay + bytes as f64 / Self::TAU;
+        self.at = now.max(self.at);
+    }
+
+    /// Records and payload bytes per second at `now`.
+    pub fn at(&self, now: Tick) -> (f64, f64) {
+        let decay = self.decay(now);
+        (self.records_per_second * decay, self.bytes_per_second * decay)
+    }
 }
 
 /// What retention removed from the front of a stream, counted since the stream was created.

@@ -297,7 +297,7 @@ async fn copy(broker: &Broker, index: usize, mirror: &Mirror, stored: &mut bool)
                 // Never asked for (the relay's subscription catches up), but said if it comes.
                 warn!(stream = %g.stream, records = g.records, "the upstream skipped records");
             }
-            Delivery::StreamAdded(_) => {}
+            Delivery::StreamAdded(_) | Delivery::StreamChanged(_) => {}
         }
     }
 }

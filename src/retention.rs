@@ -32,7 +32,8 @@ pub const VOLATILE_MAX_TOTAL_BYTES: u64 = 1 << 30;
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// What one stream keeps; an unset limit does not limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Policy {
     pub max_age: Option<Duration>,
     pub max_bytes: Option<u64>,
@@ -54,7 +55,8 @@ impl Policy {
         *self == Policy::default()
     }
 
-    fn validate(&self, key: &'static str) -> Result<()> {
+    /// Checks the limits (`key` names where they were set).
+    pub fn validate(&self, key: &'static str) -> Result<()> {
         if self.max_age.is_some_and(|a| a < Duration::from_millis(1)) {
             return Err(Error::Config {
                 key,
@@ -149,31 +151,41 @@ impl Retention {
         Ok(())
     }
 
-    /// The policy of the stream `name`.
-    pub fn policy_for(&self, name: &str) -> Policy {
-        let rule = self
-            .rules
-            .iter()
-            .find(|rule| rule.streams.iter().any(|p| Pattern::parse(p).is_ok_and(|p| p.matches(name))));
-        match rule {
-            Some(rule) => self.default.overridden_by(rule.policy),
-            None => self.default,
-        }
-    }
-
-    /// Whether the trimmer has anything to do.
-    pub fn keeps_everything(&self) -> bool {
-        self.max_total_bytes.is_none()
-            && self.default.keeps_everything()
-            && self.rules.iter().all(|r| r.policy.keeps_everything())
+    /// The server's policy for `stream`, with the stream's own limits over it.
+    pub fn policy_of(&self, stream: &StreamInfo) -> Policy {
+        Rules::new(self).policy_of(stream)
     }
 }
 
-/// Starts the trimmer (unless everything is kept); it stops when `token` is cancelled.
-pub fn spawn(log: Arc<Log>, retention: Retention, token: CancellationToken, tasks: &TaskTracker) {
-    if retention.keeps_everything() {
-        return;
+/// The rules with their patterns parsed, for one pass over every stream.
+struct Rules<'a> {
+    retention: &'a Retention,
+    patterns: Vec<Vec<Pattern>>,
+}
+
+impl<'a> Rules<'a> {
+    fn new(retention: &'a Retention) -> Rules<'a> {
+        let patterns = retention
+            .rules
+            .iter()
+            .map(|rule| rule.streams.iter().filter_map(|p| Pattern::parse(p).ok()).collect())
+            .collect();
+        Rules { retention, patterns }
     }
+
+    fn policy_of(&self, stream: &StreamInfo) -> Policy {
+        let rule = self.patterns.iter().position(|patterns| patterns.iter().any(|p| p.matches(&stream.name)));
+        let server = match rule {
+            Some(i) => self.retention.default.overridden_by(self.retention.rules[i].policy),
+            None => self.retention.default,
+        };
+        server.overridden_by(stream.meta.retention)
+    }
+}
+
+/// Starts the trimmer; it stops when `token` is cancelled. (It runs even when the server keeps
+/// everything: a stream may have limits of its own.)
+pub fn spawn(log: Arc<Log>, retention: Retention, token: CancellationToken, tasks: &TaskTracker) {
     tasks.spawn(async move {
         let mut ticks = tokio::time::interval(retention.check_every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -196,8 +208,9 @@ pub fn spawn(log: Arc<Log>, retention: Retention, token: CancellationToken, task
 pub async fn pass(log: &Arc<Log>, retention: &Retention, token: &CancellationToken) -> Result<usize> {
     let now = Tick::now();
     let mut removed = 0;
+    let rules = Rules::new(retention);
     for stream in log.streams() {
-        let policy = retention.policy_for(&stream.name);
+        let policy = rules.policy_of(&stream);
         if !policy.keeps_everything() {
             removed += trim(log, &stream, policy.keep(now), token).await?;
         }

@@ -36,7 +36,7 @@ use crate::config::{Config, DataDir, FsyncPolicy};
 use crate::error::{Error, Result};
 use crate::guard::{self, Mark};
 use crate::producers::{self, BatchTag, Producers, Seen};
-use crate::record::{NewRecord, Stored, StreamId, StreamInfo, Tick, Trimmed};
+use crate::record::{NewRecord, Recent, Stored, StreamId, StreamInfo, StreamMeta, Tick, Trimmed};
 use crate::space::Space;
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
@@ -94,6 +94,8 @@ pub struct Commit {
     pub streams: Arc<[(StreamId, Tick)]>,
     /// Streams created by this commit.
     pub added: Arc<[StreamInfo]>,
+    /// Streams whose metadata changed, or that were deleted (`true`).
+    pub changed: Arc<[(StreamInfo, bool)]>,
 }
 
 /// A consistent view taken when a subscription registers.
@@ -195,6 +197,18 @@ enum Command {
         reply: Reply,
         _queued: OwnedSemaphorePermit,
     },
+    /// Create a stream with metadata, or change an existing stream's metadata when `update`.
+    Define {
+        name: crate::names::StreamName,
+        meta: StreamMeta,
+        update: bool,
+        reply: oneshot::Sender<Result<StreamInfo>>,
+    },
+    /// Delete a stream and every record of it.
+    Delete {
+        name: String,
+        reply: oneshot::Sender<Result<StreamInfo>>,
+    },
     /// Carry out a removal planned by the trimmer.
     Trim {
         plan: TrimPlan,
@@ -266,10 +280,15 @@ fn producer_key(id: &str) -> Vec<u8> {
     [&PRODUCER_PREFIX[..], id.as_bytes()].concat()
 }
 
-fn catalog_value(id: StreamId, created: Tick) -> [u8; 12] {
-    let mut v = [0u8; 12];
-    v[..4].copy_from_slice(&id.0.to_le_bytes());
-    v[4..].copy_from_slice(&created.0.to_le_bytes());
+/// A catalog value: `id u32 LE | created_tick u64 LE`, then the metadata as JSON unless it is
+/// the default (so catalogs written before metadata existed read the same).
+fn catalog_value(id: StreamId, created: Tick, meta: &StreamMeta) -> Vec<u8> {
+    let mut v = Vec::with_capacity(12);
+    v.extend_from_slice(&id.0.to_le_bytes());
+    v.extend_from_slice(&created.0.to_le_bytes());
+    if *meta != StreamMeta::default() {
+        v.extend(serde_json::to_vec(meta).unwrap_or_default());
+    }
     v
 }
 
@@ -657,6 +676,32 @@ impl Log {
         Ok(())
     }
 
+    /// Creates `name` with `meta`; an existing stream keeps its records and gets `meta` when
+    /// `update` (with the same metadata it is left as it is). Returns the stream as it is now.
+    pub async fn define(
+        &self,
+        name: crate::names::StreamName,
+        meta: StreamMeta,
+        update: bool,
+    ) -> Result<StreamInfo> {
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(Command::Define { name, meta, update, reply })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Deletes the stream `name` and every record of it; returns what it was.
+    pub async fn delete(&self, name: &str) -> Result<StreamInfo> {
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(Command::Delete { name: name.to_string(), reply })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+
     /// Has the writer carry out a planned removal (skipped when the stream changed under it).
     pub async fn trim(&self, plan: TrimPlan) -> Result<()> {
         let (reply, answer) = oneshot::channel();
@@ -712,20 +757,30 @@ fn held_bytes(records: &[NewRecord]) -> usize {
         .sum()
 }
 
-/// Every catalog entry: stream name, id and creation tick. A malformed entry is skipped with an
-/// error in the log.
-pub(crate) fn read_catalog(catalog: &sled::Tree) -> Result<Vec<(Arc<str>, StreamId, Tick)>> {
+/// One catalog entry, as `read_catalog` returns it.
+pub(crate) type CatalogEntry = (Arc<str>, StreamId, Tick, StreamMeta);
+
+/// Every catalog entry: stream name, id, creation tick and metadata. A malformed entry is skipped
+/// with an error in the log; unreadable metadata is replaced by the defaults, with an error.
+pub(crate) fn read_catalog(catalog: &sled::Tree) -> Result<Vec<CatalogEntry>> {
     let mut entries = Vec::new();
     for entry in catalog.iter() {
         let (name, value) = entry?;
         let name: Arc<str> = Arc::from(String::from_utf8_lossy(&name).as_ref());
-        if value.len() != 12 {
+        if value.len() < 12 {
             error!(stream = %name, "catalog entry has a bad length; stream skipped");
             continue;
         }
         let id = StreamId(u32::from_le_bytes(value[..4].try_into().unwrap_or_default()));
-        let created_tick = Tick(u64::from_le_bytes(value[4..].try_into().unwrap_or_default()));
-        entries.push((name, id, created_tick));
+        let created_tick = Tick(u64::from_le_bytes(value[4..12].try_into().unwrap_or_default()));
+        let meta = match &value[12..] {
+            [] => StreamMeta::default(),
+            json => serde_json::from_slice(json).unwrap_or_else(|err| {
+                error!(stream = %name, cause = %err, "stream metadata is unreadable; defaults used");
+                StreamMeta::default()
+            }),
+        };
+        entries.push((name, id, created_tick, meta));
     }
     Ok(entries)
 }
@@ -755,7 +810,7 @@ pub(crate) fn readable_after(records: &sled::Tree, id: StreamId, from: Tick, upt
 fn recover(records: &sled::Tree, catalog: &sled::Tree) -> Result<(HashMap<Arc<str>, StreamInfo>, bool)> {
     let mut streams = HashMap::new();
     let mut damaged_tail = false;
-    for (name, id, created_tick) in read_catalog(catalog)? {
+    for (name, id, created_tick, meta) in read_catalog(catalog)? {
         let mut info = StreamInfo {
             name: name.clone(),
             id,
@@ -765,6 +820,8 @@ fn recover(records: &sled::Tree, catalog: &sled::Tree) -> Result<(HashMap<Arc<st
             last_tick: None,
             created_tick,
             trimmed: Trimmed::default(),
+            meta: Arc::new(meta),
+            recent: Recent::default(),
         };
         let prefix = id.0.to_be_bytes();
         if let (Some(first), Some(last)) =
@@ -885,6 +942,12 @@ impl Writer {
                 Some(Command::Trim { plan, reply }) => {
                     let _ = reply.send(self.trim(plan));
                 }
+                Some(Command::Define { name, meta, update, reply }) => {
+                    let _ = reply.send(self.define(name, meta, update));
+                }
+                Some(Command::Delete { name, reply }) => {
+                    let _ = reply.send(self.delete(&name));
+                }
                 Some(Command::Stop { reply }) => stop = Some(reply),
                 Some(Command::Append { .. }) | None => {}
             }
@@ -916,9 +979,124 @@ impl Writer {
             self.clock = self.clock.max(to.min(Tick::now()));
             shared.watermark = shared.watermark.max(self.clock);
         }
-        let commit = Commit { watermark: shared.watermark, streams: Arc::new([]), added: Arc::new([]) };
+        let commit = Commit {
+            watermark: shared.watermark,
+            streams: Arc::new([]),
+            added: Arc::new([]),
+            changed: Arc::new([]),
+        };
         let _ = self.commits.send(commit);
         shared.watermark
+    }
+
+    /// See [`Log::define`].
+    fn define(
+        &mut self,
+        name: crate::names::StreamName,
+        meta: StreamMeta,
+        update: bool,
+    ) -> Result<StreamInfo> {
+        if let Some(cause) = &self.failed {
+            return Err(Error::LogFailed { cause: cause.clone() });
+        }
+        let (info, created) = match self.streams.get(name.as_str()) {
+            Some(info) if *info.meta == meta => return Ok(info.clone()),
+            Some(_) if !update => return Err(Error::StreamExists { stream: name.to_string() }),
+            Some(info) => (StreamInfo { meta: Arc::new(meta), ..info.clone() }, false),
+            None => {
+                if self.streams.len() >= self.max_streams || self.next_id >= u32::MAX - 1 {
+                    return Err(Error::TooMany {
+                        what: "streams",
+                        limit: self.max_streams,
+                        setting: "limits.max_streams",
+                        hint: "delete streams or raise the limit",
+                    });
+                }
+                let now = Tick::now().max(Tick(self.clock.0 + 1));
+                let info = StreamInfo {
+                    name: name.shared(),
+                    id: StreamId(self.next_id),
+                    records: 0,
+                    bytes: 0,
+                    first_tick: None,
+                    last_tick: None,
+                    created_tick: now,
+                    trimmed: Trimmed::default(),
+                    meta: Arc::new(meta),
+                    recent: Recent::default(),
+                };
+                (info, true)
+            }
+        };
+        let written = self
+            .catalog
+            .insert(name.as_str().as_bytes(), catalog_value(info.id, info.created_tick, &info.meta))
+            .and_then(|_| self.db.flush().map(|_| ()));
+        if let Err(err) = written {
+            error!(cause = %err, stream = %name, "writing the catalog failed; the log takes no more writes");
+            self.failed = Some(err.to_string());
+            return Err(err.into());
+        }
+        if created {
+            self.next_id += 1;
+            info!(stream = %name, id = info.id.0, "stream created");
+        } else {
+            info!(stream = %name, "stream metadata changed");
+        }
+        self.streams.insert(info.name.clone(), info.clone());
+        let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
+        shared.streams.insert(info.name.clone(), info.clone());
+        let mut commit = Commit {
+            watermark: shared.watermark,
+            streams: Arc::new([]),
+            added: Arc::new([]),
+            changed: Arc::new([]),
+        };
+        if created {
+            commit.added = Arc::new([info.clone()]);
+        } else {
+            commit.changed = Arc::new([(info.clone(), false)]);
+        }
+        let _ = self.commits.send(commit);
+        Ok(info)
+    }
+
+    /// See [`Log::delete`]. The records go first, then the catalog entry: a crash between leaves
+    /// an empty stream, never chunks without a stream (whose id a new stream could take).
+    fn delete(&mut self, name: &str) -> Result<StreamInfo> {
+        if let Some(cause) = &self.failed {
+            return Err(Error::LogFailed { cause: cause.clone() });
+        }
+        let Some(info) = self.streams.get(name).cloned() else {
+            return Err(Error::UnknownStream(name.to_string()));
+        };
+        let mut batch = sled::Batch::default();
+        for entry in self.records.scan_prefix(info.id.0.to_be_bytes()) {
+            batch.remove(entry?.0);
+        }
+        batch.remove(trim_key(info.id).as_ref());
+        let written = self
+            .records
+            .apply_batch(batch)
+            .and_then(|()| self.catalog.remove(name.as_bytes()).map(|_| ()))
+            .and_then(|()| self.db.flush().map(|_| ()));
+        if let Err(err) = written {
+            error!(cause = %err, stream = %name, "deleting a stream failed; the log takes no more writes");
+            self.failed = Some(err.to_string());
+            return Err(err.into());
+        }
+        info!(stream = %name, records = info.records, "stream deleted");
+        self.streams.remove(name);
+        let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
+        shared.streams.remove(name);
+        let changed: Arc<[(StreamInfo, bool)]> = Arc::new([(info.clone(), true)]);
+        let _ = self.commits.send(Commit {
+            watermark: shared.watermark,
+            streams: Arc::new([]),
+            added: Arc::new([]),
+            changed,
+        });
+        Ok(info)
     }
 
     /// Removes the chunks of a plan, unless the stream changed since it was planned (it can only
@@ -1029,6 +1207,8 @@ impl Writer {
         // Producers whose state changed (to store) or who were forgotten (to delete).
         let mut producers_touched: Vec<Arc<str>> = Vec::new();
         let mut producers_forgotten: Vec<Arc<str>> = Vec::new();
+        // Records and payload bytes per stream, for the streams' recent rates.
+        let mut arrivals: HashMap<Arc<str>, (u64, u64)> = HashMap::new();
 
         for (records, source, reply) in group {
             let tag = source.tag();
@@ -1069,9 +1249,11 @@ impl Writer {
                         last_tick: None,
                         created_tick: tick,
                         trimmed: Trimmed::default(),
+                        meta: Arc::default(),
+                        recent: Recent::default(),
                     };
                     self.next_id += 1;
-                    catalog_batch.insert(name.as_bytes(), catalog_value(info.id, tick).as_ref());
+                    catalog_batch.insert(name.as_bytes(), catalog_value(info.id, tick, &info.meta));
                     info!(stream = %name, id = info.id.0, "stream created");
                     added.push(info.clone());
                     self.streams.insert(info.name.clone(), info);
@@ -1085,6 +1267,9 @@ impl Writer {
                     *first = tick;
                 }
                 encoder.push(tick, record.origin_time, &record.headers, &record.payload, record.crc32);
+                let arrived = arrivals.entry(stream.name.clone()).or_default();
+                arrived.0 += 1;
+                arrived.1 += record.payload.len() as u64;
                 stream.records += 1;
                 stream.bytes += record.payload.len() as u64;
                 stream.first_tick.get_or_insert(tick);
@@ -1140,7 +1325,9 @@ impl Writer {
         {
             let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
             for (_, name) in &touched {
-                if let Some(info) = self.streams.get(name) {
+                if let Some(info) = self.streams.get_mut(name) {
+                    let (records, bytes) = arrivals.get(name).copied().unwrap_or_default();
+                    info.recent.arrived(records, bytes, now);
                     shared.streams.insert(name.clone(), info.clone());
                 }
             }
@@ -1153,6 +1340,7 @@ impl Writer {
                         (*id, self.streams.get(name).and_then(|s| s.last_tick).unwrap_or_default())
                     })
                     .collect(),
+                changed: Arc::new([]),
                 added: added
                     .iter()
                     .map(|a| self.streams.get(&a.name).cloned().unwrap_or_else(|| a.clone()))

@@ -126,6 +126,8 @@ pub enum Event {
     /// Retention removed part of the range asked for: the stream continues after `through`.
     /// Sent before the stream's next record.
     Truncated { stream: Arc<str>, requested: Tick, through: Tick, earliest: Option<Tick> },
+    /// A selected stream's metadata changed, or it was deleted (`deleted`).
+    StreamChanged { info: StreamInfo, deleted: bool },
     /// A slow subscriber under `SlowConsumer::Latest` skipped `records` records of a stream, with
     /// ticks from `from` to `to`; the stream continues after `to`.
     Gap { stream: Arc<str>, records: u64, from: Tick, to: Tick },
@@ -499,6 +501,24 @@ impl Pump {
                 let pos = self.start_pos();
                 self.send(Event::StreamAdded(info.clone())).await?;
                 self.track(info.clone(), pos);
+            }
+        }
+        for (info, deleted) in commit.changed.iter() {
+            if self.selects(&info.name) {
+                if let Some(&i) = self.index.get(&info.id) {
+                    if *deleted {
+                        // Nothing is left to read; a stream created later under the name is new.
+                        self.index.remove(&info.id);
+                        let cursor = &mut self.cursors[i];
+                        cursor.buffer.clear();
+                        cursor.chunks = Vec::new();
+                        cursor.more = false;
+                        cursor.info.last_tick = None;
+                    } else {
+                        self.cursors[i].info.meta = info.meta.clone();
+                    }
+                }
+                self.send(Event::StreamChanged { info: info.clone(), deleted: *deleted }).await?;
             }
         }
         for (id, last) in commit.streams.iter() {

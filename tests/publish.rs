@@ -86,14 +86,14 @@ async fn a_refused_batch_in_a_publish_stream_is_answered_and_the_stream_goes_on(
 /// and that nothing of it was stored.
 async fn refused(server: &TestServer, records: Vec<pb::Record>, code: Code, words: &[&str]) {
     let mut client = server.client().await;
-    let before = client.list_streams(pb::ListStreamsRequest::default()).await.unwrap().into_inner();
+    let before = stored_streams(&mut client).await;
     let status =
         client.publish(pb::PublishRequest { records, batch_id: 0, ..Default::default() }).await.unwrap_err();
     assert_eq!(status.code(), code, "{}", status.message());
     for word in words {
         assert!(status.message().contains(word), "{:?} lacks {word:?}", status.message());
     }
-    let after = client.list_streams(pb::ListStreamsRequest::default()).await.unwrap().into_inner();
+    let after = stored_streams(&mut client).await;
     assert_eq!(before, after, "a refused batch leaves nothing behind");
 }
 
@@ -220,7 +220,7 @@ async fn a_restarted_broker_serves_every_acknowledged_record() {
                 .map(|(r, t)| (r.stream, t, String::from_utf8(r.payload.to_vec()).unwrap())),
         );
     }
-    let info_before = client.list_streams(pb::ListStreamsRequest::default()).await.unwrap().into_inner();
+    let info_before = stored_streams(&mut client).await;
     let id_before = client.hello(pb::HelloRequest::default()).await.unwrap().into_inner().server_id;
     drop(client);
     server.stop().await;
@@ -229,9 +229,9 @@ async fn a_restarted_broker_serves_every_acknowledged_record() {
     let mut client = server.client().await;
     let mut sub = Sub::open(&mut client, request(&["even", "odd"], beginning())).await;
     assert_eq!(records(&sub.until_caught_up().await.0), acked);
-    let info_after = client.list_streams(pb::ListStreamsRequest::default()).await.unwrap().into_inner();
+    let info_after = stored_streams(&mut client).await;
     assert_eq!(info_before, info_after, "counters are recovered exactly");
-    assert_eq!(info_after.streams[0].records, 500);
+    assert_eq!(info_after[0].records, 500);
     assert_eq!(client.hello(pb::HelloRequest::default()).await.unwrap().into_inner().server_id, id_before);
     // New ticks continue after the recovered ones.
     let next = publish(&mut client, "even", &["after restart"]).await;

@@ -145,6 +145,12 @@ pub enum Seen {
         upstream: String,
         connected: bool,
     },
+    /// A stream's metadata changed (its content type shown), or it was deleted.
+    StreamChanged {
+        stream: String,
+        content_type: String,
+        deleted: bool,
+    },
     /// A slow subscriber skipped `records` records with ticks `from..=to`.
     Gap {
         stream: String,
@@ -260,6 +266,14 @@ fn seen(message: pb::SubscribeResponse) -> Vec<Seen> {
         Some(Event::StreamAdded(a)) => vec![Seen::StreamAdded(a.stream.map(|s| s.name).unwrap_or_default())],
         Some(Event::UpstreamStatus(u)) => {
             vec![Seen::Upstream { upstream: u.upstream, connected: u.connected }]
+        }
+        Some(Event::StreamChanged(c)) => {
+            let info = c.stream.unwrap_or_default();
+            vec![Seen::StreamChanged {
+                stream: info.name,
+                content_type: info.content_type,
+                deleted: c.deleted,
+            }]
         }
         Some(Event::Gap(g)) => {
             vec![Seen::Gap { stream: g.stream, records: g.records, from: g.from_tick, to: g.to_tick }]
@@ -516,4 +530,16 @@ impl Drop for Serve {
             eprintln!("--- tapeline serve log ---\n{}", self.log());
         }
     }
+}
+
+/// Every stream as `ListStreams` shows it, without the recent rate (which moves with time): what
+/// is stored, to compare before and after something.
+pub async fn stored_streams(client: &mut TapelineClient<Channel>) -> Vec<pb::StreamInfo> {
+    let listed = client.list_streams(pb::ListStreamsRequest::default()).await.expect("list streams");
+    listed
+        .into_inner()
+        .streams
+        .into_iter()
+        .map(|s| pb::StreamInfo { records_per_second: 0.0, bytes_per_second: 0.0, ..s })
+        .collect()
 }
