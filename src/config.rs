@@ -682,6 +682,25 @@ mod tests {
     }
 
     #[test]
+    fn a_volatile_store_is_bounded_unless_told_otherwise() {
+        let volatile = File::parse("volatile = true").unwrap().config().unwrap();
+        assert_eq!(volatile.retention.max_total_bytes, Some(crate::retention::VOLATILE_MAX_TOTAL_BYTES));
+        let chosen =
+            File::parse("volatile = true\n[retention]\nmax_total_bytes = 1000\n").unwrap().config().unwrap();
+        assert_eq!(chosen.retention.max_total_bytes, Some(1000));
+        let durable = File::parse("data = \"d\"").unwrap().config().unwrap();
+        assert_eq!(durable.retention.max_total_bytes, None);
+        let err = File::parse("[retention]\nmax_age = \"soon\"\n").unwrap().config().unwrap_err().to_string();
+        assert!(err.contains("retention.max_age") && err.contains("soon"), "{err}");
+        let err = File::parse("[limits]\nmax_lag = \"0ms\"\nrate_window = \"1ms\"\n")
+            .unwrap()
+            .config()
+            .unwrap()
+            .validate();
+        assert!(err.unwrap_err().to_string().contains("rate_window"));
+    }
+
+    #[test]
     fn flags_win_over_the_file() {
         let file = File::parse("listen = \"1.2.3.4:5\"\nvolatile = true\n[limits]\nmax_record_bytes = 10\nmax_batch_bytes = 100\n").unwrap();
         let flags = File {

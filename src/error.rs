@@ -86,7 +86,7 @@ pub enum Error {
     UnsupportedProtocol { version: u32, supported: Vec<u32> },
 
     /// `CreateStream` named a stream that exists with other metadata.
-    #[error("stream {stream:?} already exists with other metadata: set update to change it")]
+    #[error("stream {stream:?} already exists with other metadata: set `update` to change it (tapeline create --update)")]
     StreamExists { stream: String },
 
     /// The named stream does not exist.
