@@ -1,10 +1,12 @@
 //! The connection limit (`limits.max_connections`). A connection accepted while the limit is
 //! reached is still served at the HTTP/2 level, but every call on it is refused with
 //! `RESOURCE_EXHAUSTED` naming the limit: the client learns why, instead of seeing a socket
-//! closed without a word. Once it reconnects while fewer connections are open, it is served.
+//! closed without a word. After [`GRACE`] the server closes it, so it does not hold a place, and
+//! a client that reconnects while fewer connections are open is served.
 
 use crate::error::{Error, Result};
 use std::collections::HashSet;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -14,6 +16,9 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// How long a connection over the limit stays open to be told why, before it is closed.
+pub const GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The open connections, and those over the limit.
 #[derive(Debug)]
@@ -40,7 +45,8 @@ impl Connections {
             }
             _ => None,
         };
-        Counted { stream, connections: self.clone(), over }
+        let closing = over.map(|_| Box::pin(tokio::time::sleep(GRACE)));
+        Counted { stream, connections: self.clone(), over, closing }
     }
 
     /// Refuses a call made on a connection accepted over the limit.
@@ -65,6 +71,8 @@ pub struct Counted {
     connections: Arc<Connections>,
     /// Its peer, when it was accepted over the limit.
     over: Option<SocketAddr>,
+    /// For a connection over the limit: when it reads as closed.
+    closing: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Drop for Counted {
@@ -90,6 +98,12 @@ impl AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(closing) = &mut self.closing {
+            if closing.as_mut().poll(cx).is_ready() {
+                // End of stream: the server closes the connection.
+                return Poll::Ready(Ok(()));
+            }
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }

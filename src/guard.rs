@@ -85,6 +85,21 @@ impl Mark {
         }
     }
 
+    /// Lowers the mark to `tick` at once (deleting a stream can remove the newest acknowledged
+    /// record, which must not then look like a rollback). Called before the deletion, so that a
+    /// crash in between leaves a mark below the data, never above it.
+    pub fn lower(&mut self, tick: Tick) {
+        if tick >= self.written && tick >= self.pending {
+            return;
+        }
+        self.pending = tick;
+        self.at = Instant::now();
+        match write_mark(&self.dir, tick) {
+            Ok(()) => self.written = tick,
+            Err(err) => tracing::warn!(cause = %err, "cannot write the acknowledged-tick mark"),
+        }
+    }
+
     /// Rewrites the file if it is behind.
     pub fn flush(&mut self) {
         if self.pending <= self.written {

@@ -337,7 +337,8 @@ impl Log {
         let producers = recover_producers(&records)?;
         let last = streams.values().filter_map(|s| s.last_tick).max();
         // A corrupt last chunk hides its stream's true last tick: the check would be a guess.
-        if let Some(mark) = mark.filter(|_| !damaged_tail) {
+        // A mark of 0 acknowledges nothing (every stream was deleted).
+        if let Some(mark) = mark.filter(|m| !damaged_tail && m.0 > 0) {
             if last.is_none_or(|last| last < mark) {
                 error!(path = %path.display(), recovered = ?last, acknowledged = %mark, "the storage engine rolled its log back");
                 return Err(guard::rolled_back(&path, last, mark));
@@ -1070,6 +1071,10 @@ impl Writer {
         let Some(info) = self.streams.get(name).cloned() else {
             return Err(Error::UnknownStream(name.to_string()));
         };
+        if let Some(mark) = &mut self.mark {
+            let newest = self.streams.values().filter(|s| s.id != info.id).filter_map(|s| s.last_tick).max();
+            mark.lower(newest.unwrap_or_default());
+        }
         let mut batch = sled::Batch::default();
         for entry in self.records.scan_prefix(info.id.0.to_be_bytes()) {
             batch.remove(entry?.0);

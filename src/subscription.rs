@@ -608,26 +608,37 @@ impl Pump {
             self.cursors[i].more = false;
             return Ok(());
         }
-        let log = self.log.clone();
-        let info = cursor.info.clone();
-        let after = cursor.pos;
         // Many streams share one budget, so a `**` subscription stays bounded.
         let window = (READ_BUDGET / self.cursors.len().max(1)).clamp(16, READ_WINDOW);
-        let read = tokio::task::spawn_blocking(move || log.read(&info, after, upto, window))
-            .await
-            .map_err(|e| Error::Internal(format!("read task failed: {e}")))??;
-        let cursor = &mut self.cursors[i];
-        if let Some(truncation) = read.truncated {
-            // What was removed counts as read: the next read starts after it.
-            cursor.pos = cursor.pos.max(Some(truncation.through));
-            cursor.truncated = Some(truncation);
+        // A window can come back empty yet incomplete: its records were all removed by retention
+        // while it was read. Read on (each read starts after the removed range), so a stream is
+        // never left behind with more to read and nothing buffered.
+        loop {
+            let cursor = &self.cursors[i];
+            let log = self.log.clone();
+            let info = cursor.info.clone();
+            let after = cursor.pos;
+            let read = tokio::task::spawn_blocking(move || log.read(&info, after, upto, window))
+                .await
+                .map_err(|e| Error::Internal(format!("read task failed: {e}")))??;
+            let cursor = &mut self.cursors[i];
+            let truncated = read.truncated.is_some();
+            if let Some(truncation) = read.truncated {
+                // What was removed counts as read: the next read starts after it.
+                cursor.pos = cursor.pos.max(Some(truncation.through));
+                cursor.truncated = Some(truncation);
+            }
+            if let Some(last) = read.records.last() {
+                cursor.pos = Some(last.tick);
+            }
+            cursor.more = !read.complete && cursor.pos.is_none_or(|p| p < upto);
+            cursor.buffer.extend(read.records);
+            cursor.chunks = read.chunks;
+            if !cursor.buffer.is_empty() || !cursor.more || !truncated {
+                break;
+            }
         }
-        if let Some(last) = read.records.last() {
-            cursor.pos = Some(last.tick);
-        }
-        cursor.more = !read.complete;
-        cursor.buffer.extend(read.records);
-        cursor.chunks = read.chunks;
+        let cursor = &self.cursors[i];
         if cursor.buffer.is_empty() {
             // No record of this stream to put the event before: it goes now.
             self.announce_truncation(i).await?;

@@ -212,3 +212,31 @@ async fn the_cli_creates_lists_as_json_and_deletes() {
     let listed: serde_json::Value = serde_json::from_str(&cli(&["streams", "--output", "json"])).unwrap();
     assert_eq!(listed, serde_json::json!([]));
 }
+
+/// Deleting the stream that held the newest acknowledged record, or every stream, must not look
+/// like a rolled-back log at the next start (the acknowledged-tick mark goes down with it).
+#[tokio::test]
+async fn deleting_the_newest_records_is_not_a_rollback_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    let older = publish(&mut client, "mark/older", &["1"]).await[0];
+    publish(&mut client, "mark/newer", &["2"]).await;
+    // Past the mark's write interval, so the mark holds the newest tick.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publish(&mut client, "mark/newer", &["3"]).await;
+    client.delete_stream(pb::DeleteStreamRequest { stream: "mark/newer".into() }).await.unwrap();
+    server.stop().await;
+
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    let info =
+        client.describe_stream(pb::DescribeStreamRequest { stream: "mark/older".into() }).await.unwrap();
+    assert_eq!(info.into_inner().last_tick, older);
+    client.delete_stream(pb::DeleteStreamRequest { stream: "mark/older".into() }).await.unwrap();
+    server.stop().await;
+
+    let server = TestServer::start(dir.path()).await;
+    assert!(stored_streams(&mut server.client().await).await.is_empty());
+    server.stop().await;
+}
