@@ -172,13 +172,8 @@ impl Broker {
         // later; one of a stream of its own would get a tick from this broker's clock, ahead of
         // what the upstream confirmed, and break the promise that everything up to the watermark
         // (the tail in heartbeats, `CaughtUp` and `Hello`) was delivered.
-        if let (Some(record), Some((first, _))) = (records.first(), self.mirrors.first()) {
-            let stream = record.stream.as_str();
-            let index = self.mirror_of(stream);
-            return Err(Error::Mirrored {
-                stream: stream.to_string(),
-                upstream: index.map_or(&first.upstream, |i| &self.mirrors[i].0.upstream).clone(),
-            });
+        if let Some(record) = records.first() {
+            self.refuse_on_relay(record.stream.as_str())?;
         }
         let tag = match (batch.producer_id.is_empty(), batch.sequence) {
             (true, 0) => None,
@@ -455,6 +450,7 @@ impl Broker {
         self.log.delete(name).await
     }
 
+    /// On a relay, every write is refused, naming the upstream `stream` comes from (or the first).
     fn refuse_on_relay(&self, stream: &str) -> Result<()> {
         match (self.mirror_of(stream), self.mirrors.first()) {
             (_, None) => Ok(()),

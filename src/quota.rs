@@ -49,7 +49,7 @@ impl Window {
 
     /// When the next bytes may go out: `now` unless sending ran ahead of the rate by more than
     /// the burst.
-    pub fn due(&mut self, _bytes: u64, now: Instant) -> Instant {
+    pub fn due(&self, now: Instant) -> Instant {
         match self.paid_until {
             Some(paid) => now.max(paid.checked_sub(self.burst()).unwrap_or(now)),
             None => now,
@@ -65,7 +65,7 @@ impl Window {
 
     /// Waits until `bytes` may go, then counts them.
     pub async fn take(&mut self, bytes: u64) {
-        let due = self.due(bytes, Instant::now());
+        let due = self.due(Instant::now());
         tokio::time::sleep_until(due).await;
         self.record(bytes, Instant::now());
     }
@@ -110,18 +110,18 @@ mod tests {
         let mut w = Window::new(rate);
         let t0 = Instant::now();
         // The burst is 1 s worth: 1000 bytes go at once, paid until t0 + 1 s.
-        assert_eq!(w.due(500, t0), t0);
+        assert_eq!(w.due(t0), t0);
         w.record(500, t0);
-        assert_eq!(w.due(500, t0), t0);
+        assert_eq!(w.due(t0), t0);
         w.record(500, t0);
         // Now 1 s ahead of the rate: the next waits until only the burst is left unpaid.
-        assert_eq!(w.due(500, t0), t0);
+        assert_eq!(w.due(t0), t0);
         w.record(500, t0);
-        assert_eq!(w.due(1, t0), t0 + Duration::from_millis(500));
+        assert_eq!(w.due(t0), t0 + Duration::from_millis(500));
         // After a long pause, only the burst may go at once again.
         let later = t0 + Duration::from_secs(100);
-        assert_eq!(w.due(1, later), later);
+        assert_eq!(w.due(later), later);
         w.record(3000, later);
-        assert_eq!(w.due(1, later), later + Duration::from_secs(2));
+        assert_eq!(w.due(later), later + Duration::from_secs(2));
     }
 }

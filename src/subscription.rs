@@ -713,17 +713,13 @@ impl Pump {
         if self.pending.is_empty() {
             return Ok(());
         }
+        // Under a quota, the batch waits until it may go (heartbeats meanwhile), then counts.
+        let due = self.quota.as_ref().map(|quota| quota.due(Instant::now()));
+        if let Some(due) = due.filter(|&due| due > Instant::now()) {
+            self.wait_until(due, self.pending[0].tick).await?;
+        }
         if let Some(quota) = &mut self.quota {
-            let bytes = self.pending_bytes as u64;
-            let now = Instant::now();
-            let due = quota.due(bytes, now);
-            if due > now {
-                let next = self.pending[0].tick;
-                self.wait_until(due, next).await?;
-            }
-            if let Some(quota) = &mut self.quota {
-                quota.record(bytes, Instant::now());
-            }
+            quota.record(self.pending_bytes as u64, Instant::now());
         }
         let batch = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
