@@ -587,7 +587,11 @@ impl File {
         let mut rules = Vec::with_capacity(r.rule.len());
         for rule in &r.rule {
             rules.push(crate::retention::Rule {
-                streams: rule.streams.clone(),
+                streams: rule
+                    .streams
+                    .iter()
+                    .map(|p| crate::names::Pattern::parse(p))
+                    .collect::<Result<_>>()?,
                 policy: crate::retention::Policy {
                     max_age: rule
                         .max_age

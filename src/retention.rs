@@ -87,10 +87,10 @@ impl Policy {
     }
 }
 
-/// Limits for the streams matching any of `streams`.
+/// Limits for the streams matching any of `streams` (parsed when the settings are read).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
-    pub streams: Vec<String>,
+    pub streams: Vec<Pattern>,
     pub policy: Policy,
 }
 
@@ -130,9 +130,6 @@ impl Retention {
                     expected: "at least one stream name or pattern",
                 });
             }
-            for pattern in &rule.streams {
-                Pattern::parse(pattern)?;
-            }
         }
         if self.max_total_bytes == Some(0) {
             return Err(Error::Config {
@@ -153,31 +150,10 @@ impl Retention {
 
     /// The server's policy for `stream`, with the stream's own limits over it.
     pub fn policy_of(&self, stream: &StreamInfo) -> Policy {
-        Rules::new(self).policy_of(stream)
-    }
-}
-
-/// The rules with their patterns parsed, for one pass over every stream.
-struct Rules<'a> {
-    retention: &'a Retention,
-    patterns: Vec<Vec<Pattern>>,
-}
-
-impl<'a> Rules<'a> {
-    fn new(retention: &'a Retention) -> Rules<'a> {
-        let patterns = retention
-            .rules
-            .iter()
-            .map(|rule| rule.streams.iter().filter_map(|p| Pattern::parse(p).ok()).collect())
-            .collect();
-        Rules { retention, patterns }
-    }
-
-    fn policy_of(&self, stream: &StreamInfo) -> Policy {
-        let rule = self.patterns.iter().position(|patterns| patterns.iter().any(|p| p.matches(&stream.name)));
+        let rule = self.rules.iter().find(|rule| rule.streams.iter().any(|p| p.matches(&stream.name)));
         let server = match rule {
-            Some(i) => self.retention.default.overridden_by(self.retention.rules[i].policy),
-            None => self.retention.default,
+            Some(rule) => self.default.overridden_by(rule.policy),
+            None => self.default,
         };
         server.overridden_by(stream.meta.retention)
     }
@@ -208,9 +184,8 @@ pub fn spawn(log: Arc<Log>, retention: Retention, token: CancellationToken, task
 pub async fn pass(log: &Arc<Log>, retention: &Retention, token: &CancellationToken) -> Result<usize> {
     let now = Tick::now();
     let mut removed = 0;
-    let rules = Rules::new(retention);
     for stream in log.streams() {
-        let policy = rules.policy_of(&stream);
+        let policy = retention.policy_of(&stream);
         if !policy.keeps_everything() {
             removed += trim(log, &stream, policy.keep(now), token).await?;
         }

@@ -176,7 +176,7 @@ async fn max_records_and_rules_apply_per_stream() {
     let retention = Retention {
         default: Policy { max_records: Some(50), ..Policy::default() },
         rules: vec![tapeline::retention::Rule {
-            streams: vec!["keep/**".into()],
+            streams: vec![tapeline::names::Pattern::parse("keep/**").unwrap()],
             policy: Policy { max_records: Some(1_000_000), ..Policy::default() },
         }],
         ..Retention::default()
