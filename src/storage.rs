@@ -24,7 +24,8 @@
 //! - The in-memory catalog and the commit broadcast change under one lock, and only after the data
 //!   is readable (and durable under `always`): a reader that sees a watermark can read every record
 //!   up to it, and a subscriber that snapshots the catalog receives every later commit.
-//! - Recovery reads the catalog and, per stream, only its first and last chunk.
+//! - Recovery reads the catalog and, per stream, only its first and last chunk and its retention
+//!   mark.
 //! - Retention removes whole chunks from the front of a stream, never its last chunk (which keeps
 //!   the stream's last tick and counters across restarts). The trimmer plans a removal from
 //!   what it reads; the writer carries it out: it publishes the stream's new first tick and
