@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Regenerates BENCHMARKS.md: tapeline next to Redis Streams and NATS JetStream, same machine, same
+# run. Installs redis-server and nats-server from Debian's packages when they are missing, builds
+# tapeline and the load generator (benches/compare) in release mode, and runs every workload.
+# Extra arguments go to the load generator (`--help` lists them), e.g. `--workloads publish`.
+# Takes about 20 minutes on 2 cores and needs ~15 GB free under ${TMPDIR:-/tmp}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -q
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+  # The packages start system-wide services; the benchmark starts its own servers.
+  $sudo service redis-server stop >/dev/null 2>&1 || true
+fi
+nats=$(command -v nats-server || echo /usr/sbin/nats-server)
+
+cargo build --release -p tapeline -p tapeline-bench
+exec target/release/tapeline-bench --tapeline target/release/tapeline \
+  --redis-server "$(command -v redis-server)" --nats-server "$nats" "$@"

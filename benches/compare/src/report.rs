@@ -1,0 +1,562 @@
+//! BENCHMARKS.md from one run's figures: the machine, the versions, the command, the targets of
+//! issue 6 met or not, and a table per workload with the ratio tapeline / best peer of the same
+//! durability tier. Whatever the old file holds below [`KEEP`] is carried over unchanged (the
+//! storage-layer results of `cargo bench --bench storage`).
+
+use crate::servers::{Programs, System, Tier};
+use crate::workloads::Latency;
+use crate::{Args, Measured, Results};
+use std::fmt::Write;
+
+/// The line below which BENCHMARKS.md is written by hand.
+pub const KEEP: &str = "<!-- Everything below is kept by benches/compare.sh. -->";
+
+/// The whole report.
+pub fn markdown(args: &Args, programs: &Programs, results: &Results) -> String {
+    let mut md = String::new();
+    let w = &mut md;
+    let _ = writeln!(w, "# Benchmarks\n");
+    let _ = writeln!(
+        w,
+        "Measured, never asserted by tests. Everything above the line at the end of the comparison is \
+         written by `benches/compare.sh` from one run: each figure comes from a fresh server on loopback \
+         with an empty data dir, the systems one after the other for each workload, on the same machine."
+    );
+    let _ = writeln!(w, "\n## Machine and versions\n");
+    for (what, value) in machine(programs) {
+        let _ = writeln!(w, "- {what}: {value}");
+    }
+    let _ = writeln!(w, "\n## Command\n\n```\nbenches/compare.sh\n```\n");
+    let _ = writeln!(w, "which ran\n\n```\n{}\n```\n", command_line(args));
+    let _ = writeln!(
+        w,
+        "The load generator (`benches/compare`, the `tapeline-bench` package) runs in one process on the \
+         same 2 cores as the server under test; so every figure includes the client's own CPU, the same \
+         way for every system. Records are 256 B unless a table says otherwise; every payload carries the \
+         moment it was scheduled to be sent and a sequence number: latency is measured from the scheduled \
+         moment (a stalled publisher cannot hide it) and every subscriber checks for gaps and duplicates."
+    );
+    let _ = writeln!(w, "\n### Durability tiers: compare only within one\n");
+    let _ = writeln!(w, "- **fsync**: acknowledged after the record was forced to disk; survives a power cut. tapeline `--fsync always`, Redis `appendonly yes` + `appendfsync always`.");
+    let _ = writeln!(w, "- **written**: acknowledged once the server has written it; forced to disk later. tapeline `--fsync interval=1000` and Redis `appendfsync everysec` (lose at most about a second on a power cut); NATS JetStream 2.9 with file storage (writes to its files before the ack, but its fsync runs on its own schedule, every 2 minutes by default: the weakest of the three).");
+    let _ = writeln!(w, "\nDrivers: tapeline's own client (`PublishStream` with idempotent batches; `Subscribe`); Redis via the `redis` crate on a multiplexed connection (XADD pipelines; XREAD COUNT 10000 BLOCK 100 for replay and live tail alike); NATS via `async-nats` (JetStream async publish with a window of acks; an ordered pull consumer).");
+
+    targets(w, results);
+    publish(w, results);
+    latency(w, results);
+    replay(w, results);
+    handoff(w, results);
+
+    let _ = writeln!(w, "\n{KEEP}\n");
+    let old = std::fs::read_to_string(&args.markdown).unwrap_or_default();
+    if let Some((_, kept)) = old.split_once(KEEP) {
+        md.push_str(kept.trim_start_matches('\n'));
+    }
+    md
+}
+
+fn machine(programs: &Programs) -> Vec<(&'static str, String)> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:")).map(|m| m.trim().to_string());
+    vec![
+        ("CPU", format!("{} × {}", cores, model.unwrap_or_default())),
+        ("memory", memory.unwrap_or_default()),
+        ("kernel", run("uname", &["-sr"])),
+        (
+            "disk under the data dirs",
+            run("sh", &["-c", "df -h --output=source,fstype,size \"${TMPDIR:-/tmp}\" | tail -1"]),
+        ),
+        ("date", run("date", &["-u", "+%Y-%m-%d %H:%M UTC"])),
+        (
+            "tapeline",
+            format!(
+                "{} ({})",
+                run(programs.tapeline.to_str().unwrap_or("tapeline"), &["--version"]),
+                run("git", &["describe", "--always", "--dirty"])
+            ),
+        ),
+        ("rustc", run("rustc", &["--version"])),
+        ("Redis", run(programs.redis.to_str().unwrap_or("redis-server"), &["--version"])),
+        ("NATS", run(programs.nats.to_str().unwrap_or("nats-server"), &["--version"])),
+    ]
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|e| format!("({program}: {e})"))
+}
+
+fn command_line(args: &Args) -> String {
+    format!(
+        "tapeline-bench --systems {} --workloads {} --sizes {} --publish-seconds {} --rates {} --latency-seconds {} --replay-records {} --handoff-records {}",
+        args.systems.join(","),
+        args.workloads.join(","),
+        args.sizes.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        args.publish_seconds,
+        args.rates.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        args.latency_seconds,
+        args.replay_records,
+        args.handoff_records,
+    )
+}
+
+fn thousands(x: f64) -> String {
+    if !x.is_finite() {
+        return "–".into();
+    }
+    let n = x.round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn micros(us: u64) -> String {
+    if us >= 10_000 {
+        format!("{:.1} ms", us as f64 / 1000.0)
+    } else if us >= 1000 {
+        format!("{:.2} ms", us as f64 / 1000.0)
+    } else {
+        format!("{us} µs")
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.0} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+/// tapeline's figure over the best peer's in the same tier (`higher` = bigger is better).
+fn ratio<S, R>(
+    figures: &[&Measured<S, R>],
+    value: impl Fn(&R) -> f64,
+    higher: bool,
+) -> Vec<(Tier, Option<f64>)> {
+    let mut out = Vec::new();
+    for tier in [Tier::Fsync, Tier::Written] {
+        let of = |tapeline: bool| {
+            figures
+                .iter()
+                .filter(|m| m.system.tier() == tier && m.system.is_tapeline() == tapeline)
+                .filter_map(|m| m.outcome.as_ref().ok().map(&value))
+                .fold(None, |best: Option<f64>, v| {
+                    Some(best.map_or(v, |b| if higher == (v > b) { v } else { b }))
+                })
+        };
+        if let (Some(t), Some(p)) = (of(true), of(false)) {
+            out.push((tier, Some(if p > 0.0 { t / p } else { f64::INFINITY })));
+        } else if figures.iter().any(|m| m.system.tier() == tier) {
+            out.push((tier, None));
+        }
+    }
+    out
+}
+
+fn ratio_cells(ratios: &[(Tier, Option<f64>)]) -> String {
+    let mut cells = Vec::new();
+    for tier in [Tier::Fsync, Tier::Written] {
+        let cell = ratios
+            .iter()
+            .find(|(t, _)| *t == tier)
+            .and_then(|(_, r)| *r)
+            .map_or("–".to_string(), |r| format!("**{r:.2}×**"));
+        cells.push(cell);
+    }
+    cells.join(" | ")
+}
+
+fn systems_in<S, R>(figures: &[Measured<S, R>]) -> Vec<System> {
+    let mut systems: Vec<System> = Vec::new();
+    for m in figures {
+        if !systems.contains(&m.system) {
+            systems.push(m.system);
+        }
+    }
+    systems
+}
+
+fn header(w: &mut String, first: &[&str], systems: &[System], ratios: bool) {
+    let mut cols: Vec<String> = first.iter().map(|s| s.to_string()).collect();
+    cols.extend(systems.iter().map(|s| s.name().to_string()));
+    if ratios {
+        cols.push("tapeline / best peer, fsync tier".into());
+        cols.push("tapeline / best peer, written tier".into());
+    }
+    let _ = writeln!(w, "| {} |", cols.join(" | "));
+    let _ = writeln!(w, "|{}", " ---: |".repeat(cols.len()));
+}
+
+fn cell<S, R>(figure: Option<&&Measured<S, R>>, show: impl Fn(&R) -> String) -> String {
+    match figure.map(|m| &m.outcome) {
+        Some(Ok(r)) => show(r),
+        Some(Err(e)) => format!("failed: {}", e.replace('|', "/").chars().take(80).collect::<String>()),
+        None => "–".into(),
+    }
+}
+
+fn publish(w: &mut String, results: &Results) {
+    if results.publish.is_empty() {
+        return;
+    }
+    let systems = systems_in(&results.publish);
+    let _ = writeln!(w, "\n## Publish throughput\n");
+    let _ = writeln!(w, "Records/s acknowledged, as fast as acks allow. Each connection keeps a window of batches in flight: 16 batches of 64 records (tapeline: one `PublishRequest` each; Redis: a pipeline of 64 XADDs; NATS: 64 async publishes), or, in the unbatched rows, 64 single records. Batches go round-robin over the streams. Higher is better; the last two columns are tapeline / the best peer of that tier.\n");
+    header(w, &["size", "streams", "conns", "batch"], &systems, true);
+    let mut seen = Vec::new();
+    for m in &results.publish {
+        let s = &m.spec;
+        let key = (s.size, s.streams, s.connections, s.batch);
+        if seen.contains(&key) {
+            continue;
+        }
+        seen.push(key);
+        let row: Vec<&Measured<_, _>> = results
+            .publish
+            .iter()
+            .filter(|x| (x.spec.size, x.spec.streams, x.spec.connections, x.spec.batch) == key)
+            .collect();
+        let mut cells = vec![
+            format!("{} B", s.size),
+            s.streams.to_string(),
+            s.connections.to_string(),
+            s.batch.to_string(),
+        ];
+        for system in &systems {
+            cells.push(cell(row.iter().find(|x| x.system == *system), |r| {
+                format!("{} ({:.0} MB/s)", thousands(r.records_per_second), r.megabytes_per_second)
+            }));
+        }
+        let _ = writeln!(
+            w,
+            "| {} | {} |",
+            cells.join(" | "),
+            ratio_cells(&ratio(&row, |r| r.records_per_second, true))
+        );
+    }
+    let _ = writeln!(w, "\nAck latency p99 of the same runs (from a batch's sending to its ack):\n");
+    header(w, &["size", "streams", "conns", "batch"], &systems, false);
+    seen.clear();
+    for m in &results.publish {
+        let s = &m.spec;
+        let key = (s.size, s.streams, s.connections, s.batch);
+        if seen.contains(&key) {
+            continue;
+        }
+        seen.push(key);
+        let mut cells = vec![
+            format!("{} B", s.size),
+            s.streams.to_string(),
+            s.connections.to_string(),
+            s.batch.to_string(),
+        ];
+        for system in &systems {
+            let figure = results.publish.iter().find(|x| {
+                x.system == *system && (x.spec.size, x.spec.streams, x.spec.connections, x.spec.batch) == key
+            });
+            cells.push(cell(figure.as_ref(), |r| micros(r.ack.p99_us)));
+        }
+        let _ = writeln!(w, "| {} |", cells.join(" | "));
+    }
+}
+
+fn latency_cell(l: &Latency) -> String {
+    format!("{} / {} / {} / {}", micros(l.p50_us), micros(l.p99_us), micros(l.p999_us), micros(l.max_us))
+}
+
+fn latency(w: &mut String, results: &Results) {
+    if results.latency.is_empty() {
+        return;
+    }
+    let systems = systems_in(&results.latency);
+    let _ = writeln!(w, "\n## Live end-to-end latency\n");
+    let _ = writeln!(w, "One publisher sends 256 B records open-loop at a fixed rate (every millisecond, the records due go out as one batch); each subscriber has its own connection and follows the stream from now. p50 / p99 / p99.9 / max from each record's scheduled moment to its arrival, all subscribers together. Lower is better; the ratio columns compare p99.\n");
+    header(w, &["rate", "subscribers"], &systems, true);
+    for m in &results.latency {
+        if m.system != systems[0] {
+            continue;
+        }
+        let key = (m.spec.rate, m.spec.subscribers);
+        let row: Vec<&Measured<_, _>> =
+            results.latency.iter().filter(|x| (x.spec.rate, x.spec.subscribers) == key).collect();
+        let mut cells = vec![format!("{}/s", thousands(key.0 as f64)), key.1.to_string()];
+        for system in &systems {
+            cells.push(cell(row.iter().find(|x| x.system == *system), |r| {
+                let mut c = latency_cell(&r.end_to_end);
+                if r.missing > 0 || r.duplicates > 0 || r.incomplete_subscribers > 0 {
+                    let _ = write!(
+                        c,
+                        " — {} missing, {} duplicates, {} subscribers incomplete",
+                        r.missing, r.duplicates, r.incomplete_subscribers
+                    );
+                }
+                c
+            }));
+        }
+        let _ = writeln!(
+            w,
+            "| {} | {} |",
+            cells.join(" | "),
+            ratio_cells(&ratio(&row, |r| r.end_to_end.p99_us as f64, false))
+        );
+    }
+    let _ = writeln!(w, "\nEvery record reached every subscriber exactly once unless a cell says otherwise. Peak server memory in these runs:\n");
+    header(w, &["rate", "subscribers"], &systems, false);
+    for m in &results.latency {
+        if m.system != systems[0] {
+            continue;
+        }
+        let key = (m.spec.rate, m.spec.subscribers);
+        let mut cells = vec![format!("{}/s", thousands(key.0 as f64)), key.1.to_string()];
+        for system in &systems {
+            let figure = results
+                .latency
+                .iter()
+                .find(|x| x.system == *system && (x.spec.rate, x.spec.subscribers) == key);
+            cells.push(figure.map_or("–".into(), |f| mib(f.peak_rss_bytes)));
+        }
+        let _ = writeln!(w, "| {} |", cells.join(" | "));
+    }
+}
+
+fn replay(w: &mut String, results: &Results) {
+    let Some(first) = results.replay.first() else { return };
+    let _ = writeln!(w, "\n## Replay\n");
+    let _ = writeln!(w, "{} records of 256 B are loaded through one connection (batches of 1,000, 16 in flight), then one subscriber reads them all from the beginning, then from the moment the middle record was sent, each time to the last record. Reading does not depend on the fsync policy, so one configuration per broker. Redis holds its streams in memory; tapeline and NATS read their files (through the page cache: the machine has the memory to hold them). Time to first record includes connecting.\n", thousands(first.spec as f64));
+    let _ = writeln!(w, "| system | from the beginning: records/s | MB/s | first record | from the middle: records | records/s | first record | exact | loaded at | disk / logical bytes | peak RSS |");
+    let _ = writeln!(w, "|{}", " ---: |".repeat(11));
+    for m in &results.replay {
+        match &m.outcome {
+            Ok(r) => {
+                let _ = writeln!(
+                    w,
+                    "| {} | {} | {:.0} | {:.1} ms | {} | {} | {:.1} ms | {} | {} records/s | {:.2} | {} |",
+                    m.system.name(),
+                    thousands(r.from_beginning.records_per_second),
+                    r.from_beginning.megabytes_per_second,
+                    r.from_beginning.first_record_ms,
+                    thousands(r.from_middle.records as f64),
+                    thousands(r.from_middle.records_per_second),
+                    r.from_middle.first_record_ms,
+                    if r.from_beginning.exact && r.from_middle.exact { "yes" } else { "**no**" },
+                    thousands(r.load_records_per_second),
+                    r.disk_per_logical_byte,
+                    mib(m.peak_rss_bytes),
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(
+                    w,
+                    "| {} | failed: {} |{}",
+                    m.system.name(),
+                    e.replace('|', "/"),
+                    " |".repeat(9)
+                );
+            }
+        }
+    }
+    if let Some((tapeline, peer)) = replay_speeds(results) {
+        let _ = writeln!(w, "\ntapeline / faster peer, from the beginning: **{:.2}×**.", tapeline / peer);
+    }
+}
+
+/// Records/s from the beginning of tapeline and of the faster peer, when both were measured.
+fn replay_speeds(results: &Results) -> Option<(f64, f64)> {
+    let speed = |tapeline: bool| {
+        results
+            .replay
+            .iter()
+            .filter(|m| m.system.is_tapeline() == tapeline)
+            .filter_map(|m| m.outcome.as_ref().ok().map(|r| r.from_beginning.records_per_second))
+            .reduce(f64::max)
+    };
+    Some((speed(true)?, speed(false)?))
+}
+
+fn handoff(w: &mut String, results: &Results) {
+    let Some(first) = results.handoff.first() else { return };
+    let _ = writeln!(w, "\n## Replay-to-live handoff under load\n");
+    let _ = writeln!(w, "{} records of 256 B are stored; then one publisher sends 10,000 records/s open-loop for 10 s, and after 3.3 s a subscriber starts from the beginning: it must receive every record once, in order, replay then live (Redis: the client's XREAD loop from 0; NATS: an ordered consumer). Publish ack p99 is from each batch's scheduled moment, before the subscriber started and after.\n", thousands(first.spec as f64));
+    let _ = writeln!(w, "| system | received | missing | duplicates | caught up after | publish ack p99 before | publish ack p99 during | peak RSS |");
+    let _ = writeln!(w, "|{}", " ---: |".repeat(8));
+    for m in &results.handoff {
+        match &m.outcome {
+            Ok(r) => {
+                let _ = writeln!(
+                    w,
+                    "| {} | {} | {} | {} | {:.0} ms | {} | {} | {} |",
+                    m.system.name(),
+                    thousands(r.received as f64),
+                    r.missing,
+                    r.duplicates,
+                    r.caught_up_after_ms,
+                    micros(r.publish_ack_before.p99_us),
+                    micros(r.publish_ack_during.p99_us),
+                    mib(m.peak_rss_bytes),
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(
+                    w,
+                    "| {} | failed: {} |{}",
+                    m.system.name(),
+                    e.replace('|', "/"),
+                    " |".repeat(6)
+                );
+            }
+        }
+    }
+}
+
+/// The targets of issue 6, each with what was measured.
+fn targets(w: &mut String, results: &Results) {
+    let _ = writeln!(w, "\n## Targets (256 B records)\n");
+    let _ = writeln!(w, "| target | measured | met |");
+    let _ = writeln!(w, "| --- | --- | :---: |");
+    let yes = |b: bool| if b { "yes" } else { "**no**" };
+
+    // Durable publish against Redis, every 256 B configuration.
+    let rows: Vec<_> = results.publish.iter().filter(|m| m.spec.size == 256).collect();
+    if !rows.is_empty() {
+        let mut keys: Vec<_> =
+            rows.iter().map(|m| (m.spec.streams, m.spec.connections, m.spec.batch)).collect();
+        keys.dedup();
+        let rate = |system: System, key| {
+            rows.iter()
+                .find(|m| m.system == system && (m.spec.streams, m.spec.connections, m.spec.batch) == key)
+                .and_then(|m| m.outcome.as_ref().ok().map(|r| r.records_per_second))
+        };
+        let mut lines = Vec::new();
+        let mut all = true;
+        for key in keys {
+            if let (Some(t), Some(a), Some(e)) = (
+                rate(System::TapelineAlways, key),
+                rate(System::RedisAlways, key),
+                rate(System::RedisEverysec, key),
+            ) {
+                let met = t >= 2.0 * a && t >= e;
+                all &= met;
+                lines.push(format!(
+                    "{} streams, {} conns, batch {}: {:.2}× always, {:.2}× everysec",
+                    key.0,
+                    key.1,
+                    key.2,
+                    t / a,
+                    t / e
+                ));
+            }
+        }
+        if !lines.is_empty() {
+            let _ = writeln!(
+                w,
+                "| durable publish ≥ 2× Redis `always` and ≥ Redis `everysec` | {} | {} |",
+                lines.join("; "),
+                yes(all)
+            );
+        }
+    }
+    if let Some((rate, peer)) = replay_speeds(results) {
+        let _ = writeln!(
+            w,
+            "| replay ≥ 1 M records/s to one subscriber | {} records/s | {} |",
+            thousands(rate),
+            yes(rate >= 1e6)
+        );
+        let _ = writeln!(
+            w,
+            "| replay ≥ 3× the faster peer | {:.2}× | {} |",
+            rate / peer,
+            yes(rate >= 3.0 * peer)
+        );
+    }
+    for subscribers in [1, 100] {
+        let at: Vec<_> = results
+            .latency
+            .iter()
+            .filter(|m| m.spec.rate == 10_000 && m.spec.subscribers == subscribers)
+            .collect();
+        let p99 = |s: System| {
+            at.iter()
+                .find(|m| m.system == s)
+                .and_then(|m| m.outcome.as_ref().ok())
+                .map(|r| r.end_to_end.p99_us)
+        };
+        for (t, r) in
+            [(System::TapelineAlways, System::RedisAlways), (System::TapelineInterval, System::RedisEverysec)]
+        {
+            if let (Some(a), Some(b)) = (p99(t), p99(r)) {
+                let _ = writeln!(
+                    w,
+                    "| live p99 at 10k/s, {subscribers} subscriber(s), ≤ Redis XREAD BLOCK ({:?} tier) | {} vs {} | {} |",
+                    t.tier(),
+                    micros(a),
+                    micros(b),
+                    yes(a <= b)
+                );
+            }
+        }
+    }
+    for m in results
+        .latency
+        .iter()
+        .filter(|m| m.spec.rate == 10_000 && m.spec.subscribers == 100 && m.system.is_tapeline())
+    {
+        if let Ok(r) = &m.outcome {
+            let fine = r.incomplete_subscribers == 0
+                && r.missing == 0
+                && r.duplicates == 0
+                && r.end_to_end.max_us < 1_000_000;
+            let _ = writeln!(
+                w,
+                "| 100 subscribers at 10k/s: none behind (max < 1 s), none loses ({}) | max {}, {} missing, {} duplicates, {} incomplete | {} |",
+                m.system.name(),
+                micros(r.end_to_end.max_us),
+                r.missing,
+                r.duplicates,
+                r.incomplete_subscribers,
+                yes(fine)
+            );
+        }
+    }
+    let peak = results
+        .publish
+        .iter()
+        .map(|m| (m.system, m.peak_rss_bytes))
+        .chain(results.latency.iter().map(|m| (m.system, m.peak_rss_bytes)))
+        .chain(results.replay.iter().map(|m| (m.system, m.peak_rss_bytes)))
+        .chain(results.handoff.iter().map(|m| (m.system, m.peak_rss_bytes)))
+        .filter(|(s, _)| s.is_tapeline())
+        .map(|(_, b)| b)
+        .max();
+    if let Some(peak) = peak {
+        let _ = writeln!(
+            w,
+            "| peak RSS < 256 MB, whatever the log's size | {} (largest of every tapeline figure) | {} |",
+            mib(peak),
+            yes(peak < 256_000_000)
+        );
+    }
+    if let Some(t) =
+        results.replay.iter().find(|m| m.system.is_tapeline()).and_then(|m| m.outcome.as_ref().ok())
+    {
+        let _ = writeln!(
+            w,
+            "| disk ≤ 1.5× logical bytes | {:.2}× after loading {} records | {} |",
+            t.disk_per_logical_byte,
+            thousands(t.records as f64),
+            yes(t.disk_per_logical_byte <= 1.5)
+        );
+    }
+}

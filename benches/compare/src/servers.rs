@@ -1,0 +1,209 @@
+//! The brokers under test: each started fresh, on loopback, with its own temporary data dir, and
+//! killed when dropped. Also what each used: peak resident memory and bytes on disk.
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+
+/// One broker set up the way a figure is measured. Compare only within a [`Tier`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum System {
+    /// `tapeline serve --fsync always`: acknowledged after fsync.
+    TapelineAlways,
+    /// `tapeline serve --fsync interval=1000`: acknowledged when written, fsync every second.
+    TapelineInterval,
+    /// Redis Streams, `appendonly yes`, `appendfsync always`.
+    RedisAlways,
+    /// Redis Streams, `appendonly yes`, `appendfsync everysec`.
+    RedisEverysec,
+    /// NATS JetStream, file storage (the server's own flushing; no fsync before the ack).
+    NatsFile,
+}
+
+/// How much an acknowledged record survives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Tier {
+    /// Acknowledged after it was forced to disk: survives a power cut.
+    Fsync,
+    /// Acknowledged when the server wrote it; forced to disk later (within about a second for
+    /// tapeline and Redis): survives a crash of the server process, not of the machine.
+    Written,
+}
+
+impl System {
+    /// Every system, in table order.
+    pub const ALL: [System; 5] = [
+        System::TapelineAlways,
+        System::RedisAlways,
+        System::TapelineInterval,
+        System::RedisEverysec,
+        System::NatsFile,
+    ];
+
+    /// The name in tables and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            System::TapelineAlways => "tapeline fsync=always",
+            System::TapelineInterval => "tapeline fsync=interval=1000",
+            System::RedisAlways => "redis appendfsync always",
+            System::RedisEverysec => "redis appendfsync everysec",
+            System::NatsFile => "nats jetstream file",
+        }
+    }
+
+    /// The short name for `--systems`.
+    pub fn key(self) -> &'static str {
+        match self {
+            System::TapelineAlways => "tapeline-always",
+            System::TapelineInterval => "tapeline-interval",
+            System::RedisAlways => "redis-always",
+            System::RedisEverysec => "redis-everysec",
+            System::NatsFile => "nats",
+        }
+    }
+
+    /// The durability tier of its acknowledgements.
+    pub fn tier(self) -> Tier {
+        match self {
+            System::TapelineAlways | System::RedisAlways => Tier::Fsync,
+            _ => Tier::Written,
+        }
+    }
+
+    /// Whether it is tapeline (the ratio is tapeline / best peer).
+    pub fn is_tapeline(self) -> bool {
+        matches!(self, System::TapelineAlways | System::TapelineInterval)
+    }
+
+    /// Parses a key of [`System::key`].
+    pub fn parse(key: &str) -> Result<System> {
+        System::ALL.into_iter().find(|s| s.key() == key).with_context(|| {
+            let keys: Vec<_> = System::ALL.iter().map(|s| s.key()).collect();
+            format!("unknown system {key:?}: expected one of {}", keys.join(", "))
+        })
+    }
+}
+
+/// Where the programs are.
+#[derive(Debug, Clone)]
+pub struct Programs {
+    pub tapeline: PathBuf,
+    pub redis: PathBuf,
+    pub nats: PathBuf,
+}
+
+/// Where a running broker answers.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub system: System,
+    /// `http://127.0.0.1:P` for tapeline, `redis://127.0.0.1:P` or `nats://127.0.0.1:P`.
+    pub url: String,
+}
+
+/// A running broker; killed when dropped.
+pub struct Server {
+    pub target: Target,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts `system` on a free loopback port with an empty data dir under `scratch`, and waits
+    /// until it answers.
+    pub async fn start(system: System, programs: &Programs, scratch: &Path) -> Result<Server> {
+        let dir = tempfile::Builder::new().prefix(system.key()).tempdir_in(scratch)?;
+        let port = free_port()?;
+        let data = dir.path().to_path_buf();
+        let (mut command, url) = match system {
+            System::TapelineAlways | System::TapelineInterval => {
+                let fsync = if system == System::TapelineAlways { "always" } else { "interval=1000" };
+                let mut c = Command::new(&programs.tapeline);
+                c.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--fsync", fsync])
+                    .arg("--data")
+                    .arg(&data);
+                c.env("TAPELINE_LOG", "warn");
+                (c, format!("http://127.0.0.1:{port}"))
+            }
+            System::RedisAlways | System::RedisEverysec => {
+                let fsync = if system == System::RedisAlways { "always" } else { "everysec" };
+                let mut c = Command::new(&programs.redis);
+                c.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--appendonly", "yes"])
+                    .args([
+                        "--appendfsync",
+                        fsync,
+                        "--save",
+                        "",
+                        "--protected-mode",
+                        "no",
+                        "--daemonize",
+                        "no",
+                    ])
+                    .args(["--loglevel", "warning"])
+                    .arg("--dir")
+                    .arg(&data);
+                (c, format!("redis://127.0.0.1:{port}"))
+            }
+            System::NatsFile => {
+                let mut c = Command::new(&programs.nats);
+                c.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-l", "/dev/null", "-sd"])
+                    .arg(&data);
+                (c, format!("nats://127.0.0.1:{port}"))
+            }
+        };
+        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit()).kill_on_drop(true);
+        let child = command.spawn().with_context(|| format!("cannot start {}", system.name()))?;
+        let server = Server { target: Target { system, url }, child, dir };
+        server.wait_ready(port).await?;
+        Ok(server)
+    }
+
+    async fn wait_ready(&self, port: u16) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!("{} did not listen on port {port} within 30 s", self.target.system.name())
+    }
+
+    /// The most resident memory the server process has used so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let Some(pid) = self.child.id() else { return 0 };
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// Bytes the data dir takes on disk (allocated blocks, as `du` counts them).
+    pub fn disk_bytes(&self) -> u64 {
+        disk_usage(self.dir.path())
+    }
+
+    /// Stops the server (SIGKILL: the figures are taken before).
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+fn disk_usage(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return 0 };
+    let own = meta.blocks() * 512;
+    if !meta.is_dir() {
+        return own;
+    }
+    let children = std::fs::read_dir(path).into_iter().flatten().flatten();
+    own + children.map(|e| disk_usage(&e.path())).sum::<u64>()
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
