@@ -29,6 +29,14 @@ use tracing::{debug, warn};
 /// allows.
 pub const MAX_MESSAGE: usize = 256 << 20;
 
+/// HTTP/2 flow-control window of one call, in bytes, on both sides: room for a whole batch of
+/// records (a subscription sends up to 1 MiB at once) instead of h2's default 64 KiB.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+/// HTTP/2 flow-control window of a whole connection, in bytes: several calls at full speed.
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// The largest HTTP/2 frame each side accepts: fewer frames per batch than h2's default 16 KiB.
+pub const FRAME_SIZE: u32 = 1 << 20;
+
 /// A client of one server.
 pub type Client = pb::tapeline_client::TapelineClient<Channel>;
 
@@ -41,6 +49,9 @@ pub async fn connect(server: &str) -> Result<Client> {
     let endpoint = Endpoint::from_shared(server.to_string()).map_err(|e| refused(chain(&e)))?;
     let channel = endpoint
         .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(FRAME_SIZE)
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await

@@ -79,6 +79,12 @@ async fn serve(
         .with_nodelay(Some(true))
         .map(move |accepted| accepted.map(|stream| counted.admit(stream)));
     let serve = tonic::transport::Server::builder()
+        // HTTP/2's default 64 KiB windows let a batch of a few hundred KB cross only after
+        // round trips of WINDOW_UPDATEs; larger windows and frames let a publish or a replay
+        // batch go in one go (measured: benches/compare, BENCHMARKS.md).
+        .initial_stream_window_size(crate::client::STREAM_WINDOW)
+        .initial_connection_window_size(crate::client::CONNECTION_WINDOW)
+        .max_frame_size(crate::client::FRAME_SIZE)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

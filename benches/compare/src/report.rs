@@ -335,14 +335,14 @@ fn replay(w: &mut String, results: &Results) {
     let Some(first) = results.replay.first() else { return };
     let _ = writeln!(w, "\n## Replay\n");
     let _ = writeln!(w, "{} records of 256 B are loaded through one connection (batches of 1,000, 16 in flight), then one subscriber reads them all from the beginning, then from the moment the middle record was sent, each time to the last record. Reading does not depend on the fsync policy, so one configuration per broker. Redis holds its streams in memory; tapeline and NATS read their files (through the page cache: the machine has the memory to hold them). Time to first record includes connecting.\n", thousands(first.spec as f64));
-    let _ = writeln!(w, "| system | from the beginning: records/s | MB/s | first record | from the middle: records | records/s | first record | exact | loaded at | disk / logical bytes | peak RSS |");
-    let _ = writeln!(w, "|{}", " ---: |".repeat(11));
+    let _ = writeln!(w, "| system | from the beginning: records/s | MB/s | first record | from the middle: records | records/s | first record | exact | loaded at | disk / logical bytes | peak RSS loaded | peak RSS after the reads |");
+    let _ = writeln!(w, "|{}", " ---: |".repeat(12));
     for m in &results.replay {
         match &m.outcome {
             Ok(r) => {
                 let _ = writeln!(
                     w,
-                    "| {} | {} | {:.0} | {:.1} ms | {} | {} | {:.1} ms | {} | {} records/s | {:.2} | {} |",
+                    "| {} | {} | {:.0} | {:.1} ms | {} | {} | {:.1} ms | {} | {} records/s | {:.2} | {} | {} |",
                     m.system.name(),
                     thousands(r.from_beginning.records_per_second),
                     r.from_beginning.megabytes_per_second,
@@ -353,6 +353,7 @@ fn replay(w: &mut String, results: &Results) {
                     if r.from_beginning.exact && r.from_middle.exact { "yes" } else { "**no**" },
                     thousands(r.load_records_per_second),
                     r.disk_per_logical_byte,
+                    mib(r.peak_rss_loaded_bytes),
                     mib(m.peak_rss_bytes),
                 );
             }
@@ -362,7 +363,7 @@ fn replay(w: &mut String, results: &Results) {
                     "| {} | failed: {} |{}",
                     m.system.name(),
                     e.replace('|', "/"),
-                    " |".repeat(9)
+                    " |".repeat(10)
                 );
             }
         }

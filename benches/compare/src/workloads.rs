@@ -365,6 +365,8 @@ pub struct ReplayResult {
     pub from_middle: ReplayRead,
     /// Bytes on disk after loading, per byte of payload.
     pub disk_per_logical_byte: f64,
+    /// The server's peak resident memory once loaded, before the reads.
+    pub peak_rss_loaded_bytes: u64,
     pub peak_rss_bytes: u64,
 }
 
@@ -375,6 +377,7 @@ pub async fn replay(server: &Server, records: u64, size: usize) -> Result<Replay
     // Let interval fsyncs and background flushes land before measuring the disk.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let disk = server.disk_bytes() as f64 / (records * size as u64) as f64;
+    let peak_rss_loaded_bytes = server.peak_rss();
     let from_beginning = read_all(server, Start::Beginning, records, size).await?;
     let from_middle = read_all(server, Start::Time(middle), records, size).await?;
     Ok(ReplayResult {
@@ -384,6 +387,7 @@ pub async fn replay(server: &Server, records: u64, size: usize) -> Result<Replay
         from_beginning,
         from_middle,
         disk_per_logical_byte: disk,
+        peak_rss_loaded_bytes,
         peak_rss_bytes: server.peak_rss(),
     })
 }
