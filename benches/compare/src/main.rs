@@ -86,13 +86,15 @@ pub struct Results {
     pub handoff: Vec<Measured<u64, workloads::HandoffResult>>,
 }
 
-/// Runs `work` against a fresh server of each system.
+/// Runs `work` against a fresh server of each system; a figure that takes longer than `limit`
+/// fails with that (a peer that stalls must not stop the run).
 async fn each<S: Clone, R, F>(
     systems: &[System],
     programs: &Programs,
     scratch: &std::path::Path,
     spec: &S,
     label: &str,
+    limit: Duration,
     mut work: F,
 ) -> Result<Vec<Measured<S, R>>>
 where
@@ -102,7 +104,10 @@ where
     for &system in systems {
         let server = Server::start(system, programs, scratch).await?;
         drivers::prepare(&server.target).await?;
-        let outcome = work(&server).await.map_err(|e| format!("{e:#}"));
+        let outcome = match tokio::time::timeout(limit, work(&server)).await {
+            Ok(outcome) => outcome.map_err(|e| format!("{e:#}")),
+            Err(_) => Err(format!("did not finish within {} s", limit.as_secs())),
+        };
         match &outcome {
             Ok(_) => eprintln!("  {label} · {}: done", system.name()),
             Err(e) => eprintln!("  {label} · {}: FAILED: {e}", system.name()),
@@ -112,6 +117,18 @@ where
         out.push(Measured { spec: spec.clone(), system, outcome, peak_rss_bytes });
     }
     Ok(out)
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// Writes what was measured so far: a later stall or crash loses nothing.
+fn write(args: &Args, programs: &Programs, results: &Results) -> Result<()> {
+    if let Some(dir) = args.json.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(results)?)?;
+    std::fs::write(&args.markdown, report::markdown(args, programs, results))?;
+    Ok(())
 }
 
 #[tokio::main]
@@ -150,11 +167,12 @@ async fn main() -> Result<()> {
             };
             let label = format!("publish {size} B, {streams} streams, {connections} conn, batch {batch}");
             eprintln!("{label}");
-            let figures = each(&systems, &programs, &scratch, &spec, &label, async |s: &Server| {
+            let figures = each(&systems, &programs, &scratch, &spec, &label, MINUTE, async |s: &Server| {
                 workloads::publish(s, &spec).await
             })
             .await?;
             results.publish.extend(figures);
+            write(&args, &programs, &results)?;
         }
     }
     if wants("latency") {
@@ -168,11 +186,13 @@ async fn main() -> Result<()> {
                 };
                 let label = format!("latency {rate}/s, {subscribers} subscribers");
                 eprintln!("{label}");
-                let figures = each(&systems, &programs, &scratch, &spec, &label, async |s: &Server| {
-                    workloads::latency(s, &spec).await
-                })
-                .await?;
+                let figures =
+                    each(&systems, &programs, &scratch, &spec, &label, MINUTE, async |s: &Server| {
+                        workloads::latency(s, &spec).await
+                    })
+                    .await?;
                 results.latency.extend(figures);
+                write(&args, &programs, &results)?;
             }
         }
     }
@@ -186,28 +206,26 @@ async fn main() -> Result<()> {
         let n = args.replay_records;
         let label = format!("replay {n} records");
         eprintln!("{label}");
-        let figures = each(&readers, &programs, &scratch, &n, &label, async |s: &Server| {
+        let figures = each(&readers, &programs, &scratch, &n, &label, 15 * MINUTE, async |s: &Server| {
             workloads::replay(s, n, 256).await
         })
         .await?;
         results.replay.extend(figures);
+        write(&args, &programs, &results)?;
     }
     if wants("handoff") {
         let n = args.handoff_records;
         let label = format!("handoff after {n} records");
         eprintln!("{label}");
-        let figures = each(&systems, &programs, &scratch, &n, &label, async |s: &Server| {
+        let figures = each(&systems, &programs, &scratch, &n, &label, 3 * MINUTE, async |s: &Server| {
             workloads::handoff(s, n, 10_000, 256, Duration::from_secs(10)).await
         })
         .await?;
         results.handoff.extend(figures);
+        write(&args, &programs, &results)?;
     }
 
-    if let Some(dir) = args.json.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&args.json, serde_json::to_string_pretty(&results)?)?;
-    std::fs::write(&args.markdown, report::markdown(&args, &programs, &results))?;
+    write(&args, &programs, &results)?;
     eprintln!("wrote {} and {}", args.json.display(), args.markdown.display());
     Ok(())
 }
