@@ -397,12 +397,16 @@ fn handoff(w: &mut String, results: &Results) {
             Ok(r) => {
                 let _ = writeln!(
                     w,
-                    "| {} | {} | {} | {} | {:.0} ms | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} |",
                     m.system.name(),
                     thousands(r.received as f64),
                     r.missing,
                     r.duplicates,
-                    r.caught_up_after_ms,
+                    if r.caught_up_after_ms.is_finite() {
+                        format!("{:.0} ms", r.caught_up_after_ms)
+                    } else {
+                        "not before the end".into()
+                    },
                     micros(r.publish_ack_before.p99_us),
                     micros(r.publish_ack_during.p99_us),
                     mib(m.peak_rss_bytes),

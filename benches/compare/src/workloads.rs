@@ -26,9 +26,27 @@ fn now_ns() -> u64 {
     EPOCH.elapsed().as_nanos() as u64
 }
 
-/// A payload of `size` bytes (at least 16) stamped with its scheduled moment and sequence number.
+/// Random bytes that payloads are cut from: payloads that compress would flatter a store that
+/// compresses (Redis compresses its RDB files).
+static NOISE: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    // xorshift64: enough to defeat compression, no dependency.
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    (0..(1 << 20) + 8192)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+});
+
+/// A payload of `size` bytes (at least 16, at most 8 KiB) stamped with its scheduled moment and
+/// sequence number; the rest is random.
 fn payload(size: usize, scheduled_ns: u64, seq: u64) -> Bytes {
-    let mut bytes = vec![0x5a; size.max(16)];
+    let size = size.clamp(16, 8192);
+    let at = (seq.wrapping_mul(7919) % (1 << 20)) as usize;
+    let mut bytes = NOISE[at..at + size].to_vec();
     bytes[..8].copy_from_slice(&scheduled_ns.to_le_bytes());
     bytes[8..16].copy_from_slice(&seq.to_le_bytes());
     Bytes::from(bytes)
