@@ -80,6 +80,8 @@ pub struct Measured<S, R> {
 /// Everything one run measured.
 #[derive(Debug, Default, Serialize)]
 pub struct Results {
+    /// `git describe` of the code measured.
+    pub revision: String,
     pub publish: Vec<Measured<PublishSpec, workloads::PublishResult>>,
     pub latency: Vec<Measured<LatencySpec, workloads::LatencyResult>>,
     pub replay: Vec<Measured<u64, workloads::ReplayResult>>,
@@ -142,7 +144,7 @@ async fn main() -> Result<()> {
     };
     let scratch = args.scratch.clone().unwrap_or_else(std::env::temp_dir);
     let wants = |w: &str| args.workloads.iter().any(|x| x == w);
-    let mut results = Results::default();
+    let mut results = Results { revision: report::revision(), ..Results::default() };
 
     if wants("publish") {
         let mut specs = Vec::new();

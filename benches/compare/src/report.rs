@@ -23,7 +23,7 @@ pub fn markdown(args: &Args, programs: &Programs, results: &Results) -> String {
          with an empty data dir, the systems one after the other for each workload, on the same machine."
     );
     let _ = writeln!(w, "\n## Machine and versions\n");
-    for (what, value) in machine(programs) {
+    for (what, value) in machine(programs, &results.revision) {
         let _ = writeln!(w, "- {what}: {value}");
     }
     let _ = writeln!(w, "\n## Command\n\n```\nbenches/compare.sh\n```\n");
@@ -55,7 +55,7 @@ pub fn markdown(args: &Args, programs: &Programs, results: &Results) -> String {
     md
 }
 
-fn machine(programs: &Programs) -> Vec<(&'static str, String)> {
+fn machine(programs: &Programs, revision: &str) -> Vec<(&'static str, String)> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
@@ -85,6 +85,11 @@ fn machine(programs: &Programs) -> Vec<(&'static str, String)> {
         ("Redis", run(programs.redis.to_str().unwrap_or("redis-server"), &["--version"])),
         ("NATS", run(programs.nats.to_str().unwrap_or("nats-server"), &["--version"])),
     ]
+}
+
+/// The commit measured, taken when the run starts (the report it writes makes the tree dirty).
+pub fn revision() -> String {
+    run("git", &["describe", "--always", "--dirty"])
 }
 
 fn run(program: &str, args: &[&str]) -> String {
