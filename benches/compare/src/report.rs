@@ -78,7 +78,7 @@ fn machine(programs: &Programs, revision: &str) -> Vec<(&'static str, String)> {
             format!(
                 "{} ({})",
                 run(programs.tapeline.to_str().unwrap_or("tapeline"), &["--version"]),
-                run("git", &["describe", "--always", "--dirty"])
+                revision
             ),
         ),
         ("rustc", run("rustc", &["--version"])),
