@@ -105,8 +105,11 @@ where
     let mut out = Vec::new();
     for &system in systems {
         let server = Server::start(system, programs, scratch).await?;
-        drivers::prepare(&server.target).await?;
-        let outcome = match tokio::time::timeout(limit, work(&server)).await {
+        let measured = async {
+            drivers::prepare(&server.target).await?;
+            work(&server).await
+        };
+        let outcome = match tokio::time::timeout(limit, measured).await {
             Ok(outcome) => outcome.map_err(|e| format!("{e:#}")),
             Err(_) => Err(format!("did not finish within {} s", limit.as_secs())),
         };

@@ -340,39 +340,34 @@ fn replay(w: &mut String, results: &Results) {
     let Some(first) = results.replay.first() else { return };
     let _ = writeln!(w, "\n## Replay\n");
     let _ = writeln!(w, "{} records of 256 B are loaded through one connection (batches of 1,000, 16 in flight), then one subscriber reads them all from the beginning, then from the moment the middle record was sent, each time to the last record. Reading does not depend on the fsync policy, so one configuration per broker. Redis holds its streams in memory; tapeline and NATS read their files (through the page cache: the machine has the memory to hold them). Time to first record includes connecting.\n", thousands(first.spec as f64));
-    let _ = writeln!(w, "| system | from the beginning: records/s | MB/s | first record | from the middle: records | records/s | first record | exact | loaded at | disk / logical bytes | peak RSS loaded | peak RSS after the reads |");
-    let _ = writeln!(w, "|{}", " ---: |".repeat(12));
-    for m in &results.replay {
-        match &m.outcome {
-            Ok(r) => {
-                let _ = writeln!(
-                    w,
-                    "| {} | {} | {:.0} | {:.1} ms | {} | {} | {:.1} ms | {} | {} records/s | {:.2} | {} | {} |",
-                    m.system.name(),
-                    thousands(r.from_beginning.records_per_second),
-                    r.from_beginning.megabytes_per_second,
-                    r.from_beginning.first_record_ms,
-                    thousands(r.from_middle.records as f64),
-                    thousands(r.from_middle.records_per_second),
-                    r.from_middle.first_record_ms,
-                    if r.from_beginning.exact && r.from_middle.exact { "yes" } else { "**no**" },
-                    thousands(r.load_records_per_second),
-                    r.disk_per_logical_byte,
-                    mib(r.peak_rss_loaded_bytes),
-                    mib(m.peak_rss_bytes),
-                );
-            }
-            Err(e) => {
-                let _ = writeln!(
-                    w,
-                    "| {} | failed: {} |{}",
-                    m.system.name(),
-                    e.replace('|', "/"),
-                    " |".repeat(10)
-                );
-            }
-        }
-    }
+    let columns = [
+        "from the beginning: records/s",
+        "MB/s",
+        "first record",
+        "from the middle: records",
+        "records/s",
+        "first record",
+        "exact",
+        "loaded at",
+        "disk / logical bytes",
+        "peak RSS loaded",
+        "peak RSS after the reads",
+    ];
+    per_system(w, &results.replay, &columns, |m, r| {
+        vec![
+            thousands(r.from_beginning.records_per_second),
+            format!("{:.0}", r.from_beginning.megabytes_per_second),
+            format!("{:.1} ms", r.from_beginning.first_record_ms),
+            thousands(r.from_middle.records as f64),
+            thousands(r.from_middle.records_per_second),
+            format!("{:.1} ms", r.from_middle.first_record_ms),
+            (if r.from_beginning.exact && r.from_middle.exact { "yes" } else { "**no**" }).into(),
+            format!("{} records/s", thousands(r.load_records_per_second)),
+            format!("{:.2}", r.disk_per_logical_byte),
+            mib(r.peak_rss_loaded_bytes),
+            mib(m.peak_rss_bytes),
+        ]
+    });
     if let Some((tapeline, peer)) = replay_speeds(results) {
         let _ = writeln!(w, "\ntapeline / faster peer, from the beginning: **{:.2}×**.", tapeline / peer);
     }
@@ -395,38 +390,52 @@ fn handoff(w: &mut String, results: &Results) {
     let Some(first) = results.handoff.first() else { return };
     let _ = writeln!(w, "\n## Replay-to-live handoff under load\n");
     let _ = writeln!(w, "{} records of 256 B are stored; then one publisher sends 10,000 records/s open-loop for 10 s, and after 3.3 s a subscriber starts from the beginning: it must receive every record once, in order, replay then live (Redis: the client's XREAD loop from 0; NATS: an ordered consumer). Publish ack p99 is from each batch's scheduled moment, before the subscriber started and after.\n", thousands(first.spec as f64));
-    let _ = writeln!(w, "| system | received | missing | duplicates | caught up after | publish ack p99 before | publish ack p99 during | peak RSS |");
-    let _ = writeln!(w, "|{}", " ---: |".repeat(8));
-    for m in &results.handoff {
-        match &m.outcome {
-            Ok(r) => {
-                let _ = writeln!(
-                    w,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} |",
-                    m.system.name(),
-                    thousands(r.received as f64),
-                    r.missing,
-                    r.duplicates,
-                    if r.caught_up_after_ms.is_finite() {
-                        format!("{:.0} ms", r.caught_up_after_ms)
-                    } else {
-                        "not before the end".into()
-                    },
-                    micros(r.publish_ack_before.p99_us),
-                    micros(r.publish_ack_during.p99_us),
-                    mib(m.peak_rss_bytes),
-                );
-            }
+    let columns = [
+        "received",
+        "missing",
+        "duplicates",
+        "caught up after",
+        "publish ack p99 before",
+        "publish ack p99 during",
+        "peak RSS",
+    ];
+    per_system(w, &results.handoff, &columns, |m, r| {
+        vec![
+            thousands(r.received as f64),
+            r.missing.to_string(),
+            r.duplicates.to_string(),
+            if r.caught_up_after_ms.is_finite() {
+                format!("{:.0} ms", r.caught_up_after_ms)
+            } else {
+                "not before the end".into()
+            },
+            micros(r.publish_ack_before.p99_us),
+            micros(r.publish_ack_during.p99_us),
+            mib(m.peak_rss_bytes),
+        ]
+    });
+}
+
+/// A table with a row per figure: the system, then `cells` of what it measured; a figure that
+/// failed says why instead.
+fn per_system<S, R>(
+    w: &mut String,
+    figures: &[Measured<S, R>],
+    columns: &[&str],
+    cells: impl Fn(&Measured<S, R>, &R) -> Vec<String>,
+) {
+    let _ = writeln!(w, "| system | {} |", columns.join(" | "));
+    let _ = writeln!(w, "|{}", " ---: |".repeat(columns.len() + 1));
+    for m in figures {
+        let row = match &m.outcome {
+            Ok(r) => cells(m, r),
             Err(e) => {
-                let _ = writeln!(
-                    w,
-                    "| {} | failed: {} |{}",
-                    m.system.name(),
-                    e.replace('|', "/"),
-                    " |".repeat(6)
-                );
+                let mut row = vec![format!("failed: {}", e.replace('|', "/"))];
+                row.resize(columns.len(), String::new());
+                row
             }
-        }
+        };
+        let _ = writeln!(w, "| {} | {} |", m.system.name(), row.join(" | "));
     }
 }
 

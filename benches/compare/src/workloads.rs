@@ -496,7 +496,8 @@ pub async fn handoff(
         live,
         rate,
         received: order.received,
-        missing: order.missing + total.saturating_sub(unique + order.missing),
+        // Gaps inside what arrived and whatever never arrived after it.
+        missing: total.saturating_sub(unique),
         duplicates: order.duplicates,
         caught_up_after_ms: caught_up.map_or(f64::NAN, |n| n as f64 / 1e6),
         publish_ack_before: Latency::from(&before),
