@@ -6,6 +6,7 @@
 mod drivers;
 mod report;
 mod servers;
+mod usage;
 mod workloads;
 
 use anyhow::Result;

@@ -4,12 +4,15 @@
 //! storage-layer results of `cargo bench --bench storage`).
 
 use crate::servers::{Programs, System, Tier};
-use crate::workloads::Latency;
+use crate::workloads::{Latency, LatencyResult, LatencySpec, PublishResult, PublishSpec};
 use crate::{Args, Measured, Results};
 use std::fmt::Write;
 
 /// The line below which BENCHMARKS.md is written by hand.
 pub const KEEP: &str = "<!-- Everything below is kept by benches/compare.sh. -->";
+
+/// How the *limit* cells are read; the thresholds are in `usage.rs`.
+const LIMITS: &str = "Every figure also says what limited it, read from the kernel's counters over its measured phase: how busy the machine's 2 cores were (and how that splits into the server's and the load generator's cores), the share of CPU time the cores sat idle waiting for the disk, and the bytes through loopback. The limit is **CPU** when the cores were at least 85% busy; otherwise **disk wait** when they waited on the disk at least 10% of the time (fsync); otherwise **offered rate** for figures that send at a given rate (live latency, handoff), and **round trips** for figures that send as fast as acks allow (the client waits on acks: latency-bound). The network here is loopback: it moves bytes by CPU copies, so a network limit shows as CPU; its MB/s are given so that they can be compared with a real link.";
 
 /// The whole report.
 pub fn markdown(args: &Args, programs: &Programs, results: &Results) -> String {
@@ -40,6 +43,9 @@ pub fn markdown(args: &Args, programs: &Programs, results: &Results) -> String {
     let _ = writeln!(w, "- **fsync**: acknowledged after the record was forced to disk; survives a power cut. tapeline `--fsync always`, Redis `appendonly yes` + `appendfsync always`.");
     let _ = writeln!(w, "- **written**: acknowledged once the server has written it; forced to disk later. tapeline `--fsync interval=1000` and Redis `appendfsync everysec` (lose at most about a second on a power cut); NATS JetStream 2.9 with file storage (writes to its files before the ack, but its fsync runs on its own schedule, every 2 minutes by default: the weakest of the three).");
     let _ = writeln!(w, "\nDrivers: tapeline's own client (`PublishStream` with idempotent batches; `Subscribe`); Redis via the `redis` crate on a multiplexed connection (XADD pipelines; XREAD COUNT 10000 BLOCK 100 for replay and live tail alike); NATS via `async-nats` (JetStream async publish with a window of acks; an ordered pull consumer).");
+
+    let _ = writeln!(w, "\n### What limited each figure\n");
+    let _ = writeln!(w, "{}", LIMITS);
 
     targets(w, results);
     publish(w, results);
@@ -252,8 +258,21 @@ fn publish(w: &mut String, results: &Results) {
         );
     }
     let _ = writeln!(w, "\nAck latency p99 of the same runs (from a batch's sending to its ack):\n");
-    header(w, &["size", "streams", "conns", "batch"], &systems, false);
-    seen.clear();
+    publish_table(w, results, &systems, |m| cell(Some(&m), |r| micros(r.ack.p99_us)));
+    let _ = writeln!(w, "\nWhat limited each figure (see *What limited each figure* above):\n");
+    publish_table(w, results, &systems, |m| cell(Some(&m), |r| r.usage.cell(false)));
+}
+
+/// A table with a row per publish configuration and a column per system, each cell `show` of that
+/// figure.
+fn publish_table(
+    w: &mut String,
+    results: &Results,
+    systems: &[System],
+    show: impl Fn(&Measured<PublishSpec, PublishResult>) -> String,
+) {
+    header(w, &["size", "streams", "conns", "batch"], systems, false);
+    let mut seen = Vec::new();
     for m in &results.publish {
         let s = &m.spec;
         let key = (s.size, s.streams, s.connections, s.batch);
@@ -267,11 +286,11 @@ fn publish(w: &mut String, results: &Results) {
             s.connections.to_string(),
             s.batch.to_string(),
         ];
-        for system in &systems {
+        for system in systems {
             let figure = results.publish.iter().find(|x| {
                 x.system == *system && (x.spec.size, x.spec.streams, x.spec.connections, x.spec.batch) == key
             });
-            cells.push(cell(figure.as_ref(), |r| micros(r.ack.p99_us)));
+            cells.push(figure.map_or("–".into(), &show));
         }
         let _ = writeln!(w, "| {} |", cells.join(" | "));
     }
@@ -318,19 +337,32 @@ fn latency(w: &mut String, results: &Results) {
         );
     }
     let _ = writeln!(w, "\nEvery record reached every subscriber exactly once unless a cell says otherwise. Peak server memory in these runs:\n");
-    header(w, &["rate", "subscribers"], &systems, false);
+    latency_table(w, results, &systems, |m| mib(m.peak_rss_bytes));
+    let _ = writeln!(w, "\nWhat limited each figure, from the first record sent to the last received (see *What limited each figure* above):\n");
+    latency_table(w, results, &systems, |m| cell(Some(&m), |r| r.usage.cell(true)));
+}
+
+/// A table with a row per rate and number of subscribers and a column per system, each cell
+/// `show` of that figure.
+fn latency_table(
+    w: &mut String,
+    results: &Results,
+    systems: &[System],
+    show: impl Fn(&Measured<LatencySpec, LatencyResult>) -> String,
+) {
+    header(w, &["rate", "subscribers"], systems, false);
     for m in &results.latency {
         if m.system != systems[0] {
             continue;
         }
         let key = (m.spec.rate, m.spec.subscribers);
         let mut cells = vec![format!("{}/s", thousands(key.0 as f64)), key.1.to_string()];
-        for system in &systems {
+        for system in systems {
             let figure = results
                 .latency
                 .iter()
                 .find(|x| x.system == *system && (x.spec.rate, x.spec.subscribers) == key);
-            cells.push(figure.map_or("–".into(), |f| mib(f.peak_rss_bytes)));
+            cells.push(figure.map_or("–".into(), &show));
         }
         let _ = writeln!(w, "| {} |", cells.join(" | "));
     }
@@ -352,6 +384,9 @@ fn replay(w: &mut String, results: &Results) {
         "disk / logical bytes",
         "peak RSS loaded",
         "peak RSS after the reads",
+        "limit: loading",
+        "limit: from the beginning",
+        "limit: from the middle",
     ];
     per_system(w, &results.replay, &columns, |m, r| {
         vec![
@@ -366,6 +401,9 @@ fn replay(w: &mut String, results: &Results) {
             format!("{:.2}", r.disk_per_logical_byte),
             mib(r.peak_rss_loaded_bytes),
             mib(m.peak_rss_bytes),
+            r.load_usage.cell(false),
+            r.from_beginning.usage.cell(false),
+            r.from_middle.usage.cell(false),
         ]
     });
     if let Some((tapeline, peer)) = replay_speeds(results) {
@@ -398,6 +436,7 @@ fn handoff(w: &mut String, results: &Results) {
         "publish ack p99 before",
         "publish ack p99 during",
         "peak RSS",
+        "limit",
     ];
     per_system(w, &results.handoff, &columns, |m, r| {
         vec![
@@ -412,6 +451,7 @@ fn handoff(w: &mut String, results: &Results) {
             micros(r.publish_ack_before.p99_us),
             micros(r.publish_ack_during.p99_us),
             mib(m.peak_rss_bytes),
+            r.usage.cell(true),
         ]
     });
 }

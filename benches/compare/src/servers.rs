@@ -171,9 +171,14 @@ impl Server {
         bail!("{} did not listen on port {port} within 30 s", self.target.system.name())
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// The most resident memory the server process has used so far (VmHWM), in bytes.
     pub fn peak_rss(&self) -> u64 {
-        let Some(pid) = self.child.id() else { return 0 };
+        let Some(pid) = self.pid() else { return 0 };
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         status
             .lines()

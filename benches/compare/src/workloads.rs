@@ -8,6 +8,7 @@
 
 use crate::drivers::{self, Publisher, Start, DRAIN};
 use crate::servers::{Server, Target};
+use crate::usage::{Meter, Usage};
 use anyhow::{bail, Result};
 use bytes::Bytes;
 use futures::stream::FuturesOrdered;
@@ -134,6 +135,7 @@ pub struct PublishResult {
     pub megabytes_per_second: f64,
     /// From a batch's sending to its ack.
     pub ack: Latency,
+    pub usage: Usage,
 }
 
 /// Publishes as fast as acknowledgements allow, `spec.connections` connections each keeping
@@ -179,6 +181,7 @@ pub async fn publish(server: &Server, spec: &PublishSpec) -> Result<PublishResul
             anyhow::Ok((acked, acks))
         }));
     }
+    let meter = Meter::start(server.pid());
     barrier.wait().await;
     let started = Instant::now();
     let mut acked = 0;
@@ -193,6 +196,7 @@ pub async fn publish(server: &Server, spec: &PublishSpec) -> Result<PublishResul
         records_per_second: acked as f64 / seconds,
         megabytes_per_second: (acked * spec.size as u64) as f64 / seconds / 1e6,
         ack: Latency::from(&acks),
+        usage: meter.stop(),
     })
 }
 
@@ -268,6 +272,8 @@ pub struct LatencyResult {
     pub missing: u64,
     pub duplicates: u64,
     pub publish_ack: Latency,
+    /// From the first record sent to the last one received.
+    pub usage: Usage,
 }
 
 /// `spec.subscribers` subscribers (a connection each) follow stream 0 from now while one
@@ -287,6 +293,7 @@ pub async fn latency(server: &Server, spec: &LatencySpec) -> Result<LatencyResul
         let _ = wait.await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let meter = Meter::start(server.pid());
     let (publish_ack, _) = open_loop(server, spec.rate, total, 0, spec.size, None).await?;
     let mut all = histogram();
     let mut result = LatencyResult {
@@ -297,6 +304,7 @@ pub async fn latency(server: &Server, spec: &LatencySpec) -> Result<LatencyResul
         missing: 0,
         duplicates: 0,
         publish_ack: Latency::from(&publish_ack),
+        usage: Usage::default(),
     };
     for task in tasks {
         let (order, h) = task.await??;
@@ -310,6 +318,7 @@ pub async fn latency(server: &Server, spec: &LatencySpec) -> Result<LatencyResul
         result.duplicates += order.duplicates;
     }
     result.end_to_end = Latency::from(&all);
+    result.usage = meter.stop();
     Ok(result)
 }
 
@@ -371,6 +380,7 @@ pub struct ReplayRead {
     pub megabytes_per_second: f64,
     /// Every record once, in order, through the last one.
     pub exact: bool,
+    pub usage: Usage,
 }
 
 /// Replay: what was measured.
@@ -379,6 +389,7 @@ pub struct ReplayResult {
     pub records: u64,
     pub size: usize,
     pub load_records_per_second: f64,
+    pub load_usage: Usage,
     pub from_beginning: ReplayRead,
     pub from_middle: ReplayRead,
     /// Bytes on disk after loading, per byte of payload.
@@ -391,7 +402,9 @@ pub struct ReplayResult {
 /// Loads `records` records, then reads them all from the beginning, then from the moment the
 /// middle one was sent, each time until the last.
 pub async fn replay(server: &Server, records: u64, size: usize) -> Result<ReplayResult> {
+    let meter = Meter::start(server.pid());
     let (load_rate, middle) = load(server, records, size).await?;
+    let load_usage = meter.stop();
     // Let interval fsyncs and background flushes land before measuring the disk.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let disk = server.disk_bytes() as f64 / (records * size as u64) as f64;
@@ -402,6 +415,7 @@ pub async fn replay(server: &Server, records: u64, size: usize) -> Result<Replay
         records,
         size,
         load_records_per_second: load_rate,
+        load_usage,
         from_beginning,
         from_middle,
         disk_per_logical_byte: disk,
@@ -418,6 +432,7 @@ async fn read_all(server: &Server, start: Start, records: u64, size: usize) -> R
     let mut order = Order::default();
     let mut seen_last = false;
     let (ready, _) = oneshot::channel();
+    let meter = Meter::start(server.pid());
     drivers::subscribe(&server.target, 0, start, ready, began + Duration::from_secs(900), |p| {
         first.get_or_insert_with(Instant::now);
         let (_, seq) = stamp(p);
@@ -436,6 +451,7 @@ async fn read_all(server: &Server, start: Start, records: u64, size: usize) -> R
         records_per_second: order.received as f64 / seconds,
         megabytes_per_second: (order.received * size as u64) as f64 / seconds / 1e6,
         exact: seen_last && order.missing == 0 && order.duplicates == 0,
+        usage: meter.stop(),
     })
 }
 
@@ -453,6 +469,8 @@ pub struct HandoffResult {
     /// Publish ack latency before the subscriber started, and while it replayed and followed.
     pub publish_ack_before: Latency,
     pub publish_ack_during: Latency,
+    /// While publishing live, the subscriber replaying then following.
+    pub usage: Usage,
 }
 
 /// Preloads `preload` records, publishes live at `rate` for `duration`, and a third of the way in
@@ -465,6 +483,7 @@ pub async fn handoff(
     duration: Duration,
 ) -> Result<HandoffResult> {
     load(server, preload, size).await?;
+    let meter = Meter::start(server.pid());
     let live = rate * duration.as_secs().max(1);
     let total = preload + live;
     let subscribe_at = now_ns() + duration.as_nanos() as u64 / 3;
@@ -490,6 +509,7 @@ pub async fn handoff(
     });
     let (before, during) = open_loop(server, rate, live, preload, size, Some(subscribe_at)).await?;
     let (order, caught_up) = reader.await??;
+    let usage = meter.stop();
     let unique = order.received - order.duplicates;
     Ok(HandoffResult {
         preloaded: preload,
@@ -502,5 +522,6 @@ pub async fn handoff(
         caught_up_after_ms: caught_up.map_or(f64::NAN, |n| n as f64 / 1e6),
         publish_ack_before: Latency::from(&before),
         publish_ack_during: Latency::from(&during),
+        usage,
     })
 }
