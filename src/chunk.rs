@@ -7,7 +7,12 @@
 //! record : record_crc u32 | tick u64 | origin_time u64 (0 = none) | payload_len u32
 //!          | payload_crc u32 | n_headers u16
 //!          | n_headers × (key_len u16 | key | value_len u16 | value) | payload
+//! trailer: trailer_len u32 | trailer | trailer_crc u32          (version 3 only)
 //! ```
+//! Version 2 chunks end with their last record. A version 3 chunk carries, after its records,
+//! a trailer that the codec does not interpret: the writer puts there the tags of the idempotent
+//! batches the chunk holds (see `producers.rs` and `storage.rs`). `trailer_crc` is the CRC32 of
+//! `trailer_len` and the trailer.
 //! The magic and the stream name make a chunk recognisable on its own: `tapeline recover` finds
 //! chunks by scanning raw files when the storage engine cannot open them (see [`scan`]).
 //! `records_before`/`bytes_before` count what the stream held before this chunk, so a stream's
@@ -23,6 +28,8 @@ use crate::record::{Stored, Tick};
 /// Marks the start of every chunk, so that chunks can be found in raw bytes.
 pub const MAGIC: &[u8; 4] = b"TPLC";
 const VERSION: u8 = 2;
+/// The version of a chunk that carries a trailer.
+const VERSION_TRAILER: u8 = 3;
 /// Where the stream name starts; the header is this, the name, and the 4-byte CRC.
 const NAME_AT: usize = 4 + 1 + 4 + 8 + 8 + 1;
 
@@ -37,6 +44,8 @@ pub struct ChunkHeader {
     pub bytes_before: u64,
     /// Length of the stream name stored in the header.
     pub name_len: u8,
+    /// A trailer follows the records (version 3).
+    pub trailer: bool,
 }
 
 impl ChunkHeader {
@@ -132,7 +141,21 @@ impl ChunkEncoder {
     }
 
     /// Seals the header and returns the value.
-    pub fn finish(mut self) -> Vec<u8> {
+    pub fn finish(self) -> Vec<u8> {
+        self.finish_with(&[])
+    }
+
+    /// Seals the header and returns the value with `trailer` after the records (a version 3
+    /// chunk); an empty trailer makes a version 2 chunk, as [`ChunkEncoder::finish`].
+    pub fn finish_with(mut self, trailer: &[u8]) -> Vec<u8> {
+        if !trailer.is_empty() {
+            self.buf[4] = VERSION_TRAILER;
+            let at = self.buf.len();
+            self.buf.extend_from_slice(&(trailer.len() as u32).to_le_bytes());
+            self.buf.extend_from_slice(trailer);
+            let crc = crc32fast::hash(&self.buf[at..]);
+            self.buf.extend_from_slice(&crc.to_le_bytes());
+        }
         self.buf[5..9].copy_from_slice(&self.count.to_le_bytes());
         let crc_at = self.header_len - 4;
         let crc = crc32fast::hash(&self.buf[..crc_at]);
@@ -158,9 +181,9 @@ pub fn header(value: &[u8]) -> Result<ChunkHeader, ChunkError> {
     if crc32fast::hash(&value[..crc_at]) != u32::from_le_bytes(stored.try_into().unwrap_or_default()) {
         return Err(bad("chunk header fails its CRC".to_string()));
     }
-    if value[4] != VERSION {
+    if value[4] != VERSION && value[4] != VERSION_TRAILER {
         return Err(bad(format!(
-            "chunk format version {} is unknown (this build reads {VERSION})",
+            "chunk format version {} is unknown (this build reads {VERSION} and {VERSION_TRAILER})",
             value[4]
         )));
     }
@@ -169,6 +192,7 @@ pub fn header(value: &[u8]) -> Result<ChunkHeader, ChunkError> {
         records_before: u64::from_le_bytes(value[9..17].try_into().unwrap_or_default()),
         bytes_before: u64::from_le_bytes(value[17..25].try_into().unwrap_or_default()),
         name_len,
+        trailer: value[4] == VERSION_TRAILER,
     })
 }
 
@@ -205,7 +229,7 @@ pub fn scan(bytes: &[u8]) -> Vec<Found> {
         let value = &bytes[offset..];
         let mut records = Vec::new();
         let (end, damage) = match walk(value, 0, Tick(0), Tick(u64::MAX), &mut records) {
-            Ok((_, end)) => (end, None),
+            Ok((_, _, end)) => (end, None),
             Err(err) => (head.encoded_len(), Some(err.detail)),
         };
         let stream = String::from_utf8_lossy(stream_name(value, &head)).into_owned();
@@ -235,7 +259,7 @@ pub fn decode_into(
     upto: Tick,
     out: &mut Vec<Stored>,
 ) -> Result<ChunkHeader, ChunkError> {
-    let (head, end) = walk(value, index, from, upto, out)?;
+    let (head, _, end) = walk(value, index, from, upto, out)?;
     if end != value.len() {
         let detail = format!("{} stray bytes after the last record", value.len() - end);
         return Err(ChunkError { good: head.count as usize, detail });
@@ -243,15 +267,27 @@ pub fn decode_into(
     Ok(head)
 }
 
+/// The trailer of a chunk (empty when it has none), after checking every record and the
+/// trailer itself.
+pub fn trailer(value: &[u8]) -> Result<&[u8], ChunkError> {
+    // A range that holds no tick: every record is checked, none is collected.
+    let (_, trailer, end) = walk(value, 0, Tick(u64::MAX), Tick(0), &mut Vec::new())?;
+    if end != value.len() {
+        let detail = format!("{} stray bytes after the chunk's end", value.len() - end);
+        return Err(ChunkError { good: 0, detail });
+    }
+    Ok(&value[trailer])
+}
+
 /// Decodes the chunk at the start of `value`, which may continue past its end; returns the
-/// header and where the chunk ends.
+/// header, where its trailer lies (empty when it has none) and where the chunk ends.
 fn walk(
     value: &[u8],
     index: u32,
     from: Tick,
     upto: Tick,
     out: &mut Vec<Stored>,
-) -> Result<(ChunkHeader, usize), ChunkError> {
+) -> Result<(ChunkHeader, std::ops::Range<usize>, usize), ChunkError> {
     let head = header(value)?;
     // The count is not trusted for the allocation: at most what the bytes could hold, and no
     // more than a full chunk (a raw scan hands in a long window after a forged header).
@@ -294,7 +330,22 @@ fn walk(
         }
         pos = payload_end;
     }
-    Ok((head, pos))
+    if !head.trailer {
+        return Ok((head, pos..pos, pos));
+    }
+    let fail = |detail: &str| ChunkError { good: head.count as usize, detail: detail.to_string() };
+    let Some(len) = value.get(pos..pos + 4) else {
+        return Err(fail("the trailer runs past the end of the chunk"));
+    };
+    let start = pos + 4;
+    let end = start.saturating_add(u32::from_le_bytes(len.try_into().unwrap_or_default()) as usize);
+    let Some(stored) = value.get(end..end.saturating_add(4)) else {
+        return Err(fail("the trailer runs past the end of the chunk"));
+    };
+    if crc32fast::hash(&value[pos..end]) != u32::from_le_bytes(stored.try_into().unwrap_or_default()) {
+        return Err(fail("the trailer fails its CRC"));
+    }
+    Ok((head, start..end, end + 4))
 }
 
 /// The fixed part of a record: meta_crc, tick, origin_time, payload_len, payload_crc, n_headers.
@@ -322,18 +373,46 @@ mod tests {
     use bytes::Bytes;
 
     fn sample() -> Vec<u8> {
+        sample_with(&[])
+    }
+
+    fn sample_with(trailer: &[u8]) -> Vec<u8> {
         let mut enc = ChunkEncoder::new("s", 10, 1000);
         enc.push(Tick(5), None, &[], b"hello", crc32fast::hash(b"hello"));
         let headers = vec![("k".to_string(), "v".to_string())];
         enc.push(Tick(7), Some(42), &headers, b"", crc32fast::hash(b""));
-        enc.finish()
+        enc.finish_with(trailer)
+    }
+
+    #[test]
+    fn a_trailer_is_carried_after_the_records() {
+        let plain = sample();
+        assert_eq!(plain[4], VERSION);
+        assert_eq!(trailer(&plain).unwrap(), b"");
+        let value = Bytes::from(sample_with(b"batch tags"));
+        assert_eq!(value[4], VERSION_TRAILER);
+        assert_eq!(trailer(&value).unwrap(), b"batch tags");
+        let (head, records) = decode(&value).unwrap();
+        assert!(head.trailer);
+        let (_, plain_records) = decode(&plain).unwrap();
+        assert_eq!(records, plain_records);
+        // A raw scan steps over the trailer to what follows.
+        let mut raw = value.to_vec();
+        raw.extend_from_slice(&plain);
+        let found = scan(&raw);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found.iter().all(|f| f.damage.is_none() && f.records.len() == 2));
+        assert_eq!(found[1].offset, value.len());
     }
 
     #[test]
     fn round_trip() {
         let value = Bytes::from(sample());
         let (head, records) = decode(&value).unwrap();
-        assert_eq!(head, ChunkHeader { count: 2, records_before: 10, bytes_before: 1000, name_len: 1 });
+        assert_eq!(
+            head,
+            ChunkHeader { count: 2, records_before: 10, bytes_before: 1000, name_len: 1, trailer: false }
+        );
         assert_eq!(stream_name(&value, &head), b"s");
         assert_eq!(records[0].tick, Tick(5));
         assert_eq!(&value[records[0].payload.clone()], b"hello");
@@ -344,14 +423,15 @@ mod tests {
 
     #[test]
     fn every_flipped_byte_is_detected() {
-        let good = sample();
-        for i in 0..good.len() {
-            let mut bad = good.clone();
-            bad[i] ^= 0x40;
-            let bad = Bytes::from(bad);
-            match decode(&bad) {
-                Err(_) => {}
-                Ok((_, records)) => panic!("flip at byte {i} went unnoticed: {records:?}"),
+        for good in [sample(), sample_with(b"tags")] {
+            for i in 0..good.len() {
+                let mut bad = good.clone();
+                bad[i] ^= 0x40;
+                let bad = Bytes::from(bad);
+                match decode(&bad) {
+                    Err(_) => {}
+                    Ok((_, records)) => panic!("flip at byte {i} went unnoticed: {records:?}"),
+                }
             }
         }
     }
@@ -439,7 +519,7 @@ mod tests {
             fn any_records_round_trip(inputs in vec(input(), 1..40)) {
                 let (value, ticks) = encode(&inputs);
                 let (head, got) = decode(&value).map_err(|e| TestCaseError::fail(e.detail))?;
-                prop_assert_eq!(head, ChunkHeader { count: inputs.len() as u32, records_before: 7, bytes_before: 70, name_len: 3 });
+                prop_assert_eq!(head, ChunkHeader { count: inputs.len() as u32, records_before: 7, bytes_before: 70, name_len: 3, trailer: false });
                 prop_assert_eq!(got.len(), inputs.len());
                 same_prefix(&inputs, &ticks, &value, &got)?;
                 // A tick range returns exactly the records inside it.

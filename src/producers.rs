@@ -3,9 +3,12 @@
 //!
 //! A producer tags each batch with its id and a sequence number that increases from batch to
 //! batch (gaps are allowed: a refused batch leaves one). Per producer the broker remembers the
-//! last [`WINDOW`] batches it appended: sequence, a digest of the content, and the ticks. The
-//! writer stores a producer's state in the same atomic sled batch as the records it describes
-//! (see `storage.rs`), so after a crash a batch and its memory are both stored or both absent.
+//! last [`WINDOW`] batches it appended: sequence, a digest of the content, and the ticks. After
+//! a crash a batch and its memory are both stored or both absent: the writer stores a
+//! producer's state in the same atomic sled batch as the records it describes, or, when a
+//! commit is a single chunk, puts the tags of the chunk's batches in the chunk's trailer
+//! ([`encode_tags`]) and stores the state after it; recovery then catches the state up from
+//! the trailer of each stream's last chunk (see `storage.rs`).
 //!
 //! Value layout (little-endian): `last_used u64 | n u16 | n × (sequence u64 | digest u32 |
 //! n_runs u32 | n_runs × (first_tick u64 | count u32)) | crc u32`. Ticks are kept as runs of
@@ -84,6 +87,17 @@ struct Remembered {
 }
 
 impl Remembered {
+    /// Appends `sequence u64 | digest u32 | n_runs u32 | n_runs × (first_tick u64 | count u32)`.
+    fn write(&self, v: &mut Vec<u8>) {
+        v.extend_from_slice(&self.sequence.to_le_bytes());
+        v.extend_from_slice(&self.digest.to_le_bytes());
+        v.extend_from_slice(&(self.runs.len() as u32).to_le_bytes());
+        for (first, count) in &self.runs {
+            v.extend_from_slice(&first.to_le_bytes());
+            v.extend_from_slice(&count.to_le_bytes());
+        }
+    }
+
     fn ticks(&self) -> Vec<Tick> {
         self.runs.iter().flat_map(|&(first, count)| (first..first + u64::from(count)).map(Tick)).collect()
     }
@@ -195,17 +209,61 @@ impl Producers {
         v.extend_from_slice(&p.last_used.0.to_le_bytes());
         v.extend_from_slice(&(p.batches.len() as u16).to_le_bytes());
         for b in &p.batches {
-            v.extend_from_slice(&b.sequence.to_le_bytes());
-            v.extend_from_slice(&b.digest.to_le_bytes());
-            v.extend_from_slice(&(b.runs.len() as u32).to_le_bytes());
-            for (first, count) in &b.runs {
-                v.extend_from_slice(&first.to_le_bytes());
-                v.extend_from_slice(&count.to_le_bytes());
-            }
+            b.write(&mut v);
         }
         let crc = crc32fast::hash(&v);
         v.extend_from_slice(&crc.to_le_bytes());
         Some(v)
+    }
+}
+
+/// The trailer of a chunk that holds tagged batches: each batch's tag and ticks, in commit
+/// order. Layout (little-endian): `n u16 | n × (id_len u8 | id | sequence u64 | digest u32 |
+/// n_runs u32 | n_runs × (first_tick u64 | count u32))`; the chunk's trailer CRC covers it.
+pub fn encode_tags<'a>(tags: impl Iterator<Item = (&'a BatchTag, &'a [Tick])>) -> Vec<u8> {
+    let mut v = vec![0, 0];
+    let mut n: u16 = 0;
+    for (tag, ticks) in tags {
+        // Producer ids are at most MAX_ID_BYTES (checked in BatchTag::new).
+        let id = &tag.producer.as_bytes()[..tag.producer.len().min(MAX_ID_BYTES)];
+        v.push(id.len() as u8);
+        v.extend_from_slice(id);
+        Remembered { sequence: tag.sequence, digest: tag.digest, runs: runs(ticks) }.write(&mut v);
+        n += 1;
+    }
+    v[..2].copy_from_slice(&n.to_le_bytes());
+    v
+}
+
+/// Reads a chunk trailer written by [`encode_tags`].
+pub fn decode_tags(bytes: &[u8]) -> std::result::Result<Vec<(BatchTag, Vec<Tick>)>, String> {
+    let mut r = Reader(bytes);
+    let n = r.u16()?;
+    let mut tags = Vec::with_capacity(usize::from(n));
+    for _ in 0..n {
+        let [len] = r.take::<1>()?;
+        let id = r.bytes(usize::from(len))?;
+        let producer: Arc<str> = Arc::from(String::from_utf8_lossy(id).as_ref());
+        let batch = r.remembered()?;
+        let tag = BatchTag { producer, sequence: batch.sequence, digest: batch.digest };
+        tags.push((tag, batch.ticks()));
+    }
+    if !r.0.is_empty() {
+        return Err(format!("{} stray bytes after the tags", r.0.len()));
+    }
+    Ok(tags)
+}
+
+impl Producers {
+    /// Remembers, while recovering, a batch found in a chunk's trailer, unless the stored state
+    /// already knows it (or knows later batches beyond it). Returns whether it was new. No
+    /// producer is forgotten here: the limit applies again from the next append.
+    pub fn recall(&mut self, tag: &BatchTag, ticks: &[Tick], now: Tick) -> bool {
+        if !matches!(self.check(tag), Ok(Seen::New)) {
+            return false;
+        }
+        self.remember(tag, ticks, now, usize::MAX);
+        true
     }
 }
 
@@ -222,14 +280,7 @@ pub fn decode(value: &[u8]) -> std::result::Result<Producer, String> {
     let n = r.u16()?;
     let mut batches = VecDeque::with_capacity(usize::from(n));
     for _ in 0..n {
-        let sequence = r.u64()?;
-        let digest = r.u32()?;
-        let n_runs = r.u32()?;
-        let mut runs = Vec::new();
-        for _ in 0..n_runs {
-            runs.push((r.u64()?, r.u32()?));
-        }
-        batches.push_back(Remembered { sequence, digest, runs });
+        batches.push_back(r.remembered()?);
     }
     if !r.0.is_empty() {
         return Err(format!("{} stray bytes after the state", r.0.len()));
@@ -256,6 +307,25 @@ impl Reader<'_> {
     }
     fn u16(&mut self) -> std::result::Result<u16, String> {
         self.take().map(u16::from_le_bytes)
+    }
+    /// One batch as [`Remembered::write`] wrote it.
+    fn remembered(&mut self) -> std::result::Result<Remembered, String> {
+        let sequence = self.u64()?;
+        let digest = self.u32()?;
+        let n_runs = self.u32()?;
+        let mut runs = Vec::new();
+        for _ in 0..n_runs {
+            runs.push((self.u64()?, self.u32()?));
+        }
+        Ok(Remembered { sequence, digest, runs })
+    }
+    fn bytes(&mut self, n: usize) -> std::result::Result<&[u8], String> {
+        if self.0.len() < n {
+            return Err("state ends early".into());
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
     }
 }
 
@@ -304,5 +374,27 @@ mod tests {
         assert_eq!(p.remember(&named("b"), &[Tick(2)], Tick(2), 2), None);
         assert_eq!(p.remember(&named("c"), &[Tick(3)], Tick(3), 2).as_deref(), Some("a"));
         assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn tags_round_trip_and_are_recalled_once() {
+        let a = tag(3, 9);
+        let b = BatchTag { producer: Arc::from("other"), sequence: 1, digest: 2 };
+        let ticks_a = [Tick(100), Tick(101), Tick(105)];
+        let ticks_b = [Tick(106)];
+        let bytes = encode_tags([(&a, &ticks_a[..]), (&b, &ticks_b[..])].into_iter());
+        let tags = decode_tags(&bytes).unwrap();
+        assert_eq!(tags, vec![(a.clone(), ticks_a.to_vec()), (b.clone(), ticks_b.to_vec())]);
+        assert!(decode_tags(&bytes[..bytes.len() - 1]).is_err());
+
+        // The stored state is one commit behind: the trailer's batch is recalled; a batch the
+        // state already holds, or one older than what it holds, is not.
+        let mut p = Producers::default();
+        p.remember(&tag(2, 1), &[Tick(50)], Tick(50), 10);
+        assert!(p.recall(&a, &ticks_a, Tick(105)));
+        assert_eq!(p.check(&a).unwrap(), Seen::Duplicate(ticks_a.to_vec()));
+        assert!(!p.recall(&a, &ticks_a, Tick(105)));
+        assert!(!p.recall(&tag(1, 1), &[Tick(10)], Tick(10)));
+        assert_eq!(p.check(&tag(2, 1)).unwrap(), Seen::Duplicate(vec![Tick(50)]));
     }
 }

@@ -2,19 +2,22 @@
 //!
 //! Layout in sled: tree `records` maps `(stream_id u32 BE, first_tick u64 BE)` to a chunk (see
 //! `chunk.rs`); keys starting with `u32::MAX` (never a stream id) hold idempotent producers'
-//! state (see `producers.rs`), so that it is written in the same atomic batch as the records it
-//! describes; keys starting with `u32::MAX - 1` hold, per stream, the tick of the last record
-//! retention removed, written in the same atomic batch as the removal; tree `catalog` maps a stream name to its id and creation tick; tree `meta` holds
-//! the broker's identity.
+//! state (see `producers.rs`), in the same tree as the records it describes so that both can be
+//! written in one atomic batch; keys starting with `u32::MAX - 1` hold, per stream, the tick of
+//! the last record retention removed, written in the same atomic batch as the removal; tree
+//! `catalog` maps a stream name to its id and creation tick; tree `meta` holds the broker's
+//! identity.
 //!
 //! Invariants:
 //! - One writer thread assigns every tick and is the only one that writes `records` and `catalog`.
 //!   A tick is `max(now, clock + 1)` with one clock for the whole broker, so ticks are unique and
 //!   strictly increasing within a stream; an explicit tick must be above its stream's last tick.
-//! - Group commit: the writer takes every pending batch, writes them atomically (one `insert` when
-//!   the group made one chunk, one `apply_batch` otherwise), flushes once (under `fsync=always`),
-//!   then publishes the new state and acknowledges each batch. A refused batch is dropped before
-//!   anything is written, so it leaves nothing behind. A batch that would pass the disk budget
+//! - Group commit: the writer takes every pending batch, writes them atomically (one `apply_batch`
+//!   of chunks and producer state when the group made several chunks; when it made one, one
+//!   `insert` of the chunk, whose trailer holds the tags of its idempotent batches, then the
+//!   producer state, which recovery catches up from the last chunks' trailers), flushes once
+//!   (under `fsync=always`), then publishes the new state and acknowledges each batch. A refused
+//!   batch is dropped before anything is written, so it leaves nothing behind. A batch that would pass the disk budget
 //!   (`space.rs`) is refused the same way, so sled never meets a full disk.
 //! - A retried idempotent batch (same producer and sequence) is answered with the ticks it was
 //!   given the first time and appends nothing. A failed write or flush stops the writer
@@ -334,8 +337,8 @@ impl Log {
             }
         };
 
-        let (streams, damaged_tail) = recover(&records, &catalog)?;
-        let producers = recover_producers(&records)?;
+        let (streams, damaged_tail, trailers) = recover(&records, &catalog)?;
+        let (producers, caught_up) = recover_producers(&records, trailers)?;
         let last = streams.values().filter_map(|s| s.last_tick).max();
         // A corrupt last chunk hides its stream's true last tick: the check would be a guess.
         // A mark of 0 acknowledges nothing (every stream was deleted).
@@ -346,6 +349,7 @@ impl Log {
             }
             guard::release_blobs(&path);
         }
+        store_caught_up(&records, &producers, caught_up)?;
         let watermark = last.unwrap_or_default();
         let next_id = streams.values().map(|s| s.id.0 + 1).max().unwrap_or(0);
         info!(path = %path.display(), streams = streams.len(), producers = producers.len(), tail_tick = %watermark, "log opened");
@@ -807,11 +811,19 @@ pub(crate) fn readable_after(records: &sled::Tree, id: StreamId, from: Tick, upt
     }
 }
 
+/// The trailers of streams' last chunks, each with the chunk's last tick.
+type Trailers = Vec<(Tick, Bytes)>;
+
 /// Rebuilds every stream's counters from the catalog and each stream's first and last chunk.
-/// Also says whether some stream's last chunk is damaged (its true last tick is then unknown).
-fn recover(records: &sled::Tree, catalog: &sled::Tree) -> Result<(HashMap<Arc<str>, StreamInfo>, bool)> {
+/// Also says whether some stream's last chunk is damaged (its true last tick is then unknown),
+/// and returns the last chunks' trailers (the tags of their batches, for `recover_producers`).
+fn recover(
+    records: &sled::Tree,
+    catalog: &sled::Tree,
+) -> Result<(HashMap<Arc<str>, StreamInfo>, bool, Trailers)> {
     let mut streams = HashMap::new();
     let mut damaged_tail = false;
+    let mut trailers = Trailers::new();
     for (name, id, created_tick, meta) in read_catalog(catalog)? {
         let mut info = StreamInfo {
             name: name.clone(),
@@ -845,6 +857,11 @@ fn recover(records: &sled::Tree, catalog: &sled::Tree) -> Result<(HashMap<Arc<st
             let last_bytes: u64 = last_records.iter().map(|r| r.payload.len() as u64).sum();
             info.first_tick = Some(key_tick(&first_key));
             info.last_tick = Some(last_records.last().map_or(key_tick(&last_key), |r| r.tick));
+            if let Ok(trailer) = chunk::trailer(&last_value).map(|t| last_value.slice_ref(t)) {
+                if !trailer.is_empty() {
+                    trailers.push((info.last_tick.unwrap_or_default(), trailer));
+                }
+            }
             info.records = (last_head.records_before + last_records.len() as u64)
                 .saturating_sub(first_head.records_before);
             info.bytes = (last_head.bytes_before + last_bytes).saturating_sub(first_head.bytes_before);
@@ -858,12 +875,15 @@ fn recover(records: &sled::Tree, catalog: &sled::Tree) -> Result<(HashMap<Arc<st
         debug!(stream = %name, records = info.records, "stream recovered");
         streams.insert(name, info);
     }
-    Ok((streams, damaged_tail))
+    Ok((streams, damaged_tail, trailers))
 }
 
 /// Reads back every idempotent producer's state. A damaged entry is dropped with an error in the
-/// log: that producer's retries are then treated as new batches.
-fn recover_producers(records: &sled::Tree) -> Result<Producers> {
+/// log: that producer's retries are then treated as new batches. Then catches the state up
+/// from the tags in streams' last chunks, oldest first: a crash between a single-chunk commit
+/// and the state stored after it leaves the state one commit behind. Returns the producers
+/// caught up, whose state is to be stored (`store_caught_up`).
+fn recover_producers(records: &sled::Tree, mut trailers: Trailers) -> Result<(Producers, Vec<Arc<str>>)> {
     let mut producers = Producers::default();
     for entry in records.scan_prefix(PRODUCER_PREFIX) {
         let (k, v) = entry?;
@@ -873,7 +893,37 @@ fn recover_producers(records: &sled::Tree) -> Result<Producers> {
             Err(detail) => error!(producer = %id, %detail, "stored producer state is corrupt; dropped"),
         }
     }
-    Ok(producers)
+    trailers.sort_by_key(|(tick, _)| *tick);
+    let mut caught_up = Vec::new();
+    for (tick, trailer) in trailers {
+        match producers::decode_tags(&trailer) {
+            Ok(tags) => {
+                for (tag, ticks) in tags {
+                    if producers.recall(&tag, &ticks, tick) {
+                        info!(producer = %tag.producer, sequence = tag.sequence, "producer state caught up from the log");
+                        caught_up.push(tag.producer);
+                    }
+                }
+            }
+            Err(detail) => error!(tick = %tick, %detail, "batch tags in a chunk are corrupt; ignored"),
+        }
+    }
+    Ok((producers, caught_up))
+}
+
+/// Stores the state of producers caught up from the log at once: a later chunk of the same stream
+/// would no longer carry their tags.
+fn store_caught_up(records: &sled::Tree, producers: &Producers, caught_up: Vec<Arc<str>>) -> Result<()> {
+    if caught_up.is_empty() {
+        return Ok(());
+    }
+    for id in caught_up {
+        if let Some(state) = producers.encode(&id) {
+            records.insert(producer_key(&id), state)?;
+        }
+    }
+    records.flush()?;
+    Ok(())
 }
 
 /// The single writer: owns tick assignment and every write.
@@ -1213,6 +1263,8 @@ impl Writer {
         // Producers whose state changed (to store) or who were forgotten (to delete).
         let mut producers_touched: Vec<Arc<str>> = Vec::new();
         let mut producers_forgotten: Vec<Arc<str>> = Vec::new();
+        // Appended tagged batches, with their index in `accepted`: a chunk's trailer.
+        let mut tagged: Vec<(BatchTag, usize)> = Vec::new();
         // Records and payload bytes per stream, for the streams' recent rates.
         let mut arrivals: HashMap<Arc<str>, (u64, u64)> = HashMap::new();
 
@@ -1242,6 +1294,7 @@ impl Writer {
                     producers_forgotten.push(forgotten);
                 }
                 producers_touched.push(tag.producer.clone());
+                tagged.push((tag.clone(), accepted.len()));
             }
             for (record, &tick) in records.iter().zip(&ticks) {
                 let name = record.stream.as_str();
@@ -1295,21 +1348,40 @@ impl Writer {
         let producer_writes: Vec<(Vec<u8>, Option<Vec<u8>>)> =
             producers_touched.iter().map(|id| (producer_key(id), self.producers.encode(id))).collect();
         let mut touched: Vec<(StreamId, Arc<str>)> = Vec::with_capacity(open.len());
+        // A commit of one chunk carries its batches' tags, so that the producers' state can be
+        // stored after it rather than in one sled batch with it (see `write_records`).
+        let single = sealed.is_empty() && open.len() == 1;
         let mut chunks = sealed;
         for (id, (name, first, encoder)) in open {
             touched.push((id, name));
-            chunks.push((key(id, first), encoder.finish()));
+            let value = if single && !tagged.is_empty() {
+                encoder.finish_with(&producers::encode_tags(
+                    tagged.iter().map(|(tag, i)| (tag, accepted[*i].ticks.as_slice())),
+                ))
+            } else {
+                encoder.finish()
+            };
+            chunks.push((key(id, first), value));
         }
 
         // The catalog goes first: sled recovers a prefix of the writes, so a chunk is never
-        // recovered without its stream. One chunk is a single insert, atomic by itself and
-        // cheaper than a batch (which logs a manifest); several, or producer state that must be
-        // stored with its records, need a batch to be atomic.
+        // recovered without its stream. One chunk is a single insert, atomic by itself and much
+        // cheaper than a batch (sled writes and syncs its log buffers twice to pin a batch);
+        // the producers' state follows it, and what a crash between the two loses, recovery
+        // reads back from the chunk's trailer. Several chunks need a batch to be atomic.
         let write_catalog =
             || if added.is_empty() { Ok(()) } else { self.catalog.apply_batch(catalog_batch) };
         let write_records = || match <[_; 1]>::try_from(chunks) {
-            Ok([(k, v)]) if producer_writes.is_empty() => self.records.insert(k, v).map(|_| ()),
-            Ok(one) => self.records.apply_batch(records_batch(one.into(), producer_writes)),
+            Ok([(k, v)]) => {
+                self.records.insert(k, v)?;
+                for (k, v) in producer_writes {
+                    match v {
+                        Some(v) => self.records.insert(k, v)?,
+                        None => self.records.remove(k)?,
+                    };
+                }
+                Ok(())
+            }
             Err(chunks) if chunks.is_empty() => Ok(()),
             Err(chunks) => self.records.apply_batch(records_batch(chunks, producer_writes)),
         };

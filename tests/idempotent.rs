@@ -103,3 +103,47 @@ async fn a_whole_pipelined_window_resent_is_answered_from_memory_across_a_restar
     let expected: Vec<String> = (1..=101).map(|s| s.to_string()).collect();
     assert_eq!(stored(&mut client, "p").await, expected);
 }
+
+#[tokio::test]
+async fn producer_state_lost_after_a_single_chunk_commit_is_caught_up_from_the_log() {
+    // A commit of one chunk stores the chunk, then the producer's state: a crash between the two
+    // leaves the stored state one batch behind. Recovery reads the batch's tag back from the
+    // chunk, so the retry the producer sends after the crash is still answered, not appended.
+    let dir = tempfile::tempdir().unwrap();
+    let state_key = [&[0xff_u8; 4][..], b"solo"].concat();
+    let stored_state = || {
+        let db = tapeline::storage::engine_config(dir.path()).open().unwrap();
+        let value = db.open_tree("records").unwrap().get(&state_key).unwrap().unwrap();
+        value.to_vec()
+    };
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    let first = client.publish(tagged("solo", 1, vec![record("s", "a")])).await.unwrap().into_inner();
+    server.stop().await;
+    let after_first = stored_state();
+
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    let second_batch = tagged("solo", 2, vec![record("s", "b"), record("s", "c")]);
+    let second = client.publish(second_batch.clone()).await.unwrap().into_inner();
+    server.stop().await;
+    // The crash: the second batch's chunk is stored, its producer state is not.
+    assert_ne!(stored_state(), after_first);
+    {
+        let db = tapeline::storage::engine_config(dir.path()).open().unwrap();
+        db.open_tree("records").unwrap().insert(&state_key, after_first.clone()).unwrap();
+        db.flush().unwrap();
+    }
+
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    let again = client.publish(second_batch).await.unwrap().into_inner();
+    assert!(again.duplicate, "{again:?}");
+    assert_eq!(again.ticks, second.ticks);
+    let older = client.publish(tagged("solo", 1, vec![record("s", "a")])).await.unwrap().into_inner();
+    assert!(older.duplicate && older.ticks == first.ticks, "{older:?}");
+    assert_eq!(stored(&mut client, "s").await, ["a", "b", "c"]);
+    // The caught-up state was stored at once: later chunks of the stream will not carry the tag.
+    server.stop().await;
+    assert_ne!(stored_state(), after_first);
+}
