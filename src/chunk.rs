@@ -229,7 +229,9 @@ pub fn scan(bytes: &[u8]) -> Vec<Found> {
         let value = &bytes[offset..];
         let mut records = Vec::new();
         let (end, damage) = match walk(value, 0, Tick(0), Tick(u64::MAX), &mut records) {
-            Ok((_, _, end)) => (end, None),
+            // A damaged trailer leaves the records whole: scan on after them.
+            Ok((head, end)) if head.trailer => (trailer_at(value, end).map_or(end, |(_, end)| end), None),
+            Ok((_, end)) => (end, None),
             Err(err) => (head.encoded_len(), Some(err.detail)),
         };
         let stream = String::from_utf8_lossy(stream_name(value, &head)).into_owned();
@@ -259,7 +261,13 @@ pub fn decode_into(
     upto: Tick,
     out: &mut Vec<Stored>,
 ) -> Result<ChunkHeader, ChunkError> {
-    let (head, _, end) = walk(value, index, from, upto, out)?;
+    let (head, records_end) = walk(value, index, from, upto, out)?;
+    // The trailer is not record data: only recovery reads it ([`trailer`] reports its damage),
+    // so a damaged trailer leaves the records served.
+    let end = match head.trailer {
+        true => trailer_at(value, records_end).map_or(value.len(), |(_, end)| end),
+        false => records_end,
+    };
     if end != value.len() {
         let detail = format!("{} stray bytes after the last record", value.len() - end);
         return Err(ChunkError { good: head.count as usize, detail });
@@ -271,23 +279,41 @@ pub fn decode_into(
 /// trailer itself.
 pub fn trailer(value: &[u8]) -> Result<&[u8], ChunkError> {
     // A range that holds no tick: every record is checked, none is collected.
-    let (_, trailer, end) = walk(value, 0, Tick(u64::MAX), Tick(0), &mut Vec::new())?;
+    let (head, records_end) = walk(value, 0, Tick(u64::MAX), Tick(0), &mut Vec::new())?;
+    if !head.trailer {
+        return Ok(&[]);
+    }
+    let good = head.count as usize;
+    let (trailer, end) = trailer_at(value, records_end).map_err(|detail| ChunkError { good, detail })?;
     if end != value.len() {
         let detail = format!("{} stray bytes after the chunk's end", value.len() - end);
-        return Err(ChunkError { good: 0, detail });
+        return Err(ChunkError { good, detail });
     }
     Ok(&value[trailer])
 }
 
-/// Decodes the chunk at the start of `value`, which may continue past its end; returns the
-/// header, where its trailer lies (empty when it has none) and where the chunk ends.
+/// Checks the trailer that starts at `at`; returns where its bytes lie and where the chunk ends.
+fn trailer_at(value: &[u8], at: usize) -> Result<(std::ops::Range<usize>, usize), String> {
+    let past_end = || "the trailer runs past the end of the chunk".to_string();
+    let len = value.get(at..at + 4).ok_or_else(past_end)?;
+    let start = at + 4;
+    let end = start.saturating_add(u32::from_le_bytes(len.try_into().unwrap_or_default()) as usize);
+    let stored = value.get(end..end.saturating_add(4)).ok_or_else(past_end)?;
+    if crc32fast::hash(&value[at..end]) != u32::from_le_bytes(stored.try_into().unwrap_or_default()) {
+        return Err("the trailer fails its CRC".to_string());
+    }
+    Ok((start..end, end + 4))
+}
+
+/// Decodes the records of the chunk at the start of `value`, which may continue past its end;
+/// returns the header and where the records end (where a version 3 chunk's trailer starts).
 fn walk(
     value: &[u8],
     index: u32,
     from: Tick,
     upto: Tick,
     out: &mut Vec<Stored>,
-) -> Result<(ChunkHeader, std::ops::Range<usize>, usize), ChunkError> {
+) -> Result<(ChunkHeader, usize), ChunkError> {
     let head = header(value)?;
     // The count is not trusted for the allocation: at most what the bytes could hold, and no
     // more than a full chunk (a raw scan hands in a long window after a forged header).
@@ -330,22 +356,7 @@ fn walk(
         }
         pos = payload_end;
     }
-    if !head.trailer {
-        return Ok((head, pos..pos, pos));
-    }
-    let fail = |detail: &str| ChunkError { good: head.count as usize, detail: detail.to_string() };
-    let Some(len) = value.get(pos..pos + 4) else {
-        return Err(fail("the trailer runs past the end of the chunk"));
-    };
-    let start = pos + 4;
-    let end = start.saturating_add(u32::from_le_bytes(len.try_into().unwrap_or_default()) as usize);
-    let Some(stored) = value.get(end..end.saturating_add(4)) else {
-        return Err(fail("the trailer runs past the end of the chunk"));
-    };
-    if crc32fast::hash(&value[pos..end]) != u32::from_le_bytes(stored.try_into().unwrap_or_default()) {
-        return Err(fail("the trailer fails its CRC"));
-    }
-    Ok((head, start..end, end + 4))
+    Ok((head, pos))
 }
 
 /// The fixed part of a record: meta_crc, tick, origin_time, payload_len, payload_crc, n_headers.
@@ -423,14 +434,21 @@ mod tests {
 
     #[test]
     fn every_flipped_byte_is_detected() {
-        for good in [sample(), sample_with(b"tags")] {
+        for (good, tags) in [(sample(), &b""[..]), (sample_with(b"tags"), &b"tags"[..])] {
+            let records_end = good.len() - if tags.is_empty() { 0 } else { tags.len() + 8 };
             for i in 0..good.len() {
                 let mut bad = good.clone();
                 bad[i] ^= 0x40;
                 let bad = Bytes::from(bad);
-                match decode(&bad) {
-                    Err(_) => {}
-                    Ok((_, records)) => panic!("flip at byte {i} went unnoticed: {records:?}"),
+                // Records and header: reads refuse the chunk. The trailer: reads serve the
+                // records, which are intact, and recovery is told the trailer is damaged.
+                match (decode(&bad), i < records_end) {
+                    (Err(_), true) => {}
+                    (Ok((_, records)), false) => {
+                        assert_eq!(records, decode(&good).unwrap().1);
+                        assert!(trailer(&bad).is_err(), "flip at byte {i} of the trailer went unnoticed");
+                    }
+                    (outcome, _) => panic!("flip at byte {i}: {outcome:?}"),
                 }
             }
         }

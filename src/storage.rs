@@ -857,10 +857,16 @@ fn recover(
             let last_bytes: u64 = last_records.iter().map(|r| r.payload.len() as u64).sum();
             info.first_tick = Some(key_tick(&first_key));
             info.last_tick = Some(last_records.last().map_or(key_tick(&last_key), |r| r.tick));
-            if let Ok(trailer) = chunk::trailer(&last_value).map(|t| last_value.slice_ref(t)) {
-                if !trailer.is_empty() {
-                    trailers.push((info.last_tick.unwrap_or_default(), trailer));
+            match chunk::trailer(&last_value) {
+                Ok([]) => {}
+                Ok(trailer) => {
+                    trailers.push((info.last_tick.unwrap_or_default(), last_value.slice_ref(trailer)))
                 }
+                // The records were read; only the memory of their producers is lost.
+                Err(err) if !last_records.is_empty() => {
+                    error!(stream = %name, tick = %key_tick(&last_key), detail = %err.detail, "batch tags of the last chunk are damaged: a retry of its batches may be appended again")
+                }
+                Err(_) => {}
             }
             info.records = (last_head.records_before + last_records.len() as u64)
                 .saturating_sub(first_head.records_before);
@@ -894,12 +900,15 @@ fn recover_producers(records: &sled::Tree, mut trailers: Trailers) -> Result<(Pr
         }
     }
     trailers.sort_by_key(|(tick, _)| *tick);
+    // Caught-up producers count as used now: they were active up to the crash, whatever ticks
+    // (explicit ones may be old) their records carry.
+    let now = Tick::now();
     let mut caught_up = Vec::new();
     for (tick, trailer) in trailers {
         match producers::decode_tags(&trailer) {
             Ok(tags) => {
                 for (tag, ticks) in tags {
-                    if producers.recall(&tag, &ticks, tick) {
+                    if producers.recall(&tag, &ticks, now) {
                         info!(producer = %tag.producer, sequence = tag.sequence, "producer state caught up from the log");
                         caught_up.push(tag.producer);
                     }

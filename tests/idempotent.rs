@@ -146,4 +146,51 @@ async fn producer_state_lost_after_a_single_chunk_commit_is_caught_up_from_the_l
     // The caught-up state was stored at once: later chunks of the stream will not carry the tag.
     server.stop().await;
     assert_ne!(stored_state(), after_first);
+
+    // A producer whose state was never stored: its first batch, which also created its stream.
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    let fresh = tagged("fresh", 1, vec![record("t", "x")]);
+    let first_fresh = client.publish(fresh.clone()).await.unwrap().into_inner();
+    server.stop().await;
+    {
+        let db = tapeline::storage::engine_config(dir.path()).open().unwrap();
+        let records = db.open_tree("records").unwrap();
+        assert!(records.remove([&[0xff_u8; 4][..], b"fresh"].concat()).unwrap().is_some());
+        db.flush().unwrap();
+    }
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    let again = client.publish(fresh).await.unwrap().into_inner();
+    assert!(again.duplicate && again.ticks == first_fresh.ticks, "{again:?}");
+    assert_eq!(stored(&mut client, "t").await, ["x"]);
+}
+
+#[tokio::test]
+async fn a_damaged_trailer_loses_only_the_memory_of_its_batches() {
+    // The tags ride after the records, under their own CRC: damage there leaves every record
+    // served and the stream's counts whole; only a retry of those batches is no longer known.
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    client.publish(tagged("solo", 1, vec![record("s", "a"), record("s", "b")])).await.unwrap();
+    server.stop().await;
+    {
+        let db = tapeline::storage::engine_config(dir.path()).open().unwrap();
+        let records = db.open_tree("records").unwrap();
+        let (key, chunk) = records.iter().next().unwrap().unwrap();
+        let mut chunk = chunk.to_vec();
+        assert_eq!(chunk[4], 3, "a chunk with a trailer");
+        *chunk.last_mut().unwrap() ^= 0x40;
+        records.insert(key, chunk).unwrap();
+        db.flush().unwrap();
+    }
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    assert_eq!(stored(&mut client, "s").await, ["a", "b"]);
+    let info = client.list_streams(pb::ListStreamsRequest::default()).await.unwrap().into_inner();
+    assert_eq!(info.streams.iter().find(|s| s.name == "s").map(|s| s.records), Some(2));
+    let next = client.publish(tagged("solo", 2, vec![record("s", "c")])).await.unwrap().into_inner();
+    assert!(!next.duplicate);
+    assert_eq!(stored(&mut client, "s").await, ["a", "b", "c"]);
 }
