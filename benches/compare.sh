@@ -3,8 +3,9 @@
 # run. Installs redis-server and nats-server from Debian's packages when they are missing, builds
 # tapeline and the load generator (benches/compare) in release mode, and runs every workload.
 # Extra arguments go to the load generator (`--help` lists them), e.g. `--workloads publish`.
-# The full run took 23 minutes on 2 cores (2026-11-29). The largest data dir is tapeline's after the
-# 10 M-record replay load, about 5 GB under ${TMPDIR:-/tmp} (1.92 x 2.56 GB); each is removed after its figure.
+# A full run took 23 and 27 minutes on 2 cores (2026-11-29, the second counting the release build).
+# The largest data dir is tapeline's after the 10 M-record replay load, about 5 GB under
+# ${TMPDIR:-/tmp} (1.92 x 2.56 GB); each is removed after its figure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
