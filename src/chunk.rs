@@ -264,9 +264,10 @@ pub fn decode_into(
     let (head, records_end) = walk(value, index, from, upto, out)?;
     // The trailer is not record data: only recovery reads it ([`trailer`] reports its damage),
     // so a damaged trailer leaves the records served.
-    let end = match head.trailer {
-        true => trailer_at(value, records_end).map_or(value.len(), |(_, end)| end),
-        false => records_end,
+    let end = if head.trailer {
+        trailer_at(value, records_end).map_or(value.len(), |(_, end)| end)
+    } else {
+        records_end
     };
     if end != value.len() {
         let detail = format!("{} stray bytes after the last record", value.len() - end);
@@ -275,14 +276,13 @@ pub fn decode_into(
     Ok(head)
 }
 
-/// The trailer of a chunk (empty when it has none), after checking every record and the
-/// trailer itself.
-pub fn trailer(value: &[u8]) -> Result<&[u8], ChunkError> {
-    // A range that holds no tick: every record is checked, none is collected.
-    let (head, records_end) = walk(value, 0, Tick(u64::MAX), Tick(0), &mut Vec::new())?;
+/// The trailer of a chunk that [`decode`] read whole into `head` and `records` (empty when it
+/// has none), after checking it: it starts where the last record ends.
+pub fn trailer<'a>(value: &'a [u8], head: &ChunkHeader, records: &[Stored]) -> Result<&'a [u8], ChunkError> {
     if !head.trailer {
         return Ok(&[]);
     }
+    let records_end = records.last().map_or(head.encoded_len(), |r| r.payload.end);
     let good = head.count as usize;
     let (trailer, end) = trailer_at(value, records_end).map_err(|detail| ChunkError { good, detail })?;
     if end != value.len() {
@@ -395,14 +395,20 @@ mod tests {
         enc.finish_with(trailer)
     }
 
+    /// The trailer of a chunk that decodes.
+    fn trailer_of(value: &[u8]) -> Result<&[u8], ChunkError> {
+        let (head, records) = decode(value)?;
+        trailer(value, &head, &records)
+    }
+
     #[test]
     fn a_trailer_is_carried_after_the_records() {
         let plain = sample();
         assert_eq!(plain[4], VERSION);
-        assert_eq!(trailer(&plain).unwrap(), b"");
+        assert_eq!(trailer_of(&plain).unwrap(), b"");
         let value = Bytes::from(sample_with(b"batch tags"));
         assert_eq!(value[4], VERSION_TRAILER);
-        assert_eq!(trailer(&value).unwrap(), b"batch tags");
+        assert_eq!(trailer_of(&value).unwrap(), b"batch tags");
         let (head, records) = decode(&value).unwrap();
         assert!(head.trailer);
         let (_, plain_records) = decode(&plain).unwrap();
@@ -446,7 +452,7 @@ mod tests {
                     (Err(_), true) => {}
                     (Ok((_, records)), false) => {
                         assert_eq!(records, decode(&good).unwrap().1);
-                        assert!(trailer(&bad).is_err(), "flip at byte {i} of the trailer went unnoticed");
+                        assert!(trailer_of(&bad).is_err(), "flip at byte {i} of the trailer went unnoticed");
                     }
                     (outcome, _) => panic!("flip at byte {i}: {outcome:?}"),
                 }

@@ -17,8 +17,8 @@
 //!   `insert` of the chunk, whose trailer holds the tags of its idempotent batches, then the
 //!   producer state, which recovery catches up from the last chunks' trailers), flushes once
 //!   (under `fsync=always`), then publishes the new state and acknowledges each batch. A refused
-//!   batch is dropped before anything is written, so it leaves nothing behind. A batch that would pass the disk budget
-//!   (`space.rs`) is refused the same way, so sled never meets a full disk.
+//!   batch is dropped before anything is written, so it leaves nothing behind. A batch that would
+//!   pass the disk budget (`space.rs`) is refused the same way, so sled never meets a full disk.
 //! - A retried idempotent batch (same producer and sequence) is answered with the ticks it was
 //!   given the first time and appends nothing. A failed write or flush stops the writer
 //!   taking writes (fail-stop) until a restart recovers from what is stored.
@@ -857,7 +857,7 @@ fn recover(
             let last_bytes: u64 = last_records.iter().map(|r| r.payload.len() as u64).sum();
             info.first_tick = Some(key_tick(&first_key));
             info.last_tick = Some(last_records.last().map_or(key_tick(&last_key), |r| r.tick));
-            match chunk::trailer(&last_value) {
+            match chunk::trailer(&last_value, &last_head, &last_records) {
                 Ok([]) => {}
                 Ok(trailer) => {
                     trailers.push((info.last_tick.unwrap_or_default(), last_value.slice_ref(trailer)))
@@ -866,6 +866,7 @@ fn recover(
                 Err(err) if !last_records.is_empty() => {
                     error!(stream = %name, tick = %key_tick(&last_key), detail = %err.detail, "batch tags of the last chunk are damaged: a retry of its batches may be appended again")
                 }
+                // The chunk itself is damaged: reported above.
                 Err(_) => {}
             }
             info.records = (last_head.records_before + last_records.len() as u64)
