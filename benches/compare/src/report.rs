@@ -1,6 +1,6 @@
 //! BENCHMARKS.md from one run's figures: the machine, the versions, the command, the targets of
 //! issue 6 met or not, and a table per workload with the ratio tapeline / best peer of the same
-//! durability tier. Whatever the old file holds below [`KEEP`] is carried over unchanged (the
+//! durability tier and what limited each figure (`usage.rs`). Whatever the old file holds below [`KEEP`] is carried over unchanged (the
 //! storage-layer results of `cargo bench --bench storage`).
 
 use crate::servers::{Programs, System, Tier};
@@ -12,7 +12,7 @@ use std::fmt::Write;
 pub const KEEP: &str = "<!-- Everything below is kept by benches/compare.sh. -->";
 
 /// How the *limit* cells are read; the thresholds are in `usage.rs`.
-const LIMITS: &str = "Every figure also says what limited it, read from the kernel's counters over its measured phase: how busy the machine's 2 cores were (and how that splits into the server's and the load generator's cores), the share of CPU time the cores sat idle waiting for the disk, and the bytes through loopback. The limit is **CPU** when the cores were at least 85% busy; otherwise **disk wait** when they waited on the disk at least 10% of the time (fsync); otherwise **offered rate** for figures that send at a given rate (live latency, handoff), and **round trips** for figures that send as fast as acks allow (the client waits on acks: latency-bound). The network here is loopback: it moves bytes by CPU copies, so a network limit shows as CPU; its MB/s are given so that they can be compared with a real link.";
+const LIMITS: &str = "Every figure also says what limited it, read from the kernel's counters over its measured phase: how busy the machine's 2 cores were (and how that splits into the server's and the load generator's cores, and the server's busiest thread), the share of CPU time the cores sat idle waiting for the disk, and the bytes through loopback. The limit is **CPU** when the cores were at least 85% busy; otherwise **one thread** when one server thread was busy at least 85% of the time (a single-threaded stage set the pace); otherwise **disk wait** when they waited on the disk at least 10% of the time (fsync); otherwise **offered rate** for figures that send at a given rate (live latency, handoff), and **round trips** for figures that send as fast as acks allow (the client waits on acks: latency-bound). The network here is loopback: it moves bytes by CPU copies, so a network limit shows as CPU; its MB/s are given so that they can be compared with a real link.";
 
 /// The whole report.
 pub fn markdown(args: &Args, programs: &Programs, results: &Results) -> String {
@@ -222,75 +222,75 @@ fn publish(w: &mut String, results: &Results) {
     if results.publish.is_empty() {
         return;
     }
-    let systems = systems_in(&results.publish);
     let _ = writeln!(w, "\n## Publish throughput\n");
     let _ = writeln!(w, "Records/s acknowledged, as fast as acks allow. Each connection keeps a window of batches in flight: 16 batches of 64 records (tapeline: one `PublishRequest` each; Redis: a pipeline of 64 XADDs; NATS: 64 async publishes), or, in the unbatched rows, 64 single records. Batches go round-robin over the streams. Higher is better; the last two columns are tapeline / the best peer of that tier.\n");
-    header(w, &["size", "streams", "conns", "batch"], &systems, true);
-    let mut seen = Vec::new();
-    for m in &results.publish {
-        let s = &m.spec;
-        let key = (s.size, s.streams, s.connections, s.batch);
-        if seen.contains(&key) {
-            continue;
-        }
-        seen.push(key);
-        let row: Vec<&Measured<_, _>> = results
-            .publish
-            .iter()
-            .filter(|x| (x.spec.size, x.spec.streams, x.spec.connections, x.spec.batch) == key)
-            .collect();
-        let mut cells = vec![
-            format!("{} B", s.size),
-            s.streams.to_string(),
-            s.connections.to_string(),
-            s.batch.to_string(),
-        ];
-        for system in &systems {
-            cells.push(cell(row.iter().find(|x| x.system == *system), |r| {
-                format!("{} ({:.0} MB/s)", thousands(r.records_per_second), r.megabytes_per_second)
-            }));
-        }
-        let _ = writeln!(
+    let table = |w: &mut String, show: &dyn Fn(&Measured<PublishSpec, PublishResult>) -> String, ratios| {
+        keyed_table(
             w,
-            "| {} | {} |",
-            cells.join(" | "),
-            ratio_cells(&ratio(&row, |r| r.records_per_second, true))
-        );
-    }
+            &results.publish,
+            &["size", "streams", "conns", "batch"],
+            |s| (s.size, s.streams, s.connections, s.batch),
+            |s| {
+                vec![
+                    format!("{} B", s.size),
+                    s.streams.to_string(),
+                    s.connections.to_string(),
+                    s.batch.to_string(),
+                ]
+            },
+            show,
+            ratios,
+        )
+    };
+    let speed = |row: &[&Measured<PublishSpec, PublishResult>]| {
+        ratio_cells(&ratio(row, |r| r.records_per_second, true))
+    };
+    table(
+        w,
+        &|m| {
+            cell(Some(&m), |r| {
+                format!("{} ({:.0} MB/s)", thousands(r.records_per_second), r.megabytes_per_second)
+            })
+        },
+        Some(&speed),
+    );
     let _ = writeln!(w, "\nAck latency p99 of the same runs (from a batch's sending to its ack):\n");
-    publish_table(w, results, &systems, |m| cell(Some(&m), |r| micros(r.ack.p99_us)));
+    table(w, &|m| cell(Some(&m), |r| micros(r.ack.p99_us)), None);
     let _ = writeln!(w, "\nWhat limited each figure (see *What limited each figure* above):\n");
-    publish_table(w, results, &systems, |m| cell(Some(&m), |r| r.usage.cell(false)));
+    table(w, &|m| cell(Some(&m), |r| r.usage.cell(false)), None);
 }
 
-/// A table with a row per publish configuration and a column per system, each cell `show` of that
-/// figure.
-fn publish_table(
+/// The cells a table row adds from all its figures (the ratio columns).
+type RowCells<'a, S, R> = &'a dyn Fn(&[&Measured<S, R>]) -> String;
+
+/// A table with a row per distinct key of `figures` (in the order first seen) and a column per
+/// system: `key_cells` name the row, `show` fills each system's cell ("–" where a system has no
+/// figure), and `ratios`, when given, adds the columns tapeline / best peer from the row.
+fn keyed_table<S, R, K: PartialEq>(
     w: &mut String,
-    results: &Results,
-    systems: &[System],
-    show: impl Fn(&Measured<PublishSpec, PublishResult>) -> String,
+    figures: &[Measured<S, R>],
+    first: &[&str],
+    key: impl Fn(&S) -> K,
+    key_cells: impl Fn(&S) -> Vec<String>,
+    show: &dyn Fn(&Measured<S, R>) -> String,
+    ratios: Option<RowCells<S, R>>,
 ) {
-    header(w, &["size", "streams", "conns", "batch"], systems, false);
-    let mut seen = Vec::new();
-    for m in &results.publish {
-        let s = &m.spec;
-        let key = (s.size, s.streams, s.connections, s.batch);
-        if seen.contains(&key) {
+    let systems = systems_in(figures);
+    header(w, first, &systems, ratios.is_some());
+    let mut seen: Vec<K> = Vec::new();
+    for m in figures {
+        let k = key(&m.spec);
+        if seen.contains(&k) {
             continue;
         }
-        seen.push(key);
-        let mut cells = vec![
-            format!("{} B", s.size),
-            s.streams.to_string(),
-            s.connections.to_string(),
-            s.batch.to_string(),
-        ];
-        for system in systems {
-            let figure = results.publish.iter().find(|x| {
-                x.system == *system && (x.spec.size, x.spec.streams, x.spec.connections, x.spec.batch) == key
-            });
-            cells.push(figure.map_or("–".into(), &show));
+        let row: Vec<&Measured<S, R>> = figures.iter().filter(|x| key(&x.spec) == k).collect();
+        seen.push(k);
+        let mut cells = key_cells(&m.spec);
+        for system in &systems {
+            cells.push(row.iter().find(|x| x.system == *system).map_or("–".into(), |f| show(f)));
+        }
+        if let Some(ratios) = ratios {
+            cells.push(ratios(&row));
         }
         let _ = writeln!(w, "| {} |", cells.join(" | "));
     }
@@ -304,20 +304,26 @@ fn latency(w: &mut String, results: &Results) {
     if results.latency.is_empty() {
         return;
     }
-    let systems = systems_in(&results.latency);
     let _ = writeln!(w, "\n## Live end-to-end latency\n");
     let _ = writeln!(w, "One publisher sends 256 B records open-loop at a fixed rate (every millisecond, the records due go out as one batch); each subscriber has its own connection and follows the stream from now. p50 / p99 / p99.9 / max from each record's scheduled moment to its arrival, all subscribers together. Lower is better; the ratio columns compare p99.\n");
-    header(w, &["rate", "subscribers"], &systems, true);
-    for m in &results.latency {
-        if m.system != systems[0] {
-            continue;
-        }
-        let key = (m.spec.rate, m.spec.subscribers);
-        let row: Vec<&Measured<_, _>> =
-            results.latency.iter().filter(|x| (x.spec.rate, x.spec.subscribers) == key).collect();
-        let mut cells = vec![format!("{}/s", thousands(key.0 as f64)), key.1.to_string()];
-        for system in &systems {
-            cells.push(cell(row.iter().find(|x| x.system == *system), |r| {
+    let table = |w: &mut String, show: &dyn Fn(&Measured<LatencySpec, LatencyResult>) -> String, ratios| {
+        keyed_table(
+            w,
+            &results.latency,
+            &["rate", "subscribers"],
+            |s| (s.rate, s.subscribers),
+            |s| vec![format!("{}/s", thousands(s.rate as f64)), s.subscribers.to_string()],
+            show,
+            ratios,
+        )
+    };
+    let p99 = |row: &[&Measured<LatencySpec, LatencyResult>]| {
+        ratio_cells(&ratio(row, |r| r.end_to_end.p99_us as f64, false))
+    };
+    table(
+        w,
+        &|m| {
+            cell(Some(&m), |r| {
                 let mut c = latency_cell(&r.end_to_end);
                 if r.missing > 0 || r.duplicates > 0 || r.incomplete_subscribers > 0 {
                     let _ = write!(
@@ -327,45 +333,14 @@ fn latency(w: &mut String, results: &Results) {
                     );
                 }
                 c
-            }));
-        }
-        let _ = writeln!(
-            w,
-            "| {} | {} |",
-            cells.join(" | "),
-            ratio_cells(&ratio(&row, |r| r.end_to_end.p99_us as f64, false))
-        );
-    }
+            })
+        },
+        Some(&p99),
+    );
     let _ = writeln!(w, "\nEvery record reached every subscriber exactly once unless a cell says otherwise. Peak server memory in these runs:\n");
-    latency_table(w, results, &systems, |m| mib(m.peak_rss_bytes));
+    table(w, &|m| mib(m.peak_rss_bytes), None);
     let _ = writeln!(w, "\nWhat limited each figure, from the first record sent to the last received (see *What limited each figure* above):\n");
-    latency_table(w, results, &systems, |m| cell(Some(&m), |r| r.usage.cell(true)));
-}
-
-/// A table with a row per rate and number of subscribers and a column per system, each cell
-/// `show` of that figure.
-fn latency_table(
-    w: &mut String,
-    results: &Results,
-    systems: &[System],
-    show: impl Fn(&Measured<LatencySpec, LatencyResult>) -> String,
-) {
-    header(w, &["rate", "subscribers"], systems, false);
-    for m in &results.latency {
-        if m.system != systems[0] {
-            continue;
-        }
-        let key = (m.spec.rate, m.spec.subscribers);
-        let mut cells = vec![format!("{}/s", thousands(key.0 as f64)), key.1.to_string()];
-        for system in systems {
-            let figure = results
-                .latency
-                .iter()
-                .find(|x| x.system == *system && (x.spec.rate, x.spec.subscribers) == key);
-            cells.push(figure.map_or("–".into(), &show));
-        }
-        let _ = writeln!(w, "| {} |", cells.join(" | "));
-    }
+    table(w, &|m| cell(Some(&m), |r| r.usage.cell(true)), None);
 }
 
 fn replay(w: &mut String, results: &Results) {
