@@ -32,6 +32,9 @@ const VERSION: u8 = 2;
 const VERSION_TRAILER: u8 = 3;
 /// Where the stream name starts; the header is this, the name, and the 4-byte CRC.
 const NAME_AT: usize = 4 + 1 + 4 + 8 + 8 + 1;
+/// The most bytes a header takes (a name of 255 bytes): reading this many is enough for
+/// [`header`].
+pub const MAX_HEADER_BYTES: u32 = (NAME_AT + 255 + 4) as u32;
 
 /// Counters of a chunk's header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

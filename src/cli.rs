@@ -144,6 +144,7 @@ impl ServeArgs {
             fsync: self.fsync.clone(),
             heartbeat: self.heartbeat.clone(),
             cache_bytes: None,
+            chunk_file_bytes: None,
             max_disk_bytes: self.max_disk_bytes,
             min_free_disk_bytes: self.min_free_disk_bytes,
             limits: config::FileLimits {

@@ -207,6 +207,8 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Bytes of sled page cache.
     pub cache_bytes: u64,
+    /// A chunk file is closed, and the next one started, past this many bytes (`chunk_files.rs`).
+    pub chunk_file_bytes: u64,
     /// The most the data dir may take on disk; publishing is refused beyond it.
     pub max_disk_bytes: Option<u64>,
     /// Free disk space kept in reserve; publishing is refused when a batch would eat into it.
@@ -261,6 +263,7 @@ impl Default for Config {
             limits: Limits::default(),
             heartbeat: Duration::from_secs(5),
             cache_bytes: 256 << 20,
+            chunk_file_bytes: crate::chunk_files::FILE_BYTES,
             max_disk_bytes: None,
             min_free_disk_bytes: 64 << 20,
             mirrors: Vec::new(),
@@ -279,6 +282,13 @@ impl Config {
                 key: "heartbeat",
                 value: format!("{:?}", self.heartbeat),
                 expected: "a duration from 100 ms to 24 h",
+            });
+        }
+        if !(1 << 20..=1 << 30).contains(&self.chunk_file_bytes) {
+            return Err(Error::Config {
+                key: "chunk_file_bytes",
+                value: self.chunk_file_bytes.to_string(),
+                expected: "from 1048576 (1 MiB) to 1073741824 (1 GiB)",
             });
         }
         for mirror in &self.mirrors {
@@ -310,6 +320,7 @@ pub struct File {
     pub fsync: Option<String>,
     pub heartbeat: Option<String>,
     pub cache_bytes: Option<u64>,
+    pub chunk_file_bytes: Option<u64>,
     pub max_disk_bytes: Option<u64>,
     pub min_free_disk_bytes: Option<u64>,
     #[serde(default)]
@@ -401,6 +412,8 @@ fsync = "always"
 heartbeat = "5s"
 # Bytes of the storage engine's page cache.
 cache_bytes = 268435456
+# Chunk files are started afresh past this many bytes; retention frees disk a file at a time.
+chunk_file_bytes = 16777216
 # The most the data dir may take, in bytes; publishing is refused beyond it. No limit when absent.
 # max_disk_bytes = 10737418240
 # Free disk space kept in reserve, in bytes; publishing is refused rather than eat into it.
@@ -480,6 +493,7 @@ impl File {
             fsync: over.fsync.or(self.fsync),
             heartbeat: over.heartbeat.or(self.heartbeat),
             cache_bytes: over.cache_bytes.or(self.cache_bytes),
+            chunk_file_bytes: over.chunk_file_bytes.or(self.chunk_file_bytes),
             max_disk_bytes: over.max_disk_bytes.or(self.max_disk_bytes),
             min_free_disk_bytes: over.min_free_disk_bytes.or(self.min_free_disk_bytes),
             limits: FileLimits {
@@ -625,6 +639,7 @@ impl File {
             limits,
             heartbeat,
             cache_bytes: self.cache_bytes.unwrap_or(default.cache_bytes),
+            chunk_file_bytes: self.chunk_file_bytes.unwrap_or(default.chunk_file_bytes),
             max_disk_bytes: self.max_disk_bytes,
             min_free_disk_bytes: self.min_free_disk_bytes.unwrap_or(default.min_free_disk_bytes),
             mirrors,

@@ -10,6 +10,7 @@
 //! whose CRC checks, from either. Recovered records keep their ticks, origin times and headers.
 
 use crate::chunk;
+use crate::chunk_files::ChunkFiles;
 use crate::config::{Config, DataDir, FsyncPolicy};
 use crate::error::{Error, Result};
 use crate::guard;
@@ -69,13 +70,14 @@ pub fn verify(dir: &Path) -> Result<Report> {
     let db = open_sled(dir)?;
     let records = db.open_tree("records")?;
     let catalog = db.open_tree("catalog")?;
+    let chunks = ChunkFiles::open_readonly(dir)?;
     let mut report = Report::default();
     let mut known = std::collections::HashSet::new();
     let mut newest: Option<Tick> = None;
     for (name, id, _, _) in storage::read_catalog(&catalog)? {
         report.streams += 1;
         known.insert(id);
-        read_stream(&records, &name, id, &mut report, |_, good| {
+        read_stream(&records, &chunks, &name, id, &mut report, |_, good| {
             newest = newest.max(good.last().map(|r| r.tick));
         });
     }
@@ -114,6 +116,7 @@ pub fn verify(dir: &Path) -> Result<Report> {
 /// range to the report.
 fn read_stream(
     records: &sled::Tree,
+    chunks: &ChunkFiles,
     name: &str,
     id: StreamId,
     report: &mut Report,
@@ -142,9 +145,15 @@ fn read_stream(
             let first = storage::key_tick(&k);
             next_from = Tick(first.0.saturating_add(1));
             report.chunks += 1;
-            let value = Bytes::from_owner(v);
             let mut good = Vec::new();
-            let decoded = chunk::decode_into(&value, 0, Tick(0), Tick(u64::MAX), &mut good);
+            // A chunk whose bytes cannot be read is damaged like one that does not decode.
+            let (value, decoded) = match chunks.load(v) {
+                Ok(value) => {
+                    let decoded = chunk::decode_into(&value, 0, Tick(0), Tick(u64::MAX), &mut good);
+                    (value, decoded)
+                }
+                Err(err) => (Bytes::new(), Err(err)),
+            };
             let last_good = good.last().map(|r| r.tick);
             report.records += good.len() as u64;
             match decoded {
@@ -235,10 +244,11 @@ pub async fn recover(from: &Path, into: &Path) -> Result<Recovered> {
             result.through_sled = true;
             let records = db.open_tree("records")?;
             let catalog = db.open_tree("catalog")?;
+            let chunks = ChunkFiles::open_readonly(from)?;
             let mut report = Report::default();
             for (name, id, _, _) in storage::read_catalog(&catalog)? {
                 let stream = found.entry(name.to_string()).or_default();
-                read_stream(&records, &name, id, &mut report, |value, good| {
+                read_stream(&records, &chunks, &name, id, &mut report, |value, good| {
                     for r in good {
                         stream.insert(r.tick, parts(value, r));
                     }

@@ -25,6 +25,7 @@
 
 pub mod broker;
 pub mod chunk;
+pub mod chunk_files;
 pub mod cli;
 pub mod client;
 pub mod codec;
@@ -34,6 +35,7 @@ pub mod error;
 pub mod grpc;
 pub mod guard;
 pub mod integrity;
+pub mod memory;
 pub mod names;
 pub mod producers;
 pub mod quota;

@@ -267,6 +267,27 @@ impl Producers {
     }
 }
 
+impl Producers {
+    /// Forgets, while recovering, every remembered batch with a tick at or after `from`: the log
+    /// lost records from there on (a crash under `fsync=interval`), so a retry of such a batch
+    /// must be appended again rather than acknowledged. Returns the producers changed, whose
+    /// state is to be stored again (or removed, when nothing is left of it).
+    pub fn forget_from(&mut self, from: Tick) -> Vec<Arc<str>> {
+        let mut changed = Vec::new();
+        for (id, producer) in &mut self.map {
+            let before = producer.batches.len();
+            producer
+                .batches
+                .retain(|b| b.runs.iter().all(|&(first, count)| first + u64::from(count) <= from.0));
+            if producer.batches.len() != before {
+                changed.push(id.clone());
+            }
+        }
+        self.map.retain(|_, producer| !producer.batches.is_empty());
+        changed
+    }
+}
+
 /// Reads a producer's stored state back; the error says what is wrong with it.
 pub fn decode(value: &[u8]) -> std::result::Result<Producer, String> {
     let Some((body, crc)) = value.split_last_chunk::<4>() else {

@@ -194,10 +194,35 @@ pub async fn pass(log: &Arc<Log>, retention: &Retention, token: &CancellationTok
         removed += bound_total(log, total, token).await?;
     }
     if removed > 0 {
-        // Makes the removals durable, and lets the storage engine reuse their space.
+        // Makes the removals durable.
         log.flush().await?;
     }
+    let moved = compact(log, token).await?;
+    if moved > 0 {
+        info!(chunks = moved, "chunks moved out of sparse chunk files");
+    }
     Ok(removed)
+}
+
+/// Moves the chunks left in sparse chunk files to the active one, a slice at a time, so those
+/// files can be deleted (a quiet stream's last chunk would otherwise keep a whole file).
+async fn compact(log: &Arc<Log>, token: &CancellationToken) -> Result<usize> {
+    let mut moved = 0;
+    while !token.is_cancelled() {
+        let reader = log.clone();
+        let moves = tokio::task::spawn_blocking(move || reader.plan_compaction(SLICE))
+            .await
+            .map_err(|e| Error::Internal(format!("compaction task failed: {e}")))??;
+        if moves.is_empty() {
+            break;
+        }
+        let done = log.compact(moves).await?;
+        moved += done;
+        if done == 0 {
+            break;
+        }
+    }
+    Ok(moved)
 }
 
 /// Removes the oldest records across streams until the store holds at most `total` payload bytes

@@ -91,11 +91,12 @@ async fn serve(
         .add_service(grpc::service(broker.clone(), &config.limits, connections))
         .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
     info!(%addr, "serving");
-    // Relay mode: one task per upstream, and the retention trimmer, stopped by the same token as
-    // everything else.
+    // Relay mode: one task per upstream; the retention trimmer; giving freed memory back. All
+    // stopped by the same token as everything else.
     let background = tokio_util::task::TaskTracker::new();
     crate::relay::spawn_all(&broker, &token, &background);
     crate::retention::spawn(broker.log(), config.retention.clone(), token.clone(), &background);
+    crate::memory::spawn(token.clone(), &background);
     background.close();
 
     tokio::pin!(serve);

@@ -7,20 +7,24 @@
 //! lowered by an estimate of what was written, so a burst cannot overshoot by more than the
 //! reserve. Once space is freed, the next reading admits batches again.
 
+use crate::chunk_files::ChunkFiles;
 use crate::error::{Error, Result};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How often the real figures are read.
 pub const REFRESH: Duration = Duration::from_millis(500);
 
-/// What sled writes per payload byte at most, as seen on this log's workloads (the log, node
-/// rewrites, blobs): used to estimate growth between two readings.
+/// What the log writes per payload byte at most (the chunk files, and sled's log of pointers and
+/// state), kept as high as when sled held the chunks: used to estimate growth between two
+/// readings, where overestimating only refuses a burst a little early.
 const AMPLIFICATION: u64 = 3;
 
 /// The writer's view of the disk.
 pub struct Space {
     db: sled::Db,
+    chunks: Arc<ChunkFiles>,
     dir: PathBuf,
     max_disk_bytes: Option<u64>,
     min_free_bytes: u64,
@@ -32,8 +36,14 @@ pub struct Space {
 
 impl Space {
     /// A budget for the log in `dir`.
-    pub fn new(db: sled::Db, dir: PathBuf, max_disk_bytes: Option<u64>, min_free_bytes: u64) -> Space {
-        Space { db, dir, max_disk_bytes, min_free_bytes, used: 0, free: u64::MAX, read_at: None }
+    pub fn new(
+        db: sled::Db,
+        chunks: Arc<ChunkFiles>,
+        dir: PathBuf,
+        max_disk_bytes: Option<u64>,
+        min_free_bytes: u64,
+    ) -> Space {
+        Space { db, chunks, dir, max_disk_bytes, min_free_bytes, used: 0, free: u64::MAX, read_at: None }
     }
 
     fn refresh(&mut self) {
@@ -42,7 +52,7 @@ impl Space {
         }
         self.read_at = Some(Instant::now());
         match self.db.size_on_disk() {
-            Ok(used) => self.used = used,
+            Ok(used) => self.used = used + self.chunks.total_bytes(),
             Err(err) => tracing::warn!(cause = %err, "cannot read the data dir's size"),
         }
         match fs4::available_space(&self.dir) {

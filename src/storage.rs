@@ -1,24 +1,27 @@
 //! The sled log: chunk keys, the catalog, group commit, recovery and reads.
 //!
-//! Layout in sled: tree `records` maps `(stream_id u32 BE, first_tick u64 BE)` to a chunk (see
-//! `chunk.rs`); keys starting with `u32::MAX` (never a stream id) hold idempotent producers'
-//! state (see `producers.rs`), in the same tree as the records it describes so that both can be
-//! written in one atomic batch; keys starting with `u32::MAX - 1` hold, per stream, the tick of
-//! the last record retention removed, written in the same atomic batch as the removal; tree
-//! `catalog` maps a stream name to its id and creation tick; tree `meta` holds the broker's
-//! identity.
+//! Layout in sled: tree `records` maps `(stream_id u32 BE, first_tick u64 BE)` to where the chunk
+//! (see `chunk.rs`) is in the chunk files (see `chunk_files.rs`), or, for a chunk written before
+//! chunk files existed, to the chunk itself; keys starting with `u32::MAX` (never a stream id)
+//! hold idempotent producers' state (see `producers.rs`), in the same tree as the records it
+//! describes so that both can be written in one atomic batch; keys starting with `u32::MAX - 1`
+//! hold, per stream, the tick of the last record retention removed, written in the same atomic
+//! batch as the removal; tree `catalog` maps a stream name to its id and creation tick; tree
+//! `meta` holds the broker's identity and how far the chunk files were synced ([`SYNCED_KEY`]).
 //!
 //! Invariants:
 //! - One writer thread assigns every tick and is the only one that writes `records` and `catalog`.
 //!   A tick is `max(now, clock + 1)` with one clock for the whole broker, so ticks are unique and
 //!   strictly increasing within a stream; an explicit tick must be above its stream's last tick.
-//! - Group commit: the writer takes every pending batch, writes them atomically (one `apply_batch`
-//!   of chunks and producer state when the group made several chunks; when it made one, one
-//!   `insert` of the chunk, whose trailer holds the tags of its idempotent batches, then the
-//!   producer state, which recovery catches up from the last chunks' trailers), flushes once
-//!   (under `fsync=always`), then publishes the new state and acknowledges each batch. A refused
-//!   batch is dropped before anything is written, so it leaves nothing behind. A batch that would
-//!   pass the disk budget (`space.rs`) is refused the same way, so sled never meets a full disk.
+//! - Group commit: the writer takes every pending batch, appends their chunks to the active chunk
+//!   file (syncing it under `fsync=always`, so that a stored pointer finds its bytes), writes the
+//!   pointers atomically (one `apply_batch` of pointers and producer state when the group made
+//!   several chunks; when it made one, one `insert` of its pointer, the chunk's trailer holding
+//!   the tags of its idempotent batches, then the producer state, which recovery catches up from
+//!   the last chunks' trailers), flushes once (under `fsync=always`), then publishes the new
+//!   state and acknowledges each batch. A refused batch is dropped before anything is written,
+//!   so it leaves nothing behind. A batch that would pass the disk budget (`space.rs`) is refused
+//!   the same way, so sled never meets a full disk.
 //! - A retried idempotent batch (same producer and sequence) is answered with the ticks it was
 //!   given the first time and appends nothing. A failed write or flush stops the writer
 //!   taking writes (fail-stop) until a restart recovers from what is stored.
@@ -27,15 +30,19 @@
 //! - The in-memory catalog and the commit broadcast change under one lock, and only after the data
 //!   is readable (and durable under `always`): a reader that sees a watermark can read every record
 //!   up to it, and a subscriber that snapshots the catalog receives every later commit.
-//! - Recovery reads the catalog and, per stream, only its first and last chunk and its retention
-//!   mark.
+//! - Recovery reads the catalog, every pointer (to count what each chunk file holds, and to drop
+//!   the pointers past the last sync whose bytes a crash lost), and, per stream, only its first and
+//!   last chunk and its retention mark.
+//! - A chunk file is deleted once no pointer refers to it and that is durable; compaction moves
+//!   the few chunks left in a mostly emptied file (`ChunkFiles::sparse`) to the active one first.
 //! - Retention removes whole chunks from the front of a stream, never its last chunk (which keeps
 //!   the stream's last tick and counters across restarts). The trimmer plans a removal from
 //!   what it reads; the writer carries it out: it publishes the stream's new first tick and
 //!   `trimmed.through` before deleting, so a read that missed a deleted chunk finds the mark when
 //!   it looks afterwards and reports `Truncated` instead of a silent gap.
 
-use crate::chunk::{self, ChunkEncoder};
+use crate::chunk::{self, ChunkEncoder, ChunkError};
+use crate::chunk_files::{Appender, ChunkFiles, Location, Position};
 use crate::config::{Config, DataDir, FsyncPolicy};
 use crate::error::{Error, Result};
 use crate::guard::{self, Mark};
@@ -74,6 +81,10 @@ const WRITER_QUEUE_KIB: u32 = 256 << 10;
 pub const MAX_TICK_AHEAD: Tick = Tick(60_000_000_000);
 /// Commits a subscriber may fall behind before it is told to rescan (it then reads storage).
 const COMMIT_BROADCAST: usize = 4096;
+
+/// Key in the `meta` tree of how far the chunk files were synced (a [`Position`]): a pointer past
+/// it may point to bytes a crash lost (see `count_chunks`). Written after each sync.
+pub const SYNCED_KEY: &str = "chunks_synced";
 
 /// Key prefix of producer state in the records tree; stream ids stay below it.
 pub(crate) const PRODUCER_PREFIX: [u8; 4] = u32::MAX.to_be_bytes();
@@ -163,6 +174,8 @@ pub struct TrimPlan {
     /// The counters of the first chunk kept: what the stream held before it, since its creation.
     pub records_before: u64,
     pub bytes_before: u64,
+    /// Where the removed chunks' bytes are (chunks stored inline have none).
+    pub freed: Vec<Location>,
 }
 
 /// The catalog as readers see it.
@@ -218,6 +231,11 @@ enum Command {
         plan: TrimPlan,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// Move chunks (key, pointer as planned) out of a sparse chunk file; answers how many moved.
+    Compact {
+        moves: Vec<(sled::IVec, sled::IVec)>,
+        reply: oneshot::Sender<Result<usize>>,
+    },
     /// Raise the clock to `to` (at most now) and publish the watermark, so that time passes for
     /// readers even when nothing is published; answers the new watermark.
     Advance {
@@ -233,6 +251,10 @@ enum Command {
 pub struct Log {
     db: sled::Db,
     records: sled::Tree,
+    /// Where the chunks' bytes are.
+    chunks: Arc<ChunkFiles>,
+    /// sled's `meta` tree (see [`SYNCED_KEY`]).
+    meta: sled::Tree,
     shared: Arc<RwLock<Shared>>,
     commits: broadcast::Sender<Commit>,
     writer: mpsc::Sender<Command>,
@@ -242,6 +264,8 @@ pub struct Log {
     server_id: String,
     /// The highest tick an advance was asked for, to let one serve many (`advance_lazily`).
     advance_asked: std::sync::atomic::AtomicU64,
+    /// The flusher thread (`fsync=interval`) and what stops it: dropping the sender.
+    flusher: Mutex<Option<Flusher>>,
     /// Keeps a volatile store's directory alive as long as the log.
     _temp_dir: Option<tempfile::TempDir>,
 }
@@ -310,10 +334,6 @@ impl Log {
                 (dir.path().to_path_buf(), Some(dir))
             }
         };
-        let flush_every = match fsync {
-            FsyncPolicy::Interval(d) => Some(d.as_millis().max(1) as u64),
-            FsyncPolicy::Always | FsyncPolicy::Never => None,
-        };
         // Read before sled opens: sled may roll its log back while opening (see guard.rs).
         let mark = if temp_dir.is_none() { guard::read_mark(&path)? } else { None };
         if mark.is_some() {
@@ -321,7 +341,8 @@ impl Log {
         }
         let db = engine_config(&path)
             .cache_capacity(config.cache_bytes)
-            .flush_every_ms(flush_every)
+            // The flusher below syncs the chunk files before sled (`chunk_files.rs`).
+            .flush_every_ms(None)
             .open()
             .map_err(|err| Error::Open { path: path.clone(), cause: open_failure(&err) })?;
         let records = db.open_tree("records")?;
@@ -337,8 +358,18 @@ impl Log {
             }
         };
 
-        let (streams, damaged_tail, trailers) = recover(&records, &catalog)?;
-        let (producers, caught_up) = recover_producers(&records, trailers)?;
+        let (chunks, mut appender) = ChunkFiles::open(&path, config.chunk_file_bytes)?;
+        let synced = meta.get(SYNCED_KEY)?.and_then(|v| Position::decode(&v));
+        let unfinished = count_chunks(&records, &chunks, &mut appender, synced)?;
+        // Files nothing points to: a crash came between the removal of their last pointer and
+        // their deletion.
+        let unreferenced = appender.unreferenced();
+        appender.delete(&unreferenced);
+        let (streams, damaged_tail, trailers) = recover(&records, &catalog, &chunks)?;
+        let (mut producers, caught_up) = recover_producers(&records, trailers)?;
+        if let Some(from) = unfinished {
+            forget_producers_from(&records, &mut producers, from)?;
+        }
         let last = streams.values().filter_map(|s| s.last_tick).max();
         // A corrupt last chunk hides its stream's true last tick: the check would be a guess.
         // A mark of 0 acknowledges nothing (every stream was deleted).
@@ -360,9 +391,17 @@ impl Log {
         }));
         let (commits, _) = broadcast::channel(COMMIT_BROADCAST);
         let (writer, inbox) = mpsc::channel(WRITER_QUEUE);
+        let flusher = match fsync {
+            FsyncPolicy::Interval(every) => {
+                Some(start_flusher(db.clone(), meta.clone(), chunks.clone(), every)?)
+            }
+            FsyncPolicy::Always | FsyncPolicy::Never => None,
+        };
         let state = Writer {
             db: db.clone(),
             records: records.clone(),
+            appender,
+            meta: meta.clone(),
             catalog,
             fsync,
             streams,
@@ -372,7 +411,13 @@ impl Log {
             max_producers: config.limits.max_producers,
             max_streams: config.limits.max_streams,
             mark: temp_dir.is_none().then(|| Mark::new(path.clone(), last.unwrap_or_default())),
-            space: Space::new(db.clone(), path.clone(), config.max_disk_bytes, config.min_free_disk_bytes),
+            space: Space::new(
+                db.clone(),
+                chunks.clone(),
+                path.clone(),
+                config.max_disk_bytes,
+                config.min_free_disk_bytes,
+            ),
             failed: None,
             shared: shared.clone(),
             commits: commits.clone(),
@@ -384,6 +429,8 @@ impl Log {
         Ok(Log {
             db,
             records,
+            chunks,
+            meta,
             shared,
             commits,
             writer,
@@ -391,6 +438,7 @@ impl Log {
             writer_thread: Mutex::new(Some(writer_thread)),
             server_id,
             advance_asked: std::sync::atomic::AtomicU64::new(0),
+            flusher: Mutex::new(flusher),
             _temp_dir: temp_dir,
         })
     }
@@ -554,14 +602,23 @@ impl Log {
                 }
                 Err(err) => return Err(err.into()),
             };
-            // Shares sled's buffer: payloads handed out are slices of it, never copies.
-            let value = Bytes::from_owner(v);
             let index = chunks.len() as u32;
-            if let Err(err) = chunk::decode_into(&value, index, first_wanted, upto, &mut records) {
+            // A chunk whose bytes cannot be read is damaged like one that does not decode.
+            let loaded = match self.load_current(&k, v) {
+                Ok(Some(value)) => Ok(value),
+                // Removed by retention since the scan read its key: `read` reports the removal.
+                Ok(None) => continue,
+                Err(err) => Err(err),
+            };
+            let decoded = match &loaded {
+                Ok(value) => chunk::decode_into(value, index, first_wanted, upto, &mut records),
+                Err(err) => Err(err.clone()),
+            };
+            if let Err(err) = decoded {
                 if !records.is_empty() {
                     // Deliver the intact records first (those before the damage included); the
                     // next read starts at the damage and reports it.
-                    chunks.push(value);
+                    chunks.push(loaded.unwrap_or_default());
                     return Ok(ReadBatch { records, chunks, complete: false, truncated: None });
                 }
                 let from = key_tick(&k).max(first_wanted);
@@ -579,7 +636,7 @@ impl Log {
                     detail: err.detail,
                 });
             }
-            chunks.push(value);
+            chunks.push(loaded.unwrap_or_default());
             if records.last().is_some_and(|r| r.tick >= upto) {
                 return Ok(ReadBatch { records, chunks, complete: true, truncated: None });
             }
@@ -616,13 +673,14 @@ impl Log {
         let mut chunks = self.records.scan_prefix(stream.id.0.to_be_bytes());
         let Some(first) = chunks.next() else { return Ok(None) };
         let (mut key_now, mut value_now) = first?;
-        let mut head_now = chunk::header(&value_now).map_err(|_| bad_header(stream, &key_now))?;
+        let mut head_now = self.header(stream, &key_now, &value_now)?;
         let mut delete = Vec::new();
+        let mut freed = Vec::new();
         let mut last_deleted = None;
         // The last chunk is never removed: the loop only removes a chunk that has a successor.
         for next in chunks {
             let (key_next, value_next) = next?;
-            let head_next = chunk::header(&value_next).map_err(|_| bad_header(stream, &key_next))?;
+            let head_next = self.header(stream, &key_next, &value_next)?;
             // Every record of a chunk lies below the first tick of the next one.
             let below = key_tick(&key_next);
             let old = keep.below.is_some_and(|b| below <= b);
@@ -634,6 +692,7 @@ impl Log {
                 break;
             }
             delete.push(key_now);
+            freed.extend(Location::decode(&value_now));
             last_deleted = Some(value_now);
             (key_now, value_now, head_now) = (key_next, value_next, head_next);
         }
@@ -641,8 +700,11 @@ impl Log {
         let first = key_tick(&key_now);
         // The exact last tick removed, so that a reader resuming right after it is not told of a
         // removal; a damaged chunk falls back to the tick before the next chunk.
-        let through = chunk::decode(&Bytes::from_owner(last_deleted))
+        let through = self
+            .chunks
+            .load(last_deleted)
             .ok()
+            .and_then(|value| chunk::decode(&value).ok())
             .and_then(|(_, records)| records.last().map(|r| r.tick))
             .unwrap_or(Tick(first.0.saturating_sub(1)));
         Ok(Some(TrimPlan {
@@ -653,7 +715,42 @@ impl Log {
             through,
             records_before: head_now.records_before,
             bytes_before: head_now.bytes_before,
+            freed,
         }))
+    }
+
+    /// The chunk stored under `key` (all of it), whose value was `value` when a scan read it.
+    fn load_current(&self, key: &[u8], value: sled::IVec) -> std::result::Result<Option<Bytes>, ChunkError> {
+        self.load_current_with(key, value, |v| self.chunks.load(v))
+    }
+
+    /// What `load` reads of the chunk under `key`, whose value was `value` when a scan read it.
+    /// When its bytes cannot be read, looks again: retention may have removed the chunk since
+    /// (`None`), or compaction moved it, and the file it was in may be gone.
+    fn load_current_with(
+        &self,
+        key: &[u8],
+        value: sled::IVec,
+        load: impl Fn(sled::IVec) -> std::result::Result<Bytes, ChunkError>,
+    ) -> std::result::Result<Option<Bytes>, ChunkError> {
+        match load(value.clone()) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(err) => match self.records.get(key) {
+                Ok(None) => Ok(None),
+                Ok(Some(now)) if now != value => load(now).map(Some),
+                _ => Err(err),
+            },
+        }
+    }
+
+    /// The header of the chunk stored under `key`, reading only its first bytes.
+    fn header(&self, stream: &StreamInfo, key: &[u8], value: &sled::IVec) -> Result<chunk::ChunkHeader> {
+        match self
+            .load_current_with(key, value.clone(), |v| self.chunks.load_head(v, chunk::MAX_HEADER_BYTES))
+        {
+            Ok(Some(head)) => chunk::header(&head).map_err(|_| bad_header(stream, key)),
+            _ => Err(bad_header(stream, key)),
+        }
     }
 
     /// How many records `stream` has had with a tick at or below `tick` since it was created
@@ -667,7 +764,10 @@ impl Log {
             return Ok(stream.trimmed.records);
         };
         let (k, v) = entry?;
-        let (head, records) = chunk::decode(&Bytes::from_owner(v)).map_err(|err| Error::DataLoss {
+        let loaded = self.load_current(&k, v).and_then(|v| {
+            v.ok_or_else(|| ChunkError { good: 0, detail: "removed by retention meanwhile".into() })
+        });
+        let (head, records) = loaded.and_then(|v| chunk::decode(&v)).map_err(|err| Error::DataLoss {
             stream: stream.name.to_string(),
             from: key_tick(&k),
             to: tick,
@@ -676,8 +776,17 @@ impl Log {
         Ok(head.records_before + records.iter().filter(|r| r.tick <= tick).count() as u64)
     }
 
-    /// Makes everything written so far durable.
+    /// Makes everything written so far durable: the chunk files, then sled.
     pub async fn flush(&self) -> Result<()> {
+        let chunks = self.chunks.clone();
+        let synced = tokio::task::spawn_blocking(move || chunks.sync())
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|synced| synced)
+            .map_err(|source| Error::Io { context: "syncing the chunk files".into(), source })?;
+        if let Some(at) = synced {
+            self.meta.insert(SYNCED_KEY, &at.encode())?;
+        }
         self.db.flush_async().await?;
         Ok(())
     }
@@ -708,6 +817,36 @@ impl Log {
         answer.await.map_err(|_| Error::ShuttingDown)?
     }
 
+    /// The chunks a sparse chunk file still holds (see `ChunkFiles::sparse`), at most `max`, as
+    /// (key, pointer): what [`Log::compact`] moves. Scans every pointer, beside the writer.
+    /// Blocking.
+    pub fn plan_compaction(&self, max: usize) -> Result<Vec<(sled::IVec, sled::IVec)>> {
+        let Some(file) = self.chunks.sparse() else { return Ok(Vec::new()) };
+        let mut moves = Vec::new();
+        for entry in self.records.range(..TRIM_PREFIX) {
+            let (k, v) = entry?;
+            if Location::decode(&v).is_some_and(|at| at.file == file) {
+                moves.push((k, v));
+                if moves.len() >= max {
+                    break;
+                }
+            }
+        }
+        if moves.is_empty() {
+            // Counted as held, yet nothing points there: leave it to the next restart's count.
+            self.chunks.give_up(file);
+        }
+        Ok(moves)
+    }
+
+    /// Has the writer move planned chunks to the active chunk file (each unless it was removed or
+    /// moved since); returns how many moved.
+    pub async fn compact(&self, moves: Vec<(sled::IVec, sled::IVec)>) -> Result<usize> {
+        let (reply, answer) = oneshot::channel();
+        self.writer.send(Command::Compact { moves, reply }).await.map_err(|_| Error::ShuttingDown)?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+
     /// Has the writer carry out a planned removal (skipped when the stream changed under it).
     pub async fn trim(&self, plan: TrimPlan) -> Result<()> {
         let (reply, answer) = oneshot::channel();
@@ -715,7 +854,8 @@ impl Log {
         answer.await.map_err(|_| Error::ShuttingDown)?
     }
 
-    /// Stops the writer after every queued batch is committed, then flushes. Idempotent.
+    /// Stops the writer after every queued batch is committed, then the flusher, then flushes.
+    /// Idempotent.
     pub async fn close(&self) -> Result<()> {
         let (reply, done) = oneshot::channel();
         if self.writer.send(Command::Stop { reply }).await.is_ok() {
@@ -725,8 +865,13 @@ impl Log {
         if let Some(handle) = handle {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
-        self.db.flush_async().await?;
-        Ok(())
+        // Joined, so that nothing holds the data dir once `close` returns.
+        let flusher = self.flusher.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((stop, handle)) = flusher {
+            drop(stop);
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        self.flush().await
     }
 }
 
@@ -820,6 +965,7 @@ type Trailers = Vec<(Tick, Bytes)>;
 fn recover(
     records: &sled::Tree,
     catalog: &sled::Tree,
+    chunks: &ChunkFiles,
 ) -> Result<(HashMap<Arc<str>, StreamInfo>, bool, Trailers)> {
     let mut streams = HashMap::new();
     let mut damaged_tail = false;
@@ -843,9 +989,13 @@ fn recover(
         {
             let (first_key, first_value) = first?;
             let (last_key, last_value) = last?;
-            let first_head = chunk::header(&first_value).unwrap_or_default();
-            let last_value = Bytes::copy_from_slice(&last_value);
-            let (last_head, last_records) = match chunk::decode(&last_value) {
+            let first_head = chunks
+                .load_head(first_value, chunk::MAX_HEADER_BYTES)
+                .and_then(|head| chunk::header(&head))
+                .unwrap_or_default();
+            let loaded = chunks.load(last_value);
+            let last_value = loaded.clone().unwrap_or_default();
+            let (last_head, last_records) = match loaded.and_then(|value| chunk::decode(&value)) {
                 Ok(decoded) => decoded,
                 Err(err) => {
                     // Keep the broker available; the damaged range is reported when read.
@@ -883,6 +1033,102 @@ fn recover(
         streams.insert(name, info);
     }
     Ok((streams, damaged_tail, trailers))
+}
+
+/// Counts, per chunk file, the bytes sled's pointers refer to (so that a file nothing refers to
+/// can be deleted), and drops the pointers a crash left without their bytes: unless
+/// `fsync=always`, sled may have stored a pointer whose bytes never reached the disk. Only
+/// chunks past the last sync (`synced`) can be such, so only those are read and checked; from
+/// the first that fails, the rest of its stream goes too (a stream's chunks past the sync are
+/// its newest), so a stream never has a gap. A damaged chunk before the sync is kept: reads
+/// report it as `DATA_LOSS`. Returns the lowest first tick of the chunks dropped. Reads every
+/// pointer, and the chunks past the sync.
+fn count_chunks(
+    records: &sled::Tree,
+    chunks: &ChunkFiles,
+    appender: &mut Appender,
+    synced: Option<Position>,
+) -> Result<Option<Tick>> {
+    let mut dropped = Vec::new();
+    let mut failed_stream: Option<[u8; 4]> = None;
+    for entry in records.range(..TRIM_PREFIX) {
+        let (k, v) = entry?;
+        let Some(at) = Location::decode(&v) else { continue };
+        if !synced.is_some_and(|synced| synced.covers(at)) {
+            let stream: [u8; 4] = k[..4].try_into().unwrap_or_default();
+            let failed = if failed_stream == Some(stream) {
+                Err("an earlier chunk of the stream was dropped".to_string())
+            } else {
+                chunks.read(at).and_then(|bytes| chunk::decode(&bytes).map(|_| ())).map_err(|e| e.detail)
+            };
+            if let Err(detail) = failed {
+                warn!(stream_id = u32::from_be_bytes(stream), tick = %key_tick(&k), %detail, "chunk never fully written (crash before a sync); dropped");
+                failed_stream = Some(stream);
+                dropped.push(k);
+                continue;
+            }
+        }
+        appender.counted(at);
+    }
+    let from = dropped.iter().map(|k| key_tick(k)).min();
+    if !dropped.is_empty() {
+        for k in dropped {
+            records.remove(k)?;
+        }
+        // Before anything is appended where the dropped pointers point.
+        records.flush()?;
+    }
+    Ok(from)
+}
+
+/// Forgets the producers' batches whose records recovery dropped (`count_chunks`), and stores
+/// what is left of their state at once.
+fn forget_producers_from(records: &sled::Tree, producers: &mut Producers, from: Tick) -> Result<()> {
+    for id in producers.forget_from(from) {
+        warn!(producer = %id, from = %from, "batches lost in a crash forgotten: their retries are appended again");
+        match producers.encode(&id) {
+            Some(state) => records.insert(producer_key(&id), state)?,
+            None => records.remove(producer_key(&id))?,
+        };
+    }
+    records.flush()?;
+    Ok(())
+}
+
+/// Under `fsync=interval`, makes the log durable every `every`: the chunk files first, then sled,
+/// so that sled's pointers reach the disk after the bytes they point to. The thread stops when
+/// the returned sender is dropped, with the log.
+/// The flusher thread, and the sender whose drop stops it.
+type Flusher = (std::sync::mpsc::Sender<()>, JoinHandle<()>);
+
+fn start_flusher(
+    db: sled::Db,
+    meta: sled::Tree,
+    chunks: Arc<ChunkFiles>,
+    every: std::time::Duration,
+) -> Result<Flusher> {
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let handle = std::thread::Builder::new()
+        .name("tapeline-flusher".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                let flushed = chunks
+                    .sync()
+                    .map_err(|err| err.to_string())
+                    .and_then(|synced| match synced {
+                        Some(at) => {
+                            meta.insert(SYNCED_KEY, &at.encode()).map(|_| ()).map_err(|e| e.to_string())
+                        }
+                        None => Ok(()),
+                    })
+                    .and_then(|()| db.flush().map(|_| ()).map_err(|e| e.to_string()));
+                if let Err(cause) = flushed {
+                    error!(%cause, "the periodic flush failed");
+                }
+            }
+        })
+        .map_err(|source| Error::Io { context: "starting the flusher thread".into(), source })?;
+    Ok((stop, handle))
 }
 
 /// Reads back every idempotent producer's state. A damaged entry is dropped with an error in the
@@ -940,6 +1186,10 @@ fn store_caught_up(records: &sled::Tree, producers: &Producers, caught_up: Vec<A
 struct Writer {
     db: sled::Db,
     records: sled::Tree,
+    /// Appends chunks' bytes; counts what each chunk file still holds.
+    appender: Appender,
+    /// sled's `meta` tree, where the writer notes how far the chunk files are synced.
+    meta: sled::Tree,
     catalog: sled::Tree,
     fsync: FsyncPolicy,
     /// The authoritative state of every stream; `shared` is a copy published after each commit.
@@ -1004,6 +1254,9 @@ impl Writer {
                 Some(Command::Trim { plan, reply }) => {
                     let _ = reply.send(self.trim(plan));
                 }
+                Some(Command::Compact { moves, reply }) => {
+                    let _ = reply.send(self.compact(moves));
+                }
                 Some(Command::Define { name, meta, update, reply }) => {
                     let _ = reply.send(self.define(name, meta, update));
                 }
@@ -1014,7 +1267,7 @@ impl Writer {
                 Some(Command::Append { .. }) | None => {}
             }
         }
-        match self.db.flush() {
+        match self.sync_chunks().and_then(|()| Ok(self.db.flush()?)) {
             Ok(_) => {
                 if let Some(mark) = self.mark.as_mut().filter(|_| self.failed.is_none()) {
                     // Everything is durable now, whatever the fsync policy (unless a write
@@ -1137,19 +1390,24 @@ impl Writer {
             mark.lower(newest.unwrap_or_default());
         }
         let mut batch = sled::Batch::default();
+        let mut freed = Vec::new();
         for entry in self.records.scan_prefix(info.id.0.to_be_bytes()) {
-            batch.remove(entry?.0);
+            let (k, v) = entry?;
+            freed.extend(Location::decode(&v));
+            batch.remove(k);
         }
         batch.remove(trim_key(info.id).as_ref());
         let written = self
             .records
             .apply_batch(batch)
             .and_then(|()| self.catalog.remove(name.as_bytes()).map(|_| ()))
-            .and_then(|()| self.db.flush().map(|_| ()));
+            .and_then(|()| self.db.flush().map(|_| ()))
+            .map_err(Error::from)
+            .and_then(|()| self.release(&freed));
         if let Err(err) = written {
             error!(cause = %err, stream = %name, "deleting a stream failed; the log takes no more writes");
             self.failed = Some(err.to_string());
-            return Err(err.into());
+            return Err(err);
         }
         info!(stream = %name, records = info.records, "stream deleted");
         self.streams.remove(name);
@@ -1198,13 +1456,85 @@ impl Writer {
             batch.remove(k.clone());
         }
         batch.insert(trim_key(plan.id).as_ref(), plan.through.0.to_le_bytes().as_ref());
-        if let Err(err) = self.records.apply_batch(batch) {
+        if let Err(err) =
+            self.records.apply_batch(batch).map_err(Error::from).and_then(|()| self.release(&plan.freed))
+        {
             error!(cause = %err, stream = %plan.stream, "removing chunks failed; the log takes no more writes");
             self.failed = Some(err.to_string());
-            return Err(err.into());
+            return Err(err);
         }
         debug!(stream = %plan.stream, chunks = plan.delete.len(), through = %plan.through, "chunks removed");
         Ok(())
+    }
+
+    /// Syncs the chunk files and notes how far they are durable (flushed with sled's next flush).
+    fn sync_chunks(&mut self) -> Result<()> {
+        self.appender.sync()?;
+        self.meta.insert(SYNCED_KEY, &self.appender.position().encode())?;
+        Ok(())
+    }
+
+    /// Counts chunks whose pointers were removed or replaced, and deletes the chunk files no
+    /// pointer refers to any more, once that is durable: the chunk files (where moved chunks
+    /// went), then sled.
+    fn release(&mut self, freed: &[Location]) -> Result<()> {
+        for at in freed {
+            self.appender.released(*at);
+        }
+        let unreferenced = self.appender.unreferenced();
+        if !unreferenced.is_empty() {
+            self.sync_chunks()?;
+            self.db.flush()?;
+            self.appender.delete(&unreferenced);
+        }
+        Ok(())
+    }
+
+    /// Moves chunks to the active chunk file so that the sparse file they were in can go.
+    fn compact(&mut self, moves: Vec<(sled::IVec, sled::IVec)>) -> Result<usize> {
+        if let Some(cause) = &self.failed {
+            return Err(Error::LogFailed { cause: cause.clone() });
+        }
+        let (mut keys, mut from, mut chunks) = (Vec::new(), Vec::new(), Vec::new());
+        for (k, v) in moves {
+            // Only what the plan saw: a chunk removed or moved since stays as it is.
+            if self.records.get(&k)?.as_ref() != Some(&v) {
+                continue;
+            }
+            let Some(at) = Location::decode(&v) else { continue };
+            match self.appender.files().read(at).and_then(|bytes| chunk::decode(&bytes).map(|_| bytes)) {
+                Ok(bytes) => {
+                    keys.push(k);
+                    from.push(at);
+                    chunks.push(bytes);
+                }
+                Err(err) => {
+                    // A damaged chunk stays where it is, for reads to report and `recover` to
+                    // rescue what it can; its file is not offered again.
+                    warn!(file = at.file, tick = %key_tick(&k), detail = %err.detail, "damaged chunk left in place by compaction");
+                    self.appender.files().give_up(at.file);
+                }
+            }
+        }
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        // The moved bytes are synced before any pointer to them is written, whatever the fsync
+        // policy: the old copy goes once the new pointers are durable.
+        let moved = self.appender.append(&chunks).and_then(|to| {
+            self.sync_chunks()?;
+            for (k, at) in keys.iter().zip(&to) {
+                self.records.insert(k, &at.encode()[..])?;
+            }
+            self.release(&from)
+        });
+        if let Err(err) = moved {
+            error!(cause = %err, "moving chunks failed; the log takes no more writes");
+            self.failed = Some(err.to_string());
+            return Err(err);
+        }
+        debug!(chunks = keys.len(), "chunks moved out of a sparse chunk file");
+        Ok(keys.len())
     }
 
     /// Checks a batch and assigns its ticks without changing any state; `upstream` ticks are not
@@ -1374,6 +1704,13 @@ impl Writer {
             chunks.push((key(id, first), value));
         }
 
+        // The chunks' bytes go to the chunk files first (synced under `always`), so that a
+        // pointer sled stores finds its bytes; sled gets the pointers (`chunk_files.rs`).
+        let (keys, values): (Vec<[u8; 12]>, Vec<Vec<u8>>) = chunks.into_iter().unzip();
+        let located = self.appender.append(&values).and_then(|at| match self.fsync {
+            FsyncPolicy::Always => self.sync_chunks().map(|()| at),
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => Ok(at),
+        });
         // The catalog goes first: sled recovers a prefix of the writes, so a chunk is never
         // recovered without its stream. One chunk is a single insert, atomic by itself and much
         // cheaper than a batch (sled writes and syncs its log buffers twice to pin a batch);
@@ -1381,23 +1718,32 @@ impl Writer {
         // reads back from the chunk's trailer. Several chunks need a batch to be atomic.
         let write_catalog =
             || if added.is_empty() { Ok(()) } else { self.catalog.apply_batch(catalog_batch) };
-        let write_records = || match <[_; 1]>::try_from(chunks) {
-            Ok([(k, v)]) => {
-                self.records.insert(k, v)?;
-                for (k, v) in producer_writes {
-                    match v {
-                        Some(v) => self.records.insert(k, v)?,
-                        None => self.records.remove(k)?,
-                    };
+        let write_records = |at: Vec<Location>| {
+            let pointers: Vec<([u8; 12], Vec<u8>)> =
+                keys.into_iter().zip(at.iter().map(|at| at.encode().to_vec())).collect();
+            match <[_; 1]>::try_from(pointers) {
+                Ok([(k, v)]) => {
+                    self.records.insert(k, v)?;
+                    for (k, v) in producer_writes {
+                        match v {
+                            Some(v) => self.records.insert(k, v)?,
+                            None => self.records.remove(k)?,
+                        };
+                    }
+                    Ok(())
                 }
-                Ok(())
+                Err(pointers) if pointers.is_empty() => Ok(()),
+                Err(pointers) => self.records.apply_batch(records_batch(pointers, producer_writes)),
             }
-            Err(chunks) if chunks.is_empty() => Ok(()),
-            Err(chunks) => self.records.apply_batch(records_batch(chunks, producer_writes)),
         };
-        let written = write_catalog().and_then(|()| write_records()).and_then(|()| match self.fsync {
-            FsyncPolicy::Always => self.db.flush().map(|_| ()),
-            FsyncPolicy::Interval(_) | FsyncPolicy::Never => Ok(()),
+        let written = located.and_then(|at| {
+            write_catalog()
+                .and_then(|()| write_records(at))
+                .and_then(|()| match self.fsync {
+                    FsyncPolicy::Always => self.db.flush().map(|_| ()),
+                    FsyncPolicy::Interval(_) | FsyncPolicy::Never => Ok(()),
+                })
+                .map_err(Error::from)
         });
         if let Err(err) = written {
             // What reached sled is unknown now: stop taking writes rather than risk a log whose

@@ -176,14 +176,15 @@ async fn a_damaged_trailer_loses_only_the_memory_of_its_batches() {
     client.publish(tagged("solo", 1, vec![record("s", "a"), record("s", "b")])).await.unwrap();
     server.stop().await;
     {
-        let db = tapeline::storage::engine_config(dir.path()).open().unwrap();
-        let records = db.open_tree("records").unwrap();
-        let (key, chunk) = records.iter().next().unwrap().unwrap();
-        let mut chunk = chunk.to_vec();
+        let db = tapeline::storage::engine_config(dir.path()).flush_every_ms(None).open().unwrap();
+        let (_, pointer) = db.open_tree("records").unwrap().iter().next().unwrap().unwrap();
+        let at = tapeline::chunk_files::Location::decode(&pointer).expect("a pointer into a chunk file");
+        let path = tapeline::chunk_files::path_in(dir.path(), at.file);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let chunk = &mut bytes[at.offset as usize..(at.offset + u64::from(at.len)) as usize];
         assert_eq!(chunk[4], 3, "a chunk with a trailer");
         *chunk.last_mut().unwrap() ^= 0x40;
-        records.insert(key, chunk).unwrap();
-        db.flush().unwrap();
+        std::fs::write(&path, bytes).unwrap();
     }
     let server = TestServer::start(dir.path()).await;
     let mut client = server.client().await;
@@ -192,5 +193,52 @@ async fn a_damaged_trailer_loses_only_the_memory_of_its_batches() {
     assert_eq!(info.streams.iter().find(|s| s.name == "s").map(|s| s.records), Some(2));
     let next = client.publish(tagged("solo", 2, vec![record("s", "c")])).await.unwrap().into_inner();
     assert!(!next.duplicate);
+    assert_eq!(stored(&mut client, "s").await, ["a", "b", "c"]);
+}
+
+/// A crash under `fsync=interval` can leave sled holding pointers to chunk bytes the disk never
+/// received. Recovery drops those chunks (only past the last sync it noted) and forgets the
+/// batches they held, so that their retries are appended again rather than acknowledged as stored.
+#[tokio::test]
+async fn chunks_a_crash_left_unwritten_are_dropped_and_their_batches_forgotten() {
+    use tapeline::chunk_files::{path_in, Location, Position};
+    let dir = tempfile::tempdir().unwrap();
+    let config = tapeline::config::Config {
+        fsync: tapeline::config::FsyncPolicy::Interval(std::time::Duration::from_millis(50)),
+        ..config(dir.path())
+    };
+    let server = TestServer::start_with(config.clone()).await;
+    let mut client = server.client().await;
+    let first = client.publish(tagged("p", 1, vec![record("s", "a")])).await.unwrap().into_inner();
+    let second_batch = tagged("p", 2, vec![record("s", "b"), record("s", "c")]);
+    client.publish(second_batch.clone()).await.unwrap();
+    server.stop().await;
+    {
+        // As the crash would leave it: the second chunk's bytes never reached the disk, the last
+        // sync noted covers the first chunk only, and the acknowledged-tick mark (written at a
+        // clean stop, or after fsyncs) is older.
+        let db = tapeline::storage::engine_config(dir.path()).flush_every_ms(None).open().unwrap();
+        let pointers: Vec<Location> = db
+            .open_tree("records")
+            .unwrap()
+            .range(..[0xff_u8, 0xff, 0xff, 0xfe])
+            .map(|entry| Location::decode(&entry.unwrap().1).expect("a pointer"))
+            .collect();
+        assert_eq!(pointers.len(), 2, "one chunk per commit");
+        let (kept, lost) = (pointers[0], pointers[1]);
+        let file = std::fs::OpenOptions::new().write(true).open(path_in(dir.path(), lost.file)).unwrap();
+        file.set_len(lost.offset).unwrap();
+        let synced = Position { file: kept.file, len: kept.offset + u64::from(kept.len) };
+        db.open_tree("meta").unwrap().insert(tapeline::storage::SYNCED_KEY, &synced.encode()).unwrap();
+        db.flush().unwrap();
+        std::fs::remove_file(dir.path().join(tapeline::guard::MARK_FILE)).unwrap();
+    }
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    assert_eq!(stored(&mut client, "s").await, ["a"]);
+    let again = client.publish(second_batch).await.unwrap().into_inner();
+    assert!(!again.duplicate, "the lost batch is appended again: {again:?}");
+    let older = client.publish(tagged("p", 1, vec![record("s", "a")])).await.unwrap().into_inner();
+    assert!(older.duplicate && older.ticks == first.ticks, "{older:?}");
     assert_eq!(stored(&mut client, "s").await, ["a", "b", "c"]);
 }

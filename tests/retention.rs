@@ -307,3 +307,45 @@ async fn disk_space_comes_back_measured() {
         }
     }
 }
+
+/// Retention frees disk a chunk file at a time. A stream that went quiet keeps its last chunk
+/// (and its counters) forever: compaction moves that chunk to the active file, so that the old
+/// file, otherwise emptied by retention, can go.
+#[tokio::test]
+async fn chunk_files_are_deleted_and_a_quiet_streams_last_chunk_does_not_keep_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = Policy { max_bytes: Some(MIB), ..Policy::default() };
+    let retention = Retention { default: policy, ..Retention::default() };
+    let config = Config { chunk_file_bytes: MIB, ..with_retention(dir.path(), retention.clone()) };
+    let server = TestServer::start_with(config.clone()).await;
+    let mut client = server.client().await;
+    let quiet = publish(&mut client, "quiet", &["still here"]).await;
+    // 8 MiB into a stream that keeps 1 MiB: eight chunk files' worth.
+    let payload = "b".repeat(16 << 10);
+    let mut busy = Vec::new();
+    for _ in 0..32 {
+        busy.extend(publish(&mut client, "busy", &[payload.as_str(); 16]).await);
+    }
+    let chunk_files = || std::fs::read_dir(dir.path().join(tapeline::chunk_files::DIR)).unwrap().count();
+    let first_file = tapeline::chunk_files::path_in(dir.path(), 0);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while chunk_files() > 3 || first_file.exists() {
+        assert!(tokio::time::Instant::now() < deadline, "{} chunk files are left", chunk_files());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let quiet_read =
+        |events: Vec<Seen>| records(&events).into_iter().map(|(_, t, p)| (t, p)).collect::<Vec<_>>();
+    let events = read(&mut client, "quiet", request(&[], beginning()), quiet[0]).await;
+    assert_eq!(quiet_read(events), vec![(quiet[0], "still here".to_string())]);
+    let end = *busy.last().unwrap();
+    let kept = records(&read(&mut client, "busy", request(&[], beginning()), end).await).len();
+    assert!((48..=80).contains(&kept), "about 1 MiB of 16 KiB records kept: {kept}");
+
+    // The moved chunk is found again after a restart.
+    server.stop().await;
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    let events = read(&mut client, "quiet", request(&[], beginning()), quiet[0]).await;
+    assert_eq!(quiet_read(events), vec![(quiet[0], "still here".to_string())]);
+    assert!(chunk_files() <= 3);
+}
