@@ -9,7 +9,8 @@
 //!
 //! Layout: `<data dir>/chunks/<id>.tpc`, ids increasing; the writer appends chunks to the newest
 //! file (the active one) and starts a new one past [`FILE_BYTES`]. A file is deleted once no
-//! pointer in sled refers to it any more (retention removed or deleted every chunk in it).
+//! pointer in sled refers to it any more (retention removed or deleted every chunk in it, or
+//! compaction moved the few left to the active file: see `ChunkFiles::sparse`).
 //!
 //! Invariants:
 //! - Only the writer thread appends, rotates and deletes; readers only `pread`, through an
@@ -17,10 +18,11 @@
 //! - Under `fsync=always` a chunk's bytes are synced before its pointer is written to sled, so a
 //!   stored pointer always finds its bytes. Under `interval`, the flusher syncs the chunk files
 //!   before sled; a crash may still leave pointers to bytes the disk never received, all of them
-//!   in the active file: recovery drops those (see `storage::recover`), as it would drop records
-//!   sled had not flushed.
+//!   in the newest file past the last sync noted: recovery drops those (see
+//!   `storage::count_chunks`), as it would drop records sled had not flushed.
 //! - A file is synced before a new one is started, so only the active file can have a torn tail.
-//! - A file is deleted only after the removal of its last pointer is durable in sled.
+//! - A file is deleted only after the removal of its last pointer is durable in sled, and never a
+//!   file no pointer referred to when the log was opened (sled may have lost its pointers).
 
 use crate::chunk::ChunkError;
 use bytes::Bytes;
@@ -185,8 +187,10 @@ impl ChunkFiles {
                 (id, file, 0)
             }
         };
+        // Dirty: a broker killed before its last sync leaves bytes in the kernel's cache only;
+        // the first sync must cover them before a mark says they are durable.
         let appender =
-            Appender { files: shared.clone(), id, file, len, file_bytes, dirty: false, buf: Vec::new() };
+            Appender { files: shared.clone(), id, file, len, file_bytes, dirty: true, buf: Vec::new() };
         Ok((shared, appender))
     }
 
@@ -332,9 +336,7 @@ impl Appender {
             return Ok(Vec::new());
         }
         if self.len >= self.file_bytes {
-            self.sync()?;
-            let (id, file) = self.files.create(self.id + 1)?;
-            (self.id, self.file, self.len) = (id, file, 0);
+            self.start_after(self.id)?;
         }
         // Small chunks are gathered into one write; large ones are written as they are, so no
         // commit-sized buffer is ever allocated (the allocator would keep it).
@@ -394,12 +396,31 @@ impl Appender {
         }
     }
 
-    /// Files that no pointer refers to, the active one excepted. The caller deletes them with
-    /// [`Appender::delete`] once the removal of their pointers is durable.
+    /// Files that pointers referred to and no longer do, the active one excepted. The caller
+    /// deletes them with [`Appender::delete`] once the removal of their pointers is durable. A
+    /// file no pointer referred to when the log was opened is never offered: sled may have lost
+    /// its pointers (a rollback), and `tapeline recover` would find its chunks.
     pub fn unreferenced(&self) -> Vec<u32> {
         let ids: Vec<u32> = self.files.read_files().keys().copied().collect();
         let live = self.files.live();
-        ids.into_iter().filter(|id| *id != self.id && live.get(id).copied().unwrap_or(0) == 0).collect()
+        ids.into_iter().filter(|id| *id != self.id && live.get(id) == Some(&0)).collect()
+    }
+
+    /// Files no pointer refers to (after the pointers were counted at open), the active one
+    /// excepted: kept, and said, since only an operator can tell whether they are needed.
+    pub fn orphans(&self) -> Vec<u32> {
+        let ids: Vec<u32> = self.files.read_files().keys().copied().collect();
+        let live = self.files.live();
+        ids.into_iter().filter(|id| *id != self.id && !live.contains_key(id)).collect()
+    }
+
+    /// Starts a new active file after file `id` (files up to it are missing, or are not to be
+    /// appended to).
+    pub fn start_after(&mut self, id: u32) -> crate::error::Result<()> {
+        self.sync()?;
+        let (id, file) = self.files.create(id + 1)?;
+        (self.id, self.file, self.len) = (id, file, 0);
+        Ok(())
     }
 
     /// Deletes files (see [`Appender::unreferenced`]).

@@ -174,8 +174,6 @@ pub struct TrimPlan {
     /// The counters of the first chunk kept: what the stream held before it, since its creation.
     pub records_before: u64,
     pub bytes_before: u64,
-    /// Where the removed chunks' bytes are (chunks stored inline have none).
-    pub freed: Vec<Location>,
 }
 
 /// The catalog as readers see it.
@@ -360,16 +358,11 @@ impl Log {
 
         let (chunks, mut appender) = ChunkFiles::open(&path, config.chunk_file_bytes)?;
         let synced = meta.get(SYNCED_KEY)?.and_then(|v| Position::decode(&v));
-        let unfinished = count_chunks(&records, &chunks, &mut appender, synced)?;
-        // Files nothing points to: a crash came between the removal of their last pointer and
-        // their deletion.
-        let unreferenced = appender.unreferenced();
-        appender.delete(&unreferenced);
-        let (streams, damaged_tail, trailers) = recover(&records, &catalog, &chunks)?;
+        // Nothing is changed before the rollback check below: a refused log stays as it is for
+        // `tapeline recover`.
+        let unwritten = count_chunks(&records, &chunks, &mut appender, synced)?;
+        let (streams, damaged_tail, trailers) = recover(&records, &catalog, &chunks, &unwritten.keys)?;
         let (mut producers, caught_up) = recover_producers(&records, trailers)?;
-        if let Some(from) = unfinished {
-            forget_producers_from(&records, &mut producers, from)?;
-        }
         let last = streams.values().filter_map(|s| s.last_tick).max();
         // A corrupt last chunk hides its stream's true last tick: the check would be a guess.
         // A mark of 0 acknowledges nothing (every stream was deleted).
@@ -379,6 +372,14 @@ impl Log {
                 return Err(guard::rolled_back(&path, last, mark));
             }
             guard::release_blobs(&path);
+        }
+        drop_unwritten(&records, &unwritten)?;
+        if let Some(from) = unwritten.from {
+            forget_producers_from(&records, &mut producers, from)?;
+        }
+        let orphans = appender.orphans();
+        if !orphans.is_empty() {
+            warn!(files = ?orphans, "chunk files no chunk refers to (a crash before their deletion, or pointers sled lost): kept for `tapeline recover`; delete them once not needed");
         }
         store_caught_up(&records, &producers, caught_up)?;
         let watermark = last.unwrap_or_default();
@@ -391,9 +392,10 @@ impl Log {
         }));
         let (commits, _) = broadcast::channel(COMMIT_BROADCAST);
         let (writer, inbox) = mpsc::channel(WRITER_QUEUE);
+        let flush_failed = Arc::new(std::sync::OnceLock::new());
         let flusher = match fsync {
             FsyncPolicy::Interval(every) => {
-                Some(start_flusher(db.clone(), meta.clone(), chunks.clone(), every)?)
+                Some(start_flusher(db.clone(), meta.clone(), chunks.clone(), every, flush_failed.clone())?)
             }
             FsyncPolicy::Always | FsyncPolicy::Never => None,
         };
@@ -411,6 +413,7 @@ impl Log {
             max_producers: config.limits.max_producers,
             max_streams: config.limits.max_streams,
             mark: temp_dir.is_none().then(|| Mark::new(path.clone(), last.unwrap_or_default())),
+            flush_failed,
             space: Space::new(
                 db.clone(),
                 chunks.clone(),
@@ -675,7 +678,6 @@ impl Log {
         let (mut key_now, mut value_now) = first?;
         let mut head_now = self.header(stream, &key_now, &value_now)?;
         let mut delete = Vec::new();
-        let mut freed = Vec::new();
         let mut last_deleted = None;
         // The last chunk is never removed: the loop only removes a chunk that has a successor.
         for next in chunks {
@@ -692,7 +694,6 @@ impl Log {
                 break;
             }
             delete.push(key_now);
-            freed.extend(Location::decode(&value_now));
             last_deleted = Some(value_now);
             (key_now, value_now, head_now) = (key_next, value_next, head_next);
         }
@@ -715,7 +716,6 @@ impl Log {
             through,
             records_before: head_now.records_before,
             bytes_before: head_now.bytes_before,
-            freed,
         }))
     }
 
@@ -764,9 +764,16 @@ impl Log {
             return Ok(stream.trimmed.records);
         };
         let (k, v) = entry?;
-        let loaded = self.load_current(&k, v).and_then(|v| {
-            v.ok_or_else(|| ChunkError { good: 0, detail: "removed by retention meanwhile".into() })
-        });
+        let loaded = match self.load_current(&k, v) {
+            Ok(Some(value)) => Ok(value),
+            // Retention removed that chunk meanwhile: every record up to `tick` is gone, and the
+            // stream's removed count now includes them (approximately: the chunk's later ones too).
+            Ok(None) => {
+                let now = self.read_shared().streams.get(&stream.name).map(|s| s.trimmed.records);
+                return Ok(now.unwrap_or(stream.trimmed.records));
+            }
+            Err(err) => Err(err),
+        };
         let (head, records) = loaded.and_then(|v| chunk::decode(&v)).map_err(|err| Error::DataLoss {
             stream: stream.name.to_string(),
             from: key_tick(&k),
@@ -966,6 +973,7 @@ fn recover(
     records: &sled::Tree,
     catalog: &sled::Tree,
     chunks: &ChunkFiles,
+    unwritten: &std::collections::HashSet<sled::IVec>,
 ) -> Result<(HashMap<Arc<str>, StreamInfo>, bool, Trailers)> {
     let mut streams = HashMap::new();
     let mut damaged_tail = false;
@@ -984,9 +992,12 @@ fn recover(
             recent: Recent::default(),
         };
         let prefix = id.0.to_be_bytes();
-        if let (Some(first), Some(last)) =
-            (records.scan_prefix(prefix).next(), records.scan_prefix(prefix).next_back())
-        {
+        // Chunks found unwritten are the newest of their streams: skipped from the end.
+        let written = |entry: &sled::Result<(sled::IVec, sled::IVec)>| !matches!(entry, Ok((k, _)) if unwritten.contains(k));
+        if let (Some(first), Some(last)) = (
+            records.scan_prefix(prefix).next().filter(written),
+            records.scan_prefix(prefix).rev().find(written),
+        ) {
             let (first_key, first_value) = first?;
             let (last_key, last_value) = last?;
             let first_head = chunks
@@ -1035,50 +1046,75 @@ fn recover(
     Ok((streams, damaged_tail, trailers))
 }
 
+/// Chunks a crash left without their bytes (see `count_chunks`): their keys, removed only once
+/// the open goes ahead, and the lowest first tick among them.
+#[derive(Default)]
+struct Unwritten {
+    keys: std::collections::HashSet<sled::IVec>,
+    from: Option<Tick>,
+}
+
 /// Counts, per chunk file, the bytes sled's pointers refer to (so that a file nothing refers to
-/// can be deleted), and drops the pointers a crash left without their bytes: unless
-/// `fsync=always`, sled may have stored a pointer whose bytes never reached the disk. Only
-/// chunks past the last sync (`synced`) can be such, so only those are read and checked; from
-/// the first that fails, the rest of its stream goes too (a stream's chunks past the sync are
-/// its newest), so a stream never has a gap. A damaged chunk before the sync is kept: reads
-/// report it as `DATA_LOSS`. Returns the lowest first tick of the chunks dropped. Reads every
-/// pointer, and the chunks past the sync.
+/// any more can be deleted), and finds the chunks a crash left without their bytes: unless
+/// `fsync=always`, sled may have stored a pointer whose bytes never reached the disk. Only chunks
+/// of the newest file (older ones were synced before it was started) past the last sync noted
+/// (`synced`) can be such, so only those are read and checked, in the order they were written;
+/// from the first that fails, every later one goes too, so that what is kept is a prefix of the
+/// commits and no stream has a gap. A damaged chunk before the sync is kept: reads report it as
+/// `DATA_LOSS`. Changes nothing in sled: the caller drops the chunks found (`drop_unwritten`)
+/// only once it decided to serve this log.
 fn count_chunks(
     records: &sled::Tree,
     chunks: &ChunkFiles,
     appender: &mut Appender,
     synced: Option<Position>,
-) -> Result<Option<Tick>> {
-    let mut dropped = Vec::new();
-    let mut failed_stream: Option<[u8; 4]> = None;
+) -> Result<Unwritten> {
+    let newest = appender.position().file;
+    let mut unsynced = Vec::new();
+    let mut highest = newest;
     for entry in records.range(..TRIM_PREFIX) {
         let (k, v) = entry?;
         let Some(at) = Location::decode(&v) else { continue };
-        if !synced.is_some_and(|synced| synced.covers(at)) {
-            let stream: [u8; 4] = k[..4].try_into().unwrap_or_default();
-            let failed = if failed_stream == Some(stream) {
-                Err("an earlier chunk of the stream was dropped".to_string())
-            } else {
-                chunks.read(at).and_then(|bytes| chunk::decode(&bytes).map(|_| ())).map_err(|e| e.detail)
-            };
-            if let Err(detail) = failed {
-                warn!(stream_id = u32::from_be_bytes(stream), tick = %key_tick(&k), %detail, "chunk never fully written (crash before a sync); dropped");
-                failed_stream = Some(stream);
-                dropped.push(k);
-                continue;
-            }
+        highest = highest.max(at.file);
+        if at.file >= newest && !synced.is_some_and(|synced| synced.covers(at)) {
+            unsynced.push((at, k));
+        } else {
+            appender.counted(at);
         }
-        appender.counted(at);
     }
-    let from = dropped.iter().map(|k| key_tick(k)).min();
-    if !dropped.is_empty() {
-        for k in dropped {
-            records.remove(k)?;
+    if highest > newest {
+        // Pointers into files past the newest one: those files are missing. New chunks must not
+        // take their names (reads of those pointers report the loss).
+        error!(missing = highest, newest, "chunk files are missing; new chunks go to a new file after them");
+        appender.start_after(highest)?;
+    }
+    unsynced.sort_by_key(|(at, _)| (at.file, at.offset));
+    let intact = |at: Location| chunks.read(at).and_then(|bytes| chunk::decode(&bytes).map(|_| ()));
+    let cut = unsynced.iter().position(|(at, _)| intact(*at).is_err()).unwrap_or(unsynced.len());
+    let mut unwritten = Unwritten::default();
+    for (i, (at, k)) in unsynced.into_iter().enumerate() {
+        if i < cut {
+            appender.counted(at);
+            continue;
         }
-        // Before anything is appended where the dropped pointers point.
-        records.flush()?;
+        warn!(stream_id = u32::from_be_bytes(k[..4].try_into().unwrap_or_default()), tick = %key_tick(&k), file = at.file, offset = at.offset, "chunk written after the last sync and not (or not wholly) on disk: dropped with every later one");
+        unwritten.from = Some(unwritten.from.map_or(key_tick(&k), |from| from.min(key_tick(&k))));
+        unwritten.keys.insert(k);
     }
-    Ok(from)
+    Ok(unwritten)
+}
+
+/// Removes the pointers of the chunks `count_chunks` found unwritten, and makes that durable
+/// before anything is appended where they point.
+fn drop_unwritten(records: &sled::Tree, unwritten: &Unwritten) -> Result<()> {
+    if unwritten.keys.is_empty() {
+        return Ok(());
+    }
+    for k in &unwritten.keys {
+        records.remove(k)?;
+    }
+    records.flush()?;
+    Ok(())
 }
 
 /// Forgets the producers' batches whose records recovery dropped (`count_chunks`), and stores
@@ -1106,6 +1142,7 @@ fn start_flusher(
     meta: sled::Tree,
     chunks: Arc<ChunkFiles>,
     every: std::time::Duration,
+    failed: Arc<std::sync::OnceLock<String>>,
 ) -> Result<Flusher> {
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let handle = std::thread::Builder::new()
@@ -1123,7 +1160,11 @@ fn start_flusher(
                     })
                     .and_then(|()| db.flush().map(|_| ()).map_err(|e| e.to_string()));
                 if let Err(cause) = flushed {
-                    error!(%cause, "the periodic flush failed");
+                    // After a failed fsync the kernel may drop the dirty pages: what was written
+                    // since the last sync may be lost. Stop, as the writer does on a failed write.
+                    error!(%cause, "the periodic flush failed; the log takes no more writes");
+                    let _ = failed.set(cause);
+                    return;
                 }
             }
         })
@@ -1208,6 +1249,8 @@ struct Writer {
     mark: Option<Mark>,
     /// Set when a write or flush failed: every later append is refused with this cause.
     failed: Option<String>,
+    /// Set by the flusher thread when a periodic flush failed (taken into `failed`).
+    flush_failed: Arc<std::sync::OnceLock<String>>,
     shared: Arc<RwLock<Shared>>,
     commits: broadcast::Sender<Commit>,
 }
@@ -1452,12 +1495,18 @@ impl Writer {
             .streams
             .insert(stream.name.clone(), stream.clone());
         let mut batch = sled::Batch::default();
+        // Where the chunks are now (compaction may have moved one since the plan was made).
+        let mut freed = Vec::new();
         for k in &plan.delete {
+            match self.records.get(k) {
+                Ok(value) => freed.extend(value.and_then(|v| Location::decode(&v))),
+                Err(err) => return Err(err.into()),
+            }
             batch.remove(k.clone());
         }
         batch.insert(trim_key(plan.id).as_ref(), plan.through.0.to_le_bytes().as_ref());
         if let Err(err) =
-            self.records.apply_batch(batch).map_err(Error::from).and_then(|()| self.release(&plan.freed))
+            self.records.apply_batch(batch).map_err(Error::from).and_then(|()| self.release(&freed))
         {
             error!(cause = %err, stream = %plan.stream, "removing chunks failed; the log takes no more writes");
             self.failed = Some(err.to_string());
@@ -1586,6 +1635,9 @@ impl Writer {
     }
 
     fn commit(&mut self, group: Vec<(Vec<NewRecord>, Source, Reply)>) {
+        if self.failed.is_none() {
+            self.failed = self.flush_failed.get().cloned();
+        }
         if let Some(cause) = &self.failed {
             for (_, _, reply) in group {
                 let _ = reply.send(Err(Error::LogFailed { cause: cause.clone() }));

@@ -326,6 +326,7 @@ async fn chunk_files_are_deleted_and_a_quiet_streams_last_chunk_does_not_keep_on
     for _ in 0..32 {
         busy.extend(publish(&mut client, "busy", &[payload.as_str(); 16]).await);
     }
+    until(&mut client, "busy", "the stream to fit", |i| i.bytes <= MIB).await;
     let chunk_files = || std::fs::read_dir(dir.path().join(tapeline::chunk_files::DIR)).unwrap().count();
     let first_file = tapeline::chunk_files::path_in(dir.path(), 0);
     let deadline = tokio::time::Instant::now() + WAIT;
