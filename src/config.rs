@@ -677,6 +677,7 @@ mod tests {
         assert_eq!(config.limits, default.limits);
         assert_eq!(config.heartbeat, default.heartbeat);
         assert_eq!(config.cache_bytes, default.cache_bytes);
+        assert_eq!(config.chunk_file_bytes, default.chunk_file_bytes);
         assert_eq!(config.max_disk_bytes, default.max_disk_bytes);
         assert_eq!(config.min_free_disk_bytes, default.min_free_disk_bytes);
         assert!(config.mirrors.is_empty());
@@ -692,6 +693,9 @@ mod tests {
         assert!(err.contains("fsync") && err.contains("sometimes") && err.contains("interval=MS"), "{err}");
         let err = File::parse("heartbeat = \"soon\"").unwrap().config().unwrap_err().to_string();
         assert!(err.contains("heartbeat") && err.contains("soon"), "{err}");
+        let err = File::parse("chunk_file_bytes = 4096").unwrap().config().unwrap().validate();
+        let err = err.unwrap_err().to_string();
+        assert!(err.contains("chunk_file_bytes") && err.contains("4096") && err.contains("1 MiB"), "{err}");
         let file =
             File::parse("[[mirror]]\nupstream = \"http://a:1\"\nstreams = [\"s/**\"]\nfrom = \"now\"\n")
                 .unwrap();
