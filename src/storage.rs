@@ -1069,23 +1069,33 @@ fn count_chunks(
     appender: &mut Appender,
     synced: Option<Position>,
 ) -> Result<Unwritten> {
-    let newest = appender.position().file;
+    let newest = appender.position();
     let mut unsynced = Vec::new();
-    let mut highest = newest;
+    let mut highest = newest.file;
+    // A pointer into a file past the newest, or past the newest file's end: that file is
+    // missing or shorter than what was written to it.
+    let mut lost = false;
     for entry in records.range(..TRIM_PREFIX) {
         let (k, v) = entry?;
         let Some(at) = Location::decode(&v) else { continue };
         highest = highest.max(at.file);
-        if at.file >= newest && !synced.is_some_and(|synced| synced.covers(at)) {
+        lost |=
+            at.file > newest.file || (at.file == newest.file && at.offset + u64::from(at.len) > newest.len);
+        if at.file >= newest.file && !synced.is_some_and(|synced| synced.covers(at)) {
             unsynced.push((at, k));
         } else {
             appender.counted(at);
         }
     }
-    if highest > newest {
-        // Pointers into files past the newest one: those files are missing. New chunks must not
-        // take their names (reads of those pointers report the loss).
-        error!(missing = highest, newest, "chunk files are missing; new chunks go to a new file after them");
+    if lost {
+        // New chunks must not land where old pointers point: they go to a new file after every
+        // file referred to. Reads of the old pointers report the loss (or, for chunks a crash
+        // left unwritten, recovery drops them below).
+        warn!(
+            highest,
+            newest = newest.file,
+            "chunks are referred to past the end of the chunk files; new chunks go to a new file"
+        );
         appender.start_after(highest)?;
     }
     unsynced.sort_by_key(|(at, _)| (at.file, at.offset));

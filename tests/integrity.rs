@@ -402,3 +402,42 @@ async fn a_data_dir_from_before_chunk_files_opens_and_grows() {
     assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
     assert!(text(&out.stdout).contains(&format!("{} intact records", stored.len())), "{}", text(&out.stdout));
 }
+
+/// A chunk file gone (deleted by hand, or lost with its disk) while sled still points into it:
+/// the broker opens, reads of its chunks are `DATA_LOSS` naming their range, new chunks go to a
+/// new file (never under the lost file's name, where the old pointers would find them), and the
+/// records published after it are served.
+#[tokio::test]
+async fn a_lost_chunk_file_is_data_loss_and_its_name_is_not_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = TestServer::start(&data).await;
+    let before = fill(&server.url(), "s", 2, 50).await;
+    server.stop().await;
+    let lost = tapeline::chunk_files::path_in(&data, 0);
+    std::fs::remove_file(&lost).unwrap();
+
+    let server = TestServer::start(&data).await;
+    let after = fill(&server.url(), "s", 1, 10).await;
+    let reused = std::fs::metadata(&lost).map_or(0, |m| m.len());
+    assert_eq!(reused, 0, "nothing is written under the lost file's name");
+    assert!(tapeline::chunk_files::path_in(&data, 1).exists(), "new chunks go to the next file");
+    let last = *after.keys().last().unwrap();
+    // Each lost chunk is its own DATA_LOSS range; a subscriber resumes after each.
+    let (mut served, mut lost_ranges, mut resume) = (BTreeMap::new(), Vec::new(), None);
+    loop {
+        let (got, status) = read(&server.url(), "s", resume, last).await;
+        served.extend(got);
+        let Some(status) = status else { break };
+        assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+        let (from, to) = named_range(status.message());
+        lost_ranges.push((from, to));
+        resume = Some(to);
+    }
+    assert_eq!(served, after, "exactly the records published after the loss");
+    assert!(
+        before.keys().all(|t| lost_ranges.iter().any(|(from, to)| (from..=to).contains(&t))),
+        "every lost record lies in a range named: {lost_ranges:?}"
+    );
+    server.stop().await;
+}
