@@ -53,9 +53,17 @@ impl TestServer {
             DataDir::Volatile => PathBuf::new(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(tapeline::server::run(config, listener, async move {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(async move {
+            let result = tapeline::server::run(config, listener, async move {
+                let _ = stopped.await;
+            })
+            .await;
+            // A broker that cannot start shows only as a refused connection: say why.
+            if let Err(err) = &result {
+                eprintln!("the test server on {addr} stopped: {err}");
+            }
+            result
+        });
         TestServer { addr, data, stop: Some(stop), task: Some(task) }
     }
 
