@@ -221,12 +221,6 @@ impl ChunkFiles {
         Ok((id, file))
     }
 
-    /// The length of file `id` now, if it exists.
-    pub fn len(&self, id: u32) -> Option<u64> {
-        let file = self.read_files().get(&id).cloned()?;
-        file.metadata().ok().map(|m| m.len())
-    }
-
     /// Bytes every chunk file takes.
     pub fn total_bytes(&self) -> u64 {
         let files: Vec<Arc<File>> = self.read_files().values().cloned().collect();

@@ -785,17 +785,10 @@ impl Log {
 
     /// Makes everything written so far durable: the chunk files, then sled.
     pub async fn flush(&self) -> Result<()> {
-        let chunks = self.chunks.clone();
-        let synced = tokio::task::spawn_blocking(move || chunks.sync())
+        let (db, meta, chunks) = (self.db.clone(), self.meta.clone(), self.chunks.clone());
+        tokio::task::spawn_blocking(move || flush_all(&db, &meta, &chunks))
             .await
-            .map_err(std::io::Error::other)
-            .and_then(|synced| synced)
-            .map_err(|source| Error::Io { context: "syncing the chunk files".into(), source })?;
-        if let Some(at) = synced {
-            self.meta.insert(SYNCED_KEY, &at.encode())?;
-        }
-        self.db.flush_async().await?;
-        Ok(())
+            .map_err(|err| Error::Internal(format!("flush task failed: {err}")))?
     }
 
     /// Creates `name` with `meta`; an existing stream keeps its records and gets `meta` when
@@ -1144,6 +1137,18 @@ fn forget_producers_from(records: &sled::Tree, producers: &mut Producers, from: 
 /// Under `fsync=interval`, makes the log durable every `every`: the chunk files first, then sled,
 /// so that sled's pointers reach the disk after the bytes they point to. The thread stops when
 /// the returned sender is dropped, with the log.
+/// Syncs the chunk files, notes how far ([`SYNCED_KEY`]), then flushes sled: the order that
+/// keeps sled's pointers from reaching the disk before the bytes they point to. Blocking.
+fn flush_all(db: &sled::Db, meta: &sled::Tree, chunks: &ChunkFiles) -> Result<()> {
+    let synced =
+        chunks.sync().map_err(|source| Error::Io { context: "syncing the chunk files".into(), source })?;
+    if let Some(at) = synced {
+        meta.insert(SYNCED_KEY, &at.encode())?;
+    }
+    db.flush()?;
+    Ok(())
+}
+
 /// The flusher thread, and the sender whose drop stops it.
 type Flusher = (std::sync::mpsc::Sender<()>, JoinHandle<()>);
 
@@ -1159,17 +1164,8 @@ fn start_flusher(
         .name("tapeline-flusher".into())
         .spawn(move || {
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-                let flushed = chunks
-                    .sync()
-                    .map_err(|err| err.to_string())
-                    .and_then(|synced| match synced {
-                        Some(at) => {
-                            meta.insert(SYNCED_KEY, &at.encode()).map(|_| ()).map_err(|e| e.to_string())
-                        }
-                        None => Ok(()),
-                    })
-                    .and_then(|()| db.flush().map(|_| ()).map_err(|e| e.to_string()));
-                if let Err(cause) = flushed {
+                if let Err(err) = flush_all(&db, &meta, &chunks) {
+                    let cause = err.to_string();
                     // After a failed fsync the kernel may drop the dirty pages: what was written
                     // since the last sync may be lost. Stop, as the writer does on a failed write.
                     error!(%cause, "the periodic flush failed; the log takes no more writes");
