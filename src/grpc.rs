@@ -7,11 +7,12 @@ use crate::codec;
 use crate::config::Limits;
 use crate::connections::Connections;
 use crate::error::Error;
-use crate::record::{Record, StreamInfo, StreamMeta};
+use crate::record::{StreamInfo, StreamMeta};
 use crate::relay::UpstreamStatus;
 use crate::retention::Policy;
 use crate::storage::Appended;
 use crate::subscription::{Event, SlowConsumer, Start};
+use crate::wire;
 use futures::stream::{FuturesOrdered, Stream, StreamExt};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -28,6 +29,12 @@ pub mod pb {
 
     /// The encoded descriptors of the protocol, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tapeline_descriptor");
+}
+
+/// The generated server: the messages of [`pb`], except that it sends
+/// [`crate::wire::SubscribeResponse`] (see `build.rs`).
+pub mod serve {
+    include!(concat!(env!("OUT_DIR"), "/server/tapeline.v1.rs"));
 }
 
 /// Batches of one `PublishStream` that may wait for their ack at once; past this the server stops
@@ -74,10 +81,12 @@ pub fn service(
     broker: Arc<Broker>,
     limits: &Limits,
     connections: Arc<Connections>,
-) -> InterceptedService<pb::tapeline_server::TapelineServer<Service>, impl tonic::service::Interceptor + Clone>
-{
+) -> InterceptedService<
+    serve::tapeline_server::TapelineServer<Service>,
+    impl tonic::service::Interceptor + Clone,
+> {
     codec::admit(limits);
-    let server = pb::tapeline_server::TapelineServer::new(Service { broker })
+    let server = serve::tapeline_server::TapelineServer::new(Service { broker })
         .max_decoding_message_size(limits.max_message_bytes())
         .max_encoding_message_size(usize::MAX);
     InterceptedService::new(server, move |request: Request<()>| {
@@ -108,17 +117,6 @@ pub fn incoming(records: Vec<pb::Record>) -> Vec<Incoming> {
             crc32: r.crc32,
         })
         .collect()
-}
-
-fn record(r: Record) -> pb::Record {
-    pb::Record {
-        stream: r.stream.to_string(),
-        tick: r.tick.0,
-        origin_time: r.origin_time.unwrap_or(0),
-        headers: r.headers.into_iter().collect(),
-        payload: r.payload,
-        crc32: Some(r.crc32),
-    }
 }
 
 fn retention(p: &Policy) -> pb::Retention {
@@ -169,13 +167,12 @@ fn upstream_status(u: UpstreamStatus) -> pb::UpstreamStatus {
     }
 }
 
-fn event(e: Event) -> pb::SubscribeResponse {
+fn event(e: Event) -> wire::SubscribeResponse {
     use pb::subscribe_response::Event as E;
     let event = match e {
-        Event::Records { records, complete_to } => E::Records(pb::RecordBatch {
-            records: records.into_iter().map(record).collect(),
-            complete_to: complete_to.0,
-        }),
+        Event::Records { records, complete_to } => {
+            return wire::SubscribeResponse::Records(wire::RecordBatch::new(records, complete_to.0))
+        }
         Event::CaughtUp(tick) => E::CaughtUp(pb::CaughtUp { tick: tick.0 }),
         Event::Heartbeat { tail, server_time, upstreams } => E::Heartbeat(pb::Heartbeat {
             tail_tick: tail.0,
@@ -199,7 +196,7 @@ fn event(e: Event) -> pb::SubscribeResponse {
             E::Gap(pb::Gap { stream: stream.to_string(), records, from_tick: from.0, to_tick: to.0 })
         }
     };
-    pb::SubscribeResponse { event: Some(event) }
+    wire::SubscribeResponse::Other(Box::new(pb::SubscribeResponse { event: Some(event) }))
 }
 
 fn ack(batch_id: u64, result: Result<Appended, Error>) -> pb::PublishAck {
@@ -221,7 +218,7 @@ fn ack(batch_id: u64, result: Result<Appended, Error>) -> pb::PublishAck {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl pb::tapeline_server::Tapeline for Service {
+impl serve::tapeline_server::Tapeline for Service {
     async fn hello(&self, request: Request<pb::HelloRequest>) -> Result<Response<pb::HelloResponse>, Status> {
         let req = request.into_inner();
         debug!(client = %req.client_name, version = %req.client_version, id = %req.client_id, "hello");
@@ -314,7 +311,7 @@ impl pb::tapeline_server::Tapeline for Service {
         Ok(Response::new(Box::pin(ReceiverStream::new(out))))
     }
 
-    type SubscribeStream = BoxStream<pb::SubscribeResponse>;
+    type SubscribeStream = BoxStream<wire::SubscribeResponse>;
 
     async fn subscribe(
         &self,

@@ -46,5 +46,7 @@ pub mod server;
 pub mod space;
 pub mod storage;
 pub mod subscription;
+pub mod tail_cache;
+pub mod wire;
 
 pub use error::{Error, Result};

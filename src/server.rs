@@ -61,7 +61,7 @@ async fn serve(
         .map_err(|source| Error::Io { context: "reading the listen address".into(), source })?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<grpc::pb::tapeline_server::TapelineServer<grpc::Service>>().await;
+    health.set_serving::<grpc::serve::tapeline_server::TapelineServer<grpc::Service>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(grpc::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -106,7 +106,7 @@ async fn serve(
             info!("shutting down");
             let began = Instant::now();
             token.cancel();
-            health.set_not_serving::<grpc::pb::tapeline_server::TapelineServer<grpc::Service>>().await;
+            health.set_not_serving::<grpc::serve::tapeline_server::TapelineServer<grpc::Service>>().await;
             let served = match tokio::time::timeout(DRAIN_TIMEOUT, &mut serve).await {
                 Ok(served) => served,
                 Err(_) => {

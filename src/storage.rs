@@ -49,6 +49,7 @@ use crate::guard::{self, Mark};
 use crate::producers::{self, BatchTag, Producers, Seen};
 use crate::record::{NewRecord, Recent, Stored, StreamId, StreamInfo, StreamMeta, Tick, Trimmed};
 use crate::space::Space;
+use crate::tail_cache::{Decoded, TailCache};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -251,6 +252,8 @@ pub struct Log {
     records: sled::Tree,
     /// Where the chunks' bytes are.
     chunks: Arc<ChunkFiles>,
+    /// The newest chunks, decoded once for every subscriber at the tail.
+    tail: TailCache,
     /// sled's `meta` tree (see [`SYNCED_KEY`]).
     meta: sled::Tree,
     shared: Arc<RwLock<Shared>>,
@@ -433,6 +436,7 @@ impl Log {
             db,
             records,
             chunks,
+            tail: TailCache::default(),
             meta,
             shared,
             commits,
@@ -606,6 +610,20 @@ impl Log {
                 Err(err) => return Err(err.into()),
             };
             let index = chunks.len() as u32;
+            // The newest chunks: read and verified once for every subscriber at the tail.
+            if let Some(kept) = self.tail.get(&v) {
+                kept.copy_into(index, first_wanted, upto, &mut records);
+                chunks.push(kept.value.clone());
+                if records.last().is_some_and(|r| r.tick >= upto) {
+                    return Ok(ReadBatch { records, chunks, complete: true, truncated: None });
+                }
+                if records.len() >= max_records {
+                    return Ok(ReadBatch { records, chunks, complete: false, truncated: None });
+                }
+                continue;
+            }
+            let before = records.len();
+            let pointer = v.clone();
             // A chunk whose bytes cannot be read is damaged like one that does not decode.
             let loaded = match self.load_current(&k, v) {
                 Ok(Some(value)) => Ok(value),
@@ -617,29 +635,41 @@ impl Log {
                 Ok(value) => chunk::decode_into(value, index, first_wanted, upto, &mut records),
                 Err(err) => Err(err.clone()),
             };
-            if let Err(err) = decoded {
-                if !records.is_empty() {
-                    // Deliver the intact records first (those before the damage included); the
-                    // next read starts at the damage and reports it.
-                    chunks.push(loaded.unwrap_or_default());
-                    return Ok(ReadBatch { records, chunks, complete: false, truncated: None });
+            let head = match decoded {
+                Ok(head) => head,
+                Err(err) => {
+                    if !records.is_empty() {
+                        // Deliver the intact records first (those before the damage included); the
+                        // next read starts at the damage and reports it.
+                        chunks.push(loaded.unwrap_or_default());
+                        return Ok(ReadBatch { records, chunks, complete: false, truncated: None });
+                    }
+                    let from = key_tick(&k).max(first_wanted);
+                    // Up to the stream's next chunk, wherever it lies (not bounded by this read).
+                    let after = key(id, Tick(key_tick(&k).0.saturating_add(1)));
+                    let to = match self.records.range(after..=key(id, Tick::MAX)).next() {
+                        Some(Ok((next, _))) => Tick(key_tick(&next).0.saturating_sub(1)),
+                        _ => stream.last_tick.unwrap_or(from).max(from),
+                    };
+                    error!(stream = %stream.name, from = %from, to = %to, detail = %err.detail, "corrupt chunk");
+                    return Err(Error::DataLoss {
+                        stream: stream.name.to_string(),
+                        from,
+                        to,
+                        detail: err.detail,
+                    });
                 }
-                let from = key_tick(&k).max(first_wanted);
-                // Up to the stream's next chunk, wherever it lies (not bounded by this read).
-                let after = key(id, Tick(key_tick(&k).0.saturating_add(1)));
-                let to = match self.records.range(after..=key(id, Tick::MAX)).next() {
-                    Some(Ok((next, _))) => Tick(key_tick(&next).0.saturating_sub(1)),
-                    _ => stream.last_tick.unwrap_or(from).max(from),
-                };
-                error!(stream = %stream.name, from = %from, to = %to, detail = %err.detail, "corrupt chunk");
-                return Err(Error::DataLoss {
-                    stream: stream.name.to_string(),
-                    from,
-                    to,
-                    detail: err.detail,
-                });
+            };
+            let value = loaded.unwrap_or_default();
+            // A whole chunk that ends at the stream's tail is what the other subscribers at the
+            // tail read next. (Inline chunks, from before chunk files, have no pointer.)
+            let whole = head.count as usize == records.len() - before;
+            let at_tail = records.last().is_some_and(|r| Some(r.tick) >= stream.last_tick);
+            if whole && at_tail && Location::decode(&pointer).is_some() {
+                let kept = records[before..].iter().map(|r| Stored { chunk: 0, ..r.clone() }).collect();
+                self.tail.insert(&pointer, Arc::new(Decoded { value: value.clone(), records: kept }));
             }
-            chunks.push(loaded.unwrap_or_default());
+            chunks.push(value);
             if records.last().is_some_and(|r| r.tick >= upto) {
                 return Ok(ReadBatch { records, chunks, complete: true, truncated: None });
             }

@@ -1,0 +1,135 @@
+//! The newest chunks, read once and shared by every subscriber at the live tail.
+//!
+//! Why: each commit writes a new chunk per stream, and every subscriber following that stream
+//! reads it: with 100 subscribers, the same few kilobytes were read from the chunk file,
+//! CRC-checked and decoded 100 times. A chunk that ends at its stream's tail when it is read is
+//! kept here, verified and decoded, and the other readers take its records from here.
+//!
+//! Invariants:
+//! - Keyed by the chunk's pointer (file, offset, length). Chunk files are append-only and a
+//!   file's name is never reused, so a pointer always names the same bytes; a chunk moved by
+//!   compaction has a new pointer. Removal needs no invalidation: readers find chunks through
+//!   sled's keys first and filter what retention removed after the read (`Log::read`).
+//! - Only chunks that decoded whole and verified are kept.
+//! - Bounded: at most [`MAX_CHUNKS`] chunks and [`MAX_BYTES`] of chunk bytes; the oldest entry
+//!   goes first.
+
+use crate::record::{Stored, Tick};
+use bytes::Bytes;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+/// Chunks kept, at most: a few commits of every stream many subscribers follow at once.
+const MAX_CHUNKS: usize = 1024;
+/// Chunk bytes kept, at most.
+const MAX_BYTES: usize = 16 << 20;
+
+/// A chunk's bytes and every record in it (their `chunk` index is 0).
+#[derive(Debug)]
+pub struct Decoded {
+    pub value: Bytes,
+    pub records: Vec<Stored>,
+}
+
+impl Decoded {
+    /// Appends the records with `from <= tick <= upto` to `out`, as records of the read's chunk
+    /// `index`.
+    pub fn copy_into(&self, index: u32, from: Tick, upto: Tick, out: &mut Vec<Stored>) {
+        let start = self.records.partition_point(|r| r.tick < from);
+        for r in self.records[start..].iter().take_while(|r| r.tick <= upto) {
+            out.push(Stored { chunk: index, ..r.clone() });
+        }
+    }
+}
+
+/// The cache; shared by the log's readers.
+#[derive(Debug, Default)]
+pub struct TailCache {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    chunks: HashMap<Vec<u8>, Arc<Decoded>>,
+    /// Pointers in the order they were kept.
+    order: VecDeque<Vec<u8>>,
+    bytes: usize,
+}
+
+impl TailCache {
+    /// The chunk whose pointer is `pointer`, if it is kept.
+    pub fn get(&self, pointer: &[u8]) -> Option<Arc<Decoded>> {
+        self.lock().chunks.get(pointer).cloned()
+    }
+
+    /// Keeps a verified chunk, making room by letting the oldest go.
+    pub fn insert(&self, pointer: &[u8], chunk: Arc<Decoded>) {
+        let mut inner = self.lock();
+        if inner.chunks.contains_key(pointer) || chunk.value.len() > MAX_BYTES {
+            return;
+        }
+        while inner.order.len() >= MAX_CHUNKS || inner.bytes + chunk.value.len() > MAX_BYTES {
+            let Some(oldest) = inner.order.pop_front() else { break };
+            if let Some(gone) = inner.chunks.remove(&oldest) {
+                inner.bytes -= gone.value.len();
+            }
+        }
+        inner.bytes += chunk.value.len();
+        inner.order.push_back(pointer.to_vec());
+        inner.chunks.insert(pointer.to_vec(), chunk);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic elsewhere while holding the lock leaves a consistent map: it is only ever
+        // changed by the few lines of `insert`.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(first: u64, n: u64, bytes: usize) -> Arc<Decoded> {
+        let records = (first..first + n)
+            .map(|t| Stored {
+                tick: Tick(t),
+                origin_time: None,
+                headers: Vec::new(),
+                chunk: 0,
+                payload: 0..0,
+                crc32: 0,
+            })
+            .collect();
+        Arc::new(Decoded { value: Bytes::from(vec![0u8; bytes]), records })
+    }
+
+    #[test]
+    fn a_range_of_a_kept_chunk_is_copied_with_the_read_s_chunk_index() {
+        let cache = TailCache::default();
+        cache.insert(b"p1", chunk(10, 5, 100));
+        let mut out = Vec::new();
+        cache.get(b"p1").expect("kept").copy_into(3, Tick(11), Tick(13), &mut out);
+        assert_eq!(out.iter().map(|r| r.tick.0).collect::<Vec<_>>(), vec![11, 12, 13]);
+        assert!(out.iter().all(|r| r.chunk == 3));
+        assert!(cache.get(b"p2").is_none());
+    }
+
+    #[test]
+    fn the_oldest_chunks_go_first_when_bytes_or_count_run_out() {
+        let cache = TailCache::default();
+        cache.insert(b"a", chunk(1, 1, MAX_BYTES / 2));
+        cache.insert(b"b", chunk(2, 1, MAX_BYTES / 2));
+        cache.insert(b"c", chunk(3, 1, MAX_BYTES / 2));
+        assert!(cache.get(b"a").is_none(), "the oldest went to make room");
+        assert!(cache.get(b"b").is_some() && cache.get(b"c").is_some());
+        for i in 0..MAX_CHUNKS + 1 {
+            cache.insert(format!("n{i}").as_bytes(), chunk(10, 1, 1));
+        }
+        let inner = cache.lock();
+        assert_eq!(inner.chunks.len(), MAX_CHUNKS);
+        assert_eq!(inner.order.len(), MAX_CHUNKS);
+        assert!(inner.chunks.contains_key(format!("n{MAX_CHUNKS}").as_bytes()));
+        assert!(inner.bytes <= MAX_BYTES);
+    }
+}
