@@ -1,5 +1,6 @@
 //! The gRPC codec of the tapeline service: prost's, plus a screen that looks at a
-//! `PublishRequest`'s raw bytes before they are decoded.
+//! `PublishRequest`'s raw bytes before they are decoded, and an encoder that reserves a
+//! message's length before writing it.
 //!
 //! Why: a record on the wire can be 2 bytes (`0a 00`, an empty record) but decodes into a struct
 //! of more than a hundred bytes, and a header entry likewise. Checked only after decoding, the
@@ -18,7 +19,7 @@ use crate::error::Error;
 use crate::grpc::{pb, status};
 use std::any::TypeId;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use tonic::codec::{DecodeBuf, Decoder};
+use tonic::codec::{DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::Status;
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
@@ -49,15 +50,36 @@ where
 {
     type Encode = T;
     type Decode = U;
-    type Encoder = ProstEncoder<T>;
+    type Encoder = Reserving<T>;
     type Decoder = Screened<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        self.0.encoder()
+        Reserving(self.0.encoder())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
         Screened(self.0.decoder())
+    }
+}
+
+/// Prost's encoder, with room for the whole message reserved first.
+///
+/// Why: a message is written field by field into tonic's buffer, which otherwise grows (and is
+/// copied) again and again: a batch of records is written by up to thousands of small writes.
+#[derive(Debug)]
+pub struct Reserving<T>(ProstEncoder<T>);
+
+impl<T: prost::Message> Encoder for Reserving<T> {
+    type Item = T;
+    type Error = Status;
+
+    fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        buf.reserve(item.encoded_len());
+        self.0.encode(item, buf)
+    }
+
+    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+        self.0.buffer_settings()
     }
 }
 

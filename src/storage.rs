@@ -49,7 +49,7 @@ use crate::guard::{self, Mark};
 use crate::producers::{self, BatchTag, Producers, Seen};
 use crate::record::{NewRecord, Recent, Stored, StreamId, StreamInfo, StreamMeta, Tick, Trimmed};
 use crate::space::Space;
-use crate::tail_cache::{Decoded, TailCache};
+use crate::tail_cache::{self, Decoded, TailCache};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -661,11 +661,15 @@ impl Log {
                 }
             };
             let value = loaded.unwrap_or_default();
-            // A whole chunk that ends at the stream's tail is what the other subscribers at the
-            // tail read next. (Inline chunks, from before chunk files, have no pointer.)
+            // A whole chunk near the stream's tail is what the other subscribers following the
+            // stream read next, even those a little behind. (Inline chunks, from before chunk
+            // files, have no pointer.)
             let whole = head.count as usize == records.len() - before;
-            let at_tail = records.last().is_some_and(|r| Some(r.tick) >= stream.last_tick);
-            if whole && at_tail && Location::decode(&pointer).is_some() {
+            let recent = match (records.last(), stream.last_tick) {
+                (Some(r), Some(last)) => r.tick.0.saturating_add(tail_cache::RECENT.0) >= last.0,
+                _ => false,
+            };
+            if whole && recent && Location::decode(&pointer).is_some() {
                 let kept = records[before..].iter().map(|r| Stored { chunk: 0, ..r.clone() }).collect();
                 self.tail.insert(&pointer, Arc::new(Decoded { value: value.clone(), records: kept }));
             }

@@ -332,8 +332,11 @@ impl Pump {
         }
     }
 
-    fn track(&mut self, info: StreamInfo, pos: Option<Tick>) {
+    fn track(&mut self, mut info: StreamInfo, pos: Option<Tick>) {
         let pos = self.spec.resume.get(&*info.name).copied().or(pos);
+        // A name of its own: every delivered record holds a reference to it, and a count shared
+        // by all subscribers of the stream would bounce between cores at each record.
+        info.name = Arc::from(&*info.name);
         self.index.insert(info.id, self.cursors.len());
         self.cursors.push(Cursor {
             info,
@@ -564,18 +567,24 @@ impl Pump {
             }
         }
         while let Some(Reverse((_, _, i))) = heads.pop() {
-            self.announce_truncation(i).await?;
-            if let Some(record) = self.cursors[i].buffer.pop_front() {
-                let cursor = &mut self.cursors[i];
-                cursor.delivered = Some(record.tick);
-                let record = record.named(&cursor.info.name, &cursor.chunks);
-                self.push(record).await?;
-            }
-            if self.cursors[i].buffer.is_empty() {
-                // Release the chunks as soon as nothing points into them.
-                self.cursors[i].chunks = Vec::new();
-                if self.cursors[i].more {
-                    self.refill(i, bound).await?;
+            loop {
+                self.announce_truncation(i).await?;
+                if let Some(record) = self.cursors[i].buffer.pop_front() {
+                    let cursor = &mut self.cursors[i];
+                    cursor.delivered = Some(record.tick);
+                    let record = record.named(&cursor.info.name, &cursor.chunks);
+                    self.push(record).await?;
+                }
+                if self.cursors[i].buffer.is_empty() {
+                    // Release the chunks as soon as nothing points into them.
+                    self.cursors[i].chunks = Vec::new();
+                    if self.cursors[i].more {
+                        self.refill(i, bound).await?;
+                    }
+                }
+                // While no other stream has a record waiting, this one's go out in a row.
+                if !heads.is_empty() || self.cursors[i].buffer.is_empty() {
+                    break;
                 }
             }
             if let Some(head) = self.head(i) {
@@ -721,7 +730,9 @@ impl Pump {
         if let Some(quota) = &mut self.quota {
             quota.record(self.pending_bytes as u64, Instant::now());
         }
-        let batch = std::mem::take(&mut self.pending);
+        // The next batch is likely as long as this one: no regrowing it record by record.
+        let next = Vec::with_capacity(self.pending.len());
+        let batch = std::mem::replace(&mut self.pending, next);
         self.pending_bytes = 0;
         let last = batch.last().map_or(Tick(0), |r| r.tick);
         let complete_to = self.complete(last);

@@ -2,8 +2,9 @@
 //!
 //! Why: each commit writes a new chunk per stream, and every subscriber following that stream
 //! reads it: with 100 subscribers, the same few kilobytes were read from the chunk file,
-//! CRC-checked and decoded 100 times. A chunk that ends at its stream's tail when it is read is
-//! kept here, verified and decoded, and the other readers take its records from here.
+//! CRC-checked and decoded 100 times. A chunk read whole whose last record is at most [`RECENT`]
+//! older than its stream's newest is kept here, verified and decoded, and the other readers take
+//! its records from here. (A replay of older records does not churn it.)
 //!
 //! Invariants:
 //! - Keyed by the chunk's pointer (file, offset, length). Chunk files are append-only and a
@@ -19,8 +20,11 @@ use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-/// Chunks kept, at most: a few commits of every stream many subscribers follow at once.
-const MAX_CHUNKS: usize = 1024;
+/// How far behind its stream's newest record a chunk may end and still be kept: subscribers
+/// that lag by up to this much share it too.
+pub const RECENT: Tick = Tick(10_000_000_000);
+/// Chunks kept, at most: with a commit a millisecond, about four seconds of one stream.
+const MAX_CHUNKS: usize = 4096;
 /// Chunk bytes kept, at most.
 const MAX_BYTES: usize = 16 << 20;
 
@@ -36,7 +40,9 @@ impl Decoded {
     /// `index`.
     pub fn copy_into(&self, index: u32, from: Tick, upto: Tick, out: &mut Vec<Stored>) {
         let start = self.records.partition_point(|r| r.tick < from);
-        for r in self.records[start..].iter().take_while(|r| r.tick <= upto) {
+        let end = self.records.partition_point(|r| r.tick <= upto).max(start);
+        out.reserve(end - start);
+        for r in &self.records[start..end] {
             out.push(Stored { chunk: index, ..r.clone() });
         }
     }
