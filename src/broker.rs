@@ -9,13 +9,13 @@ use crate::quota::{PerConnection, Rate};
 use crate::record::{NewRecord, StreamInfo, StreamMeta, Tick};
 use crate::relay::{Link, Mirror, UpstreamStatus};
 use crate::storage::{Appended, Log, Source};
-use crate::subscription::{self, Event, SlowConsumer, Spec, Start};
+use crate::subscription::{self, Events, SlowConsumer, Spec, Start};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
@@ -340,7 +340,7 @@ impl Broker {
     }
 
     /// Starts a subscription: replay of the asked interval, then the live tail.
-    pub fn subscribe(&self, request: SubscribeRequest) -> Result<mpsc::Receiver<Result<Event>>> {
+    pub fn subscribe(&self, request: SubscribeRequest) -> Result<Events> {
         if self.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }

@@ -351,7 +351,7 @@ impl serve::tapeline_server::Tapeline for Service {
                 max_lag: (req.max_lag_ms > 0).then(|| Duration::from_millis(req.max_lag_ms.into())),
             })
             .map_err(|e| status(&e))?;
-        let stream = ReceiverStream::new(events).map(|e| e.map(event).map_err(|e| status(&e)));
+        let stream = events.map(|e| e.map(event).map_err(|e| status(&e)));
         Ok(Response::new(Box::pin(stream)))
     }
 

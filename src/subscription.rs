@@ -36,7 +36,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit};
+use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -51,6 +51,11 @@ const BATCH_RECORDS: usize = 1024;
 const BATCH_BYTES: usize = 1 << 20;
 /// Events waiting for the client.
 const OUTBOX: usize = 8;
+/// What the record batches waiting for the client may weigh together (see `weight`): room for
+/// many small batches at the live tail, but for only one or two full ones (1,024 records of
+/// 256 B weigh 300 KiB) when a subscriber lags. Why: with up to 8 full batches each, 100
+/// lagging subscribers held 721 MiB.
+const OUTBOX_BYTES: usize = 512 << 10;
 
 /// Where a subscription starts, for streams the resume map does not name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,6 +157,36 @@ struct Cursor {
     delivered: Option<Tick>,
 }
 
+/// What a subscriber receives, in order. Ends after an `Err` (the subscription failed or the
+/// broker is shutting down) or, for a bounded subscription, after its last record.
+pub struct Events {
+    inner: mpsc::Receiver<Outgoing>,
+}
+
+impl futures::Stream for Events {
+    type Item = Result<Event>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        // The event's room in the outbox is freed here, as it leaves it.
+        self.inner.poll_recv(cx).map(|outgoing| outgoing.map(|o| o.event))
+    }
+}
+
+/// An event in the outbox, holding its room there.
+struct Outgoing {
+    event: Result<Event>,
+    _room: Option<OwnedSemaphorePermit>,
+}
+
+impl Outgoing {
+    fn failed(err: Error) -> Self {
+        Outgoing { event: Err(err), _room: None }
+    }
+}
+
 /// Why the pump stopped early.
 enum Stop {
     /// The client went away, or the broker is shutting down (already told to the client).
@@ -194,7 +229,9 @@ struct Pump {
     cursors: Vec<Cursor>,
     /// Position of each tracked stream in `cursors`.
     index: HashMap<StreamId, usize>,
-    out: mpsc::Sender<Result<Event>>,
+    out: mpsc::Sender<Outgoing>,
+    /// The room left in the outbox, in weighed bytes (`OUTBOX_BYTES`).
+    room: Arc<Semaphore>,
     shutdown: CancellationToken,
     pending: Vec<Record>,
     /// What `pending` weighs (see `weight`).
@@ -227,7 +264,7 @@ pub fn spawn(
     shutdown: CancellationToken,
     tasks: &tokio_util::task::TaskTracker,
     slot: OwnedSemaphorePermit,
-) -> mpsc::Receiver<Result<Event>> {
+) -> Events {
     let (out, events) = mpsc::channel(OUTBOX);
     let snapshot = log.snapshot();
     let mut pump = Pump {
@@ -235,6 +272,7 @@ pub fn spawn(
         cursors: Vec::new(),
         index: HashMap::new(),
         out,
+        room: Arc::new(Semaphore::new(OUTBOX_BYTES)),
         shutdown,
         pending: Vec::new(),
         pending_bytes: 0,
@@ -269,11 +307,12 @@ pub fn spawn(
                 // What was read before the failure is intact: deliver it first.
                 let _ = tokio::time::timeout(Duration::from_secs(2), pump.flush()).await;
                 // Tell the client why, but never wait long for one that does not read.
-                let _ = tokio::time::timeout(Duration::from_secs(2), pump.out.send(Err(err))).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), pump.out.send(Outgoing::failed(err))).await;
             }
         }
     });
-    events
+    Events { inner: events }
 }
 
 /// The state of each upstream link now, marking the links as seen.
@@ -493,7 +532,11 @@ impl Pump {
 
     async fn shutting_down(&mut self) -> Result<(), Stop> {
         // Tell the client to resume elsewhere or later; do not wait long for a stalled one.
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.out.send(Err(Error::ShuttingDown))).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.out.send(Outgoing::failed(Error::ShuttingDown)),
+        )
+        .await;
         Err(Stop::Gone)
     }
 
@@ -733,10 +776,10 @@ impl Pump {
         // The next batch is likely as long as this one: no regrowing it record by record.
         let next = Vec::with_capacity(self.pending.len());
         let batch = std::mem::replace(&mut self.pending, next);
-        self.pending_bytes = 0;
+        let weight = std::mem::take(&mut self.pending_bytes);
         let last = batch.last().map_or(Tick(0), |r| r.tick);
         let complete_to = self.complete(last);
-        self.send(Event::Records { records: batch, complete_to }).await?;
+        self.send_weighing(Event::Records { records: batch, complete_to }, weight).await?;
         self.last_sent = self.last_sent.max(last);
         self.keep_up().await
     }
@@ -804,8 +847,20 @@ impl Pump {
     }
 
     async fn send(&mut self, event: Event) -> Result<(), Stop> {
+        self.send_weighing(event, 0).await
+    }
+
+    /// Sends an event that weighs `weight` bytes against the outbox's room, once there is room.
+    /// (A batch heavier than the whole outbox waits for all of it.)
+    async fn send_weighing(&mut self, event: Event, weight: usize) -> Result<(), Stop> {
+        let take = weight.min(OUTBOX_BYTES) as u32;
+        let outgoing = tokio::select! {
+            room = self.room.clone().acquire_many_owned(take) => Outgoing { event: Ok(event), _room: room.ok() },
+            _ = self.out.closed() => return Err(Stop::Gone),
+            _ = self.shutdown.cancelled() => return self.shutting_down().await,
+        };
         tokio::select! {
-            sent = self.out.send(Ok(event)) => sent.map_err(|_| Stop::Gone)?,
+            sent = self.out.send(outgoing) => sent.map_err(|_| Stop::Gone)?,
             _ = self.shutdown.cancelled() => return self.shutting_down().await,
         }
         self.heartbeat_at = later(self.spec.heartbeat);
