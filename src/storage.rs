@@ -611,68 +611,63 @@ impl Log {
             };
             let index = chunks.len() as u32;
             // The newest chunks: read and verified once for every subscriber at the tail.
-            if let Some(kept) = self.tail.get(&v) {
+            let value = if let Some(kept) = self.tail.get(&v) {
                 kept.copy_into(index, first_wanted, upto, &mut records);
-                chunks.push(kept.value.clone());
-                if records.last().is_some_and(|r| r.tick >= upto) {
-                    return Ok(ReadBatch { records, chunks, complete: true, truncated: None });
-                }
-                if records.len() >= max_records {
-                    return Ok(ReadBatch { records, chunks, complete: false, truncated: None });
-                }
-                continue;
-            }
-            let before = records.len();
-            let pointer = v.clone();
-            // A chunk whose bytes cannot be read is damaged like one that does not decode.
-            let loaded = match self.load_current(&k, v) {
-                Ok(Some(value)) => Ok(value),
-                // Removed by retention since the scan read its key: `read` reports the removal.
-                Ok(None) => continue,
-                Err(err) => Err(err),
-            };
-            let decoded = match &loaded {
-                Ok(value) => chunk::decode_into(value, index, first_wanted, upto, &mut records),
-                Err(err) => Err(err.clone()),
-            };
-            let head = match decoded {
-                Ok(head) => head,
-                Err(err) => {
-                    if !records.is_empty() {
-                        // Deliver the intact records first (those before the damage included); the
-                        // next read starts at the damage and reports it.
-                        chunks.push(loaded.unwrap_or_default());
-                        return Ok(ReadBatch { records, chunks, complete: false, truncated: None });
+                kept.value.clone()
+            } else {
+                let before = records.len();
+                let pointer = v.clone();
+                // A chunk whose bytes cannot be read is damaged like one that does not decode.
+                let loaded = match self.load_current(&k, v) {
+                    Ok(Some(value)) => Ok(value),
+                    // Removed by retention since the scan read its key: `read` reports the removal.
+                    Ok(None) => continue,
+                    Err(err) => Err(err),
+                };
+                let decoded = match &loaded {
+                    Ok(value) => chunk::decode_into(value, index, first_wanted, upto, &mut records),
+                    Err(err) => Err(err.clone()),
+                };
+                let head = match decoded {
+                    Ok(head) => head,
+                    Err(err) => {
+                        if !records.is_empty() {
+                            // Deliver the intact records first (those before the damage included); the
+                            // next read starts at the damage and reports it.
+                            chunks.push(loaded.unwrap_or_default());
+                            return Ok(ReadBatch { records, chunks, complete: false, truncated: None });
+                        }
+                        let from = key_tick(&k).max(first_wanted);
+                        // Up to the stream's next chunk, wherever it lies (not bounded by this read).
+                        let after = key(id, Tick(key_tick(&k).0.saturating_add(1)));
+                        let to = match self.records.range(after..=key(id, Tick::MAX)).next() {
+                            Some(Ok((next, _))) => Tick(key_tick(&next).0.saturating_sub(1)),
+                            _ => stream.last_tick.unwrap_or(from).max(from),
+                        };
+                        error!(stream = %stream.name, from = %from, to = %to, detail = %err.detail, "corrupt chunk");
+                        return Err(Error::DataLoss {
+                            stream: stream.name.to_string(),
+                            from,
+                            to,
+                            detail: err.detail,
+                        });
                     }
-                    let from = key_tick(&k).max(first_wanted);
-                    // Up to the stream's next chunk, wherever it lies (not bounded by this read).
-                    let after = key(id, Tick(key_tick(&k).0.saturating_add(1)));
-                    let to = match self.records.range(after..=key(id, Tick::MAX)).next() {
-                        Some(Ok((next, _))) => Tick(key_tick(&next).0.saturating_sub(1)),
-                        _ => stream.last_tick.unwrap_or(from).max(from),
-                    };
-                    error!(stream = %stream.name, from = %from, to = %to, detail = %err.detail, "corrupt chunk");
-                    return Err(Error::DataLoss {
-                        stream: stream.name.to_string(),
-                        from,
-                        to,
-                        detail: err.detail,
-                    });
+                };
+                let value = loaded.unwrap_or_default();
+                // A whole chunk near the stream's tail is what the other subscribers following the
+                // stream read next, even those a little behind. (Inline chunks, from before chunk
+                // files, have no pointer.)
+                let whole = head.count as usize == records.len() - before;
+                let recent = match (records.last(), stream.last_tick) {
+                    (Some(r), Some(last)) => r.tick.0.saturating_add(tail_cache::RECENT.0) >= last.0,
+                    _ => false,
+                };
+                if whole && recent && Location::decode(&pointer).is_some() {
+                    let kept = records[before..].iter().map(|r| Stored { chunk: 0, ..r.clone() }).collect();
+                    self.tail.insert(&pointer, Arc::new(Decoded { value: value.clone(), records: kept }));
                 }
+                value
             };
-            let value = loaded.unwrap_or_default();
-            // A whole chunk near the stream's tail is what the other subscribers following the
-            // stream read next, even those a little behind. (Inline chunks, from before chunk
-            // files, have no pointer.)
-            let whole = head.count as usize == records.len() - before;
-            let recent = match (records.last(), stream.last_tick) {
-                (Some(r), Some(last)) => r.tick.0.saturating_add(tail_cache::RECENT.0) >= last.0,
-                _ => false,
-            };
-            if whole && recent && Location::decode(&pointer).is_some() {
-                let kept = records[before..].iter().map(|r| Stored { chunk: 0, ..r.clone() }).collect();
-                self.tail.insert(&pointer, Arc::new(Decoded { value: value.clone(), records: kept }));
-            }
             chunks.push(value);
             if records.last().is_some_and(|r| r.tick >= upto) {
                 return Ok(ReadBatch { records, chunks, complete: true, truncated: None });
