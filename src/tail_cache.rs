@@ -12,8 +12,9 @@
 //!   compaction has a new pointer. Removal needs no invalidation: readers find chunks through
 //!   sled's keys first and filter what retention removed after the read (`Log::read`).
 //! - Only chunks that decoded whole and verified are kept.
-//! - Bounded: at most [`MAX_CHUNKS`] chunks and [`MAX_BYTES`] of chunk bytes; the oldest entry
-//!   goes first.
+//! - Bounded: at most [`MAX_CHUNKS`] chunks and [`MAX_BYTES`] of chunk bytes and decoded
+//!   records together (a chunk of tiny records decodes to more than its own size); the oldest
+//!   entry goes first.
 
 use crate::record::{Stored, Tick};
 use bytes::Bytes;
@@ -25,7 +26,7 @@ use std::sync::{Arc, Mutex};
 pub const RECENT: Tick = Tick(10_000_000_000);
 /// Chunks kept, at most: with a commit a millisecond, about four seconds of one stream.
 const MAX_CHUNKS: usize = 4096;
-/// Chunk bytes kept, at most.
+/// Bytes kept (see [`Decoded::size`]), at most.
 const MAX_BYTES: usize = 16 << 20;
 
 /// A chunk's bytes and every record in it (their `chunk` index is 0).
@@ -36,6 +37,12 @@ pub struct Decoded {
 }
 
 impl Decoded {
+    /// What it holds in memory: its bytes and its records (their headers are in `value` too,
+    /// and are counted there once).
+    pub fn size(&self) -> usize {
+        self.value.len() + self.records.len() * std::mem::size_of::<Stored>()
+    }
+
     /// Appends the records with `from <= tick <= upto` to `out`, as records of the read's chunk
     /// `index`.
     pub fn copy_into(&self, index: u32, from: Tick, upto: Tick, out: &mut Vec<Stored>) {
@@ -71,16 +78,17 @@ impl TailCache {
     /// Keeps a verified chunk, making room by letting the oldest go.
     pub fn insert(&self, pointer: &[u8], chunk: Arc<Decoded>) {
         let mut inner = self.lock();
-        if inner.chunks.contains_key(pointer) || chunk.value.len() > MAX_BYTES {
+        let size = chunk.size();
+        if inner.chunks.contains_key(pointer) || size > MAX_BYTES {
             return;
         }
-        while inner.order.len() >= MAX_CHUNKS || inner.bytes + chunk.value.len() > MAX_BYTES {
+        while inner.order.len() >= MAX_CHUNKS || inner.bytes + size > MAX_BYTES {
             let Some(oldest) = inner.order.pop_front() else { break };
             if let Some(gone) = inner.chunks.remove(&oldest) {
-                inner.bytes -= gone.value.len();
+                inner.bytes -= gone.size();
             }
         }
-        inner.bytes += chunk.value.len();
+        inner.bytes += size;
         inner.order.push_back(pointer.to_vec());
         inner.chunks.insert(pointer.to_vec(), chunk);
     }
@@ -124,11 +132,17 @@ mod tests {
     #[test]
     fn the_oldest_chunks_go_first_when_bytes_or_count_run_out() {
         let cache = TailCache::default();
-        cache.insert(b"a", chunk(1, 1, MAX_BYTES / 2));
-        cache.insert(b"b", chunk(2, 1, MAX_BYTES / 2));
-        cache.insert(b"c", chunk(3, 1, MAX_BYTES / 2));
+        let half = MAX_BYTES / 2 - 1024;
+        cache.insert(b"a", chunk(1, 1, half));
+        cache.insert(b"b", chunk(2, 1, half));
+        cache.insert(b"c", chunk(3, 1, half));
         assert!(cache.get(b"a").is_none(), "the oldest went to make room");
         assert!(cache.get(b"b").is_some() && cache.get(b"c").is_some());
+        // A chunk of tiny records: few bytes, but its decoded records take half the room.
+        let records = (MAX_BYTES / 2) / std::mem::size_of::<Stored>();
+        cache.insert(b"d", chunk(4, records as u64, 1));
+        assert!(cache.get(b"b").is_none(), "its decoded records count too");
+        assert!(cache.get(b"c").is_some() && cache.get(b"d").is_some());
         for i in 0..MAX_CHUNKS + 1 {
             cache.insert(format!("n{i}").as_bytes(), chunk(10, 1, 1));
         }
