@@ -9,8 +9,10 @@
 //!
 //! Invariants:
 //! - Memory is bounded whatever the lag: read windows of at most 65,536 records over all streams
-//!   (each ending on a chunk boundary), one outgoing batch, and the bounded commit broadcast. A subscriber that falls further behind than the broadcast
-//!   holds is told so (`Lagged`) and simply marks every stream dirty: it reads storage.
+//!   (each ending on a chunk boundary), one batch being built, an outbox of at most 8 events and
+//!   512 KiB of record batches, and the bounded commit broadcast. A subscriber that falls further
+//!   behind than the broadcast holds is told so (`Lagged`) and simply marks every stream dirty:
+//!   it reads storage.
 //! - Sending waits for the client (the outgoing channel is bounded); publishers never wait for a
 //!   subscriber, because the commit broadcast never blocks its sender.
 //! - `CaughtUp` is sent exactly once, after every record up to the watermark seen at registration

@@ -156,12 +156,12 @@ impl prost::Message for SubscribeResponse {
         buf: &mut impl Buf,
         ctx: DecodeContext,
     ) -> Result<(), DecodeError> {
-        if let SubscribeResponse::Records(_) = self {
-            *self = SubscribeResponse::default();
-        }
         match self {
             SubscribeResponse::Other(message) => message.merge_field(tag, wire_type, buf, ctx),
-            SubscribeResponse::Records(_) => unreachable!("replaced above"),
+            SubscribeResponse::Records(_) => {
+                *self = SubscribeResponse::default();
+                self.merge_field(tag, wire_type, buf, ctx)
+            }
         }
     }
 
