@@ -13,12 +13,12 @@ use crate::retention::Policy;
 use crate::storage::Appended;
 use crate::subscription::{Event, SlowConsumer, Start};
 use crate::wire;
+use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, Stream, StreamExt};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::debug;
@@ -215,6 +215,67 @@ fn ack(batch_id: u64, result: Result<Appended, Error>) -> pb::PublishAck {
     }
 }
 
+/// One `PublishStream` call. Its response stream does the work: hyper polls it in the call's own
+/// task, so a batch is read, submitted and acknowledged there, without a task and a channel of
+/// its own between the request and the acks (one wake-up less each way per batch).
+struct PublishFlow {
+    from: Option<std::net::SocketAddr>,
+    requests: Streaming<pb::PublishRequest>,
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
+    /// Batches submitted and not yet answered, oldest first: acks go out in submission order.
+    in_flight: FuturesOrdered<BoxFuture<'static, (u64, Result<Appended, Error>)>>,
+    reading: bool,
+    /// How the stream ends once every batch handed in is answered: OK when the client closed its
+    /// side, its own error when the request stream broke, UNAVAILABLE when the broker stopped
+    /// reading because it is shutting down.
+    ending: Option<Status>,
+}
+
+impl PublishFlow {
+    /// Reads and submits batches until the oldest one is answered; returns its ack, or `None`
+    /// once the client's side is over and every batch is answered.
+    ///
+    /// Reading stops while the response is not polled (the client does not take its acks) or
+    /// `PUBLISH_WINDOW` batches wait: the client is then slowed by HTTP/2 flow control.
+    async fn next_ack(&mut self) -> Option<pb::PublishAck> {
+        loop {
+            if !self.reading && self.in_flight.is_empty() {
+                return None;
+            }
+            tokio::select! {
+                biased;
+                Some((batch_id, result)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    return Some(ack(batch_id, result));
+                }
+                _ = self.shutdown.cancelled(), if self.reading => {
+                    self.reading = false;
+                    self.ending = Some(status(&Error::ShuttingDown));
+                }
+                next = self.requests.message(), if self.reading && self.in_flight.len() < PUBLISH_WINDOW => match next {
+                    Ok(Some(req)) => {
+                        // Submitted in order, so batches of one stream commit in order.
+                        let batch_id = req.batch_id;
+                        let submitted = self.broker.submit(batch(req, self.from)).await;
+                        self.in_flight.push_back(Box::pin(async move {
+                            match submitted {
+                                Ok(answer) => (batch_id, answer.await),
+                                Err(err) => (batch_id, Err(err)),
+                            }
+                        }));
+                    }
+                    Ok(None) => self.reading = false,
+                    Err(broken) => {
+                        debug!(status = %broken, "publish stream broken by the client");
+                        self.reading = false;
+                        self.ending = Some(broken);
+                    }
+                },
+            }
+        }
+    }
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -254,61 +315,22 @@ impl serve::tapeline_server::Tapeline for Service {
         &self,
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
-        let from = request.remote_addr();
-        let mut requests = request.into_inner();
-        let broker = self.broker.clone();
-        let shutdown = broker.shutdown_token();
-        let (acks, out) = mpsc::channel(PUBLISH_WINDOW);
-        tokio::spawn(async move {
-            let mut in_flight = FuturesOrdered::new();
-            let mut reading = true;
-            // How the stream ends once every batch handed in is answered: OK when the client
-            // closed its side, its own error when the request stream broke, UNAVAILABLE when the
-            // broker stopped reading because it is shutting down.
-            let mut ending: Option<Status> = None;
-            loop {
-                tokio::select! {
-                    biased;
-                    Some((batch_id, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                        if acks.send(Ok(ack(batch_id, result))).await.is_err() {
-                            return;
-                        }
-                    }
-                    _ = shutdown.cancelled(), if reading => {
-                        reading = false;
-                        ending = Some(status(&Error::ShuttingDown));
-                    }
-                    next = requests.message(), if reading && in_flight.len() < PUBLISH_WINDOW => match next {
-                        Ok(Some(req)) => {
-                            // Submitted in order, so batches of one stream commit in order.
-                            let batch_id = req.batch_id;
-                            let submitted = broker.submit(batch(req, from)).await;
-                            in_flight.push_back(async move {
-                                match submitted {
-                                    Ok(answer) => (batch_id, answer.await),
-                                    Err(err) => (batch_id, Err(err)),
-                                }
-                            });
-                        }
-                        Ok(None) => reading = false,
-                        Err(broken) => {
-                            debug!(status = %broken, "publish stream broken by the client");
-                            reading = false;
-                            ending = Some(broken);
-                        }
-                    },
-                    else => break,
-                }
-                if !reading && in_flight.is_empty() {
-                    break;
-                }
+        let flow = PublishFlow {
+            from: request.remote_addr(),
+            requests: request.into_inner(),
+            shutdown: self.broker.shutdown_token(),
+            broker: self.broker.clone(),
+            in_flight: FuturesOrdered::new(),
+            reading: true,
+            ending: None,
+        };
+        Ok(Response::new(Box::pin(futures::stream::unfold(Some(flow), |flow| async move {
+            let mut flow = flow?;
+            match flow.next_ack().await {
+                Some(ack) => Some((Ok(ack), Some(flow))),
+                None => flow.ending.take().map(|ending| (Err(ending), None)),
             }
-            if let Some(ending) = ending {
-                // Never wait long for a client that does not read.
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), acks.send(Err(ending))).await;
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+        }))))
     }
 
     type SubscribeStream = BoxStream<wire::SubscribeResponse>;

@@ -205,6 +205,38 @@ async fn bad_subscriptions_get_a_clear_status() {
     assert_eq!(status.code(), Code::InvalidArgument);
 }
 
+/// The broker stops reading an open `PublishStream` at shutdown, answers what it took, and ends
+/// the stream with UNAVAILABLE, without waiting for the client to close its side.
+#[tokio::test]
+async fn an_open_publish_stream_is_answered_and_ended_unavailable_at_shutdown() {
+    let (dir, server, mut client) = started().await;
+    let (requests, input) = tokio::sync::mpsc::channel(4);
+    let mut acks =
+        client.publish_stream(tokio_stream::wrappers::ReceiverStream::new(input)).await.unwrap().into_inner();
+    let batch = |id: u64| pb::PublishRequest {
+        records: vec![record("open", format!("batch {id}"))],
+        batch_id: id,
+        ..Default::default()
+    };
+    requests.send(batch(1)).await.unwrap();
+    assert_eq!(acks.message().await.unwrap().expect("an ack").batch_id, 1);
+
+    let stopping = tokio::spawn(server.stop());
+    let ending = tokio::time::timeout(std::time::Duration::from_secs(10), acks.message())
+        .await
+        .expect("the stream ends while the client keeps its side open")
+        .expect_err("the stream ends with a status");
+    assert_eq!(ending.code(), Code::Unavailable, "{ending}");
+    assert!(ending.message().contains("shutting down"), "{ending}");
+    stopping.await.unwrap();
+    drop(requests);
+
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.client().await;
+    let mut sub = Sub::open(&mut client, request(&["open"], beginning())).await;
+    assert_eq!(payloads(&sub.until_caught_up().await.0), ["batch 1"]);
+}
+
 #[tokio::test]
 async fn a_restarted_broker_serves_every_acknowledged_record() {
     let (dir, server, mut client) = started().await;
