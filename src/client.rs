@@ -30,7 +30,8 @@ use tracing::{debug, warn};
 pub const MAX_MESSAGE: usize = 256 << 20;
 
 /// HTTP/2 flow-control window of one call, in bytes, on both sides: room for a whole batch of
-/// records (a subscription sends up to 1 MiB at once) instead of h2's default 64 KiB.
+/// records (a subscription sends about 128 KiB at once, or one larger record) instead of h2's
+/// default 64 KiB.
 pub const STREAM_WINDOW: u32 = 4 << 20;
 /// HTTP/2 flow-control window of a whole connection, in bytes: several calls at full speed.
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
