@@ -3,7 +3,7 @@
 # run. Installs redis-server and nats-server from Debian's packages when they are missing, builds
 # tapeline and the load generator (benches/compare) in release mode, and runs every workload.
 # Extra arguments go to the load generator (`--help` lists them), e.g. `--workloads publish`.
-# A full run took 21 to 27 minutes on 2 cores (three runs on 2026-11-29, counting the release
+# A full run took 21 to 28 minutes on 2 cores (the runs of 2026-11-29, counting the release
 # build). The largest data dir is Redis's after the 10 M-record replay load, about 3.2 GB under
 # ${TMPDIR:-/tmp} (1.26 x 2.56 GB; tapeline's is 1.13 x); each is removed after its figure.
 set -euo pipefail
