@@ -4,11 +4,11 @@
 use crate::config::{Config, Limits};
 use crate::error::{Error, Result};
 use crate::names::{Pattern, StreamName};
-use crate::producers::BatchTag;
 use crate::quota::{PerConnection, Rate};
 use crate::record::{NewRecord, StreamInfo, StreamMeta, Tick};
 use crate::relay::{Link, Mirror, UpstreamStatus};
-use crate::storage::{Appended, Log, Source};
+use crate::store::producers::BatchTag;
+use crate::store::{Appended, Log, Source};
 use crate::subscription::{self, Events, SlowConsumer, Spec, Start};
 use bytes::Bytes;
 use std::collections::HashMap;

@@ -296,31 +296,38 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn verify(args: VerifyArgs) -> Result<ExitCode> {
-    let report = crate::integrity::verify(&args.data)?;
+    let report = crate::store::integrity::verify(&args.data)?;
     println!(
-        "verified {} streams, {} chunks, {} intact records: {} damaged ranges",
+        "verified {} commit records, {} streams, {} chunks, {} intact records: {} damaged ranges",
+        report.commit_records,
         report.streams,
         report.chunks,
         report.records,
-        report.damage.len()
+        report.damage.len() + report.log_damage.len()
     );
+    for damage in &report.log_damage {
+        println!("damaged: {damage}");
+    }
     for damage in &report.damage {
         println!("damaged: {damage}");
     }
-    Ok(if report.damage.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+    Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(2) })
 }
 
 async fn recover(args: RecoverArgs) -> Result<ExitCode> {
-    let done = crate::integrity::recover(&args.data, &args.into).await?;
+    let done = crate::store::integrity::recover(&args.data, &args.into).await?;
     println!(
         "recovered {} records of {} streams into {} ({}); {} damaged ranges skipped",
         done.records,
         done.streams,
         args.into.display(),
-        if done.through_sled {
-            "read through the storage engine and by scanning its files"
+        if done.through_log {
+            "found by scanning its files, with the streams' metadata from its log"
         } else {
-            "the storage engine cannot open it: found by scanning its files"
+            "found by scanning its files; its log could not be read, so streams get default metadata"
         },
         done.damage.len()
     );

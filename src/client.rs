@@ -540,7 +540,7 @@ impl Batches {
 impl Publisher {
     /// Starts the publisher's task (it connects at once and reconnects as needed).
     pub fn start(mut options: PublishOptions) -> Publisher {
-        options.window = options.window.clamp(1, crate::producers::WINDOW);
+        options.window = options.window.clamp(1, crate::store::producers::WINDOW);
         let window = options.window;
         let (batches, input) = mpsc::channel(window);
         let (acks_tx, acks) = mpsc::channel(window);

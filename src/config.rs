@@ -207,7 +207,7 @@ pub struct Config {
     pub heartbeat: Duration,
     /// Bytes of sled page cache.
     pub cache_bytes: u64,
-    /// A chunk file is closed, and the next one started, past this many bytes (`chunk_files.rs`).
+    /// A chunk file is closed, and the next one started, past this many bytes (`store/files.rs`).
     pub chunk_file_bytes: u64,
     /// The most the data dir may take on disk; publishing is refused beyond it.
     pub max_disk_bytes: Option<u64>,
@@ -263,7 +263,7 @@ impl Default for Config {
             limits: Limits::default(),
             heartbeat: Duration::from_secs(5),
             cache_bytes: 256 << 20,
-            chunk_file_bytes: crate::chunk_files::FILE_BYTES,
+            chunk_file_bytes: crate::store::files::FILE_BYTES,
             max_disk_bytes: None,
             min_free_disk_bytes: 64 << 20,
             mirrors: Vec::new(),

@@ -69,6 +69,10 @@ pub enum Error {
     #[error("the disk budget is exhausted: {rule}; the data dir takes {used} bytes, {free} bytes are free and the batch needs about {needed}: free space or raise the limit, then retry (nothing acknowledged is affected)")]
     DiskFull { used: u64, free: u64, needed: u64, rule: String },
 
+    /// A write met a full disk; it was undone.
+    #[error("the disk is full: writing to the log failed ({cause}) and the write was undone, so nothing of the request was stored: free space, then retry")]
+    NoRoom { cause: String },
+
     /// A subscriber under `slow_consumer = disconnect` fell too far behind the live tail.
     #[error("the subscriber fell {lag:?} behind the live tail, more than its max_lag of {max_lag:?} (slow_consumer = disconnect): resume after tick {last}, the last one delivered")]
     SlowConsumer { lag: std::time::Duration, max_lag: std::time::Duration, last: Tick },
@@ -96,6 +100,10 @@ pub enum Error {
     /// Stored data failed its CRC check or could not be decoded.
     #[error("stored data of stream {stream:?} is corrupt in ticks {from}..={to}: {detail}")]
     DataLoss { stream: String, from: Tick, to: Tick, detail: String },
+
+    /// The index holds a pointer that fails its check: the chunk it names cannot be found.
+    #[error("the index's pointer to the chunk of stream #{stream} at tick {tick} is damaged ({detail}): that chunk is unreadable until the index is rebuilt (delete DATA_DIR/index with the broker stopped)")]
+    DamagedPointer { stream: u32, tick: Tick, detail: String },
 
     /// The storage engine could not open the data dir.
     #[error("cannot open the data dir {path:?}: {cause}")]

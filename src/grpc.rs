@@ -10,7 +10,7 @@ use crate::error::Error;
 use crate::record::{StreamInfo, StreamMeta};
 use crate::relay::UpstreamStatus;
 use crate::retention::Policy;
-use crate::storage::Appended;
+use crate::store::Appended;
 use crate::subscription::{Event, SlowConsumer, Start};
 use crate::wire;
 use futures::future::BoxFuture;
@@ -54,7 +54,8 @@ pub fn status(err: &Error) -> Status {
         | Error::BatchTooHeavy { .. }
         | Error::SlowConsumer { .. }
         | Error::TooMany { .. }
-        | Error::DiskFull { .. } => Code::ResourceExhausted,
+        | Error::DiskFull { .. }
+        | Error::NoRoom { .. } => Code::ResourceExhausted,
         Error::TickNotAfter { .. }
         | Error::TickAhead { .. }
         | Error::UnsupportedProtocol { .. }
@@ -62,7 +63,7 @@ pub fn status(err: &Error) -> Status {
         | Error::Mirrored { .. } => Code::FailedPrecondition,
         Error::SequenceReused { .. } | Error::StreamExists { .. } => Code::AlreadyExists,
         Error::UnknownStream(_) => Code::NotFound,
-        Error::DataLoss { .. } => Code::DataLoss,
+        Error::DataLoss { .. } | Error::DamagedPointer { .. } => Code::DataLoss,
         Error::ShuttingDown | Error::LogFailed { .. } => Code::Unavailable,
         Error::Storage(_)
         | Error::Open { .. }

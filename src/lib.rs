@@ -1,19 +1,16 @@
 //! tapeline: a persistent-log store-and-forward broker.
 //!
-//! Producers publish timestamped records into named streams; every record is appended to a
-//! sled-backed log; a subscriber gets one stream that replays an interval of the past and then
-//! follows the live tail, with no gap and no duplicate.
+//! Producers publish timestamped records into named streams; every record is appended to a log
+//! of record in chunk files, indexed by sled; a subscriber gets one stream that replays an
+//! interval of the past and then follows the live tail, with no gap and no duplicate.
 //!
 //! # Layout
 //! - [`record`]: ticks, stream ids and records, the values crossing module borders.
 //! - [`names`]: the stream naming rule and subscription patterns.
-//! - [`chunk`]: the codec packing many records of one stream into one stored value, with CRCs.
-//! - [`producers`]: what is remembered of idempotent producers, to acknowledge retries again.
-//! - [`guard`]: detects a log that sled rolled back while opening a damaged data dir.
-//! - [`storage`]: the sled log: keys, catalog, group commit, recovery, reads.
-//! - [`space`]: the disk budget that refuses a write before it could fill the disk.
+//! - [`store`]: the log of record (commit records in chunk files, one writer, group commit), its
+//!   index in sled, recovery, reads and their checks, retention's plans, the disk budget,
+//!   idempotent producers' memory, and the offline `verify` and `recover`.
 //! - [`subscription`]: replay, then live, for one subscriber.
-//! - [`integrity`]: offline `verify` and `recover` of a data dir.
 //! - [`broker`]: the domain: publish, subscribe, catalog, and every rule a request must follow.
 //! - [`relay`]: relay mode: copies an upstream's streams, keeping their ticks, and tracks the link.
 //! - [`grpc`]: translation between protobuf and the domain; the generated client and server.
@@ -24,8 +21,6 @@
 //! - [`cli`]: the `tapeline` command line, including the client commands.
 
 pub mod broker;
-pub mod chunk;
-pub mod chunk_files;
 pub mod cli;
 pub mod client;
 pub mod codec;
@@ -33,20 +28,15 @@ pub mod config;
 pub mod connections;
 pub mod error;
 pub mod grpc;
-pub mod guard;
-pub mod integrity;
 pub mod memory;
 pub mod names;
-pub mod producers;
 pub mod quota;
 pub mod record;
 pub mod relay;
 pub mod retention;
 pub mod server;
-pub mod space;
-pub mod storage;
+pub mod store;
 pub mod subscription;
-pub mod tail_cache;
 pub mod wire;
 
 pub use error::{Error, Result};

@@ -17,7 +17,7 @@
 use crate::error::{Error, Result};
 use crate::names::Pattern;
 use crate::record::{StreamInfo, Tick};
-use crate::storage::{Keep, Log};
+use crate::store::{Keep, Log};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -268,7 +268,7 @@ async fn trim(log: &Arc<Log>, stream: &StreamInfo, keep: Keep, token: &Cancellat
             .await
             .map_err(|e| Error::Internal(format!("retention task failed: {e}")))??;
         let Some(plan) = plan else { break };
-        let chunks = plan.delete.len();
+        let chunks = plan.chunks;
         log.trim(plan).await?;
         removed += chunks;
         if chunks < SLICE {

@@ -32,7 +32,7 @@ use crate::names::Pattern;
 use crate::quota::{Rate, Window};
 use crate::record::{Record, Stored, StreamId, StreamInfo, Tick};
 use crate::relay::{Link, UpstreamStatus};
-use crate::storage::{Commit, Log, Truncation};
+use crate::store::{Commit, Log, Truncation};
 use bytes::Bytes;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};

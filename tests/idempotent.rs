@@ -105,103 +105,37 @@ async fn a_whole_pipelined_window_resent_is_answered_from_memory_across_a_restar
 }
 
 #[tokio::test]
-async fn producer_state_lost_after_a_single_chunk_commit_is_caught_up_from_the_log() {
-    // A commit of one chunk stores the chunk, then the producer's state: a crash between the two
-    // leaves the stored state one batch behind. Recovery reads the batch's tag back from the
-    // chunk, so the retry the producer sends after the crash is still answered, not appended.
+async fn producer_state_the_index_lost_is_rebuilt_from_the_log() {
+    // A batch's tag is in the same commit record as its records: an index that lost the
+    // producers' state (here: deleted whole, with the broker stopped) gets it back from the log,
+    // so the retries a producer sends after a crash are still answered, not appended.
     let dir = tempfile::tempdir().unwrap();
-    let state_key = [&[0xff_u8; 4][..], b"solo"].concat();
-    let stored_state = || {
-        let db = tapeline::storage::engine_config(dir.path()).open().unwrap();
-        let value = db.open_tree("records").unwrap().get(&state_key).unwrap().unwrap();
-        value.to_vec()
-    };
     let server = TestServer::start(dir.path()).await;
     let mut client = server.client().await;
-    let first = client.publish(tagged("solo", 1, vec![record("s", "a")])).await.unwrap().into_inner();
-    server.stop().await;
-    let after_first = stored_state();
-
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
-    let second_batch = tagged("solo", 2, vec![record("s", "b"), record("s", "c")]);
+    let first_batch = tagged("solo", 1, vec![record("s", "a")]);
+    let first = client.publish(first_batch.clone()).await.unwrap().into_inner();
+    let second_batch = tagged("solo", 2, vec![record("s", "b"), record("t", "c")]);
     let second = client.publish(second_batch.clone()).await.unwrap().into_inner();
     server.stop().await;
-    // The crash: the second batch's chunk is stored, its producer state is not.
-    assert_ne!(stored_state(), after_first);
-    {
-        let db = tapeline::storage::engine_config(dir.path()).open().unwrap();
-        db.open_tree("records").unwrap().insert(&state_key, after_first.clone()).unwrap();
-        db.flush().unwrap();
-    }
+    std::fs::remove_dir_all(dir.path().join(tapeline::store::index::DIR)).unwrap();
 
     let server = TestServer::start(dir.path()).await;
     let mut client = server.client().await;
-    let again = client.publish(second_batch).await.unwrap().into_inner();
-    assert!(again.duplicate, "{again:?}");
-    assert_eq!(again.ticks, second.ticks);
-    let older = client.publish(tagged("solo", 1, vec![record("s", "a")])).await.unwrap().into_inner();
-    assert!(older.duplicate && older.ticks == first.ticks, "{older:?}");
-    assert_eq!(stored(&mut client, "s").await, ["a", "b", "c"]);
-    // The caught-up state was stored at once: later chunks of the stream will not carry the tag.
-    server.stop().await;
-    assert_ne!(stored_state(), after_first);
-
-    // A producer whose state was never stored: its first batch, which also created its stream.
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
-    let fresh = tagged("fresh", 1, vec![record("t", "x")]);
-    let first_fresh = client.publish(fresh.clone()).await.unwrap().into_inner();
-    server.stop().await;
-    {
-        let db = tapeline::storage::engine_config(dir.path()).open().unwrap();
-        let records = db.open_tree("records").unwrap();
-        assert!(records.remove([&[0xff_u8; 4][..], b"fresh"].concat()).unwrap().is_some());
-        db.flush().unwrap();
+    for (batch, ack) in [(second_batch, &second), (first_batch, &first)] {
+        let again = client.publish(batch).await.unwrap().into_inner();
+        assert!(again.duplicate && again.ticks == ack.ticks, "{again:?}");
     }
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
-    let again = client.publish(fresh).await.unwrap().into_inner();
-    assert!(again.duplicate && again.ticks == first_fresh.ticks, "{again:?}");
-    assert_eq!(stored(&mut client, "t").await, ["x"]);
-}
-
-#[tokio::test]
-async fn a_damaged_trailer_loses_only_the_memory_of_its_batches() {
-    // The tags ride after the records, under their own CRC: damage there leaves every record
-    // served and the stream's counts whole; only a retry of those batches is no longer known.
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
-    client.publish(tagged("solo", 1, vec![record("s", "a"), record("s", "b")])).await.unwrap();
-    server.stop().await;
-    {
-        let db = tapeline::storage::engine_config(dir.path()).flush_every_ms(None).open().unwrap();
-        let (_, pointer) = db.open_tree("records").unwrap().iter().next().unwrap().unwrap();
-        let at = tapeline::chunk_files::Location::decode(&pointer).expect("a pointer into a chunk file");
-        let path = tapeline::chunk_files::path_in(dir.path(), at.file);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let chunk = &mut bytes[at.offset as usize..(at.offset + u64::from(at.len)) as usize];
-        assert_eq!(chunk[4], 3, "a chunk with a trailer");
-        *chunk.last_mut().unwrap() ^= 0x40;
-        std::fs::write(&path, bytes).unwrap();
-    }
-    let server = TestServer::start(dir.path()).await;
-    let mut client = server.client().await;
-    assert_eq!(stored(&mut client, "s").await, ["a", "b"]);
-    let info = client.list_streams(pb::ListStreamsRequest::default()).await.unwrap().into_inner();
-    assert_eq!(info.streams.iter().find(|s| s.name == "s").map(|s| s.records), Some(2));
-    let next = client.publish(tagged("solo", 2, vec![record("s", "c")])).await.unwrap().into_inner();
+    let next = client.publish(tagged("solo", 3, vec![record("s", "d")])).await.unwrap().into_inner();
     assert!(!next.duplicate);
-    assert_eq!(stored(&mut client, "s").await, ["a", "b", "c"]);
+    assert_eq!(stored(&mut client, "s").await, ["a", "b", "d"]);
 }
 
-/// A crash under `fsync=interval` can leave sled holding pointers to chunk bytes the disk never
-/// received. Recovery drops those chunks (only past the last sync it noted) and forgets the
-/// batches they held, so that their retries are appended again rather than acknowledged as stored.
+/// Under `fsync = interval` a crash can lose the log's newest records while the index, made
+/// durable on its own schedule, already applied them. The index then claims records the log does
+/// not hold: it is rebuilt from the log, and the producers' memory with it, so the lost batch's
+/// retry is appended again rather than acknowledged as stored.
 #[tokio::test]
-async fn chunks_a_crash_left_unwritten_are_dropped_and_their_batches_forgotten() {
-    use tapeline::chunk_files::{path_in, Location, Position};
+async fn a_batch_a_crash_lost_under_interval_is_forgotten_and_its_retry_appended() {
     let dir = tempfile::tempdir().unwrap();
     let config = tapeline::config::Config {
         fsync: tapeline::config::FsyncPolicy::Interval(std::time::Duration::from_millis(50)),
@@ -210,29 +144,14 @@ async fn chunks_a_crash_left_unwritten_are_dropped_and_their_batches_forgotten()
     let server = TestServer::start_with(config.clone()).await;
     let mut client = server.client().await;
     let first = client.publish(tagged("p", 1, vec![record("s", "a")])).await.unwrap().into_inner();
+    let file = tapeline::store::files::path_in(dir.path(), 0);
+    let before = std::fs::metadata(&file).unwrap().len();
     let second_batch = tagged("p", 2, vec![record("s", "b"), record("s", "c")]);
     client.publish(second_batch.clone()).await.unwrap();
     server.stop().await;
-    {
-        // As the crash would leave it: the second chunk's bytes never reached the disk, the last
-        // sync noted covers the first chunk only, and the acknowledged-tick mark (written at a
-        // clean stop, or after fsyncs) is older.
-        let db = tapeline::storage::engine_config(dir.path()).flush_every_ms(None).open().unwrap();
-        let pointers: Vec<Location> = db
-            .open_tree("records")
-            .unwrap()
-            .range(..[0xff_u8, 0xff, 0xff, 0xfe])
-            .map(|entry| Location::decode(&entry.unwrap().1).expect("a pointer"))
-            .collect();
-        assert_eq!(pointers.len(), 2, "one chunk per commit");
-        let (kept, lost) = (pointers[0], pointers[1]);
-        let file = std::fs::OpenOptions::new().write(true).open(path_in(dir.path(), lost.file)).unwrap();
-        file.set_len(lost.offset).unwrap();
-        let synced = Position { file: kept.file, len: kept.offset + u64::from(kept.len) };
-        db.open_tree("meta").unwrap().insert(tapeline::storage::SYNCED_KEY, &synced.encode()).unwrap();
-        db.flush().unwrap();
-        std::fs::remove_file(dir.path().join(tapeline::guard::MARK_FILE)).unwrap();
-    }
+    // As the crash would leave it: the second batch's record never reached the disk.
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(before).unwrap();
+
     let server = TestServer::start_with(config).await;
     let mut client = server.client().await;
     assert_eq!(stored(&mut client, "s").await, ["a"]);

@@ -1,6 +1,9 @@
-//! Damaged storage: real data files are damaged (a flipped byte, a truncated log, a corrupt
-//! snapshot), then the broker must serve DATA_LOSS naming the range instead of garbage, keep the
-//! rest readable, and `tapeline verify` / `tapeline recover` must report and rescue what is left.
+//! Damaged storage: real data files are damaged (a flipped byte, chunks swapped, a lost pointer,
+//! a lost chunk file, an index cut short, corrupt or deleted), then the broker must serve
+//! DATA_LOSS naming the range instead of garbage, keep the rest readable, rebuild what can be
+//! rebuilt, refuse to serve a log that lost acknowledged records, and `tapeline verify` /
+//! `tapeline recover` must report and rescue what is left. Also: a data dir of the previous
+//! format is upgraded in place.
 
 mod common;
 
@@ -9,11 +12,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tapeline::grpc::pb;
+use tapeline::record::{StreamId, Tick};
+use tapeline::store::{files, index};
 use tonic::Code;
 
-/// A payload unique to (stream, i), long enough that chunks go to sled's blob files.
+/// A payload unique to (stream, i).
 fn payload(stream: &str, i: usize) -> String {
-    format!("<{stream}-{i:06}>").repeat(64)
+    format!("<{stream}-{i:06}>").repeat(8)
 }
 
 /// Publishes `batches` batches of `per_batch` records into `stream`; returns tick → payload.
@@ -29,12 +34,12 @@ async fn fill(url: &str, stream: &str, batches: usize, per_batch: usize) -> BTre
     stored
 }
 
-fn files(dir: &Path) -> Vec<PathBuf> {
+fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap().flatten() {
         let path = entry.path();
         if path.is_dir() {
-            out.extend(files(&path));
+            out.extend(files_under(&path));
         } else {
             out.push(path);
         }
@@ -42,10 +47,11 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Flips one byte in every stored copy of `needle`; returns how many copies were damaged.
+/// Flips one byte in every stored copy of `needle` under `dir`; returns how many copies were
+/// damaged.
 fn flip_everywhere(dir: &Path, needle: &[u8]) -> usize {
     let mut flipped = 0;
-    for file in files(dir) {
+    for file in files_under(dir) {
         let mut bytes = std::fs::read(&file).unwrap();
         let mut at = 0;
         let mut changed = false;
@@ -62,8 +68,8 @@ fn flip_everywhere(dir: &Path, needle: &[u8]) -> usize {
     flipped
 }
 
-/// Every record of `stream` in `from..` until the status that ends the subscription (or
-/// everything up to `end`).
+/// Every record of `stream` after `after` (or from the beginning) up to `end`, until the status
+/// that ends the subscription.
 async fn read(
     url: &str,
     stream: &str,
@@ -88,23 +94,32 @@ async fn read(
     }
 }
 
+/// Reads `stream` whole, resuming after each DATA_LOSS range: what was served, and the ranges.
+async fn read_around_damage(
+    url: &str,
+    stream: &str,
+    end: u64,
+) -> (BTreeMap<u64, String>, Vec<(u64, u64, String)>) {
+    let (mut served, mut lost, mut resume) = (BTreeMap::new(), Vec::new(), None);
+    for _ in 0..1000 {
+        let (got, status) = read(url, stream, resume, end).await;
+        served.extend(got);
+        let Some(status) = status else { return (served, lost) };
+        assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+        assert!(status.message().contains(&format!("stream {stream:?}")), "{status:?}");
+        let (from, to) = named_range(status.message());
+        lost.push((from, to, status.message().to_string()));
+        resume = Some(to);
+    }
+    panic!("more than 1000 damaged ranges");
+}
+
 /// The `A..=B` range a DATA_LOSS message names.
 fn named_range(message: &str) -> (u64, u64) {
     let rest = &message[message.find("ticks ").expect("a tick range") + 6..];
     let range: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.' || *c == '=').collect();
     let (a, b) = range.split_once("..=").expect("A..=B");
     (a.parse().unwrap(), b.parse().unwrap())
-}
-
-/// Whether a payload's bytes are still somewhere in the files of `data` (read once, now).
-fn surviving(data: &Path) -> impl Fn(&str) -> bool {
-    // As text, to search with std's fast substring search (payloads are ASCII; the lossy
-    // conversion only touches other bytes).
-    let files: Vec<String> = files(data)
-        .iter()
-        .map(|f| String::from_utf8_lossy(&std::fs::read(f).unwrap()).into_owned())
-        .collect();
-    move |p: &str| files.iter().any(|text| text.contains(p))
 }
 
 fn tapeline(args: &[&str]) -> std::process::Output {
@@ -139,88 +154,136 @@ fn refused_serve(data: &Path) -> String {
     err.lines().rfind(|l| l.starts_with("tapeline: ")).expect("one line saying why").to_string()
 }
 
-/// A flipped byte in data written since sled last opened: at open, sled takes the damaged blob
-/// for a torn write and silently rolls its log back to before it, dropping later blobs and the
-/// tail of its log. The acknowledged-tick mark turns that into a refusal naming the lost ticks;
-/// recover gets back every record whose bytes survive (the dropped blobs are preserved), all but
-/// the damaged record and the rest of its chunk.
-/// The sled value that points to the chunk holding `needle`.
-fn pointer_to(data: &Path, needle: &[u8]) -> Vec<u8> {
-    let db = tapeline::storage::engine_config(data).flush_every_ms(None).open().unwrap();
-    let chunks = tapeline::chunk_files::ChunkFiles::open_readonly(data).unwrap();
-    let (_, pointer) = db
-        .open_tree("records")
-        .unwrap()
-        .iter()
-        .map(Result::unwrap)
-        .find(|(_, v)| chunks.load(v.clone()).is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle)))
-        .expect("the chunk holding the payload");
-    pointer.to_vec()
+/// Every entry of the data dir's index, as raw keys and values (the broker stopped).
+fn index_entries(data: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let db = sled::Config::new().path(data.join(index::DIR)).open().unwrap();
+    let tree = db.open_tree("index").unwrap();
+    tree.iter().map(|e| e.unwrap()).map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
 }
 
-/// sled's log cut short before the pointer to a chunk: sled recovers its log up to the cut,
-/// losing the pointers written after it. The broker refuses to serve what would be a
-/// silent loss of acknowledged records; `verify` says so; `recover` finds every chunk in the
-/// chunk files, whose bytes were never touched, and copies every record.
+/// The pointers of stream `id` in the data dir's index (the broker stopped): first tick and
+/// location.
+fn pointers(data: &Path, id: u32) -> Vec<(Tick, files::Location)> {
+    let index = index::Index::open(data, 1 << 20).unwrap();
+    index.range(StreamId(id), Tick(0), Tick(u64::MAX)).map(|e| e.unwrap()).map(|(t, p)| (t, p.at)).collect()
+}
+
+fn tagged(producer: &str, sequence: u64, records: Vec<pb::Record>) -> pb::PublishRequest {
+    pb::PublishRequest { records, batch_id: sequence, producer_id: producer.into(), sequence }
+}
+
+/// Deleting the index entirely (or damaging sled's files so that it cannot open them) costs
+/// nothing: the index is rebuilt from the chunk files, entry for entry what it was: the catalog
+/// with metadata, what retention removed, the producers' memory, every pointer. Every record is
+/// served as before.
 #[tokio::test]
-async fn a_log_rolled_back_by_sled_is_refused_and_recovered_from_the_chunk_files() {
+async fn the_index_is_rebuilt_from_the_chunk_files_entry_for_entry() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    // Small chunk files, so that the pointers lost span whole files: they must not be deleted.
-    let config = tapeline::config::Config { chunk_file_bytes: 1 << 20, ..config(&data) };
-    let server = TestServer::start_with(config).await;
-    let s = fill(&server.url(), "s", 12, 300).await;
-    let t = fill(&server.url(), "t", 1, 100).await;
-    server.stop().await;
-    let chunk_files = std::fs::read_dir(data.join(tapeline::chunk_files::DIR)).unwrap().count();
-    assert!(chunk_files >= 3, "{chunk_files} chunk files: one wholly after the cut, besides the newest");
-    let last = *t.keys().last().unwrap();
-    // sled's log loses its tail from the first copy of the pointer on, as if the disk had
-    // dropped writes it acknowledged.
-    let pointer = pointer_to(&data, s.values().nth(450).unwrap().as_bytes());
-    let log = std::fs::read(data.join("db")).unwrap();
-    let at = log.windows(pointer.len()).position(|w| w == pointer).expect("the pointer is in sled's log");
-    std::fs::OpenOptions::new().write(true).open(data.join("db")).unwrap().set_len(at as u64).unwrap();
-    // Its snapshot would point past the cut: sled then rebuilds its state from the log alone.
-    for snapshot in
-        files(&data).into_iter().filter(|f| f.file_name().unwrap().to_string_lossy().starts_with("snap."))
-    {
-        std::fs::remove_file(snapshot).unwrap();
+    let policy = tapeline::retention::Policy { max_records: Some(300), ..Default::default() };
+    let retention = tapeline::retention::Retention {
+        rules: vec![tapeline::retention::Rule {
+            streams: vec![tapeline::names::Pattern::parse("kept/**").unwrap()],
+            policy,
+        }],
+        check_every: std::time::Duration::from_millis(20),
+        ..Default::default()
+    };
+    // Small files, so that retention deletes some (a checkpoint stands for their records).
+    let config = tapeline::config::Config { chunk_file_bytes: 1 << 20, retention, ..config(&data) };
+    let server = TestServer::start_with(config.clone()).await;
+    let mut c = server.client().await;
+    c.create_stream(pb::CreateStreamRequest {
+        stream: "meta/s".into(),
+        content_type: "application/json".into(),
+        description: "with metadata".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut acks = Vec::new();
+    for seq in 1..=5 {
+        let batch = tagged("prod", seq, vec![record("meta/s", format!("{{\"n\":{seq}}}")), record("t", "x")]);
+        acks.push((batch.clone(), c.publish(batch).await.unwrap().into_inner()));
     }
-
-    let why = refused_serve(&data);
-    assert!(why.contains(&format!("but ticks up to {last} were acknowledged")), "{why}");
-    assert!(why.contains("tapeline recover --data DIR --into NEW_DIR"), "{why}");
-    // Refused again on the next try: nothing was quietly accepted.
-    assert_eq!(refused_serve(&data), why);
-
-    let out = tapeline(&["verify", "--data", data.to_str().unwrap()]);
-    let report = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(2), "{report}{}", text(&out.stderr));
-    assert!(report.contains(&format!("..={last}: acknowledged but missing from the log")), "{report}");
-
-    let new = dir.path().join("new");
-    let out = tapeline(&["recover", "--data", data.to_str().unwrap(), "--into", new.to_str().unwrap()]);
-    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
-    let server = TestServer::start(&new).await;
-    for (name, stream) in [("s", &s), ("t", &t)] {
-        let (copied, status) = read(&server.url(), name, None, last).await;
+    fill(&server.url(), "kept/a", 240, 100).await;
+    fill(&server.url(), "gone", 2, 10).await;
+    c.delete_stream(pb::DeleteStreamRequest { stream: "gone".into() }).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    // Retention done: the first chunk file deleted, the stream down to its limit.
+    loop {
+        let kept = stored_streams(&mut c).await.into_iter().find(|s| s.name == "kept/a").map(|s| s.records);
+        if !files::path_in(&data, 0).exists() && kept == Some(300) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "retention never deleted the first chunk file");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let listed = stored_streams(&mut c).await;
+    let tail = c.hello(pb::HelloRequest::default()).await.unwrap().into_inner().tail_tick;
+    let mut everything = BTreeMap::new();
+    for s in &listed {
+        let (got, status) = read(&server.url(), &s.name, None, tail).await;
         assert!(status.is_none(), "{status:?}");
-        let copied: BTreeMap<u64, String> = copied.into_iter().collect();
-        assert_eq!(copied.len(), stream.len(), "every record of {name}");
-        assert!(copied == *stream, "every record of {name} as published");
+        everything.insert(s.name.clone(), got);
     }
     server.stop().await;
-    let out = tapeline(&["verify", "--data", new.to_str().unwrap()]);
-    assert!(out.status.success(), "the recovered dir verifies clean: {}", text(&out.stdout));
+    let before = index_entries(&data);
+    assert!(before.len() > 15, "{} index entries", before.len());
+
+    for damage in ["deleted", "log cut short", "snapshot corrupt"] {
+        let index_dir = data.join(index::DIR);
+        match damage {
+            "deleted" => std::fs::remove_dir_all(&index_dir).unwrap(),
+            "log cut short" => {
+                let db = index_dir.join("db");
+                let len = std::fs::metadata(&db).unwrap().len();
+                std::fs::OpenOptions::new().write(true).open(&db).unwrap().set_len(len / 3).unwrap();
+            }
+            _ => {
+                let snap =
+                    files_under(&index_dir).into_iter().find(|f| f.to_string_lossy().contains("snap."));
+                let snap = snap.expect("sled wrote a snapshot at the last clean stop");
+                let mut bytes = std::fs::read(&snap).unwrap();
+                let mid = bytes.len() / 2;
+                bytes[mid] ^= 0xff;
+                std::fs::write(&snap, bytes).unwrap();
+            }
+        }
+        let server = TestServer::start_with(config.clone()).await;
+        let mut c = server.client().await;
+        assert_eq!(stored_streams(&mut c).await, listed, "{damage}: the same streams, counts and metadata");
+        for (name, expected) in &everything {
+            let (got, status) = read(&server.url(), name, None, tail).await;
+            assert!(status.is_none(), "{damage}: {status:?}");
+            assert_eq!(&got, expected, "{damage}: {name} served as before");
+        }
+        for (batch, ack) in &acks {
+            let again = c.publish(batch.clone()).await.unwrap().into_inner();
+            assert!(
+                again.duplicate && again.ticks == ack.ticks,
+                "{damage}: the producer's memory is back: {again:?}"
+            );
+        }
+        server.stop().await;
+        if damage == "deleted" {
+            let after = index_entries(&data);
+            let differ: Vec<_> = before
+                .keys()
+                .chain(after.keys())
+                .filter(|k| before.get(*k) != after.get(*k))
+                .map(|k| String::from_utf8_lossy(&k[..k.len().min(12)]).into_owned())
+                .collect();
+            assert!(differ.is_empty(), "the rebuilt index differs at {} keys: {differ:?}", differ.len());
+        }
+    }
 }
 
-/// A chunk damaged in its chunk file (a bit flipped on disk, or written wrong), where sled's
-/// checksums do not reach: the chunk's own CRCs catch it. The subscriber gets DATA_LOSS naming the range
-/// and never a damaged record; resuming after the range gives the rest; other streams are whole;
-/// verify names the same range.
+/// A chunk damaged in its chunk file (a bit flipped on disk, or written wrong): the chunk's own
+/// CRCs catch it. The subscriber gets DATA_LOSS naming the range and never a damaged record;
+/// resuming after the range gives the rest; other streams are whole; verify names the same range.
 #[tokio::test]
-async fn a_damaged_page_is_data_loss_for_its_range_and_the_rest_stays_readable() {
+async fn a_damaged_chunk_is_data_loss_for_its_range_and_the_rest_stays_readable() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let server = TestServer::start(&data).await;
@@ -232,9 +295,11 @@ async fn a_damaged_page_is_data_loss_for_its_range_and_the_rest_stays_readable()
     }
     server.stop().await;
     let (&victim, victim_payload) = s.iter().nth(s.len() / 2).unwrap();
-    // Chunks live in the chunk files, where sled's checksums do not reach.
-    let chunk_files = data.join(tapeline::chunk_files::DIR);
-    assert_eq!(flip_everywhere(&chunk_files, victim_payload.as_bytes()), 1, "one copy of the payload");
+    assert_eq!(
+        flip_everywhere(&data.join(files::DIR), victim_payload.as_bytes()),
+        1,
+        "one copy of the payload"
+    );
 
     let server = TestServer::start(&data).await;
     let last = *s.keys().last().unwrap().max(t.keys().last().unwrap());
@@ -250,13 +315,15 @@ async fn a_damaged_page_is_data_loss_for_its_range_and_the_rest_stays_readable()
     let rest: Vec<(u64, String)> = s.range(to + 1..).map(|(t, p)| (*t, p.clone())).collect();
     assert!(status.is_none(), "{status:?}");
     assert_eq!(after, rest);
-    eprintln!("damaged range {from}..={to}: {} of {} records of s", s.range(from..=to).count(), s.len());
+    let (other, status) = read(&server.url(), "t", None, last).await;
+    assert!(status.is_none() && other.len() == t.len(), "the other stream is whole");
     server.stop().await;
 
     let out = tapeline(&["verify", "--data", data.to_str().unwrap()]);
     let report = text(&out.stdout);
     assert_eq!(out.status.code(), Some(2), "{report}{}", text(&out.stderr));
     assert!(report.contains(&format!("damaged: stream \"s\" ticks {from}..={to}")), "{report}");
+    assert!(report.contains("damaged: commit records"), "the commit record's CRC fails too: {report}");
 }
 
 /// Publishes `n` small records into `stream` in one batch; returns tick → payload.
@@ -275,169 +342,279 @@ fn rand_tag() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
+/// The index points a key to the wrong chunk, or lost a pointer: every read checks that a chunk
+/// is the one its key names (stream id and first tick in its header) and that it follows the
+/// chunk before it (the records it counts before it), so neither is ever served as good data or
+/// passes as a silent gap: each is DATA_LOSS naming its range, and the rest stays readable.
 #[tokio::test]
-async fn a_data_dir_sled_cannot_open_is_refused_clearly_and_recover_scans_its_files() {
-    for damage in ["truncated log", "corrupt snapshot"] {
+async fn a_misdirected_chunk_or_a_lost_pointer_is_data_loss_never_wrong_data() {
+    for damage in ["chunks swapped in the file", "pointers swapped in the index", "a middle pointer deleted"]
+    {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let server = TestServer::start(&data).await;
-        let mut all = BTreeMap::new();
-        for stream in ["a", "b/c"] {
-            for (tick, p) in fill(&server.url(), stream, 4, 200).await {
-                all.insert((stream.to_string(), tick), p);
-            }
-        }
+        // Ten chunks of the same length: ten batches of equally long records.
+        let s = fill(&server.url(), "s", 10, 20).await;
         server.stop().await;
+        let chunks = pointers(&data, 0);
+        assert_eq!(chunks.len(), 10);
+        let ((first_a, a), (first_b, b)) = (chunks[3], chunks[6]);
+        assert_eq!(a.len, b.len, "equally long chunks");
         match damage {
-            "truncated log" => {
-                let db = data.join("db");
-                let len = std::fs::metadata(&db).unwrap().len();
-                std::fs::OpenOptions::new().write(true).open(&db).unwrap().set_len(len / 2).unwrap();
+            "chunks swapped in the file" => {
+                let path = files::path_in(&data, a.file);
+                let mut bytes = std::fs::read(&path).unwrap();
+                let (ra, rb) = (
+                    a.offset as usize..(a.offset + u64::from(a.len)) as usize,
+                    b.offset as usize..(b.offset + u64::from(b.len)) as usize,
+                );
+                let chunk_a = bytes[ra.clone()].to_vec();
+                let chunk_b = bytes[rb.clone()].to_vec();
+                bytes[ra].copy_from_slice(&chunk_b);
+                bytes[rb].copy_from_slice(&chunk_a);
+                std::fs::write(&path, bytes).unwrap();
             }
             _ => {
-                // A clean restart first, so that sled has written its snapshot file.
-                TestServer::start(&data).await.stop().await;
-                let snap = files(&data).into_iter().find(|f| f.to_string_lossy().contains("snap.")).unwrap();
-                let mut bytes = std::fs::read(&snap).unwrap();
-                let mid = bytes.len() / 2;
-                bytes[mid] ^= 0xff;
-                std::fs::write(&snap, bytes).unwrap();
+                let db = sled::Config::new().path(data.join(index::DIR)).open().unwrap();
+                let tree = db.open_tree("index").unwrap();
+                let (key_a, key_b) =
+                    (index::pointer_key(StreamId(0), first_a), index::pointer_key(StreamId(0), first_b));
+                if damage == "a middle pointer deleted" {
+                    tree.remove(key_a).unwrap().expect("the pointer was there");
+                } else {
+                    let (value_a, value_b) =
+                        (tree.get(key_a).unwrap().unwrap(), tree.get(key_b).unwrap().unwrap());
+                    tree.insert(key_a, value_b).unwrap();
+                    tree.insert(key_b, value_a).unwrap();
+                }
+                db.flush().unwrap();
             }
         }
-
-        // The broker refuses to start with one clear line saying what to run.
-        let why = refused_serve(&data);
-        assert!(why.contains("tapeline recover --data DIR --into NEW_DIR"), "{damage}: {why}");
-        eprintln!("{damage}: {why}");
-        let out = tapeline(&["verify", "--data", data.to_str().unwrap()]);
-        assert!(!out.status.success(), "{damage}: {}", text(&out.stdout));
-
-        // Every record whose bytes are still in the files comes back, unchanged.
-        let present = surviving(&data);
-        let expected: BTreeMap<(String, u64), String> =
-            all.iter().filter(|(_, p)| present(p)).map(|(k, p)| (k.clone(), p.clone())).collect();
-        assert!(!expected.is_empty());
-        let new = dir.path().join("new");
-        let out = tapeline(&["recover", "--data", data.to_str().unwrap(), "--into", new.to_str().unwrap()]);
-        let said = text(&out.stdout);
-        assert!(out.status.success(), "{damage}: {said}{}", text(&out.stderr));
-        assert!(said.contains(&format!("recovered {} records", expected.len())), "{damage}: {said}");
-        let server = TestServer::start(&new).await;
-        let mut copied = BTreeMap::new();
-        let last = all.keys().map(|(_, t)| *t).max().unwrap();
-        for stream in ["a", "b/c"] {
-            let (got, status) = read(&server.url(), stream, None, last).await;
-            assert!(status.is_none(), "{status:?}");
-            copied.extend(got.into_iter().map(|(t, p)| ((stream.to_string(), t), p)));
-        }
+        let server = TestServer::start(&data).await;
+        let last = *s.keys().last().unwrap();
+        let (served, lost) = read_around_damage(&server.url(), "s", last).await;
         server.stop().await;
-        assert_eq!(copied, expected, "{damage}");
-        eprintln!("{damage}: {} of {} records recovered", expected.len(), all.len());
-    }
-}
-
-/// Data dirs created before tapeline chose its own sled segment size (sled's default, 512 KiB)
-/// still open, keep their records, and take new ones: sled refuses to open a data dir with another
-/// segment size than the one it was created with.
-#[tokio::test]
-async fn a_data_dir_created_with_sleds_default_segment_size_still_opens() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    drop(sled::Config::new().path(&data).flush_every_ms(None).open().unwrap());
-    let conf = || String::from_utf8_lossy(&std::fs::read(data.join("conf")).unwrap()).into_owned();
-    assert!(conf().contains("segment_size: 524288"), "{}", conf());
-    let server = TestServer::start(&data).await;
-    let before = fill(&server.url(), "old", 2, 50).await;
-    server.stop().await;
-    let server = TestServer::start(&data).await;
-    let last = *before.keys().last().unwrap();
-    let (read_back, status) = read(&server.url(), "old", None, last).await;
-    assert!(status.is_none(), "{status:?}");
-    assert_eq!(read_back.into_iter().collect::<BTreeMap<_, _>>(), before);
-    server.stop().await;
-    assert!(conf().contains("segment_size: 524288"));
-    // A new data dir gets tapeline's own size.
-    let fresh = dir.path().join("fresh");
-    TestServer::start(&fresh).await.stop().await;
-    assert!(String::from_utf8_lossy(&std::fs::read(fresh.join("conf")).unwrap())
-        .contains("segment_size: 8388608"));
-}
-
-/// A data dir written before chunk files keeps its chunks in sled. It is made here from a new one
-/// by putting every chunk back into sled under its key, as older builds stored it. It must open
-/// as it is, serve every record, take new ones (into chunk files) after them, and verify clean.
-#[tokio::test]
-async fn a_data_dir_from_before_chunk_files_opens_and_grows() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let server = TestServer::start(&data).await;
-    let mut stored = fill(&server.url(), "old", 3, 200).await;
-    server.stop().await;
-    {
-        let db = tapeline::storage::engine_config(&data).flush_every_ms(None).open().unwrap();
-        let chunks = tapeline::chunk_files::ChunkFiles::open_readonly(&data).unwrap();
-        let records = db.open_tree("records").unwrap();
-        let mut inlined = 0;
-        for entry in records.range(..[0xff_u8, 0xff, 0xff, 0xfe]) {
-            let (key, pointer) = entry.unwrap();
-            let chunk = chunks.load(pointer).unwrap();
-            records.insert(key, chunk.as_ref()).unwrap();
-            inlined += 1;
+        assert!(!lost.is_empty(), "{damage}: the damage was reported");
+        for (tick, p) in &served {
+            assert_eq!(s.get(tick), Some(p), "{damage}: only what was stored is served, at its tick");
         }
-        assert!(inlined >= 3, "{inlined} chunks");
-        db.open_tree("meta").unwrap().remove(tapeline::storage::SYNCED_KEY).unwrap();
-        db.flush().unwrap();
+        let missing: Vec<u64> = s.keys().filter(|t| !served.contains_key(t)).copied().collect();
+        assert!(
+            missing.iter().all(|t| lost.iter().any(|(from, to, _)| (from..=to).contains(&t))),
+            "{damage}: every record not served lies in a range named: {lost:?}"
+        );
+        let chunk_a: Vec<u64> =
+            s.keys().filter(|t| **t >= first_a.0 && **t < chunks[4].0 .0).copied().collect();
+        assert!(
+            chunk_a.iter().all(|t| !served.contains_key(t)),
+            "{damage}: the chunk at {first_a} is not served"
+        );
+        eprintln!(
+            "{damage}: {} of {} records served; damage named: {:?}",
+            served.len(),
+            s.len(),
+            lost.iter().map(|l| &l.2).collect::<Vec<_>>()
+        );
     }
-    std::fs::remove_dir_all(data.join(tapeline::chunk_files::DIR)).unwrap();
-
-    let server = TestServer::start(&data).await;
-    stored.extend(fill(&server.url(), "old", 1, 200).await);
-    let last = *stored.keys().last().unwrap();
-    let (read_back, status) = read(&server.url(), "old", None, last).await;
-    assert!(status.is_none(), "{status:?}");
-    assert_eq!(read_back.into_iter().collect::<BTreeMap<_, _>>(), stored);
-    server.stop().await;
-    assert!(data.join(tapeline::chunk_files::DIR).exists(), "new chunks went to chunk files");
-    let out = tapeline(&["verify", "--data", data.to_str().unwrap()]);
-    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
-    assert!(text(&out.stdout).contains(&format!("{} intact records", stored.len())), "{}", text(&out.stdout));
 }
 
-/// A chunk file gone (deleted by hand, or lost with its disk) while sled still points into it:
+/// Records acknowledged under `fsync = always` that the chunk files no longer hold (a log file
+/// cut short, as damage or a disk that loses what it synced would leave it): the index still
+/// says they were written, so the broker refuses to serve rather than serve a silent hole, says
+/// which records and how to go on, and refuses again next time; verify says the same. Deleting
+/// the index serves what the log still holds; recover copies it.
+#[tokio::test]
+async fn a_log_that_lost_acknowledged_records_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = TestServer::start(&data).await;
+    let kept = fill(&server.url(), "s", 3, 10).await;
+    let file = files::path_in(&data, 0);
+    let len = std::fs::metadata(&file).unwrap().len();
+    fill(&server.url(), "s", 2, 10).await;
+    server.stop().await;
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(len).unwrap();
+
+    let why = refused_serve(&data);
+    assert!(why.contains("acknowledged records are missing"), "{why}");
+    assert!(why.contains("tapeline recover --data DIR --into NEW_DIR"), "{why}");
+    assert_eq!(refused_serve(&data), why, "refused again: nothing was quietly accepted");
+    let out = tapeline(&["verify", "--data", data.to_str().unwrap()]);
+    let report = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{report}{}", text(&out.stderr));
+    assert!(report.contains("acknowledged records are missing"), "{report}");
+
+    let new = dir.path().join("new");
+    let out = tapeline(&["recover", "--data", data.to_str().unwrap(), "--into", new.to_str().unwrap()]);
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    let server = TestServer::start(&new).await;
+    let last = *kept.keys().last().unwrap();
+    let (copied, status) = read(&server.url(), "s", None, last).await;
+    assert!(status.is_none(), "{status:?}");
+    assert_eq!(copied.into_iter().collect::<BTreeMap<_, _>>(), kept);
+    server.stop().await;
+
+    std::fs::remove_dir_all(data.join(index::DIR)).unwrap();
+    let server = TestServer::start(&data).await;
+    let (served, status) = read(&server.url(), "s", None, last).await;
+    assert!(status.is_none(), "{status:?}");
+    assert_eq!(served.into_iter().collect::<BTreeMap<_, _>>(), kept, "what the log still holds");
+    server.stop().await;
+}
+
+/// A chunk file gone (deleted by hand, or lost with its disk) while the index points into it:
 /// the broker opens, reads of its chunks are `DATA_LOSS` naming their range, new chunks go to a
-/// new file (never under the lost file's name, where the old pointers would find them), and the
+/// new file (never under a lost file's name, where the old pointers would find them), and the
 /// records published after it are served.
 #[tokio::test]
 async fn a_lost_chunk_file_is_data_loss_and_its_name_is_not_reused() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let server = TestServer::start(&data).await;
-    let before = fill(&server.url(), "s", 2, 50).await;
+    let config = tapeline::config::Config { chunk_file_bytes: 1 << 20, ..config(&data) };
+    let server = TestServer::start_with(config.clone()).await;
+    let before = fill(&server.url(), "s", 240, 100).await;
     server.stop().await;
-    let lost = tapeline::chunk_files::path_in(&data, 0);
+    assert!(files::path_in(&data, 2).exists(), "at least three chunk files");
+    let lost = files::path_in(&data, 0);
     std::fs::remove_file(&lost).unwrap();
 
-    let server = TestServer::start(&data).await;
+    let server = TestServer::start_with(config).await;
     let after = fill(&server.url(), "s", 1, 10).await;
-    let reused = std::fs::metadata(&lost).map_or(0, |m| m.len());
-    assert_eq!(reused, 0, "nothing is written under the lost file's name");
-    assert!(tapeline::chunk_files::path_in(&data, 1).exists(), "new chunks go to the next file");
+    assert!(!lost.exists(), "nothing is written under the lost file's name");
     let last = *after.keys().last().unwrap();
-    // Each lost chunk is its own DATA_LOSS range; a subscriber resumes after each.
-    let (mut served, mut lost_ranges, mut resume) = (BTreeMap::new(), Vec::new(), None);
-    loop {
-        let (got, status) = read(&server.url(), "s", resume, last).await;
-        served.extend(got);
-        let Some(status) = status else { break };
-        assert_eq!(status.code(), Code::DataLoss, "{status:?}");
-        let (from, to) = named_range(status.message());
-        lost_ranges.push((from, to));
-        resume = Some(to);
-    }
-    assert_eq!(served, after, "exactly the records published after the loss");
-    assert!(
-        before.keys().all(|t| lost_ranges.iter().any(|(from, to)| (from..=to).contains(&t))),
-        "every lost record lies in a range named: {lost_ranges:?}"
-    );
+    let (served, lost_ranges) = read_around_damage(&server.url(), "s", last).await;
     server.stop().await;
+    let expected: BTreeMap<u64, String> = before
+        .iter()
+        .chain(&after)
+        .filter(|(t, _)| !lost_ranges.iter().any(|(from, to, _)| (from..=to).contains(t)))
+        .map(|(t, p)| (*t, p.clone()))
+        .collect();
+    assert_eq!(served, expected, "every record outside the lost ranges");
+    assert!(after.keys().all(|t| served.contains_key(t)), "the records published after the loss");
+    assert!(served.len() < before.len() + after.len(), "the lost file's records are reported, not served");
+}
+
+/// A data dir written by the previous build (sled at its root holding the catalog, the
+/// producers' memory and pointers into `chunks/`, or the chunks themselves in older data dirs)
+/// is upgraded at its first open: every record at its tick, the streams' metadata, what
+/// retention removed, the producers' memory; the old files are gone and it verifies clean.
+#[tokio::test]
+async fn a_data_dir_of_the_previous_format_is_upgraded_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format2.tar.gz");
+    let untar = Command::new("tar").arg("xzf").arg(&fixture).arg("-C").arg(dir.path()).status().unwrap();
+    assert!(untar.success());
+    for name in ["chunk-files", "inline"] {
+        let data = dir.path().join(name);
+        let expected: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(format!("{name}.json"))).unwrap()).unwrap();
+        let server = TestServer::start(&data).await;
+        let mut c = server.client().await;
+        let mut want: BTreeMap<String, BTreeMap<u64, String>> = BTreeMap::new();
+        for (key, payload) in expected["records"].as_object().unwrap() {
+            let (stream, tick) = key.rsplit_once(' ').unwrap();
+            want.entry(stream.to_string())
+                .or_default()
+                .insert(tick.parse().unwrap(), payload.as_str().unwrap().to_string());
+        }
+        for (stream, records) in &want {
+            let last = *records.keys().last().unwrap();
+            let (got, status) = read(&server.url(), stream, None, last).await;
+            assert!(status.is_none(), "{name} {stream}: {status:?}");
+            assert_eq!(&got.into_iter().collect::<BTreeMap<_, _>>(), records, "{name} {stream}");
+        }
+        if let Some(streams) = expected["streams"].as_array() {
+            let listed = stored_streams(&mut c).await;
+            for s in streams {
+                let got = listed
+                    .iter()
+                    .find(|l| l.name == s["name"].as_str().unwrap())
+                    .expect("the stream is listed");
+                assert_eq!(got.records, s["records"].as_u64().unwrap(), "{}", got.name);
+                assert_eq!(got.first_tick, s["first_tick"].as_u64().unwrap(), "{}", got.name);
+                assert_eq!(got.content_type, s["content_type"].as_str().unwrap(), "{}", got.name);
+                assert_eq!(got.description, s["description"].as_str().unwrap(), "{}", got.name);
+            }
+            assert!(!listed.iter().any(|l| l.name == "gone"), "a deleted stream stays deleted");
+            for ack in expected["prod_acks"].as_array().unwrap() {
+                let seq = ack["sequence"].as_u64().unwrap();
+                let batch = tagged(
+                    "prod",
+                    seq,
+                    vec![
+                        record("a", format!("a{seq}")),
+                        record("b", format!("b{seq}")),
+                        record("a", format!("a{seq}'")),
+                    ],
+                );
+                let again = c.publish(batch).await.unwrap().into_inner();
+                let ticks: Vec<u64> =
+                    ack["ticks"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+                assert!(again.duplicate && again.ticks == ticks, "the producer's memory is kept: {again:?}");
+            }
+            // What retention removed is still known: a read from the beginning is told.
+            let trimmed = listed.iter().find(|l| l.name == "trimmed/x").unwrap();
+            let mut sub = Sub::open(
+                &mut c,
+                pb::SubscribeRequest { end: Some(trimmed.last_tick), ..request(&["trimmed/x"], beginning()) },
+            )
+            .await;
+            let events = sub.until_end().await;
+            assert!(events.iter().any(|e| matches!(e, Seen::Truncated { .. })), "{events:?}");
+        }
+        let fresh = publish(&mut c, "new", &["after the upgrade"]).await;
+        assert!(fresh[0] > 0);
+        server.stop().await;
+        for old in ["conf", "db", "chunks", "tapeline.acknowledged"] {
+            assert!(!data.join(old).exists(), "{name}: {old} was removed");
+        }
+        let out = tapeline(&["verify", "--data", data.to_str().unwrap()]);
+        assert!(out.status.success(), "{name}: {}{}", text(&out.stdout), text(&out.stderr));
+    }
+}
+
+/// A broker killed while it rebuilds its index (the longest part of an open) leaves a data dir
+/// the next open recovers from: the rebuild starts again, and every record is served.
+#[tokio::test]
+async fn a_crash_during_recovery_leaves_a_data_dir_the_next_open_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = tapeline::config::Config { chunk_file_bytes: 1 << 20, ..config(&data) };
+    let server = TestServer::start_with(config.clone()).await;
+    let mut all = BTreeMap::new();
+    for stream in ["a", "b"] {
+        all.insert(stream, fill(&server.url(), stream, 200, 50).await);
+    }
+    server.stop().await;
+    std::fs::remove_dir_all(data.join(index::DIR)).unwrap();
+    // How long an open with a rebuild takes, to kill within it.
+    let began = std::time::Instant::now();
+    let full = Serve::start(&data, &[]);
+    let open_time = began.elapsed();
+    drop(full);
+    std::fs::remove_dir_all(data.join(index::DIR)).unwrap();
+    for i in 0..8u32 {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data", data.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(open_time * i / 8);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let server = TestServer::start_with(config).await;
+    for (stream, records) in &all {
+        let last = *records.keys().last().unwrap();
+        let (got, status) = read(&server.url(), stream, None, last).await;
+        assert!(status.is_none(), "{status:?}");
+        assert_eq!(&got.into_iter().collect::<BTreeMap<_, _>>(), records, "{stream}");
+    }
+    server.stop().await;
+    eprintln!(
+        "an open that rebuilds the index of {} records took {open_time:?}",
+        all.values().map(|r| r.len()).sum::<usize>()
+    );
 }

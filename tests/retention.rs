@@ -327,8 +327,8 @@ async fn chunk_files_are_deleted_and_a_quiet_streams_last_chunk_does_not_keep_on
         busy.extend(publish(&mut client, "busy", &[payload.as_str(); 16]).await);
     }
     until(&mut client, "busy", "the stream to fit", |i| i.bytes <= MIB).await;
-    let chunk_files = || std::fs::read_dir(dir.path().join(tapeline::chunk_files::DIR)).unwrap().count();
-    let first_file = tapeline::chunk_files::path_in(dir.path(), 0);
+    let chunk_files = || std::fs::read_dir(dir.path().join(tapeline::store::files::DIR)).unwrap().count();
+    let first_file = tapeline::store::files::path_in(dir.path(), 0);
     let deadline = tokio::time::Instant::now() + WAIT;
     while chunk_files() > 3 || first_file.exists() {
         assert!(tokio::time::Instant::now() < deadline, "{} chunk files are left", chunk_files());

@@ -3,6 +3,8 @@
 //! broken broker fails a test instead of hanging it.
 #![allow(dead_code)]
 
+pub mod powercut;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -480,24 +482,55 @@ impl Serve {
     /// Starts the binary with `args`, its standard error to `log_path`, and waits for the ready
     /// line that names the bound address (no sleeping).
     pub fn spawn(args: &[&str], log_path: PathBuf) -> Serve {
-        use std::io::BufRead;
+        Serve::try_spawn(args, log_path).unwrap_or_else(|err| panic!("{err}"))
+    }
+
+    /// Like `spawn`, but a binary that ends without its ready line (a broker refusing to start)
+    /// is an `Err` saying why: its first line and its log.
+    pub fn try_spawn(args: &[&str], log_path: PathBuf) -> Result<Serve, String> {
+        let mut serve = Serve::launch(args, log_path);
+        serve.ready()?;
+        Ok(serve)
+    }
+
+    /// Starts the binary without waiting for anything: a test that kills it while it starts.
+    /// `url` stays empty.
+    pub fn launch(args: &[&str], log_path: PathBuf) -> Serve {
         let log = std::fs::File::create(&log_path).expect("create the serve log");
-        let mut child = std::process::Command::new(BIN)
+        let child = std::process::Command::new(BIN)
             .args(args)
             .stdout(std::process::Stdio::piped())
             .stderr(log)
             .spawn()
             .expect("start tapeline serve");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("ready line");
-        let addr = line
-            .trim()
-            .strip_prefix("tapeline listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        Serve { child, url: format!("http://{addr}"), log_path }
+        Serve { child, url: String::new(), log_path }
+    }
+
+    /// Waits (at most `WAIT`) for the ready line and takes the address from it.
+    fn ready(&mut self) -> Result<(), String> {
+        use std::io::BufRead;
+        let stdout = self.child.stdout.take().expect("stdout");
+        let (line_read, reading) = std::sync::mpsc::channel();
+        // A thread, so that the wait is bounded: a broker that hangs while it opens its data dir
+        // fails the test; the thread ends when the broker is killed and its stdout closes.
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = line_read.send(line);
+        });
+        let line = reading.recv_timeout(WAIT).unwrap_or_default();
+        match line.trim().strip_prefix("tapeline listening on ") {
+            Some(addr) => {
+                self.url = format!("http://{addr}");
+                Ok(())
+            }
+            None => {
+                // Killed if it hangs, reaped if it exited: either way its log is complete then.
+                let _ = self.child.kill();
+                let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
+                Err(format!("unexpected first line {line:?} ({status}); the serve log:\n{}", self.log()))
+            }
+        }
     }
 
     /// The address it listens on, `host:port`.

@@ -7,15 +7,17 @@
 //! its records from here. (A replay of older records does not churn it.)
 //!
 //! Invariants:
-//! - Keyed by the chunk's pointer (file, offset, length). Chunk files are append-only and a
-//!   file's name is never reused, so a pointer always names the same bytes; a chunk moved by
+//! - Keyed by the chunk's location (file, offset, length). Chunk files are append-only and a
+//!   file's name is never reused, so a location always names the same bytes; a chunk moved by
 //!   compaction has a new pointer. Removal needs no invalidation: readers find chunks through
-//!   sled's keys first and filter what retention removed after the read (`Log::read`).
+//!   the index first and filter what retention removed after the read (`Log::read`).
 //! - Only chunks that decoded whole and verified are kept.
 //! - Bounded: at most [`MAX_CHUNKS`] chunks and [`MAX_BYTES`] of chunk bytes and decoded
 //!   records together (a chunk of tiny records decodes to more than its own size); the oldest
 //!   entry goes first.
 
+use super::chunk::Span;
+use super::files::Location;
 use crate::record::{Stored, Tick};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
@@ -34,6 +36,8 @@ const MAX_BYTES: usize = 16 << 20;
 pub struct Decoded {
     pub value: Bytes,
     pub records: Vec<Stored>,
+    /// Its header and first and last ticks, which every read checks.
+    pub span: Span,
 }
 
 impl Decoded {
@@ -63,23 +67,23 @@ pub struct TailCache {
 
 #[derive(Debug, Default)]
 struct Inner {
-    chunks: HashMap<Vec<u8>, Arc<Decoded>>,
-    /// Pointers in the order they were kept.
-    order: VecDeque<Vec<u8>>,
+    chunks: HashMap<Location, Arc<Decoded>>,
+    /// Locations in the order they were kept.
+    order: VecDeque<Location>,
     bytes: usize,
 }
 
 impl TailCache {
-    /// The chunk whose pointer is `pointer`, if it is kept.
-    pub fn get(&self, pointer: &[u8]) -> Option<Arc<Decoded>> {
-        self.lock().chunks.get(pointer).cloned()
+    /// The chunk at `at`, if it is kept.
+    pub fn get(&self, at: &Location) -> Option<Arc<Decoded>> {
+        self.lock().chunks.get(at).cloned()
     }
 
     /// Keeps a verified chunk, making room by letting the oldest go.
-    pub fn insert(&self, pointer: &[u8], chunk: Arc<Decoded>) {
+    pub fn insert(&self, at: Location, chunk: Arc<Decoded>) {
         let mut inner = self.lock();
         let size = chunk.size();
-        if inner.chunks.contains_key(pointer) || size > MAX_BYTES {
+        if inner.chunks.contains_key(&at) || size > MAX_BYTES {
             return;
         }
         while inner.order.len() >= MAX_CHUNKS || inner.bytes + size > MAX_BYTES {
@@ -89,8 +93,8 @@ impl TailCache {
             }
         }
         inner.bytes += size;
-        inner.order.push_back(pointer.to_vec());
-        inner.chunks.insert(pointer.to_vec(), chunk);
+        inner.order.push_back(at);
+        inner.chunks.insert(at, chunk);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -104,6 +108,10 @@ impl TailCache {
 mod tests {
     use super::*;
 
+    fn at(n: u64) -> Location {
+        Location { file: 0, offset: n, len: 1 }
+    }
+
     fn chunk(first: u64, n: u64, bytes: usize) -> Arc<Decoded> {
         let records = (first..first + n)
             .map(|t| Stored {
@@ -115,41 +123,41 @@ mod tests {
                 crc32: 0,
             })
             .collect();
-        Arc::new(Decoded { value: Bytes::from(vec![0u8; bytes]), records })
+        Arc::new(Decoded { value: Bytes::from(vec![0u8; bytes]), records, span: Span::default() })
     }
 
     #[test]
     fn a_range_of_a_kept_chunk_is_copied_with_the_read_s_chunk_index() {
         let cache = TailCache::default();
-        cache.insert(b"p1", chunk(10, 5, 100));
+        cache.insert(at(1), chunk(10, 5, 100));
         let mut out = Vec::new();
-        cache.get(b"p1").expect("kept").copy_into(3, Tick(11), Tick(13), &mut out);
+        cache.get(&at(1)).expect("kept").copy_into(3, Tick(11), Tick(13), &mut out);
         assert_eq!(out.iter().map(|r| r.tick.0).collect::<Vec<_>>(), vec![11, 12, 13]);
         assert!(out.iter().all(|r| r.chunk == 3));
-        assert!(cache.get(b"p2").is_none());
+        assert!(cache.get(&at(2)).is_none());
     }
 
     #[test]
     fn the_oldest_chunks_go_first_when_bytes_or_count_run_out() {
         let cache = TailCache::default();
         let half = MAX_BYTES / 2 - 1024;
-        cache.insert(b"a", chunk(1, 1, half));
-        cache.insert(b"b", chunk(2, 1, half));
-        cache.insert(b"c", chunk(3, 1, half));
-        assert!(cache.get(b"a").is_none(), "the oldest went to make room");
-        assert!(cache.get(b"b").is_some() && cache.get(b"c").is_some());
+        cache.insert(at(10), chunk(1, 1, half));
+        cache.insert(at(11), chunk(2, 1, half));
+        cache.insert(at(12), chunk(3, 1, half));
+        assert!(cache.get(&at(10)).is_none(), "the oldest went to make room");
+        assert!(cache.get(&at(11)).is_some() && cache.get(&at(12)).is_some());
         // A chunk of tiny records: few bytes, but its decoded records take half the room.
         let records = (MAX_BYTES / 2) / std::mem::size_of::<Stored>();
-        cache.insert(b"d", chunk(4, records as u64, 1));
-        assert!(cache.get(b"b").is_none(), "its decoded records count too");
-        assert!(cache.get(b"c").is_some() && cache.get(b"d").is_some());
+        cache.insert(at(13), chunk(4, records as u64, 1));
+        assert!(cache.get(&at(11)).is_none(), "its decoded records count too");
+        assert!(cache.get(&at(12)).is_some() && cache.get(&at(13)).is_some());
         for i in 0..MAX_CHUNKS + 1 {
-            cache.insert(format!("n{i}").as_bytes(), chunk(10, 1, 1));
+            cache.insert(at(100 + i as u64), chunk(10, 1, 1));
         }
         let inner = cache.lock();
         assert_eq!(inner.chunks.len(), MAX_CHUNKS);
         assert_eq!(inner.order.len(), MAX_CHUNKS);
-        assert!(inner.chunks.contains_key(format!("n{MAX_CHUNKS}").as_bytes()));
+        assert!(inner.chunks.contains_key(&at(100 + MAX_CHUNKS as u64)));
         assert!(inner.bytes <= MAX_BYTES);
     }
 }

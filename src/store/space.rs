@@ -1,13 +1,15 @@
 //! The disk budget: refuses a write before it could fill the disk or pass `max_disk_bytes`.
 //!
-//! sled 0.34 does not recover from a failed write in place (the writer then stops taking writes
-//! until a restart), so the broker never lets a write reach a full disk: each batch is admitted
-//! against the free space (keeping `min_free_disk_bytes` in reserve) and the configured maximum.
+//! A write that meets a full disk anyway is undone and refused (`writer.rs`), but the index
+//! (sled) needs room too, and a broker that keeps a reserve never gets there: each batch is
+//! admitted against the free space (keeping `min_free_disk_bytes` in reserve) and the configured
+//! maximum.
 //! Both figures are read from the filesystem at most once per [`REFRESH`] and, in between,
 //! lowered by an estimate of what was written, so a burst cannot overshoot by more than the
 //! reserve. Once space is freed, the next reading admits batches again.
 
-use crate::chunk_files::ChunkFiles;
+use super::files::ChunkFiles;
+use super::index::Index;
 use crate::error::{Error, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,14 +18,14 @@ use std::time::{Duration, Instant};
 /// How often the real figures are read.
 pub const REFRESH: Duration = Duration::from_millis(500);
 
-/// What the log writes per payload byte at most (the chunk files, and sled's log of pointers and
-/// state), kept as high as when sled held the chunks: used to estimate growth between two
-/// readings, where overestimating only refuses a burst a little early.
-const AMPLIFICATION: u64 = 3;
+/// What the log writes per payload byte at most (the chunk files, with each record's framing,
+/// and the index), used to estimate growth between two readings, where overestimating only
+/// refuses a burst a little early.
+const AMPLIFICATION: u64 = 2;
 
 /// The writer's view of the disk.
 pub struct Space {
-    db: sled::Db,
+    index: Arc<Index>,
     chunks: Arc<ChunkFiles>,
     dir: PathBuf,
     max_disk_bytes: Option<u64>,
@@ -37,13 +39,13 @@ pub struct Space {
 impl Space {
     /// A budget for the log in `dir`.
     pub fn new(
-        db: sled::Db,
+        index: Arc<Index>,
         chunks: Arc<ChunkFiles>,
         dir: PathBuf,
         max_disk_bytes: Option<u64>,
         min_free_bytes: u64,
     ) -> Space {
-        Space { db, chunks, dir, max_disk_bytes, min_free_bytes, used: 0, free: u64::MAX, read_at: None }
+        Space { index, chunks, dir, max_disk_bytes, min_free_bytes, used: 0, free: u64::MAX, read_at: None }
     }
 
     fn refresh(&mut self) {
@@ -51,7 +53,7 @@ impl Space {
             return;
         }
         self.read_at = Some(Instant::now());
-        match self.db.size_on_disk() {
+        match self.index.size_on_disk() {
             Ok(used) => self.used = used + self.chunks.total_bytes(),
             Err(err) => tracing::warn!(cause = %err, "cannot read the data dir's size"),
         }

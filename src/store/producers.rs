@@ -3,17 +3,17 @@
 //!
 //! A producer tags each batch with its id and a sequence number that increases from batch to
 //! batch (gaps are allowed: a refused batch leaves one). Per producer the broker remembers the
-//! last [`WINDOW`] batches it appended: sequence, a digest of the content, and the ticks. After
-//! a crash a batch and its memory are both stored or both absent: the writer stores a
-//! producer's state in the same atomic sled batch as the records it describes, or, when a
-//! commit is a single chunk, puts the tags of the chunk's batches in the chunk's trailer
-//! ([`encode_tags`]) and stores the state after it; recovery then catches the state up from
-//! the trailer of each stream's last chunk (see `storage.rs`).
+//! last [`WINDOW`] batches it appended: sequence, a digest of the content, and the ticks. A
+//! batch's tag is written in the same commit record as its records ([`encode_tags`], see
+//! `commit.rs`), so after a crash a batch and the memory of it are both in the log or both absent;
+//! the index keeps each producer's state as of the record it has applied, and recovery replays
+//! the tags of the records after it ([`Producers::recall`]).
 //!
 //! Value layout (little-endian): `last_used u64 | n u16 | n × (sequence u64 | digest u32 |
 //! n_runs u32 | n_runs × (first_tick u64 | count u32)) | crc u32`. Ticks are kept as runs of
 //! consecutive ticks: a batch of broker-assigned ticks is one run, whatever its size.
 
+use super::le::{Put, Reader};
 use crate::error::{Error, Result};
 use crate::record::{NewRecord, Tick};
 use std::collections::{HashMap, VecDeque};
@@ -187,6 +187,29 @@ impl Producers {
         Some(oldest)
     }
 
+    /// Marks a producer as used at `now` (the clock of the commit record holding its batch, so
+    /// that replaying the log remembers the same order of use).
+    pub fn touch(&mut self, id: &str, now: Tick) {
+        if let Some(p) = self.map.get_mut(id) {
+            p.last_used = now;
+        }
+    }
+
+    /// Forgets one producer.
+    pub fn forget(&mut self, id: &str) {
+        self.map.remove(id);
+    }
+
+    /// Every producer remembered.
+    pub fn ids(&self) -> Vec<Arc<str>> {
+        self.map.keys().cloned().collect()
+    }
+
+    /// Forgets every producer (a checkpoint replaces them all).
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+
     /// Producers remembered.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -217,45 +240,39 @@ impl Producers {
     }
 }
 
-/// The trailer of a chunk that holds tagged batches: each batch's tag and ticks, in commit
-/// order. Layout (little-endian): `n u16 | n × (id_len u8 | id | sequence u64 | digest u32 |
-/// n_runs u32 | n_runs × (first_tick u64 | count u32))`; the chunk's trailer CRC covers it.
+/// The tags of a commit's idempotent batches with their ticks, in commit order, as a commit
+/// record carries them. Layout (little-endian): `n u32 | n × (id_len u8 | id | sequence u64 |
+/// digest u32 | n_runs u32 | n_runs × (first_tick u64 | count u32))`.
 pub fn encode_tags<'a>(tags: impl Iterator<Item = (&'a BatchTag, &'a [Tick])>) -> Vec<u8> {
-    let mut v = vec![0, 0];
-    let mut n: u16 = 0;
+    let mut v = vec![0; 4];
+    let mut n: u32 = 0;
     for (tag, ticks) in tags {
         // Producer ids are at most MAX_ID_BYTES (checked in BatchTag::new).
-        let id = &tag.producer.as_bytes()[..tag.producer.len().min(MAX_ID_BYTES)];
-        v.push(id.len() as u8);
-        v.extend_from_slice(id);
+        v.put_short(tag.producer.as_bytes());
         Remembered { sequence: tag.sequence, digest: tag.digest, runs: runs(ticks) }.write(&mut v);
         n += 1;
     }
-    v[..2].copy_from_slice(&n.to_le_bytes());
+    v[..4].copy_from_slice(&n.to_le_bytes());
     v
 }
 
-/// Reads a chunk trailer written by [`encode_tags`].
+/// Reads tags written by [`encode_tags`].
 pub fn decode_tags(bytes: &[u8]) -> std::result::Result<Vec<(BatchTag, Vec<Tick>)>, String> {
     let mut r = Reader(bytes);
-    let n = r.u16()?;
-    let mut tags = Vec::with_capacity(usize::from(n));
+    let n = r.u32()?;
+    let mut tags = Vec::with_capacity((n as usize).min(r.remaining() / 17));
     for _ in 0..n {
-        let [len] = r.take::<1>()?;
-        let id = r.bytes(usize::from(len))?;
-        let producer: Arc<str> = Arc::from(String::from_utf8_lossy(id).as_ref());
-        let batch = r.remembered()?;
+        let producer: Arc<str> = Arc::from(String::from_utf8_lossy(r.short()?).as_ref());
+        let batch = remembered(&mut r)?;
         let tag = BatchTag { producer, sequence: batch.sequence, digest: batch.digest };
         tags.push((tag, batch.ticks()));
     }
-    if !r.0.is_empty() {
-        return Err(format!("{} stray bytes after the tags", r.0.len()));
-    }
+    r.end()?;
     Ok(tags)
 }
 
 impl Producers {
-    /// Remembers, while recovering, a batch found in a chunk's trailer, unless the stored state
+    /// Remembers, while recovering, a batch found in a commit record, unless the stored state
     /// already knows it (or knows later batches beyond it). Returns whether it was new. No
     /// producer is forgotten here: the limit applies again from the next append.
     pub fn recall(&mut self, tag: &BatchTag, ticks: &[Tick], now: Tick) -> bool {
@@ -264,27 +281,6 @@ impl Producers {
         }
         self.remember(tag, ticks, now, usize::MAX);
         true
-    }
-}
-
-impl Producers {
-    /// Forgets, while recovering, every remembered batch with a tick at or after `from`: the log
-    /// lost records from there on (a crash under `fsync=interval`), so a retry of such a batch
-    /// must be appended again rather than acknowledged. Returns the producers changed, whose
-    /// state is to be stored again (or removed, when nothing is left of it).
-    pub fn forget_from(&mut self, from: Tick) -> Vec<Arc<str>> {
-        let mut changed = Vec::new();
-        for (id, producer) in &mut self.map {
-            let before = producer.batches.len();
-            producer
-                .batches
-                .retain(|b| b.runs.iter().all(|&(first, count)| first + u64::from(count) <= from.0));
-            if producer.batches.len() != before {
-                changed.push(id.clone());
-            }
-        }
-        self.map.retain(|_, producer| !producer.batches.is_empty());
-        changed
     }
 }
 
@@ -301,53 +297,22 @@ pub fn decode(value: &[u8]) -> std::result::Result<Producer, String> {
     let n = r.u16()?;
     let mut batches = VecDeque::with_capacity(usize::from(n));
     for _ in 0..n {
-        batches.push_back(r.remembered()?);
+        batches.push_back(remembered(&mut r)?);
     }
-    if !r.0.is_empty() {
-        return Err(format!("{} stray bytes after the state", r.0.len()));
-    }
+    r.end()?;
     Ok(Producer { batches, last_used })
 }
 
-/// Reads little-endian integers, failing instead of reading past the end.
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn take<const N: usize>(&mut self) -> std::result::Result<[u8; N], String> {
-        let Some((head, rest)) = self.0.split_first_chunk::<N>() else {
-            return Err("state ends early".into());
-        };
-        self.0 = rest;
-        Ok(*head)
+/// One batch as [`Remembered::write`] wrote it.
+fn remembered(r: &mut Reader) -> std::result::Result<Remembered, String> {
+    let sequence = r.u64()?;
+    let digest = r.u32()?;
+    let n_runs = r.u32()?;
+    let mut runs = Vec::with_capacity((n_runs as usize).min(r.remaining() / 12));
+    for _ in 0..n_runs {
+        runs.push((r.u64()?, r.u32()?));
     }
-    fn u64(&mut self) -> std::result::Result<u64, String> {
-        self.take().map(u64::from_le_bytes)
-    }
-    fn u32(&mut self) -> std::result::Result<u32, String> {
-        self.take().map(u32::from_le_bytes)
-    }
-    fn u16(&mut self) -> std::result::Result<u16, String> {
-        self.take().map(u16::from_le_bytes)
-    }
-    /// One batch as [`Remembered::write`] wrote it.
-    fn remembered(&mut self) -> std::result::Result<Remembered, String> {
-        let sequence = self.u64()?;
-        let digest = self.u32()?;
-        let n_runs = self.u32()?;
-        let mut runs = Vec::new();
-        for _ in 0..n_runs {
-            runs.push((self.u64()?, self.u32()?));
-        }
-        Ok(Remembered { sequence, digest, runs })
-    }
-    fn bytes(&mut self, n: usize) -> std::result::Result<&[u8], String> {
-        if self.0.len() < n {
-            return Err("state ends early".into());
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
-    }
+    Ok(Remembered { sequence, digest, runs })
 }
 
 #[cfg(test)]

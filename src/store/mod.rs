@@ -1,0 +1,480 @@
+//! The store: the log of record in chunk files, and its index in sled.
+//!
+//! Every change is a commit record appended to the chunk files (`commit.rs`, `files.rs`) by one
+//! writer thread (`writer.rs`); an ack waits for exactly one `fdatasync` of the chunk file (plus
+//! its directory when a file is created), never for sled. The index (`index.rs`) derives from the
+//! records and is rebuilt from them whenever it is behind or missing (`recovery.rs`). Reads find
+//! chunks through the index and check everything they get (`read.rs`).
+//!
+//! Files, one concern each:
+//! - `commit`: the commit record format; `walk`: reading a chunk file record by record;
+//! - `files`: appending, rotating, reading and deleting chunk files;
+//! - `chunk`: the codec of a chunk (many records of one stream);
+//! - `index`: sled, the index; `recovery`: opening a data dir, replay and rebuild;
+//! - `writer`: group commit and every other write; `producers`: idempotent producers' memory;
+//! - `read`: reads and their checks; `tail_cache`: the newest chunks, decoded once;
+//! - `retention`: planning removals and compaction; `space`: the disk budget;
+//! - `integrity`: offline `verify` and `recover`; `upgrade`: data dirs of earlier builds.
+
+pub mod chunk;
+pub mod commit;
+pub mod files;
+pub mod index;
+pub mod integrity;
+mod le;
+pub mod producers;
+mod read;
+mod recovery;
+mod retention;
+mod space;
+mod tail_cache;
+mod upgrade;
+mod walk;
+mod writer;
+
+pub use read::{ReadBatch, Truncation};
+pub use retention::{Keep, Move, TrimPlan};
+pub use writer::MAX_TICK_AHEAD;
+
+use crate::config::{Config, DataDir, FsyncPolicy};
+use crate::error::{Error, Result};
+use crate::record::{NewRecord, StreamInfo, StreamMeta, Tick};
+use files::ChunkFiles;
+use index::Index;
+use producers::BatchTag;
+use space::Space;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tail_cache::TailCache;
+use tokio::sync::{broadcast, mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tracing::error;
+
+/// Batches waiting for the writer; publishers wait (backpressure) when it is full.
+const WRITER_QUEUE: usize = 1024;
+/// Payload bytes queued for the writer at most (in KiB permits); publishers wait beyond it. A
+/// batch larger than the whole budget is let through alone.
+const WRITER_QUEUE_KIB: u32 = 256 << 10;
+/// Commits a subscriber may fall behind before it is told to rescan (it then reads storage).
+const COMMIT_BROADCAST: usize = 4096;
+/// How often the flusher makes the index durable: at most this much of the log is applied again
+/// after a crash.
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+/// An appended batch, as acknowledged to its publisher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// The tick of each record, in the batch's order.
+    pub ticks: Vec<Tick>,
+    /// The batch is a retry of an idempotent batch appended before: nothing was appended now.
+    pub duplicate: bool,
+}
+
+/// What one commit changed, as told to subscribers.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    /// Every record with a tick up to this one is readable.
+    pub watermark: Tick,
+    /// Streams that received records, each with its last committed tick.
+    pub streams: Arc<[(crate::record::StreamId, Tick)]>,
+    /// Streams created by this commit.
+    pub added: Arc<[StreamInfo]>,
+    /// Streams whose metadata changed, or that were deleted (`true`).
+    pub changed: Arc<[(StreamInfo, bool)]>,
+}
+
+/// A consistent view taken when a subscription registers.
+pub struct Snapshot {
+    /// Every stream at that moment.
+    pub streams: Vec<StreamInfo>,
+    /// The latest committed tick at that moment.
+    pub watermark: Tick,
+    /// Every commit after that moment.
+    pub commits: broadcast::Receiver<Commit>,
+}
+
+/// Who a batch comes from, which decides two rules.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A publisher; idempotent when tagged. Explicit ticks may be at most a minute ahead of this
+    /// broker's clock, so one publisher cannot drag the clock far ahead for everyone.
+    Publisher(Option<BatchTag>),
+    /// A relay's upstream: the ticks are the origin's, kept unchanged whatever this broker's
+    /// clock says (they still must increase per stream).
+    Upstream,
+}
+
+impl Source {
+    fn tag(&self) -> Option<&BatchTag> {
+        match self {
+            Source::Publisher(tag) => tag.as_ref(),
+            Source::Upstream => None,
+        }
+    }
+}
+
+/// The catalog as readers see it.
+struct Shared {
+    streams: BTreeMap<Arc<str>, StreamInfo>,
+    watermark: Tick,
+}
+
+/// Where the writer sends a batch's ticks, or why it was refused.
+type Reply = oneshot::Sender<Result<Appended>>;
+
+/// A batch accepted into the current group, waiting for the commit to finish.
+struct Accepted {
+    ticks: Vec<Tick>,
+    duplicate: bool,
+    reply: Reply,
+}
+
+enum Command {
+    Append {
+        records: Vec<NewRecord>,
+        source: Source,
+        reply: Reply,
+        _queued: OwnedSemaphorePermit,
+    },
+    /// Create a stream with metadata, or change an existing stream's metadata when `update`.
+    Define {
+        name: crate::names::StreamName,
+        meta: StreamMeta,
+        update: bool,
+        reply: oneshot::Sender<Result<StreamInfo>>,
+    },
+    /// Delete a stream and every record of it.
+    Delete {
+        name: String,
+        reply: oneshot::Sender<Result<StreamInfo>>,
+    },
+    /// Carry out a removal planned by the trimmer.
+    Trim {
+        plan: TrimPlan,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// Move chunks out of a sparse chunk file; answers how many moved.
+    Compact {
+        moves: Vec<Move>,
+        reply: oneshot::Sender<Result<usize>>,
+    },
+    /// Raise the clock to `to` (at most now) and publish the watermark, so that time passes for
+    /// readers even when nothing is published; answers the new watermark.
+    Advance {
+        to: Tick,
+        reply: oneshot::Sender<Tick>,
+    },
+    Stop {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// The memory a queued batch holds, for the queue and group budgets: payloads, headers, and a
+/// fixed cost per record.
+fn held_bytes(records: &[NewRecord]) -> usize {
+    records
+        .iter()
+        .map(|r| r.payload.len() + r.headers.iter().map(|(k, v)| k.len() + v.len() + 48).sum::<usize>() + 128)
+        .sum()
+}
+
+/// The log. Shared by reference; reads may run on any thread.
+pub struct Log {
+    index: Arc<Index>,
+    /// Where the chunks' bytes are.
+    chunks: Arc<ChunkFiles>,
+    /// The newest chunks, decoded once for every subscriber at the tail.
+    tail: TailCache,
+    shared: Arc<RwLock<Shared>>,
+    commits: broadcast::Sender<Commit>,
+    writer: mpsc::Sender<Command>,
+    /// Payload bytes (KiB) that may wait for the writer.
+    queue_budget: Arc<Semaphore>,
+    writer_thread: Mutex<Option<JoinHandle<()>>>,
+    server_id: String,
+    /// The highest tick an advance was asked for, to let one serve many (`advance_lazily`).
+    advance_asked: AtomicU64,
+    /// The flusher thread and what stops it: dropping the sender.
+    flusher: Mutex<Option<Flusher>>,
+    /// Keeps a volatile store's directory alive as long as the log.
+    _temp_dir: Option<tempfile::TempDir>,
+}
+
+impl Log {
+    /// Opens (or creates) the log described by `config` and starts its writer thread.
+    pub fn open(config: &Config) -> Result<Log> {
+        let (path, temp_dir) = match &config.data {
+            DataDir::Path(p) => (p.clone(), None),
+            DataDir::Volatile => {
+                let dir = tempfile::Builder::new()
+                    .prefix("tapeline-volatile-")
+                    .tempdir()
+                    .map_err(|source| Error::Io { context: "creating the volatile store".into(), source })?;
+                (dir.path().to_path_buf(), Some(dir))
+            }
+        };
+        let recovered = recovery::open(&path, config)?;
+        let index = Arc::new(recovered.index);
+        let chunks = recovered.chunks;
+        let watermark = recovered.clock;
+        let shared = Arc::new(RwLock::new(Shared {
+            streams: recovered.streams.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            watermark,
+        }));
+        let (commits, _) = broadcast::channel(COMMIT_BROADCAST);
+        let (writer, inbox) = mpsc::channel(WRITER_QUEUE);
+        let flush_failed = Arc::new(std::sync::OnceLock::new());
+        let flusher = start_flusher(index.clone(), chunks.clone(), config.fsync, flush_failed.clone())?;
+        let state = writer::Writer {
+            index: index.clone(),
+            appender: recovered.appender,
+            fsync: config.fsync,
+            streams: recovered.streams,
+            clock: watermark,
+            written_clock: watermark,
+            next_id: recovered.next_id,
+            producers: recovered.producers,
+            max_producers: config.limits.max_producers,
+            max_streams: config.limits.max_streams,
+            space: Space::new(
+                index.clone(),
+                chunks.clone(),
+                path.clone(),
+                config.max_disk_bytes,
+                config.min_free_disk_bytes,
+            ),
+            server_id: recovered.server_id.clone(),
+            checkpoint_file: recovered.checkpoint_file,
+            failed: None,
+            flush_failed,
+            shared: shared.clone(),
+            commits: commits.clone(),
+        };
+        let writer_thread = std::thread::Builder::new()
+            .name("tapeline-writer".into())
+            .spawn(move || state.run(inbox))
+            .map_err(|source| Error::Io { context: "starting the writer thread".into(), source })?;
+        Ok(Log {
+            index,
+            chunks,
+            tail: TailCache::default(),
+            shared,
+            commits,
+            writer,
+            queue_budget: Arc::new(Semaphore::new(WRITER_QUEUE_KIB as usize)),
+            writer_thread: Mutex::new(Some(writer_thread)),
+            server_id: recovered.server_id,
+            advance_asked: AtomicU64::new(0),
+            flusher: Mutex::new(Some(flusher)),
+            _temp_dir: temp_dir,
+        })
+    }
+
+    /// The random identity created with the data dir.
+    pub fn server_id(&self) -> &str {
+        &self.server_id
+    }
+
+    /// Queues a batch for the writer; the returned receiver yields its ticks once it is committed.
+    /// Batches are committed in the order they are queued. A tagged batch is idempotent: a retry
+    /// of one already appended is answered with its ticks and appends nothing.
+    /// Publishers wait here while the writer is behind by more than the queue budget.
+    pub async fn submit(
+        &self,
+        records: Vec<NewRecord>,
+        source: Source,
+    ) -> Result<oneshot::Receiver<Result<Appended>>> {
+        let bytes = held_bytes(&records);
+        let kib = (bytes.div_ceil(1024) as u64).min(u64::from(WRITER_QUEUE_KIB)) as u32;
+        let queued =
+            self.queue_budget.clone().acquire_many_owned(kib).await.map_err(|_| Error::ShuttingDown)?;
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Append { records, source, reply, _queued: queued };
+        self.writer.send(command).await.map_err(|_| Error::ShuttingDown)?;
+        Ok(answer)
+    }
+
+    /// Raises the broker's clock to `to` (at most the wall clock) and publishes the new watermark
+    /// (after every batch queued before this call). Lets a reader learn that time passed with
+    /// nothing published: no record will ever be appended at or below the returned tick (explicit
+    /// ticks aside, which must be above their stream's last tick), also after a restart: the
+    /// clock is written to the log before it is published. A relay passes the tick its upstream
+    /// confirmed, never more: its own clock says nothing of what the upstream holds.
+    pub async fn advance(&self, to: Tick) -> Result<Tick> {
+        let (reply, answer) = oneshot::channel();
+        self.writer.send(Command::Advance { to, reply }).await.map_err(|_| Error::ShuttingDown)?;
+        answer.await.map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Like [`Log::advance`], but skipped when an advance to within `slack` of `to` was already
+    /// asked for: many subscriptions' heartbeats fire together, and one advance serves them all.
+    pub async fn advance_lazily(&self, to: Tick, slack: Duration) -> Result<()> {
+        let slack = u64::try_from(slack.as_nanos()).unwrap_or(u64::MAX);
+        let asked = self.advance_asked.load(Ordering::Relaxed);
+        if asked.saturating_add(slack) >= to.0 || self.watermark().0.saturating_add(slack) >= to.0 {
+            return Ok(());
+        }
+        if self.advance_asked.compare_exchange(asked, to.0, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+            // Another subscription asked at the same moment.
+            return Ok(());
+        }
+        self.advance(to).await.map(|_| ())
+    }
+
+    /// Appends a batch atomically and returns the assigned ticks once it is committed.
+    pub async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Tick>> {
+        let appended =
+            self.submit(records, Source::Publisher(None)).await?.await.map_err(|_| Error::ShuttingDown)??;
+        Ok(appended.ticks)
+    }
+
+    /// The latest committed tick.
+    pub fn watermark(&self) -> Tick {
+        self.read_shared().watermark
+    }
+
+    /// Every stream, in name order.
+    pub fn streams(&self) -> Vec<StreamInfo> {
+        self.read_shared().streams.values().cloned().collect()
+    }
+
+    /// One stream, if it exists.
+    pub fn stream(&self, name: &str) -> Option<StreamInfo> {
+        self.read_shared().streams.get(name).cloned()
+    }
+
+    /// The catalog and watermark, together with a receiver of every later commit.
+    pub fn snapshot(&self) -> Snapshot {
+        let shared = self.read_shared();
+        Snapshot {
+            streams: shared.streams.values().cloned().collect(),
+            watermark: shared.watermark,
+            commits: self.commits.subscribe(),
+        }
+    }
+
+    fn read_shared(&self) -> std::sync::RwLockReadGuard<'_, Shared> {
+        // A poisoned lock means a panic elsewhere; the data itself is still consistent.
+        self.shared.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes everything written so far durable: the newest chunk file, then the index.
+    pub async fn flush(&self) -> Result<()> {
+        let (index, chunks) = (self.index.clone(), self.chunks.clone());
+        tokio::task::spawn_blocking(move || {
+            chunks
+                .sync_newest()
+                .map_err(|source| Error::Io { context: "syncing the chunk files".into(), source })?;
+            index.persist()
+        })
+        .await
+        .map_err(|err| Error::Internal(format!("flush task failed: {err}")))?
+    }
+
+    /// Creates `name` with `meta`; an existing stream keeps its records and gets `meta` when
+    /// `update` (with the same metadata it is left as it is). Returns the stream as it is now.
+    pub async fn define(
+        &self,
+        name: crate::names::StreamName,
+        meta: StreamMeta,
+        update: bool,
+    ) -> Result<StreamInfo> {
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(Command::Define { name, meta, update, reply })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Deletes the stream `name` and every record of it; returns what it was.
+    pub async fn delete(&self, name: &str) -> Result<StreamInfo> {
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(Command::Delete { name: name.to_string(), reply })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Has the writer move planned chunks to the active chunk file (each unless it was removed or
+    /// moved since); returns how many moved.
+    pub async fn compact(&self, moves: Vec<Move>) -> Result<usize> {
+        let (reply, answer) = oneshot::channel();
+        self.writer.send(Command::Compact { moves, reply }).await.map_err(|_| Error::ShuttingDown)?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Has the writer carry out a planned removal (skipped when the stream changed under it).
+    pub async fn trim(&self, plan: TrimPlan) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.writer.send(Command::Trim { plan, reply }).await.map_err(|_| Error::ShuttingDown)?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Stops the writer after every queued batch is committed, then the flusher, then flushes.
+    /// Idempotent.
+    pub async fn close(&self) -> Result<()> {
+        let (reply, done) = oneshot::channel();
+        if self.writer.send(Command::Stop { reply }).await.is_ok() {
+            let _ = done.await;
+        }
+        let handle = self.writer_thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        // Joined, so that nothing holds the data dir once `close` returns.
+        let flusher = self.flusher.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((stop, handle)) = flusher {
+            drop(stop);
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        self.flush().await
+    }
+}
+
+/// The flusher thread, and the sender whose drop stops it.
+type Flusher = (std::sync::mpsc::Sender<()>, JoinHandle<()>);
+
+/// Starts the thread that makes the index durable every [`PERSIST_EVERY`] and, under
+/// `fsync = interval`, syncs the chunk files every interval first (acks do not wait for it then).
+/// A failed sync of the chunk files stops the writer taking writes: after a failed fsync the
+/// kernel may have dropped the dirty pages, so what was written since the last sync may be lost.
+fn start_flusher(
+    index: Arc<Index>,
+    chunks: Arc<ChunkFiles>,
+    fsync: FsyncPolicy,
+    failed: Arc<std::sync::OnceLock<String>>,
+) -> Result<Flusher> {
+    let every = match fsync {
+        FsyncPolicy::Interval(every) => every.min(PERSIST_EVERY),
+        FsyncPolicy::Always | FsyncPolicy::Never => PERSIST_EVERY,
+    };
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let handle = std::thread::Builder::new()
+        .name("tapeline-flusher".into())
+        .spawn(move || {
+            let mut persisted = std::time::Instant::now();
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                if let FsyncPolicy::Interval(_) = fsync {
+                    if let Err(err) = chunks.sync_newest() {
+                        let cause = format!("syncing the chunk files failed: {err}");
+                        error!(%cause, "the periodic sync failed; the log takes no more writes");
+                        let _ = failed.set(cause);
+                        return;
+                    }
+                }
+                if persisted.elapsed() >= PERSIST_EVERY {
+                    persisted = std::time::Instant::now();
+                    if let Err(err) = index.persist() {
+                        // Only the index: a restart applies the log again.
+                        tracing::warn!(cause = %err, "making the index durable failed");
+                    }
+                }
+            }
+        })
+        .map_err(|source| Error::Io { context: "starting the flusher thread".into(), source })?;
+    Ok((stop, handle))
+}

@@ -1,0 +1,793 @@
+//! The single writer thread: assigns every tick, writes every commit record, applies it to the
+//! index, then publishes it and answers.
+//!
+//! Invariants:
+//! - Ticks are `max(now, clock + 1)` with one clock for the whole broker, so they are unique and
+//!   strictly increasing within a stream; an explicit tick must be above its stream's last tick.
+//!   The clock never goes back: every record carries it, and raising it with nothing published
+//!   (`advance`) writes a `Clock` record, synced before the new watermark is published.
+//! - Group commit: every batch waiting is checked, then all the accepted ones are written as one
+//!   commit record, synced once (`fsync = always`), applied to the index, published, and answered.
+//!   A refused batch is dropped before anything is written, so it leaves nothing behind; so is a
+//!   group whose write or sync met a full disk (the file is cut back and nothing of the group is
+//!   kept in memory): publishing resumes once there is room. Any other failure to write or sync
+//!   stops the writer taking writes (fail-stop) until a restart recovers from the log.
+//! - Nothing of the index is on the ack path: the ack follows the log's sync; the index's own
+//!   durability is the flusher's business (`index.rs`).
+//! - The in-memory catalog and the commit broadcast change under one lock, and only after the
+//!   record is applied to the index: a reader that sees a watermark can read every record up to
+//!   it, and a subscriber that snapshots the catalog receives every later commit.
+//! - A chunk file is deleted only after no pointer refers to it, the records that removed its
+//!   chunks are durable, and a checkpoint written after it is durable.
+
+use super::chunk::ChunkEncoder;
+use super::commit::{self, Body, Checkpoint, ChunkEntry, Defined, Encoded, Removed};
+use super::files::{Appender, Location, RecordAt};
+use super::index::Index;
+use super::producers::{BatchTag, Producers, Seen};
+use super::retention::TrimPlan;
+use super::space::Space;
+use super::{held_bytes, Accepted, Appended, Command, Commit, Reply, Shared, Source};
+use crate::config::FsyncPolicy;
+use crate::error::{Error, Result};
+use crate::names::StreamName;
+use crate::record::{NewRecord, Recent, StreamId, StreamInfo, StreamMeta, Tick, Trimmed};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+use tokio::sync::{broadcast, mpsc};
+use tracing::{debug, error, info, warn};
+
+/// A chunk is sealed when it reaches this many encoded bytes or records.
+const CHUNK_MAX_BYTES: usize = 64 << 10;
+const CHUNK_MAX_RECORDS: u32 = 4096;
+/// One group commit gathers at most this many payload bytes.
+const GROUP_MAX_BYTES: usize = 32 << 20;
+/// How far ahead of the broker's wall clock an explicit tick may be. Explicit ticks move the
+/// broker-wide clock, so a tick far in the future would shift every later tick.
+pub const MAX_TICK_AHEAD: Tick = Tick(60_000_000_000);
+
+/// What the writer owns.
+pub(super) struct Writer {
+    pub index: Arc<Index>,
+    /// Appends records to the chunk files; counts what each file still holds.
+    pub appender: Appender,
+    pub fsync: FsyncPolicy,
+    /// The authoritative state of every stream; `shared` is a copy published after each commit.
+    pub streams: HashMap<Arc<str>, StreamInfo>,
+    /// The highest tick assigned or promised, for the whole broker.
+    pub clock: Tick,
+    /// The clock of the last record written: a promise beyond it needs a `Clock` record first.
+    pub written_clock: Tick,
+    pub next_id: u32,
+    /// Idempotent producers' recent batches.
+    pub producers: Producers,
+    pub max_producers: usize,
+    /// Streams the store may hold.
+    pub max_streams: usize,
+    /// Refuses batches before they could fill the disk.
+    pub space: Space,
+    pub server_id: String,
+    /// The file of the newest checkpoint: a file at or after it may be deleted only once a newer
+    /// checkpoint is written.
+    pub checkpoint_file: u32,
+    /// Set when a write, sync or index update failed: every later write is refused with this
+    /// cause.
+    pub failed: Option<String>,
+    /// Set by the flusher thread when a periodic sync failed (taken into `failed`).
+    pub flush_failed: Arc<std::sync::OnceLock<String>>,
+    pub shared: Arc<RwLock<Shared>>,
+    pub commits: broadcast::Sender<Commit>,
+}
+
+/// A record written, as the index applies it.
+struct Written {
+    fixed: commit::Fixed,
+    crc: u32,
+    at: RecordAt,
+    data_offset: u64,
+}
+
+/// Why a record was not written.
+enum NotWritten {
+    /// The disk is full: nothing of the record is in the log, and the writer goes on.
+    Refused(Error),
+    /// Anything else: the writer takes no more writes.
+    Failed(Error),
+}
+
+impl NotWritten {
+    fn into_error(self) -> Error {
+        match self {
+            NotWritten::Refused(err) | NotWritten::Failed(err) => err,
+        }
+    }
+}
+
+/// Whether an error is the disk (or the user's quota) being full.
+fn disk_full(err: &Error) -> bool {
+    matches!(err, Error::Io { source, .. }
+        if matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded))
+}
+
+impl Writer {
+    pub fn run(mut self, mut inbox: mpsc::Receiver<Command>) {
+        let mut stop = None;
+        while stop.is_none() {
+            let Some(first) = inbox.blocking_recv() else { break };
+            // Gather every append already waiting; any other command waits for the group.
+            let mut group = Vec::new();
+            let mut bytes = 0;
+            let mut next = Some(first);
+            let mut then = None;
+            while let Some(command) = next.take() {
+                match command {
+                    Command::Append { records, source, reply, _queued } => {
+                        bytes += held_bytes(&records);
+                        group.push((records, source, reply));
+                    }
+                    other => {
+                        then = Some(other);
+                        break;
+                    }
+                }
+                if bytes < GROUP_MAX_BYTES {
+                    next = inbox.try_recv().ok();
+                }
+            }
+            if !group.is_empty() {
+                self.commit(group);
+            }
+            match then {
+                Some(Command::Advance { to, reply }) => {
+                    let _ = reply.send(self.advance(to));
+                }
+                Some(Command::Trim { plan, reply }) => {
+                    let _ = reply.send(self.checked().and_then(|()| self.trim(plan)));
+                }
+                Some(Command::Compact { moves, reply }) => {
+                    let _ = reply.send(self.checked().and_then(|()| self.compact(moves)));
+                }
+                Some(Command::Define { name, meta, update, reply }) => {
+                    let _ = reply.send(self.checked().and_then(|()| self.define(name, meta, update)));
+                }
+                Some(Command::Delete { name, reply }) => {
+                    let _ = reply.send(self.checked().and_then(|()| self.delete(&name)));
+                }
+                Some(Command::Stop { reply }) => stop = Some(reply),
+                Some(Command::Append { .. }) | None => {}
+            }
+        }
+        let flushed = self.appender.sync().and_then(|()| self.index.persist());
+        if let Err(err) = flushed {
+            error!(cause = %err, "final flush failed");
+        }
+        info!("writer stopped");
+        if let Some(reply) = stop {
+            let _ = reply.send(());
+        }
+    }
+
+    /// Refuses anything once a write failed (or the flusher's sync did).
+    fn checked(&mut self) -> Result<()> {
+        if self.failed.is_none() {
+            self.failed = self.flush_failed.get().cloned();
+        }
+        match &self.failed {
+            Some(cause) => Err(Error::LogFailed { cause: cause.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops taking writes.
+    fn fail(&mut self, err: &Error, what: &str) {
+        error!(cause = %err, "{what}; the log takes no more writes");
+        self.failed.get_or_insert_with(|| err.to_string());
+    }
+
+    /// Writes a record (syncing it under `fsync = always`) and applies it to the index, with the
+    /// producers' states `producers`. Counts the chunks it adds and releases.
+    fn write<C: AsRef<[u8]>>(
+        &mut self,
+        body: &Body,
+        data: &[C],
+        producers: &[(Arc<str>, Option<Vec<u8>>)],
+    ) -> std::result::Result<Vec<Location>, NotWritten> {
+        let written = self.append(body, data)?;
+        let changed = self
+            .index
+            .apply(&written.fixed, body, written.at, written.crc, written.data_offset, producers)
+            .map_err(|err| {
+                // The record is in the log: a restart applies it again.
+                self.fail(&err, "updating the index failed");
+                NotWritten::Failed(err)
+            })?;
+        for at in changed.added {
+            self.appender.counted(at);
+        }
+        Ok(changed.released)
+    }
+
+    /// Appends a record to the log and syncs it under `fsync = always`. A full disk is undone and
+    /// refused; any other failure stops the writer.
+    fn append<C: AsRef<[u8]>>(
+        &mut self,
+        body: &Body,
+        data: &[C],
+    ) -> std::result::Result<Written, NotWritten> {
+        let (seq, prev) = self.appender.chain();
+        let always = matches!(self.fsync, FsyncPolicy::Always);
+        let flags = if always { commit::FLAG_SYNCED } else { 0 };
+        let record = Encoded::new(body, seq, prev, self.clock, flags, data);
+        let at = match self.appender.append(&record, data) {
+            Ok(at) => at,
+            Err(err) if disk_full(&err) => return Err(NotWritten::Refused(err)),
+            Err(err) => {
+                self.fail(&err, "writing to the log failed");
+                return Err(NotWritten::Failed(err));
+            }
+        };
+        if always {
+            if let Err(err) = self.appender.sync() {
+                // After a failed sync the kernel may have dropped the written pages: cut the
+                // file back to its last sync (nothing since was acknowledged) and sync that.
+                let undone = self.appender.roll_back();
+                return match undone {
+                    Ok(()) if disk_full(&err) => Err(NotWritten::Refused(err)),
+                    Ok(()) => {
+                        self.fail(&err, "syncing the log failed (the unsynced record was cut off)");
+                        Err(NotWritten::Failed(err))
+                    }
+                    Err(cut) => {
+                        self.fail(&cut, "syncing the log failed, and so did cutting the record off");
+                        Err(NotWritten::Failed(err))
+                    }
+                };
+            }
+        }
+        self.written_clock = self.written_clock.max(self.clock);
+        Ok(Written { fixed: record.fixed, crc: record.crc, at, data_offset: record.data_offset() })
+    }
+
+    /// The refusal a client sees for a record the disk had no room for.
+    fn refusal(err: &Error) -> Error {
+        Error::NoRoom { cause: err.to_string() }
+    }
+
+    /// Raises the clock to `to` (at most now) and publishes the watermark in an empty commit (also
+    /// when it did not move, so that a reader waiting for it can rely on receiving it). A clock
+    /// raised past what the log holds is written first (a `Clock` record), so that no restart
+    /// assigns a tick at or below a tail already promised.
+    fn advance(&mut self, to: Tick) -> Tick {
+        if self.checked().is_ok() {
+            let raised = self.clock.max(to.min(Tick::now()));
+            let before = self.clock;
+            self.clock = raised;
+            if raised > self.written_clock && self.write(&Body::Clock, &[] as &[&[u8]], &[]).is_err() {
+                // Not promised: the watermark stays where the log says.
+                self.clock = before;
+            }
+        }
+        let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
+        shared.watermark = shared.watermark.max(self.clock.min(self.written_clock));
+        let commit = Commit {
+            watermark: shared.watermark,
+            streams: Arc::new([]),
+            added: Arc::new([]),
+            changed: Arc::new([]),
+        };
+        let _ = self.commits.send(commit);
+        shared.watermark
+    }
+
+    /// Publishes a stream created or changed (`deleted`: removed) to readers.
+    fn publish_change(&mut self, info: &StreamInfo, created: bool, deleted: bool) {
+        let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
+        if deleted {
+            shared.streams.remove(&info.name);
+        } else {
+            shared.streams.insert(info.name.clone(), info.clone());
+        }
+        let mut commit = Commit {
+            watermark: shared.watermark,
+            streams: Arc::new([]),
+            added: Arc::new([]),
+            changed: Arc::new([]),
+        };
+        if created {
+            commit.added = Arc::new([info.clone()]);
+        } else {
+            commit.changed = Arc::new([(info.clone(), deleted)]);
+        }
+        let _ = self.commits.send(commit);
+    }
+
+    /// See `Log::define`.
+    fn define(&mut self, name: StreamName, meta: StreamMeta, update: bool) -> Result<StreamInfo> {
+        let (info, created) = match self.streams.get(name.as_str()) {
+            Some(info) if *info.meta == meta => return Ok(info.clone()),
+            Some(_) if !update => return Err(Error::StreamExists { stream: name.to_string() }),
+            Some(info) => (StreamInfo { meta: Arc::new(meta), ..info.clone() }, false),
+            None => {
+                if self.streams.len() >= self.max_streams || self.next_id >= u32::MAX - 1 {
+                    return Err(Error::TooMany {
+                        what: "streams",
+                        limit: self.max_streams,
+                        setting: "limits.max_streams",
+                        hint: "delete streams or raise the limit",
+                    });
+                }
+                let now = Tick::now().max(Tick(self.clock.0 + 1));
+                let info = new_stream(name.shared(), StreamId(self.next_id), now, meta);
+                (info, true)
+            }
+        };
+        if created {
+            self.clock = self.clock.max(info.created_tick);
+        }
+        let defined = Defined {
+            id: info.id,
+            name: info.name.clone(),
+            created: info.created_tick,
+            meta: (*info.meta).clone(),
+        };
+        self.write(&Body::Define { stream: defined, created }, &[] as &[&[u8]], &[])
+            .map_err(|e| self.refused_or(e))?;
+        if created {
+            self.next_id += 1;
+            info!(stream = %name, id = info.id.0, "stream created");
+        } else {
+            info!(stream = %name, "stream metadata changed");
+        }
+        self.streams.insert(info.name.clone(), info.clone());
+        self.publish_change(&info, created, false);
+        Ok(info)
+    }
+
+    /// A write's failure as the caller sees it.
+    fn refused_or(&self, not: NotWritten) -> Error {
+        match not {
+            NotWritten::Refused(err) => Self::refusal(&err),
+            NotWritten::Failed(err) => Error::LogFailed { cause: err.to_string() },
+        }
+    }
+
+    /// See `Log::delete`.
+    fn delete(&mut self, name: &str) -> Result<StreamInfo> {
+        let Some(info) = self.streams.get(name).cloned() else {
+            return Err(Error::UnknownStream(name.to_string()));
+        };
+        let freed = self
+            .write(&Body::Delete { id: info.id, name: info.name.clone() }, &[] as &[&[u8]], &[])
+            .map_err(|e| self.refused_or(e))?;
+        info!(stream = %name, records = info.records, "stream deleted");
+        self.streams.remove(name);
+        self.publish_change(&info, false, true);
+        self.release(&freed);
+        Ok(info)
+    }
+
+    /// Removes the chunks of a plan, unless the stream changed since it was planned (it can only
+    /// have grown, or been trimmed by an earlier plan).
+    fn trim(&mut self, plan: TrimPlan) -> Result<()> {
+        let Some(stream) = self.streams.get(&plan.stream).filter(|s| s.id == plan.id).cloned() else {
+            return Ok(());
+        };
+        // Stale: an earlier removal already went past it. The writer only appends, so the chunk
+        // the plan keeps is still there and not after the last tick.
+        if stream.first_tick.is_none_or(|f| f >= plan.first)
+            || stream.last_tick.is_none_or(|l| l < plan.first)
+        {
+            return Ok(());
+        }
+        let removed = Removed {
+            floor: plan.first,
+            through: Some(plan.through),
+            records: plan.records_before,
+            bytes: plan.bytes_before,
+        };
+        // The record first: what it removes is gone for a restart too. Readers find the removed
+        // range published before the pointers go (see `Log::read`).
+        let written = self
+            .append(&Body::Trim { id: plan.id, removed }, &[] as &[&[u8]])
+            .map_err(|e| self.refused_or(e))?;
+        let (records, bytes) = (stream.trimmed.records + stream.records, stream.trimmed.bytes + stream.bytes);
+        let mut stream = stream;
+        stream.trimmed =
+            Trimmed { records: plan.records_before, bytes: plan.bytes_before, through: Some(plan.through) };
+        stream.records = records.saturating_sub(plan.records_before);
+        stream.bytes = bytes.saturating_sub(plan.bytes_before);
+        stream.first_tick = Some(plan.first);
+        self.streams.insert(stream.name.clone(), stream.clone());
+        self.shared.write().unwrap_or_else(|e| e.into_inner()).streams.insert(stream.name.clone(), stream);
+        let changed = self
+            .index
+            .apply(
+                &written.fixed,
+                &Body::Trim { id: plan.id, removed },
+                written.at,
+                written.crc,
+                written.data_offset,
+                &[],
+            )
+            .inspect_err(|err| self.fail(err, "updating the index failed"))?;
+        debug!(stream = %plan.stream, chunks = changed.released.len(), through = %plan.through, "chunks removed");
+        self.release(&changed.released);
+        Ok(())
+    }
+
+    /// Moves chunks to the active chunk file so that the sparse file they were in can go.
+    fn compact(&mut self, moves: Vec<(StreamId, Tick, Location)>) -> Result<usize> {
+        let mut entries = Vec::new();
+        let mut chunks = Vec::new();
+        for (id, first, at) in moves {
+            // Only what the plan saw: a chunk removed or moved since stays as it is.
+            if self.index.get(id, first)?.map(|p| p.at) != Some(at) {
+                continue;
+            }
+            match self.appender.files().read(at).and_then(|bytes| super::chunk::decode(&bytes).map(|_| bytes))
+            {
+                Ok(bytes) => {
+                    entries.push(ChunkEntry { stream: id, first, len: at.len });
+                    chunks.push(bytes);
+                }
+                Err(err) => {
+                    // A damaged chunk stays where it is, for reads to report and `recover` to
+                    // rescue what it can; its file is not offered again.
+                    warn!(file = at.file, tick = %first, detail = %err.detail, "damaged chunk left in place by compaction");
+                    self.appender.files().give_up(at.file);
+                }
+            }
+        }
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let moved = entries.len();
+        let freed =
+            self.write(&Body::Move { chunks: entries }, &chunks, &[]).map_err(|e| self.refused_or(e))?;
+        debug!(chunks = moved, "chunks moved out of a sparse chunk file");
+        self.release(&freed);
+        Ok(moved)
+    }
+
+    /// Counts chunks the index no longer points to, and deletes the chunk files nothing refers
+    /// to any more, once that is safe: a checkpoint written after them, and every record up to
+    /// it synced.
+    fn release(&mut self, freed: &[Location]) {
+        for at in freed {
+            self.appender.released(*at);
+        }
+        let unreferenced = self.appender.unreferenced();
+        let Some(&newest) = unreferenced.iter().max() else { return };
+        let ready = if newest >= self.checkpoint_file { self.write_checkpoint() } else { Ok(()) };
+        match ready.and_then(|()| self.appender.sync()) {
+            Ok(()) => self.appender.delete(&unreferenced),
+            // Kept for now: the next release tries again.
+            Err(err) => warn!(cause = %err, files = ?unreferenced, "chunk files not deleted yet"),
+        }
+    }
+
+    /// Writes a checkpoint of everything but the chunks (see `commit::Checkpoint`).
+    fn write_checkpoint(&mut self) -> Result<()> {
+        let mut streams: Vec<(Defined, Removed)> = self
+            .streams
+            .values()
+            .map(|s| {
+                let defined = Defined {
+                    id: s.id,
+                    name: s.name.clone(),
+                    created: s.created_tick,
+                    meta: (*s.meta).clone(),
+                };
+                let floor =
+                    if s.trimmed.through.is_some() { s.first_tick.unwrap_or_default() } else { Tick(0) };
+                let removed = Removed {
+                    floor,
+                    through: s.trimmed.through,
+                    records: s.trimmed.records,
+                    bytes: s.trimmed.bytes,
+                };
+                (defined, removed)
+            })
+            .collect();
+        streams.sort_by_key(|(d, _)| d.id);
+        let producers = self
+            .producers
+            .ids()
+            .into_iter()
+            .filter_map(|id| self.producers.encode(&id).map(|state| (id, state)))
+            .collect();
+        let body = Body::Checkpoint(Checkpoint {
+            server_id: self.server_id.clone(),
+            next_id: self.next_id,
+            streams,
+            producers,
+        });
+        self.write(&body, &[] as &[&[u8]], &[]).map_err(NotWritten::into_error)?;
+        self.checkpoint_file = self.appender.position().0;
+        debug!(file = self.checkpoint_file, "checkpoint written");
+        Ok(())
+    }
+
+    /// The stream `name` as the group sees it so far.
+    fn stream<'a>(
+        &'a self,
+        touched: &'a HashMap<Arc<str>, StreamInfo>,
+        name: &str,
+    ) -> Option<&'a StreamInfo> {
+        touched.get(name).or_else(|| self.streams.get(name))
+    }
+
+    /// Checks a batch and assigns its ticks without changing any state; `upstream` ticks are not
+    /// held to this broker's clock.
+    fn assign(
+        &self,
+        touched: &HashMap<Arc<str>, StreamInfo>,
+        clock: Tick,
+        next_id: u32,
+        records: &[NewRecord],
+        now: Tick,
+        upstream: bool,
+    ) -> Result<Vec<Tick>> {
+        let mut clock = clock;
+        let mut last: HashMap<&str, Tick> = HashMap::new();
+        let mut ticks = Vec::with_capacity(records.len());
+        let known = self.streams.len() + touched.keys().filter(|k| !self.streams.contains_key(*k)).count();
+        let mut created = 0u64;
+        for record in records {
+            let name = record.stream.as_str();
+            let existing = self.stream(touched, name);
+            let stream_last = match last.get(name) {
+                Some(t) => Some(*t),
+                None => existing.and_then(|s| s.last_tick),
+            };
+            if existing.is_none() && !last.contains_key(name) {
+                created += 1;
+                if known as u64 + created > self.max_streams as u64 {
+                    return Err(Error::TooMany {
+                        what: "streams",
+                        limit: self.max_streams,
+                        setting: "limits.max_streams",
+                        hint: "publish into existing streams, or raise the limit",
+                    });
+                }
+                if u64::from(next_id) + created >= u64::from(u32::MAX - 1) {
+                    return Err(Error::Internal(format!("no stream id is left for stream {name:?}")));
+                }
+            }
+            let tick = match record.tick {
+                Some(tick) => {
+                    if let Some(last) = stream_last.filter(|&last| tick <= last) {
+                        return Err(Error::TickNotAfter { stream: name.to_string(), tick, last });
+                    }
+                    let limit = Tick(now.0 + MAX_TICK_AHEAD.0);
+                    if tick > limit && !upstream {
+                        return Err(Error::TickAhead { stream: name.to_string(), tick, limit });
+                    }
+                    tick
+                }
+                None => Tick(now.0.max(clock.0 + 1)),
+            };
+            clock = clock.max(tick);
+            last.insert(name, tick);
+            ticks.push(tick);
+        }
+        Ok(ticks)
+    }
+
+    fn commit(&mut self, group: Vec<(Vec<NewRecord>, Source, Reply)>) {
+        if let Err(err) = self.checked() {
+            for (_, _, reply) in group {
+                let _ = reply.send(Err(Error::LogFailed { cause: err.to_string() }));
+            }
+            return;
+        }
+        let now = Tick::now();
+        // Everything the group changes, kept aside until its record is written: a group the disk
+        // has no room for changes nothing.
+        let (clock_before, next_id_before) = (self.clock, self.next_id);
+        let mut clock = self.clock;
+        let mut next_id = self.next_id;
+        let mut touched: HashMap<Arc<str>, StreamInfo> = HashMap::new();
+        let mut created: Vec<(StreamId, Arc<str>, Tick)> = Vec::new();
+        // Per stream: the first tick of the open chunk, and the chunk.
+        let mut open: HashMap<StreamId, (Tick, ChunkEncoder)> = HashMap::new();
+        // Chunks in the order they were sealed; the open ones join them at the end.
+        let mut chunks: Vec<(ChunkEntry, Vec<u8>)> = Vec::new();
+        let mut accepted: Vec<Accepted> = Vec::with_capacity(group.len());
+        let mut tags: Vec<(BatchTag, Vec<Tick>)> = Vec::new();
+        // Producers whose state changed (to store) or who were forgotten (to delete).
+        let mut producers_touched: BTreeSet<Arc<str>> = BTreeSet::new();
+        // Records and payload bytes per stream, for the streams' recent rates.
+        let mut arrivals: HashMap<Arc<str>, (u64, u64)> = HashMap::new();
+
+        for (records, source, reply) in group {
+            let tag = source.tag();
+            // A retry is answered before any other rule: it was checked when first appended.
+            let seen = tag.map(|tag| self.producers.check(tag)).transpose();
+            if let Ok(Some(Seen::Duplicate(ticks))) = seen {
+                debug!(producer = ?tag.map(|t| &t.producer), "retried batch acknowledged again");
+                accepted.push(Accepted { ticks, duplicate: true, reply });
+                continue;
+            }
+            let upstream = matches!(source, Source::Upstream);
+            let ticks = seen
+                .and_then(|_| self.assign(&touched, clock, next_id, &records, now, upstream))
+                .and_then(|ticks| self.space.admit(held_bytes(&records)).map(|()| ticks));
+            let ticks = match ticks {
+                Ok(ticks) => ticks,
+                Err(err) => {
+                    debug!(cause = %err, "batch refused");
+                    let _ = reply.send(Err(err));
+                    continue;
+                }
+            };
+            if let Some(tag) = tag {
+                if let Some(forgotten) = self.producers.remember(tag, &ticks, now, self.max_producers) {
+                    warn!(producer = %forgotten, limit = self.max_producers, "least recently used producer forgotten");
+                    producers_touched.insert(forgotten);
+                }
+                producers_touched.insert(tag.producer.clone());
+                tags.push((tag.clone(), ticks.clone()));
+            }
+            for (record, &tick) in records.iter().zip(&ticks) {
+                let name = record.stream.as_str();
+                if self.stream(&touched, name).is_none() {
+                    let info =
+                        new_stream(record.stream.shared(), StreamId(next_id), tick, StreamMeta::default());
+                    next_id += 1;
+                    created.push((info.id, info.name.clone(), tick));
+                    touched.insert(info.name.clone(), info);
+                }
+                if !touched.contains_key(name) {
+                    if let Some(info) = self.streams.get(name) {
+                        touched.insert(info.name.clone(), info.clone());
+                    }
+                }
+                let Some(stream) = touched.get_mut(name) else { continue };
+                let (first, encoder) = open.entry(stream.id).or_insert_with(|| (tick, chunk_after(stream)));
+                if encoder.encoded_len() >= CHUNK_MAX_BYTES || encoder.count() >= CHUNK_MAX_RECORDS {
+                    let full = std::mem::replace(encoder, chunk_after(stream));
+                    let value = full.finish();
+                    chunks.push((
+                        ChunkEntry { stream: stream.id, first: *first, len: value.len() as u32 },
+                        value,
+                    ));
+                    *first = tick;
+                }
+                encoder.push(tick, record.origin_time, &record.headers, &record.payload, record.crc32);
+                let arrived = arrivals.entry(stream.name.clone()).or_default();
+                arrived.0 += 1;
+                arrived.1 += record.payload.len() as u64;
+                stream.records += 1;
+                stream.bytes += record.payload.len() as u64;
+                stream.first_tick.get_or_insert(tick);
+                stream.last_tick = Some(tick);
+                clock = clock.max(tick);
+            }
+            accepted.push(Accepted { ticks, duplicate: false, reply });
+        }
+        if accepted.iter().all(|a| a.duplicate) {
+            for a in accepted {
+                let _ = a.reply.send(Ok(Appended { ticks: a.ticks, duplicate: true }));
+            }
+            return;
+        }
+        let mut streams_in_commit: Vec<(StreamId, Arc<str>)> = Vec::with_capacity(open.len());
+        let mut opened: Vec<(StreamId, Tick, ChunkEncoder)> =
+            open.into_iter().map(|(id, (first, e))| (id, first, e)).collect();
+        opened.sort_by_key(|(id, _, _)| *id);
+        for (id, first, encoder) in opened {
+            let value = encoder.finish();
+            chunks.push((ChunkEntry { stream: id, first, len: value.len() as u32 }, value));
+        }
+        for (name, info) in &touched {
+            streams_in_commit.push((info.id, name.clone()));
+        }
+        for id in &producers_touched {
+            self.producers.touch(id, clock);
+        }
+        let producer_writes: Vec<(Arc<str>, Option<Vec<u8>>)> =
+            producers_touched.iter().map(|id| (id.clone(), self.producers.encode(id))).collect();
+        let (entries, values): (Vec<ChunkEntry>, Vec<Vec<u8>>) = chunks.into_iter().unzip();
+        let body = Body::Append { created, tags, chunks: entries };
+
+        self.clock = clock;
+        self.next_id = next_id;
+        let written = self.write(&body, &values, &producer_writes);
+        drop(values);
+        if let Err(not) = written {
+            // Nothing of the group is kept: the clock, the new streams' ids and the producers'
+            // memory go back to what the log holds.
+            (self.clock, self.next_id) = (clock_before, next_id_before);
+            self.restore_producers(&producers_touched);
+            if let NotWritten::Refused(err) = &not {
+                warn!(cause = %err, batches = accepted.len(), "a group commit met a full disk: refused, nothing written");
+            }
+            for a in accepted {
+                let _ = a.reply.send(Err(match &not {
+                    NotWritten::Refused(err) => Self::refusal(err),
+                    NotWritten::Failed(err) => Error::LogFailed { cause: err.to_string() },
+                }));
+            }
+            return;
+        }
+        for (id, name, _) in body_created(&body) {
+            info!(stream = %name, id = id.0, "stream created");
+        }
+
+        {
+            let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
+            let mut added = Vec::new();
+            for (name, mut info) in touched {
+                let (records, bytes) = arrivals.get(&name).copied().unwrap_or_default();
+                info.recent.arrived(records, bytes, now);
+                if !self.streams.contains_key(&name) {
+                    added.push(info.clone());
+                }
+                shared.streams.insert(name.clone(), info.clone());
+                self.streams.insert(name, info);
+            }
+            shared.watermark = shared.watermark.max(self.clock);
+            let commit = Commit {
+                watermark: shared.watermark,
+                streams: streams_in_commit
+                    .iter()
+                    .map(|(id, name)| {
+                        (*id, self.streams.get(name).and_then(|s| s.last_tick).unwrap_or_default())
+                    })
+                    .collect(),
+                changed: Arc::new([]),
+                added: added.into(),
+            };
+            // No receiver is fine: nobody subscribes.
+            let _ = self.commits.send(commit);
+        }
+        for a in accepted {
+            let _ = a.reply.send(Ok(Appended { ticks: a.ticks, duplicate: a.duplicate }));
+        }
+    }
+
+    /// Puts the producers' memory back to what the index holds (after a group was not written).
+    fn restore_producers(&mut self, ids: &BTreeSet<Arc<str>>) {
+        for id in ids {
+            match self.index.producer(id) {
+                Ok(Some(state)) => self.producers.restore(id.clone(), state),
+                Ok(None) => self.producers.forget(id),
+                Err(err) => error!(producer = %id, cause = %err, "cannot restore a producer's state"),
+            }
+        }
+    }
+}
+
+fn body_created(body: &Body) -> &[(StreamId, Arc<str>, Tick)] {
+    match body {
+        Body::Append { created, .. } => created,
+        _ => &[],
+    }
+}
+
+/// A stream that holds nothing yet.
+fn new_stream(name: Arc<str>, id: StreamId, created: Tick, meta: StreamMeta) -> StreamInfo {
+    StreamInfo {
+        name,
+        id,
+        records: 0,
+        bytes: 0,
+        first_tick: None,
+        last_tick: None,
+        created_tick: created,
+        trimmed: Trimmed::default(),
+        meta: Arc::new(meta),
+        recent: Recent::default(),
+    }
+}
+
+/// A new chunk for what `stream` holds now: its counters count from the stream's creation.
+fn chunk_after(stream: &StreamInfo) -> ChunkEncoder {
+    ChunkEncoder::new(
+        &stream.name,
+        stream.id,
+        stream.trimmed.records + stream.records,
+        stream.trimmed.bytes + stream.bytes,
+    )
+}
