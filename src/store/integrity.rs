@@ -343,3 +343,34 @@ fn all_files(dir: &Path) -> Result<Vec<PathBuf>> {
     out.sort();
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_clean_log_verifies_clean_and_counts_what_it_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config { data: DataDir::Path(dir.path().into()), ..Config::default() };
+        let log = Log::open(&config).unwrap();
+        let records: Vec<NewRecord> = (0..3)
+            .map(|i| NewRecord {
+                stream: StreamName::parse("s").unwrap(),
+                tick: None,
+                origin_time: None,
+                headers: Vec::new(),
+                payload: Bytes::from(format!("{i}")),
+                crc32: crc32fast::hash(format!("{i}").as_bytes()),
+            })
+            .collect();
+        log.append(records).await.unwrap();
+        log.close().await.unwrap();
+        drop(log);
+        let report = verify(dir.path()).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!((report.streams, report.chunks, report.records, report.commit_records), (1, 1, 3, 2));
+        let empty = tempfile::tempdir().unwrap();
+        let err = verify(empty.path()).unwrap_err().to_string();
+        assert!(err.contains("holds no tapeline data"), "{err}");
+    }
+}

@@ -292,3 +292,25 @@ fn check(id: StreamId, key: Tick, span: &Span) -> std::result::Result<(), String
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::chunk::ChunkHeader;
+
+    fn span(stream: Option<u32>, first: u64) -> Span {
+        let head = ChunkHeader { stream: stream.map(StreamId), count: 1, ..ChunkHeader::default() };
+        Span { head, first: Some(Tick(first)), last: Some(Tick(first)) }
+    }
+
+    #[test]
+    fn a_chunk_passes_only_under_the_key_that_names_it() {
+        assert!(check(StreamId(1), Tick(10), &span(Some(1), 10)).is_ok());
+        let other_stream = check(StreamId(1), Tick(10), &span(Some(2), 10)).unwrap_err();
+        assert!(other_stream.contains("to a chunk of stream #2"), "{other_stream}");
+        let other_tick = check(StreamId(1), Tick(10), &span(Some(1), 11)).unwrap_err();
+        assert!(other_tick.contains("to a chunk starting at tick 11"), "{other_tick}");
+        let unnamed = check(StreamId(1), Tick(10), &span(None, 10)).unwrap_err();
+        assert!(unnamed.contains("no stream id"), "{unnamed}");
+    }
+}

@@ -131,3 +131,58 @@ impl Log {
         Ok(moves)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, DataDir, FsyncPolicy};
+    use crate::names::StreamName;
+    use crate::record::NewRecord;
+    use bytes::Bytes;
+
+    fn one(payload: &str) -> Vec<NewRecord> {
+        vec![NewRecord {
+            stream: StreamName::parse("s").unwrap(),
+            tick: None,
+            origin_time: None,
+            headers: Vec::new(),
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
+            crc32: crc32fast::hash(payload.as_bytes()),
+        }]
+    }
+
+    #[tokio::test]
+    async fn a_plan_removes_the_oldest_chunks_the_limits_ask_for_and_never_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let config =
+            Config { data: DataDir::Path(dir.path().into()), fsync: FsyncPolicy::Never, ..Config::default() };
+        let log = Log::open(&config).unwrap();
+        let mut ticks = Vec::new();
+        for p in ["a", "bb", "ccc", "dddd"] {
+            // One commit each: one chunk each.
+            ticks.extend(log.append(one(p)).await.unwrap());
+        }
+        let stream = log.stream("s").unwrap();
+        let keep_two = Keep { max_records: Some(2), ..Keep::default() };
+        let plan = log.plan_trim(&stream, &keep_two, 100).unwrap().unwrap();
+        assert_eq!((plan.chunks, plan.first, plan.through), (2, ticks[2], ticks[1]));
+        assert_eq!((plan.records_before, plan.bytes_before), (2, 3));
+        assert!(
+            log.plan_trim(&stream, &keep_two, 1).unwrap().is_some_and(|p| p.chunks == 1),
+            "at most max_chunks"
+        );
+        let everything_old = Keep { below: Some(Tick::MAX), ..Keep::default() };
+        let plan = log.plan_trim(&stream, &everything_old, 100).unwrap().unwrap();
+        assert_eq!(plan.first, ticks[3], "the last chunk stays");
+        let in_order = Keep { max_records: Some(1), only_below: Some(ticks[2]), ..Keep::default() };
+        assert_eq!(log.plan_trim(&stream, &in_order, 100).unwrap().unwrap().first, ticks[2]);
+        assert!(log.plan_trim(&stream, &Keep::default(), 100).unwrap().is_none());
+        log.trim(log.plan_trim(&stream, &keep_two, 100).unwrap().unwrap()).await.unwrap();
+        let trimmed = log.stream("s").unwrap();
+        assert_eq!(
+            (trimmed.records, trimmed.first_tick, trimmed.trimmed.through),
+            (2, Some(ticks[2]), Some(ticks[1]))
+        );
+        log.close().await.unwrap();
+    }
+}

@@ -95,3 +95,27 @@ impl Space {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_refused_before_it_would_pass_a_limit_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Arc::new(Index::open(dir.path(), 1 << 20).unwrap());
+        let chunks = ChunkFiles::open(dir.path()).unwrap();
+        let mut space = Space::new(index.clone(), chunks.clone(), dir.path().into(), Some(64 << 20), 0);
+        space.admit(1 << 20).unwrap();
+        let err = space.admit(64 << 20).unwrap_err().to_string();
+        assert!(err.contains("at most 67108864 bytes (max_disk_bytes)"), "{err}");
+        // The estimate counts what was admitted since the last reading.
+        let mut space = Space::new(index.clone(), chunks.clone(), dir.path().into(), Some(8 << 20), 0);
+        let admitted = (0..10).take_while(|_| space.admit(1 << 20).is_ok()).count();
+        assert!((1..=4).contains(&admitted), "{admitted} MiB admitted, each counting twice against 8 MiB");
+        let free = fs4::available_space(dir.path()).unwrap();
+        let mut space = Space::new(index, chunks, dir.path().into(), None, free);
+        let err = space.admit(1).unwrap_err().to_string();
+        assert!(err.contains("must stay free on the disk (min_free_disk_bytes)"), "{err}");
+    }
+}

@@ -251,3 +251,28 @@ fn flush(appender: &mut Appender, batch: &mut Vec<(ChunkEntry, Vec<u8>)>, clock:
     let (entries, data): (Vec<ChunkEntry>, Vec<Vec<u8>>) = std::mem::take(batch).into_iter().unzip();
     write(appender, &Body::Move { chunks: entries }, &data, clock)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_dir_of_this_build_is_left_alone_and_leftovers_of_an_upgrade_go() {
+        let dir = tempfile::tempdir().unwrap();
+        if_needed(dir.path()).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "a new data dir: nothing to do");
+        // An upgrade that crashed after its log was moved into place, before the clean-up.
+        std::fs::create_dir_all(dir.path().join(files::DIR)).unwrap();
+        std::fs::write(files::path_in(dir.path(), 0), b"the new log").unwrap();
+        for old in ["conf", "db", "tapeline.acknowledged", "snap.0000000000000287"] {
+            std::fs::write(dir.path().join(old), b"old").unwrap();
+        }
+        std::fs::create_dir_all(dir.path().join("chunks")).unwrap();
+        if_needed(dir.path()).unwrap();
+        let left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, vec![files::DIR.to_string()]);
+    }
+}

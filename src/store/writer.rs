@@ -791,3 +791,67 @@ fn chunk_after(stream: &StreamInfo) -> ChunkEncoder {
         stream.trimmed.bytes + stream.bytes,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, DataDir, FsyncPolicy};
+    use crate::names::StreamName;
+    use crate::record::{NewRecord, Tick};
+    use crate::store::{files, Log};
+    use bytes::Bytes;
+
+    fn config(dir: &std::path::Path) -> Config {
+        Config { data: DataDir::Path(dir.into()), fsync: FsyncPolicy::Always, ..Config::default() }
+    }
+
+    fn one(stream: &str, tick: Option<Tick>) -> Vec<NewRecord> {
+        vec![NewRecord {
+            stream: StreamName::parse(stream).unwrap(),
+            tick,
+            origin_time: None,
+            headers: Vec::new(),
+            payload: Bytes::from_static(b"x"),
+            crc32: crc32fast::hash(b"x"),
+        }]
+    }
+
+    #[tokio::test]
+    async fn an_advanced_clock_is_written_before_it_is_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(&config(dir.path())).unwrap();
+        let first = log.append(one("s", None)).await.unwrap()[0];
+        let len = std::fs::metadata(files::path_in(dir.path(), 0)).unwrap().len();
+        let promised = log.advance(Tick(first.0 + 1_000_000)).await.unwrap();
+        assert!(promised > first);
+        assert!(std::fs::metadata(files::path_in(dir.path(), 0)).unwrap().len() > len, "a clock record");
+        // Promised once: the same advance writes nothing more.
+        let len = std::fs::metadata(files::path_in(dir.path(), 0)).unwrap().len();
+        log.advance(promised).await.unwrap();
+        assert_eq!(std::fs::metadata(files::path_in(dir.path(), 0)).unwrap().len(), len);
+        log.close().await.unwrap();
+        drop(log);
+        let log = Log::open(&config(dir.path())).unwrap();
+        assert!(log.watermark() >= promised, "the promise survives a restart");
+        let next = log.append(one("s", None)).await.unwrap()[0];
+        assert!(next > promised);
+        log.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_refused_batch_leaves_nothing_and_the_rest_of_its_group_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(&config(dir.path())).unwrap();
+        let first = log.append(one("s", None)).await.unwrap()[0];
+        let len = std::fs::metadata(files::path_in(dir.path(), 0)).unwrap().len();
+        // Queued together: an explicit tick not after the stream's last, then a good batch.
+        let bad = log.submit(one("s", Some(first)), super::Source::Publisher(None)).await.unwrap();
+        let good = log.submit(one("t", None), super::Source::Publisher(None)).await.unwrap();
+        let err = bad.await.unwrap().unwrap_err().to_string();
+        assert!(err.contains("is not after the stream's last tick"), "{err}");
+        let good = good.await.unwrap().unwrap();
+        assert!(good.ticks[0] > first);
+        assert_eq!(log.stream("s").unwrap().records, 1, "nothing of the refused batch");
+        assert!(std::fs::metadata(files::path_in(dir.path(), 0)).unwrap().len() > len);
+        log.close().await.unwrap();
+    }
+}
