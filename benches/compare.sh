@@ -24,4 +24,5 @@ nats=$(command -v nats-server || echo /usr/sbin/nats-server)
 
 cargo build --release -p tapeline -p tapeline-bench
 exec target/release/tapeline-bench --tapeline target/release/tapeline \
+  --redis-benchmark "$(command -v redis-benchmark)" \
   --redis-server "$(command -v redis-server)" --nats-server "$nats" "$@"

@@ -84,9 +84,10 @@ impl Publisher {
                 });
                 Publisher::Tapeline { batches, pending }
             }
-            System::RedisAlways | System::RedisEverysec => {
-                Publisher::Redis(redis_connection(&server.url).await?)
-            }
+            System::RedisAlways
+            | System::RedisEverysec
+            | System::RedisBenchAlways
+            | System::RedisBenchEverysec => Publisher::Redis(redis_connection(&server.url).await?),
             System::NatsFile => {
                 let client = async_nats::connect(&server.url).await?;
                 Publisher::Nats(
@@ -187,7 +188,10 @@ pub async fn subscribe(
             }
             Ok(())
         }
-        System::RedisAlways | System::RedisEverysec => {
+        System::RedisAlways
+        | System::RedisEverysec
+        | System::RedisBenchAlways
+        | System::RedisBenchEverysec => {
             let key = format!("bench:{stream}");
             let mut connection = redis_connection(&server.url).await?;
             // XREAD returns entries after an id: the id to start after.

@@ -26,14 +26,18 @@ pub struct Args {
     pub tapeline: PathBuf,
     #[arg(long, default_value = "redis-server")]
     pub redis_server: PathBuf,
+    /// Redis's own load generator, for the publish figures of the redis-bench-* systems.
+    #[arg(long, default_value = "redis-benchmark")]
+    pub redis_benchmark: PathBuf,
     #[arg(long, default_value = "nats-server")]
     pub nats_server: PathBuf,
     /// Systems to measure, comma-separated: tapeline-always, tapeline-interval, redis-always,
-    /// redis-everysec, nats.
+    /// redis-everysec, nats, and redis-bench-always, redis-bench-everysec (Redis loaded by
+    /// `redis-benchmark`: publish throughput only).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "tapeline-always,redis-always,tapeline-interval,redis-everysec,nats"
+        default_value = "tapeline-always,redis-always,redis-bench-always,tapeline-interval,redis-everysec,redis-bench-everysec,nats"
     )]
     pub systems: Vec<String>,
     /// Workloads, comma-separated: publish, latency, replay, handoff.
@@ -101,14 +105,14 @@ async fn each<S: Clone, R, F>(
     mut work: F,
 ) -> Result<Vec<Measured<S, R>>>
 where
-    F: AsyncFnMut(&Server) -> Result<R>,
+    F: AsyncFnMut(&mut Server) -> Result<R>,
 {
     let mut out = Vec::new();
     for &system in systems {
-        let server = Server::start(system, programs, scratch).await?;
+        let mut server = Server::start(system, programs, scratch).await?;
         let measured = async {
             drivers::prepare(&server.target).await?;
-            work(&server).await
+            work(&mut server).await
         };
         let outcome = match tokio::time::timeout(limit, measured).await {
             Ok(outcome) => outcome.map_err(|e| format!("{e:#}")),
@@ -144,8 +148,11 @@ async fn main() -> Result<()> {
     let programs = Programs {
         tapeline: args.tapeline.clone(),
         redis: args.redis_server.clone(),
+        redis_benchmark: args.redis_benchmark.clone(),
         nats: args.nats_server.clone(),
     };
+    // `redis-benchmark` only publishes: the other workloads read.
+    let readers: Vec<System> = systems.iter().copied().filter(|s| !s.publishes_only()).collect();
     let scratch = args.scratch.clone().unwrap_or_else(std::env::temp_dir);
     let wants = |w: &str| args.workloads.iter().any(|x| x == w);
     let mut results = Results { revision: report::revision(), ..Results::default() };
@@ -173,10 +180,11 @@ async fn main() -> Result<()> {
             };
             let label = format!("publish {size} B, {streams} streams, {connections} conn, batch {batch}");
             eprintln!("{label}");
-            let figures = each(&systems, &programs, &scratch, &spec, &label, MINUTE, async |s: &Server| {
-                workloads::publish(s, &spec).await
-            })
-            .await?;
+            let figures =
+                each(&systems, &programs, &scratch, &spec, &label, MINUTE, async |s: &mut Server| {
+                    workloads::publish(s, &spec).await
+                })
+                .await?;
             results.publish.extend(figures);
             write(&args, &programs, &results)?;
         }
@@ -193,7 +201,7 @@ async fn main() -> Result<()> {
                 let label = format!("latency {rate}/s, {subscribers} subscribers");
                 eprintln!("{label}");
                 let figures =
-                    each(&systems, &programs, &scratch, &spec, &label, MINUTE, async |s: &Server| {
+                    each(&readers, &programs, &scratch, &spec, &label, MINUTE, async |s: &mut Server| {
                         workloads::latency(s, &spec).await
                     })
                     .await?;
@@ -204,7 +212,7 @@ async fn main() -> Result<()> {
     }
     if wants("replay") {
         // Reading does not depend on when writes are forced to disk: one system per broker.
-        let readers: Vec<System> = systems
+        let readers: Vec<System> = readers
             .iter()
             .copied()
             .filter(|s| !matches!(s, System::TapelineAlways | System::RedisAlways))
@@ -212,7 +220,7 @@ async fn main() -> Result<()> {
         let n = args.replay_records;
         let label = format!("replay {n} records");
         eprintln!("{label}");
-        let figures = each(&readers, &programs, &scratch, &n, &label, 15 * MINUTE, async |s: &Server| {
+        let figures = each(&readers, &programs, &scratch, &n, &label, 25 * MINUTE, async |s: &mut Server| {
             workloads::replay(s, n, 256).await
         })
         .await?;
@@ -223,7 +231,7 @@ async fn main() -> Result<()> {
         let n = args.handoff_records;
         let label = format!("handoff after {n} records");
         eprintln!("{label}");
-        let figures = each(&systems, &programs, &scratch, &n, &label, 3 * MINUTE, async |s: &Server| {
+        let figures = each(&readers, &programs, &scratch, &n, &label, 3 * MINUTE, async |s: &mut Server| {
             workloads::handoff(s, n, 10_000, 256, Duration::from_secs(10)).await
         })
         .await?;

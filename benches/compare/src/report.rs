@@ -223,7 +223,7 @@ fn publish(w: &mut String, results: &Results) {
         return;
     }
     let _ = writeln!(w, "\n## Publish throughput\n");
-    let _ = writeln!(w, "Records/s acknowledged, as fast as acks allow. Each connection keeps a window of batches in flight: 16 batches of 64 records (tapeline: one `PublishRequest` each; Redis: a pipeline of 64 XADDs; NATS: 64 async publishes), or, in the unbatched rows, 64 single records. Batches go round-robin over the streams. Higher is better; the last two columns are tapeline / the best peer of that tier.\n");
+    let _ = writeln!(w, "Records/s acknowledged, as fast as acks allow. Each connection keeps a window of batches in flight: 16 batches of 64 records (tapeline: one `PublishRequest` each; Redis: a pipeline of 64 XADDs; NATS: 64 async publishes), or, in the unbatched rows, 64 single records. Batches go round-robin over the streams. Redis is loaded twice: by the Rust driver the other workloads use, and by its own C load generator, `redis-benchmark` (XADD of a payload of the same size, `-P` as many commands in flight per connection as the window holds records, random keys among the streams); the best peer is the higher of all. Higher is better; the last two columns are tapeline / the best peer of that tier.\n");
     let table = |w: &mut String, show: &dyn Fn(&Measured<PublishSpec, PublishResult>) -> String, ratios| {
         keyed_table(
             w,
@@ -359,6 +359,8 @@ fn replay(w: &mut String, results: &Results) {
         "disk / logical bytes",
         "peak RSS loaded",
         "peak RSS after the reads",
+        "open with its index",
+        "open rebuilding its index (peak RSS)",
         "limit: loading",
         "limit: from the beginning",
         "limit: from the middle",
@@ -375,7 +377,10 @@ fn replay(w: &mut String, results: &Results) {
             format!("{} records/s", thousands(r.load_records_per_second)),
             format!("{:.2}", r.disk_per_logical_byte),
             mib(r.peak_rss_loaded_bytes),
-            mib(m.peak_rss_bytes),
+            mib(r.peak_rss_bytes),
+            r.open_ms.map_or("–".into(), |ms| format!("{:.2} s", ms / 1000.0)),
+            r.open_rebuild_ms
+                .map_or("–".into(), |ms| format!("{:.1} s ({})", ms / 1000.0, mib(m.peak_rss_bytes))),
             r.load_usage.cell(false),
             r.from_beginning.usage.cell(false),
             r.from_middle.usage.cell(false),
@@ -472,32 +477,48 @@ fn targets(w: &mut String, results: &Results) {
                 .find(|m| m.system == system && (m.spec.streams, m.spec.connections, m.spec.batch) == key)
                 .and_then(|m| m.outcome.as_ref().ok().map(|r| r.records_per_second))
         };
-        let mut lines = Vec::new();
-        let mut all = true;
+        // Redis's better figure of a tier: its Rust driver's or redis-benchmark's.
+        let best = |a: System, b: System, key| match (rate(a, key), rate(b, key)) {
+            (Some(x), Some(y)) => Some(x.max(y)),
+            (x, y) => x.or(y),
+        };
+        let (mut batched, mut unbatched) = (Vec::new(), Vec::new());
+        let (mut batched_met, mut unbatched_met) = (true, true);
         for key in keys {
-            if let (Some(t), Some(a), Some(e)) = (
-                rate(System::TapelineAlways, key),
-                rate(System::RedisAlways, key),
-                rate(System::RedisEverysec, key),
-            ) {
-                let met = t >= 2.0 * a && t >= e;
-                all &= met;
-                lines.push(format!(
-                    "{} streams, {} conns, batch {}: {:.2}× always, {:.2}× everysec",
-                    key.0,
-                    key.1,
-                    key.2,
-                    t / a,
-                    t / e
-                ));
+            let Some(t) = rate(System::TapelineAlways, key) else { continue };
+            let always = best(System::RedisAlways, System::RedisBenchAlways, key);
+            let everysec = best(System::RedisEverysec, System::RedisBenchEverysec, key);
+            let (Some(a), Some(e)) = (always, everysec) else { continue };
+            let line = format!(
+                "{} streams, {} conns, batch {}: {:.2}× always, {:.2}× everysec",
+                key.0,
+                key.1,
+                key.2,
+                t / a,
+                t / e
+            );
+            if key.2 > 1 {
+                batched_met &= t >= 2.0 * a && t >= e;
+                batched.push(line);
+            } else {
+                unbatched_met &= t >= a;
+                unbatched.push(line);
             }
         }
-        if !lines.is_empty() {
+        if !batched.is_empty() {
             let _ = writeln!(
                 w,
-                "| durable publish ≥ 2× Redis `always` and ≥ Redis `everysec` | {} | {} |",
-                lines.join("; "),
-                yes(all)
+                "| durable publish, batched: ≥ 2× Redis `always` and ≥ Redis `everysec` (each the higher of its two figures) | {} | {} |",
+                batched.join("; "),
+                yes(batched_met)
+            );
+        }
+        if !unbatched.is_empty() {
+            let _ = writeln!(
+                w,
+                "| durable publish, unbatched: ≥ Redis `always` (the higher of its two figures) | {} | {} |",
+                unbatched.join("; "),
+                yes(unbatched_met)
             );
         }
     }

@@ -21,6 +21,12 @@ pub enum System {
     RedisEverysec,
     /// NATS JetStream, file storage (the server's own flushing; no fsync before the ack).
     NatsFile,
+    /// Redis `appendfsync always` loaded by Redis's own C load generator, `redis-benchmark`
+    /// (publish throughput only): the fastest client Redis has, so that the comparison does not
+    /// rest on the Rust driver alone.
+    RedisBenchAlways,
+    /// The same with `appendfsync everysec`.
+    RedisBenchEverysec,
 }
 
 /// How much an acknowledged record survives.
@@ -35,11 +41,13 @@ pub enum Tier {
 
 impl System {
     /// Every system, in table order.
-    pub const ALL: [System; 5] = [
+    pub const ALL: [System; 7] = [
         System::TapelineAlways,
         System::RedisAlways,
+        System::RedisBenchAlways,
         System::TapelineInterval,
         System::RedisEverysec,
+        System::RedisBenchEverysec,
         System::NatsFile,
     ];
 
@@ -51,6 +59,8 @@ impl System {
             System::RedisAlways => "redis appendfsync always",
             System::RedisEverysec => "redis appendfsync everysec",
             System::NatsFile => "nats jetstream file",
+            System::RedisBenchAlways => "redis always, redis-benchmark",
+            System::RedisBenchEverysec => "redis everysec, redis-benchmark",
         }
     }
 
@@ -62,13 +72,15 @@ impl System {
             System::RedisAlways => "redis-always",
             System::RedisEverysec => "redis-everysec",
             System::NatsFile => "nats",
+            System::RedisBenchAlways => "redis-bench-always",
+            System::RedisBenchEverysec => "redis-bench-everysec",
         }
     }
 
     /// The durability tier of its acknowledgements.
     pub fn tier(self) -> Tier {
         match self {
-            System::TapelineAlways | System::RedisAlways => Tier::Fsync,
+            System::TapelineAlways | System::RedisAlways | System::RedisBenchAlways => Tier::Fsync,
             _ => Tier::Written,
         }
     }
@@ -76,6 +88,11 @@ impl System {
     /// Whether it is tapeline (the ratio is tapeline / best peer).
     pub fn is_tapeline(self) -> bool {
         matches!(self, System::TapelineAlways | System::TapelineInterval)
+    }
+
+    /// Whether it is loaded by `redis-benchmark`, which only publishes.
+    pub fn publishes_only(self) -> bool {
+        matches!(self, System::RedisBenchAlways | System::RedisBenchEverysec)
     }
 
     /// Parses a key of [`System::key`].
@@ -92,6 +109,7 @@ impl System {
 pub struct Programs {
     pub tapeline: PathBuf,
     pub redis: PathBuf,
+    pub redis_benchmark: PathBuf,
     pub nats: PathBuf,
 }
 
@@ -108,6 +126,8 @@ pub struct Server {
     pub target: Target,
     child: Child,
     dir: tempfile::TempDir,
+    port: u16,
+    programs: Programs,
 }
 
 impl Server {
@@ -116,59 +136,47 @@ impl Server {
     pub async fn start(system: System, programs: &Programs, scratch: &Path) -> Result<Server> {
         let dir = tempfile::Builder::new().prefix(system.key()).tempdir_in(scratch)?;
         let port = free_port()?;
-        let data = dir.path().to_path_buf();
-        let (mut command, url) = match system {
-            System::TapelineAlways | System::TapelineInterval => {
-                let fsync = if system == System::TapelineAlways { "always" } else { "interval=1000" };
-                let mut c = Command::new(&programs.tapeline);
-                c.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--fsync", fsync])
-                    .arg("--data")
-                    .arg(&data);
-                c.env("TAPELINE_LOG", "warn");
-                (c, format!("http://127.0.0.1:{port}"))
-            }
-            System::RedisAlways | System::RedisEverysec => {
-                let fsync = if system == System::RedisAlways { "always" } else { "everysec" };
-                let mut c = Command::new(&programs.redis);
-                c.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--appendonly", "yes"])
-                    .args([
-                        "--appendfsync",
-                        fsync,
-                        "--save",
-                        "",
-                        "--protected-mode",
-                        "no",
-                        "--daemonize",
-                        "no",
-                    ])
-                    .args(["--loglevel", "warning"])
-                    .arg("--dir")
-                    .arg(&data);
-                (c, format!("redis://127.0.0.1:{port}"))
-            }
-            System::NatsFile => {
-                let mut c = Command::new(&programs.nats);
-                c.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-l", "/dev/null", "-sd"])
-                    .arg(&data);
-                (c, format!("nats://127.0.0.1:{port}"))
-            }
-        };
-        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit()).kill_on_drop(true);
-        let child = command.spawn().with_context(|| format!("cannot start {}", system.name()))?;
-        let server = Server { target: Target { system, url }, child, dir };
+        let (child, url) = spawn(system, programs, dir.path(), port)?;
+        let server = Server { target: Target { system, url }, child, dir, port, programs: programs.clone() };
         server.wait_ready(port).await?;
         Ok(server)
     }
 
+    /// Stops the server cleanly (SIGTERM, waiting for its exit) and starts it again on the same
+    /// data dir, `before` run in between; returns how long the start took, until it answers.
+    pub async fn restart(&mut self, before: impl FnOnce(&Path) -> Result<()>) -> Result<Duration> {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        }
+        tokio::time::timeout(Duration::from_secs(120), self.child.wait()).await??;
+        before(self.dir.path())?;
+        let began = Instant::now();
+        let (child, _) = spawn(self.target.system, &self.programs, self.dir.path(), self.port)?;
+        self.child = child;
+        self.wait_ready(self.port).await?;
+        Ok(began.elapsed())
+    }
+
+    /// Where `redis-benchmark` is.
+    pub fn redis_benchmark(&self) -> &Path {
+        &self.programs.redis_benchmark
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     async fn wait_ready(&self, port: u16) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Long enough for an open that rebuilds the index of a large data dir.
+        let deadline = Instant::now() + Duration::from_secs(600);
         while Instant::now() < deadline {
             if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        bail!("{} did not listen on port {port} within 30 s", self.target.system.name())
+        bail!("{} did not listen on port {port} within 600 s", self.target.system.name())
     }
 
     /// The server's process id, while it runs.
@@ -196,6 +204,43 @@ impl Server {
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
+}
+
+/// Starts the program of `system` on `port` with the data dir `data`.
+fn spawn(system: System, programs: &Programs, data: &Path, port: u16) -> Result<(Child, String)> {
+    let (mut command, url) = match system {
+        System::TapelineAlways | System::TapelineInterval => {
+            let fsync = if system == System::TapelineAlways { "always" } else { "interval=1000" };
+            let mut c = Command::new(&programs.tapeline);
+            c.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--fsync", fsync])
+                .arg("--data")
+                .arg(data);
+            c.env("TAPELINE_LOG", "warn");
+            (c, format!("http://127.0.0.1:{port}"))
+        }
+        System::RedisAlways
+        | System::RedisEverysec
+        | System::RedisBenchAlways
+        | System::RedisBenchEverysec => {
+            let always = matches!(system, System::RedisAlways | System::RedisBenchAlways);
+            let fsync = if always { "always" } else { "everysec" };
+            let mut c = Command::new(&programs.redis);
+            c.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--appendonly", "yes"])
+                .args(["--appendfsync", fsync, "--save", "", "--protected-mode", "no", "--daemonize", "no"])
+                .args(["--loglevel", "warning"])
+                .arg("--dir")
+                .arg(data);
+            (c, format!("redis://127.0.0.1:{port}"))
+        }
+        System::NatsFile => {
+            let mut c = Command::new(&programs.nats);
+            c.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-l", "/dev/null", "-sd"]).arg(data);
+            (c, format!("nats://127.0.0.1:{port}"))
+        }
+    };
+    command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit()).kill_on_drop(true);
+    let child = command.spawn().with_context(|| format!("cannot start {}", system.name()))?;
+    Ok((child, url))
 }
 
 fn disk_usage(path: &Path) -> u64 {

@@ -141,6 +141,9 @@ pub struct PublishResult {
 /// Publishes as fast as acknowledgements allow, `spec.connections` connections each keeping
 /// `spec.window` batches in flight, spreading batches over `spec.streams` streams.
 pub async fn publish(server: &Server, spec: &PublishSpec) -> Result<PublishResult> {
+    if server.target.system.publishes_only() {
+        return publish_with_redis_benchmark(server, spec).await;
+    }
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(spec.connections + 1));
     let mut tasks = Vec::new();
     for connection in 0..spec.connections {
@@ -196,6 +199,60 @@ pub async fn publish(server: &Server, spec: &PublishSpec) -> Result<PublishResul
         records_per_second: acked as f64 / seconds,
         megabytes_per_second: (acked * spec.size as u64) as f64 / seconds / 1e6,
         ack: Latency::from(&acks),
+        usage: meter.stop(),
+    })
+}
+
+/// Publish throughput through `redis-benchmark`, Redis's own C load generator: XADD of a payload
+/// of the same size, `spec.connections` connections each keeping `window × batch` commands in
+/// flight (`-P`), random keys among `spec.streams` streams. It runs a number of commands, not a
+/// time: a short run first sizes the measured one to about `spec.duration`.
+async fn publish_with_redis_benchmark(server: &Server, spec: &PublishSpec) -> Result<PublishResult> {
+    let pipeline = spec.window * spec.batch;
+    // Printable, since it is an argument; as long as the other drivers' payloads.
+    let payload: String = NOISE[..spec.size].iter().map(|b| char::from(b'a' + b % 26)).collect();
+    let run = async |commands: usize| -> Result<(f64, f64)> {
+        let mut command = tokio::process::Command::new(server.redis_benchmark());
+        command.args(["-h", "127.0.0.1", "-p", &server.port().to_string(), "--csv"]);
+        command.args([
+            "-c",
+            &spec.connections.to_string(),
+            "-P",
+            &pipeline.to_string(),
+            "-n",
+            &commands.to_string(),
+        ]);
+        let key = if spec.streams > 1 {
+            command.args(["-r", &spec.streams.to_string()]);
+            "bench:__rand_int__"
+        } else {
+            "bench:0"
+        };
+        command.args(["XADD", key, "*", "d", &payload]);
+        let out = command.output().await?;
+        if !out.status.success() {
+            bail!("redis-benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        // `"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms",
+        // "p99_latency_ms","max_latency_ms"`, then one row.
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let row = text.lines().last().unwrap_or_default();
+        let fields: Vec<f64> =
+            row.rsplit("\",\"").take(7).filter_map(|f| f.trim_matches('"').parse().ok()).collect();
+        let (Some(p99_ms), Some(rps)) = (fields.get(1), fields.get(6)) else {
+            bail!("cannot read redis-benchmark's output {text:?}");
+        };
+        Ok((*rps, *p99_ms))
+    };
+    let (rough, _) = run(pipeline * spec.connections * 50).await?;
+    let commands = ((rough * spec.duration.as_secs_f64()) as usize).max(pipeline * spec.connections);
+    let meter = Meter::start(server.pid());
+    let (rps, p99_ms) = run(commands).await?;
+    let p99_us = (p99_ms * 1000.0) as u64;
+    Ok(PublishResult {
+        records_per_second: rps,
+        megabytes_per_second: rps * spec.size as f64 / 1e6,
+        ack: Latency { count: commands as u64, p99_us, ..Latency::default() },
         usage: meter.stop(),
     })
 }
@@ -396,12 +453,17 @@ pub struct ReplayResult {
     pub disk_per_logical_byte: f64,
     /// The server's peak resident memory once loaded, before the reads.
     pub peak_rss_loaded_bytes: u64,
+    /// The same after the reads.
     pub peak_rss_bytes: u64,
+    /// tapeline: how long opening the loaded data dir took (a clean stop, then a start, until it
+    /// answers), and the same with its index deleted: a rebuild from the chunk files.
+    pub open_ms: Option<f64>,
+    pub open_rebuild_ms: Option<f64>,
 }
 
 /// Loads `records` records, then reads them all from the beginning, then from the moment the
 /// middle one was sent, each time until the last.
-pub async fn replay(server: &Server, records: u64, size: usize) -> Result<ReplayResult> {
+pub async fn replay(server: &mut Server, records: u64, size: usize) -> Result<ReplayResult> {
     let meter = Meter::start(server.pid());
     let (load_rate, middle) = load(server, records, size).await?;
     let load_usage = meter.stop();
@@ -411,6 +473,14 @@ pub async fn replay(server: &Server, records: u64, size: usize) -> Result<Replay
     let peak_rss_loaded_bytes = server.peak_rss();
     let from_beginning = read_all(server, Start::Beginning, records, size).await?;
     let from_middle = read_all(server, Start::Time(middle), records, size).await?;
+    let peak_rss_bytes = server.peak_rss();
+    // tapeline: how long an open of this data dir takes, with its index, and rebuilding it.
+    let (mut open_ms, mut open_rebuild_ms) = (None, None);
+    if server.target.system.is_tapeline() {
+        open_ms = Some(server.restart(|_| Ok(())).await?.as_secs_f64() * 1000.0);
+        let rebuilt = server.restart(|data| Ok(std::fs::remove_dir_all(data.join("index"))?)).await?;
+        open_rebuild_ms = Some(rebuilt.as_secs_f64() * 1000.0);
+    }
     Ok(ReplayResult {
         records,
         size,
@@ -420,7 +490,9 @@ pub async fn replay(server: &Server, records: u64, size: usize) -> Result<Replay
         from_middle,
         disk_per_logical_byte: disk,
         peak_rss_loaded_bytes,
-        peak_rss_bytes: server.peak_rss(),
+        peak_rss_bytes,
+        open_ms,
+        open_rebuild_ms,
     })
 }
 
