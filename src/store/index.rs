@@ -247,13 +247,23 @@ impl Index {
     ) -> Result<Changed> {
         let mut batch = sled::Batch::default();
         let mut changed = Changed::default();
-        let mut next_id = self.next_id()?;
+        // Read only when the record can raise it: most records create no stream.
+        let creates = match body {
+            Body::Append { created, .. } => !created.is_empty(),
+            Body::Define { .. } | Body::Checkpoint(_) => true,
+            _ => false,
+        };
+        let mut next_id = if creates { self.next_id()? } else { 0 };
         let mut offset = at.start + data_offset;
+        // Only a move replaces chunks: an append's keys are new (ticks only grow).
+        let moves = matches!(body, Body::Move { .. });
         for chunk in body.chunks() {
             let key = pointer_key(chunk.stream, chunk.first);
             let pointer = Pointer { at: Location { file: at.file, offset, len: chunk.len }, seq: fixed.seq };
-            if let Some(old) = self.tree.get(key)? {
-                changed.released.extend(Pointer::decode(&key, &old).ok().map(|p| p.at));
+            if moves {
+                if let Some(old) = self.tree.get(key)? {
+                    changed.released.extend(Pointer::decode(&key, &old).ok().map(|p| p.at));
+                }
             }
             batch.insert(&key[..], &pointer.encode(&key)[..]);
             changed.added.push(pointer.at);
@@ -306,7 +316,9 @@ impl Index {
                 None => batch.remove(producer_key(id)),
             }
         }
-        batch.insert(NEXT_ID, &next_id.to_le_bytes()[..]);
+        if creates {
+            batch.insert(NEXT_ID, &next_id.to_le_bytes()[..]);
+        }
         let applied = Applied { seq: fixed.seq, at, crc, flags: fixed.flags, clock: fixed.clock };
         batch.insert(APPLIED, applied.encode());
         self.tree.apply_batch(batch)?;
@@ -550,21 +562,26 @@ mod tests {
             changed.added,
             vec![Location { file: 3, offset: 84, len: 100 }, Location { file: 3, offset: 184, len: 50 }]
         );
-        let again = index.apply(&fixed(Kind::Append, 1), &append, at, 7, 60, &[]).unwrap();
-        assert_eq!(again.released, changed.added, "applied twice: the same pointers, replaced");
-        assert_eq!(index.applied().unwrap().unwrap().seq, 1);
+        index.apply(&fixed(Kind::Append, 1), &append, at, 7, 60, &[]).unwrap();
+        assert_eq!(index.pointers().count(), 2, "applied twice: the same pointers");
+        let moved = Body::Move { chunks: vec![ChunkEntry { stream: StreamId(0), first: Tick(20), len: 50 }] };
+        let elsewhere = RecordAt { file: 4, start: 24, end: 200 };
+        let changed_by_move = index.apply(&fixed(Kind::Move, 2), &moved, elsewhere, 8, 60, &[]).unwrap();
+        assert_eq!(changed_by_move.released, vec![Location { file: 3, offset: 184, len: 50 }]);
+        assert_eq!(changed_by_move.added, vec![Location { file: 4, offset: 84, len: 50 }]);
+        assert_eq!(index.applied().unwrap().unwrap().seq, 2);
         assert_eq!(index.next_id().unwrap(), 1);
         assert_eq!(index.catalog().unwrap()[0].0.name.as_ref(), "s");
 
         let removed = Removed { floor: Tick(20), through: Some(Tick(15)), records: 3, bytes: 30 };
         let trim = Body::Trim { id: StreamId(0), removed };
-        let changed = index.apply(&fixed(Kind::Trim, 2), &trim, at, 8, 0, &[]).unwrap();
+        let changed = index.apply(&fixed(Kind::Trim, 3), &trim, at, 8, 0, &[]).unwrap();
         assert_eq!(changed.released, vec![Location { file: 3, offset: 84, len: 100 }]);
         assert_eq!(index.range(StreamId(0), Tick(0), Tick(u64::MAX)).count(), 1);
         assert_eq!(index.catalog().unwrap()[0].1, removed);
 
         let delete = Body::Delete { id: StreamId(0), name: Arc::from("s") };
-        index.apply(&fixed(Kind::Delete, 3), &delete, at, 9, 0, &[]).unwrap();
+        index.apply(&fixed(Kind::Delete, 4), &delete, at, 9, 0, &[]).unwrap();
         assert!(index.catalog().unwrap().is_empty());
         assert_eq!(index.pointers().count(), 0);
         assert_eq!(index.next_id().unwrap(), 1, "a deleted stream's id is not used again");
