@@ -197,6 +197,8 @@ pub async fn pass(log: &Arc<Log>, retention: &Retention, token: &CancellationTok
         // Makes the removals durable.
         log.flush().await?;
     }
+    // Deletions a full disk put off.
+    log.release().await?;
     let moved = compact(log, token).await?;
     if moved > 0 {
         info!(chunks = moved, "chunks moved out of sparse chunk files");

@@ -522,7 +522,17 @@ async fn a_data_dir_of_the_previous_format_is_upgraded_in_place() {
             let last = *records.keys().last().unwrap();
             let (got, status) = read(&server.url(), stream, None, last).await;
             assert!(status.is_none(), "{name} {stream}: {status:?}");
-            assert_eq!(&got.into_iter().collect::<BTreeMap<_, _>>(), records, "{name} {stream}");
+            let got: BTreeMap<u64, String> = got.into_iter().collect();
+            if *stream == "meta/s" {
+                // Its own retention keeps an hour: once the fixture is older, it keeps its last
+                // chunk (a batch of 5) and what came after the removed ones.
+                let first = *got.keys().next().expect("the last chunk is never removed");
+                let kept: BTreeMap<u64, String> =
+                    records.range(first..).map(|(t, p)| (*t, p.clone())).collect();
+                assert!(got == kept && got.len() >= 5, "{name} {stream}: {got:?}");
+            } else {
+                assert_eq!(&got, records, "{name} {stream}");
+            }
         }
         if let Some(streams) = expected["streams"].as_array() {
             let listed = stored_streams(&mut c).await;
@@ -531,8 +541,11 @@ async fn a_data_dir_of_the_previous_format_is_upgraded_in_place() {
                     .iter()
                     .find(|l| l.name == s["name"].as_str().unwrap())
                     .expect("the stream is listed");
-                assert_eq!(got.records, s["records"].as_u64().unwrap(), "{}", got.name);
-                assert_eq!(got.first_tick, s["first_tick"].as_u64().unwrap(), "{}", got.name);
+                if got.name != "meta/s" {
+                    assert_eq!(got.records, s["records"].as_u64().unwrap(), "{}", got.name);
+                    assert_eq!(got.first_tick, s["first_tick"].as_u64().unwrap(), "{}", got.name);
+                }
+                assert_eq!(got.last_tick, s["last_tick"].as_u64().unwrap(), "{}", got.name);
                 assert_eq!(got.content_type, s["content_type"].as_str().unwrap(), "{}", got.name);
                 assert_eq!(got.description, s["description"].as_str().unwrap(), "{}", got.name);
             }

@@ -179,3 +179,32 @@ fn a_torn_cut_keeps_a_prefix_of_the_unsynced_writes() {
     }
     assert!(kept_some && kept_part, "50 torn cuts never kept a write, or never tore one");
 }
+
+#[test]
+fn a_failed_fsync_makes_nothing_durable() {
+    let (_dir, mut fs) = mounted();
+    let path = durable_file(fs.path(), "f", b"durable");
+    let file = append(&path, b" and not");
+    fs.fail_fsyncs(libc::EIO, 2);
+    assert_eq!(file.sync_data().unwrap_err().raw_os_error(), Some(libc::EIO));
+    // A directory's sync is not one of them.
+    sync_dir(fs.path());
+    assert_eq!(file.sync_all().unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert_eq!(fs.failed_fsyncs(), 2);
+    // The file is as it was: what was written is read, unsynced.
+    assert_eq!(fs::read(&path).unwrap(), b"durable and not");
+    drop(file);
+    let cut = fs.power_cut(false);
+    assert_eq!(fs::read(&path).unwrap(), b"durable");
+    assert_eq!(cut.dropped(), 8, "{cut}");
+
+    // Only `count` syncs fail, with the error asked for; the next one makes everything durable.
+    let file = append(&path, b" at last");
+    fs.fail_fsyncs(libc::ENOSPC, 1);
+    assert_eq!(file.sync_data().unwrap_err().raw_os_error(), Some(libc::ENOSPC));
+    file.sync_data().unwrap();
+    assert_eq!(fs.failed_fsyncs(), 3);
+    drop(file);
+    fs.power_cut(false);
+    assert_eq!(fs::read(&path).unwrap(), b"durable at last");
+}

@@ -416,20 +416,26 @@ impl Appender {
     }
 
     /// Files that pointers referred to and no longer do, the active one excepted. The caller
-    /// deletes them with [`Appender::delete`] once that is safe. A file no pointer referred to
-    /// when the log was opened is never offered ([`Appender::orphans`]).
+    /// deletes them with [`Appender::delete`] once that is safe.
     pub fn unreferenced(&self) -> Vec<u32> {
         let ids = self.files.ids();
         let live = self.files.live();
         ids.into_iter().filter(|id| *id != self.id && live.get(id) == Some(&0)).collect()
     }
 
-    /// Files no pointer refers to (after the pointers were counted at open), the active one
-    /// excepted.
-    pub fn orphans(&self) -> Vec<u32> {
+    /// Counts the files no pointer refers to (after the pointers were counted at open), the
+    /// active one excepted, as holding nothing, so that [`Appender::unreferenced`] offers them:
+    /// their chunks were all removed or moved, and only their deletion was put off (a crash, or
+    /// a full disk that had no room for the checkpoint first). Returns them.
+    pub fn adopt_unreferenced(&mut self) -> Vec<u32> {
         let ids = self.files.ids();
-        let live = self.files.live();
-        ids.into_iter().filter(|id| *id != self.id && !live.contains_key(id)).collect()
+        let mut live = self.files.live();
+        let adopted: Vec<u32> =
+            ids.into_iter().filter(|id| *id != self.id && !live.contains_key(id)).collect();
+        for id in &adopted {
+            live.insert(*id, 0);
+        }
+        adopted
     }
 
     /// Starts a new active file after file `after` (files up to it exist, or are not to be

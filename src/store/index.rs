@@ -177,6 +177,20 @@ impl Index {
         Index::open_dir(&data_dir.join(DIR), cache_bytes)
     }
 
+    /// Opens the index in `data_dir` that this process has just closed: sled lets go of its
+    /// lock on its files in the background, so a lock still held is waited for (a while).
+    pub fn reopen(data_dir: &Path, cache_bytes: u64) -> Result<Index> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Index::open(data_dir, cache_bytes) {
+                Err(err) if is_locked(&err) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                opened => return opened,
+            }
+        }
+    }
+
     /// Opens (or creates) an index in the directory `dir`.
     pub fn open_dir(dir: &Path, cache_bytes: u64) -> Result<Index> {
         let dir = dir.to_path_buf();

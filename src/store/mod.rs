@@ -160,6 +160,10 @@ enum Command {
         moves: Vec<Move>,
         reply: oneshot::Sender<Result<usize>>,
     },
+    /// Delete the chunk files nothing refers to any more, if that was put off.
+    Release {
+        reply: oneshot::Sender<()>,
+    },
     /// Raise the clock to `to` (at most now) and publish the watermark, so that time passes for
     /// readers even when nothing is published; answers the new watermark.
     Advance {
@@ -405,6 +409,14 @@ impl Log {
         let (reply, answer) = oneshot::channel();
         self.writer.send(Command::Compact { moves, reply }).await.map_err(|_| Error::ShuttingDown)?;
         answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Has the writer delete the chunk files nothing refers to any more, whose deletion was put
+    /// off (a full disk had no room for the checkpoint that must come first).
+    pub async fn release(&self) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.writer.send(Command::Release { reply }).await.map_err(|_| Error::ShuttingDown)?;
+        answer.await.map_err(|_| Error::ShuttingDown)
     }
 
     /// Has the writer carry out a planned removal (skipped when the stream changed under it).

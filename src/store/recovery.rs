@@ -104,9 +104,9 @@ pub fn open(path: &Path, config: &Config) -> Result<Recovered> {
     appender.sync_all()?;
     count_pointers(&index, &chunks, &mut appender)?;
     let (streams, last) = read_streams(&index, &chunks)?;
-    let orphans = appender.orphans();
-    if !orphans.is_empty() {
-        warn!(files = ?orphans, "chunk files no chunk of the index is in (left by a crash before their deletion): kept for `tapeline recover`; delete them once not needed");
+    let emptied = appender.adopt_unreferenced();
+    if !emptied.is_empty() {
+        info!(files = ?emptied, "chunk files that hold no chunk any more (their deletion was put off): deleted once a checkpoint after them is written");
     }
     let clock = replayed.clock.max(last.unwrap_or_default());
     let server_id = match index.server_id()? {
@@ -254,7 +254,7 @@ fn rebuild(
         source,
     })?;
     files::sync_dir(path)?;
-    Ok((Index::open(path, config.cache_bytes)?, replayed))
+    Ok((Index::reopen(path, config.cache_bytes)?, replayed))
 }
 
 fn lost_records(path: &Path, end_seq: u64, applied: &Applied) -> Error {

@@ -111,6 +111,8 @@ fn disk_full(err: &Error) -> bool {
 
 impl Writer {
     pub fn run(mut self, mut inbox: mpsc::Receiver<Command>) {
+        // Files recovery found emptied, whose deletion a crash or a full disk put off.
+        self.release(&[]);
         let mut stop = None;
         while stop.is_none() {
             let Some(first) = inbox.blocking_recv() else { break };
@@ -152,6 +154,12 @@ impl Writer {
                 }
                 Some(Command::Delete { name, reply }) => {
                     let _ = reply.send(self.checked().and_then(|()| self.delete(&name)));
+                }
+                Some(Command::Release { reply }) => {
+                    if self.checked().is_ok() {
+                        self.release(&[]);
+                    }
+                    let _ = reply.send(());
                 }
                 Some(Command::Stop { reply }) => stop = Some(reply),
                 Some(Command::Append { .. }) | None => {}
@@ -451,7 +459,8 @@ impl Writer {
 
     /// Counts chunks the index no longer points to, and deletes the chunk files nothing refers
     /// to any more, once that is safe: a checkpoint written after them, and every record up to
-    /// it synced.
+    /// it synced. When that fails (a full disk), the files stay until a later release (the
+    /// retention task asks for one every pass).
     fn release(&mut self, freed: &[Location]) {
         for at in freed {
             self.appender.released(*at);

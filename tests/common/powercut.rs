@@ -14,6 +14,10 @@
 //! A *torn* cut also keeps, of each file's unsynced writes, a random prefix in the order they were
 //! made, the last one cut at a random byte: a write torn by the power loss.
 //!
+//! [`Mounted::fail_fsyncs`] makes the next file syncs fail with an error of the test's choosing
+//! (EIO, ENOSPC): a failed sync makes nothing durable, and leaves the file as it was (what was
+//! written since the last sync stays readable, unsynced, until a later sync or a cut).
+//!
 //! Replies carry a TTL of 0 and every open is direct I/O, so each lookup, read and write reaches
 //! the model as the program made it (a write of more than 128 KiB arrives as several). File locks
 //! (`flock`, `fcntl`) are not implemented, so the kernel keeps them locally, as it does for any
@@ -440,9 +444,21 @@ impl fmt::Display for CutReport {
     }
 }
 
+/// Syncs of files made to fail (see [`Mounted::fail_fsyncs`]).
+#[derive(Default)]
+struct Faults {
+    /// The error they fail with.
+    errno: c_int,
+    /// How many more file syncs fail.
+    left: usize,
+    /// File syncs failed so far.
+    failed: usize,
+}
+
 /// The FUSE side: every request locks the disk, applies itself, answers.
 pub struct PowerCutFs {
     disk: Arc<Mutex<Disk>>,
+    faults: Arc<Mutex<Faults>>,
 }
 
 /// Opens are direct I/O: no page cache, so every write reaches the model when it is made, and
@@ -455,13 +471,26 @@ impl PowerCutFs {
     pub fn mount(mountpoint: &Path) -> Mounted {
         let owner = std::fs::metadata(mountpoint).expect("the mount point exists");
         let disk = Arc::new(Mutex::new(Disk::new(owner.uid(), owner.gid())));
-        let mut mounted = Mounted { path: mountpoint.to_path_buf(), disk, session: None };
+        let mut mounted =
+            Mounted { path: mountpoint.to_path_buf(), disk, faults: Arc::default(), session: None };
         mounted.mount();
         mounted
     }
 
     fn disk(&self) -> MutexGuard<'_, Disk> {
         self.disk.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The error this file sync is to fail with, if it is one of those [`Mounted::fail_fsyncs`]
+    /// asked for.
+    fn fault(&self) -> Option<c_int> {
+        let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        if faults.left == 0 {
+            return None;
+        }
+        faults.left -= 1;
+        faults.failed += 1;
+        Some(faults.errno)
     }
 }
 
@@ -664,6 +693,10 @@ impl Filesystem for PowerCutFs {
     }
 
     fn fsync(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, _datasync: bool, reply: ReplyEmpty) {
+        if let Some(errno) = self.fault() {
+            // Nothing is made durable.
+            return reply.error(errno);
+        }
         // fdatasync too: the size is part of what the model keeps, and it needs it.
         empty(reply, self.disk().content(ino).map(Content::sync));
     }
@@ -722,6 +755,8 @@ impl Filesystem for PowerCutFs {
 pub struct Mounted {
     path: PathBuf,
     disk: Arc<Mutex<Disk>>,
+    /// Kept across cuts, like the disk.
+    faults: Arc<Mutex<Faults>>,
     session: Option<fuser::BackgroundSession>,
 }
 
@@ -742,8 +777,22 @@ impl Mounted {
         report
     }
 
+    /// Makes the next `count` syncs of files (`fsync`, `fdatasync`, by any process) fail with
+    /// `errno`, such as `libc::EIO` or `libc::ENOSPC`, instead of any earlier such request. A
+    /// failed sync makes nothing durable and changes nothing else. Directories' syncs are not
+    /// affected.
+    pub fn fail_fsyncs(&self, errno: c_int, count: usize) {
+        let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        (faults.errno, faults.left) = (errno, count);
+    }
+
+    /// How many syncs of files [`Mounted::fail_fsyncs`] made fail so far.
+    pub fn failed_fsyncs(&self) -> usize {
+        self.faults.lock().unwrap_or_else(|e| e.into_inner()).failed
+    }
+
     fn mount(&mut self) {
-        let fs = PowerCutFs { disk: self.disk.clone() };
+        let fs = PowerCutFs { disk: self.disk.clone(), faults: self.faults.clone() };
         let options = [MountOption::FSName("powercut".into()), MountOption::RW];
         let session = fuser::spawn_mount2(fs, &self.path, &options)
             .expect("mount the power-cut filesystem (needs root and /dev/fuse)");
