@@ -164,6 +164,31 @@ pub struct Changed {
 /// One catalog entry with what retention removed of the stream.
 pub type Entry = (Defined, Removed);
 
+/// A record written to the log, as the index applies it.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub fixed: Fixed,
+    pub body: Body,
+    pub at: RecordAt,
+    pub crc: u32,
+    /// Where its data starts, from the start of the record.
+    pub data_offset: u64,
+}
+
+impl Written {
+    /// The pointers of the chunks it holds.
+    pub fn pointers(&self) -> Vec<(StreamId, Tick, Pointer)> {
+        let mut offset = self.at.start + self.data_offset;
+        let mut out = Vec::with_capacity(self.body.chunks().len());
+        for chunk in self.body.chunks() {
+            let at = Location { file: self.at.file, offset, len: chunk.len };
+            out.push((chunk.stream, chunk.first, Pointer { at, seq: self.fixed.seq }));
+            offset += u64::from(chunk.len);
+        }
+        out
+    }
+}
+
 /// The index of one data dir.
 pub struct Index {
     dir: PathBuf,
@@ -259,15 +284,63 @@ impl Index {
         data_offset: u64,
         producers: &[(Arc<str>, Option<Vec<u8>>)],
     ) -> Result<Changed> {
+        let record = Written { fixed: *fixed, body: body.clone(), at, crc, data_offset };
+        self.apply_all(std::slice::from_ref(&record), producers)
+    }
+
+    /// Applies records of the log in order, in one atomic batch together with the applied mark
+    /// (the last record's): many appends at once cost sled one batch. Only the first record may
+    /// remove or replace pointers (a trim, delete, move or checkpoint reads sled to know which);
+    /// the writer applies those alone. `producers` are the states of the producers the records
+    /// touched, as they are after the last.
+    pub fn apply_all(
+        &self,
+        records: &[Written],
+        producers: &[(Arc<str>, Option<Vec<u8>>)],
+    ) -> Result<Changed> {
+        let Some(last) = records.last() else { return Ok(Changed::default()) };
         let mut batch = sled::Batch::default();
         let mut changed = Changed::default();
-        // Read only when the record can raise it: most records create no stream.
-        let creates = match body {
+        // Read only when a record can raise it: most records create no stream.
+        let creates = records.iter().any(|r| match &r.body {
             Body::Append { created, .. } => !created.is_empty(),
             Body::Define { .. } | Body::Checkpoint(_) => true,
             _ => false,
-        };
+        });
         let mut next_id = if creates { self.next_id()? } else { 0 };
+        for record in records {
+            self.add_to(&mut batch, &mut changed, &mut next_id, record)?;
+        }
+        for (id, state) in producers {
+            match state {
+                Some(state) => batch.insert(producer_key(id), state.clone()),
+                None => batch.remove(producer_key(id)),
+            }
+        }
+        if creates {
+            batch.insert(NEXT_ID, &next_id.to_le_bytes()[..]);
+        }
+        let applied = Applied {
+            seq: last.fixed.seq,
+            at: last.at,
+            crc: last.crc,
+            flags: last.fixed.flags,
+            clock: last.fixed.clock,
+        };
+        batch.insert(APPLIED, applied.encode());
+        self.tree.apply_batch(batch)?;
+        Ok(changed)
+    }
+
+    /// Adds what one record changes to `batch`.
+    fn add_to(
+        &self,
+        batch: &mut sled::Batch,
+        changed: &mut Changed,
+        next_id: &mut u32,
+        record: &Written,
+    ) -> Result<()> {
+        let Written { fixed, body, at, data_offset, .. } = record;
         let mut offset = at.start + data_offset;
         // Only a move replaces chunks: an append's keys are new (ticks only grow).
         let moves = matches!(body, Body::Move { .. });
@@ -289,21 +362,21 @@ impl Index {
                     let defined =
                         Defined { id: *id, name: name.clone(), created: *tick, meta: StreamMeta::default() };
                     batch.insert(catalog_key(name), catalog_value(&defined));
-                    next_id = next_id.max(id.0 + 1);
+                    *next_id = (*next_id).max(id.0 + 1);
                 }
             }
             Body::Define { stream, .. } => {
                 batch.insert(catalog_key(&stream.name), catalog_value(stream));
-                next_id = next_id.max(stream.id.0 + 1);
+                *next_id = (*next_id).max(stream.id.0 + 1);
             }
             Body::Delete { id, name } => {
                 batch.remove(catalog_key(name));
                 batch.remove(&removed_key(*id)[..]);
-                self.remove_pointers(&mut batch, &mut changed, *id, Tick(u64::MAX))?;
+                self.remove_pointers(batch, changed, *id, Tick(u64::MAX))?;
             }
             Body::Trim { id, removed } => {
                 batch.insert(&removed_key(*id)[..], removed_value(removed));
-                self.remove_pointers(&mut batch, &mut changed, *id, Tick(removed.floor.0.saturating_sub(1)))?;
+                self.remove_pointers(batch, changed, *id, Tick(removed.floor.0.saturating_sub(1)))?;
             }
             Body::Move { .. } | Body::Clock => {}
             Body::Checkpoint(c) => {
@@ -321,22 +394,10 @@ impl Index {
                 }
                 batch.insert(SERVER_ID, c.server_id.as_bytes());
                 batch.insert(CHECKPOINT, &at.file.to_le_bytes()[..]);
-                next_id = next_id.max(c.next_id);
+                *next_id = (*next_id).max(c.next_id);
             }
         }
-        for (id, state) in producers {
-            match state {
-                Some(state) => batch.insert(producer_key(id), state.clone()),
-                None => batch.remove(producer_key(id)),
-            }
-        }
-        if creates {
-            batch.insert(NEXT_ID, &next_id.to_le_bytes()[..]);
-        }
-        let applied = Applied { seq: fixed.seq, at, crc, flags: fixed.flags, clock: fixed.clock };
-        batch.insert(APPLIED, applied.encode());
-        self.tree.apply_batch(batch)?;
-        Ok(changed)
+        Ok(())
     }
 
     /// Adds to `batch` the removal of stream `id`'s pointers with a first tick up to `upto`.

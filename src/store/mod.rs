@@ -10,12 +10,15 @@
 //! - `commit`: the commit record format; `walk`: reading a chunk file record by record;
 //! - `files`: appending, rotating, reading and deleting chunk files;
 //! - `chunk`: the codec of a chunk (many records of one stream);
-//! - `index`: sled, the index; `recovery`: opening a data dir, replay and rebuild;
+//! - `index`: sled, the index; `view`: it with the group commits not applied to it yet;
+//!   `applier`: applying them in the background; `recovery`: opening a data dir, replay and
+//!   rebuild;
 //! - `writer`: group commit and every other write; `producers`: idempotent producers' memory;
 //! - `read`: reads and their checks; `tail_cache`: the newest chunks, decoded once;
 //! - `retention`: planning removals and compaction; `space`: the disk budget;
 //! - `integrity`: offline `verify` and `recover`; `upgrade`: data dirs of earlier builds.
 
+mod applier;
 pub mod chunk;
 pub mod commit;
 pub mod files;
@@ -29,6 +32,7 @@ mod retention;
 mod space;
 mod tail_cache;
 mod upgrade;
+mod view;
 mod walk;
 mod writer;
 
@@ -51,6 +55,7 @@ use std::time::Duration;
 use tail_cache::TailCache;
 use tokio::sync::{broadcast, mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::error;
+use view::View;
 
 /// Batches waiting for the writer; publishers wait (backpressure) when it is full.
 const WRITER_QUEUE: usize = 1024;
@@ -186,7 +191,8 @@ fn held_bytes(records: &[NewRecord]) -> usize {
 
 /// The log. Shared by reference; reads may run on any thread.
 pub struct Log {
-    index: Arc<Index>,
+    /// The index, with the appends not applied to it yet.
+    view: Arc<View>,
     /// Where the chunks' bytes are.
     chunks: Arc<ChunkFiles>,
     /// The newest chunks, decoded once for every subscriber at the tail.
@@ -231,8 +237,10 @@ impl Log {
         let (writer, inbox) = mpsc::channel(WRITER_QUEUE);
         let flush_failed = Arc::new(std::sync::OnceLock::new());
         let flusher = start_flusher(index.clone(), chunks.clone(), config.fsync, flush_failed.clone())?;
+        let view = Arc::new(View::new(index.clone()));
         let state = writer::Writer {
-            index: index.clone(),
+            view: view.clone(),
+            applier: applier::Applier::start(view.clone())?,
             appender: recovered.appender,
             fsync: config.fsync,
             streams: recovered.streams,
@@ -261,7 +269,7 @@ impl Log {
             .spawn(move || state.run(inbox))
             .map_err(|source| Error::Io { context: "starting the writer thread".into(), source })?;
         Ok(Log {
-            index,
+            view,
             chunks,
             tail: TailCache::default(),
             shared,
@@ -366,7 +374,7 @@ impl Log {
 
     /// Makes everything written so far durable: the newest chunk file, then the index.
     pub async fn flush(&self) -> Result<()> {
-        let (index, chunks) = (self.index.clone(), self.chunks.clone());
+        let (index, chunks) = (self.view.index().clone(), self.chunks.clone());
         tokio::task::spawn_blocking(move || {
             chunks
                 .sync_newest()

@@ -161,8 +161,14 @@ impl Producers {
     }
 
     /// Remembers an appended batch. When more than `max` producers are remembered, forgets the
-    /// least recently used one and returns its id (its stored state must be removed).
-    pub fn remember(&mut self, tag: &BatchTag, ticks: &[Tick], now: Tick, max: usize) -> Option<Arc<str>> {
+    /// least recently used one and returns it (its stored state must be removed).
+    pub fn remember(
+        &mut self,
+        tag: &BatchTag,
+        ticks: &[Tick],
+        now: Tick,
+        max: usize,
+    ) -> Option<(Arc<str>, Producer)> {
         let producer = self.map.entry(tag.producer.clone()).or_default();
         producer.last_used = now;
         producer.batches.push_back(Remembered {
@@ -183,8 +189,13 @@ impl Producers {
             .filter(|(id, _)| **id != tag.producer)
             .min_by_key(|(_, p)| p.last_used)
             .map(|(id, _)| id.clone())?;
-        self.map.remove(&oldest);
-        Some(oldest)
+        let state = self.map.remove(&oldest)?;
+        Some((oldest, state))
+    }
+
+    /// What is remembered of producer `id`.
+    pub fn get(&self, id: &str) -> Option<&Producer> {
+        self.map.get(id)
     }
 
     /// Marks a producer as used at `now` (the clock of the commit record holding its batch, so
@@ -358,7 +369,7 @@ mod tests {
         let named = |id: &str| BatchTag { producer: Arc::from(id), sequence: 1, digest: 0 };
         assert_eq!(p.remember(&named("a"), &[Tick(1)], Tick(1), 2), None);
         assert_eq!(p.remember(&named("b"), &[Tick(2)], Tick(2), 2), None);
-        assert_eq!(p.remember(&named("c"), &[Tick(3)], Tick(3), 2).as_deref(), Some("a"));
+        assert_eq!(p.remember(&named("c"), &[Tick(3)], Tick(3), 2).map(|(id, _)| id).as_deref(), Some("a"));
         assert_eq!(p.len(), 2);
     }
 

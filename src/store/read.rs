@@ -99,13 +99,13 @@ impl Log {
         };
         // The chunk that holds `first_wanted` may start before it: begin at the last chunk that
         // starts at or before it.
-        let start = match self.index.at_or_before(id, first_wanted) {
+        let start = match self.view.at_or_before(id, first_wanted) {
             Ok(Some((tick, _))) => tick,
             Ok(None) => first_wanted,
             Err(err) => return Err(self.unreadable(stream, first_wanted, first_wanted, err.to_string())),
         };
         let mut previous: Option<Previous> = None;
-        for entry in self.index.range(id, start, upto) {
+        for entry in self.view.range(id, start, upto) {
             let (key, pointer) = match entry {
                 Ok(entry) => entry,
                 Err(Error::DamagedPointer { tick, detail, .. }) => {
@@ -189,7 +189,7 @@ impl Log {
     ) -> std::result::Result<Option<Bytes>, ChunkError> {
         match self.chunks.read(pointer.at) {
             Ok(bytes) => Ok(Some(bytes)),
-            Err(err) => match self.index.get(id, key) {
+            Err(err) => match self.view.get(id, key) {
                 Ok(None) => Ok(None),
                 Ok(Some(now)) if now.at != pointer.at => self.chunks.read(now.at).map(Some),
                 _ => Err(err),
@@ -223,7 +223,7 @@ impl Log {
         detail: String,
     ) -> Result<ReadBatch> {
         let from = key.max(first_wanted);
-        let to = match self.index.after(stream.id, key) {
+        let to = match self.view.after(stream.id, key) {
             Ok(Some((next, _))) => Tick(next.0.saturating_sub(1)),
             _ => stream.last_tick.unwrap_or(from).max(from),
         };
@@ -256,7 +256,7 @@ impl Log {
     /// its records up to it. Reads one chunk. Blocking.
     pub fn count_through(&self, stream: &StreamInfo, tick: Option<Tick>) -> Result<u64> {
         let Some(tick) = tick else { return Ok(0) };
-        let Some((key, pointer)) = self.index.at_or_before(stream.id, tick)? else {
+        let Some((key, pointer)) = self.view.at_or_before(stream.id, tick)? else {
             // Before the first chunk kept: only removed records lie there.
             return Ok(stream.trimmed.records);
         };

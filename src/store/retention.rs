@@ -53,7 +53,7 @@ impl Log {
         // Counters since the stream's creation: what it held before a chunk, and in all.
         let end_records = stream.trimmed.records + stream.records;
         let end_bytes = stream.trimmed.bytes + stream.bytes;
-        let mut chunks = self.index.range(stream.id, Tick(0), Tick(u64::MAX));
+        let mut chunks = self.view.range(stream.id, Tick(0), Tick(u64::MAX));
         let Some(first) = chunks.next() else { return Ok(None) };
         let (mut key_now, mut at_now) = first.map(|(tick, p)| (tick, p.at))?;
         let mut head_now = self.header(stream, key_now, at_now)?;
@@ -115,7 +115,7 @@ impl Log {
     pub fn plan_compaction(&self, max: usize) -> Result<Vec<Move>> {
         let Some(file) = self.chunks.sparse() else { return Ok(Vec::new()) };
         let mut moves = Vec::new();
-        for entry in self.index.pointers() {
+        for entry in self.view.all() {
             let Ok((id, tick, pointer)) = entry else { continue };
             if pointer.at.file == file {
                 moves.push((id, tick, pointer.at));

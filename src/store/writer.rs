@@ -12,27 +12,32 @@
 //!   group whose write or sync met a full disk (the file is cut back and nothing of the group is
 //!   kept in memory): publishing resumes once there is room. Any other failure to write or sync
 //!   stops the writer taking writes (fail-stop) until a restart recovers from the log.
-//! - Nothing of the index is on the ack path: the ack follows the log's sync; the index's own
-//!   durability is the flusher's business (`index.rs`).
+//! - Nothing of the index is on the ack path: the ack follows the log's sync. A group commit's
+//!   pointers go to the view's overlay before it is published, and the applier thread applies it
+//!   to sled with others (`applier.rs`); every other record is applied by the writer itself, after
+//!   the applier has applied everything before it. The index's own durability is the flusher's
+//!   business (`index.rs`).
 //! - The in-memory catalog and the commit broadcast change under one lock, and only after the
 //!   record is applied to the index: a reader that sees a watermark can read every record up to
 //!   it, and a subscriber that snapshots the catalog receives every later commit.
 //! - A chunk file is deleted only after no pointer refers to it, the records that removed its
 //!   chunks are durable, and a checkpoint written after it is durable.
 
+use super::applier::{Applier, ProducerStates};
 use super::chunk::ChunkEncoder;
 use super::commit::{self, Body, Checkpoint, ChunkEntry, Defined, Encoded, Removed};
-use super::files::{Appender, Location, RecordAt};
-use super::index::Index;
-use super::producers::{BatchTag, Producers, Seen};
+use super::files::{Appender, Location};
+use super::index::Written;
+use super::producers::{BatchTag, Producer, Producers, Seen};
 use super::retention::TrimPlan;
 use super::space::Space;
+use super::view::View;
 use super::{held_bytes, Accepted, Appended, Command, Commit, Reply, Shared, Source};
 use crate::config::FsyncPolicy;
 use crate::error::{Error, Result};
 use crate::names::StreamName;
 use crate::record::{NewRecord, Recent, StreamId, StreamInfo, StreamMeta, Tick, Trimmed};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use tokio::sync::{broadcast, mpsc};
 use tracing::{debug, error, info, warn};
@@ -42,13 +47,22 @@ const CHUNK_MAX_BYTES: usize = 64 << 10;
 const CHUNK_MAX_RECORDS: u32 = 4096;
 /// One group commit gathers at most this many payload bytes.
 const GROUP_MAX_BYTES: usize = 32 << 20;
+/// A group commit with at least this many chunks and new streams is applied to the index by the
+/// writer itself, before it is published, rather than by the applier: handing over only pays for
+/// small commits, which would each cost sled a batch (measured in `tests/hostile.rs`'s 100,000
+/// streams: its commits of 1,000 new streams each, applied after their acks, took the test's peak
+/// memory from 450 to 660 MiB; why, inside sled, was not found).
+const APPLY_AT_ONCE: usize = 256;
 /// How far ahead of the broker's wall clock an explicit tick may be. Explicit ticks move the
 /// broker-wide clock, so a tick far in the future would shift every later tick.
 pub const MAX_TICK_AHEAD: Tick = Tick(60_000_000_000);
 
 /// What the writer owns.
 pub(super) struct Writer {
-    pub index: Arc<Index>,
+    /// The index, with the pointers of the appends not applied to it yet.
+    pub view: Arc<View>,
+    /// Applies group commits to the index in the background.
+    pub applier: Applier,
     /// Appends records to the chunk files; counts what each file still holds.
     pub appender: Appender,
     pub fsync: FsyncPolicy,
@@ -77,14 +91,6 @@ pub(super) struct Writer {
     pub flush_failed: Arc<std::sync::OnceLock<String>>,
     pub shared: Arc<RwLock<Shared>>,
     pub commits: broadcast::Sender<Commit>,
-}
-
-/// A record written, as the index applies it.
-struct Written {
-    fixed: commit::Fixed,
-    crc: u32,
-    at: RecordAt,
-    data_offset: u64,
 }
 
 /// Why a record was not written.
@@ -165,7 +171,8 @@ impl Writer {
                 Some(Command::Append { .. }) | None => {}
             }
         }
-        let flushed = self.appender.sync().and_then(|()| self.index.persist());
+        let applied = self.applier.drain();
+        let flushed = applied.and_then(|()| self.appender.sync()).and_then(|()| self.view.index().persist());
         if let Err(err) = flushed {
             error!(cause = %err, "final flush failed");
         }
@@ -192,27 +199,69 @@ impl Writer {
         self.failed.get_or_insert_with(|| err.to_string());
     }
 
-    /// Writes a record (syncing it under `fsync = always`) and applies it to the index, with the
-    /// producers' states `producers`. Counts the chunks it adds and releases.
+    /// Writes a record other than an append (syncing it under `fsync = always`) and applies it
+    /// to the index, after the appends before it. Counts the chunks it adds, and returns those it
+    /// releases.
     fn write<C: AsRef<[u8]>>(
         &mut self,
         body: &Body,
         data: &[C],
-        producers: &[(Arc<str>, Option<Vec<u8>>)],
     ) -> std::result::Result<Vec<Location>, NotWritten> {
+        self.drain_applier()?;
         let written = self.append(body, data)?;
-        let changed = self
-            .index
-            .apply(&written.fixed, body, written.at, written.crc, written.data_offset, producers)
-            .map_err(|err| {
+        self.apply(&written, &[]).map(|changed| changed.released)
+    }
+
+    /// Applies a record to the index on this thread; counts the chunks it adds.
+    fn apply(
+        &mut self,
+        written: &Written,
+        producers: &[(Arc<str>, Option<Vec<u8>>)],
+    ) -> std::result::Result<super::index::Changed, NotWritten> {
+        let changed =
+            self.view.index().apply_all(std::slice::from_ref(written), producers).map_err(|err| {
                 // The record is in the log: a restart applies it again.
                 self.fail(&err, "updating the index failed");
                 NotWritten::Failed(err)
             })?;
-        for at in changed.added {
-            self.appender.counted(at);
+        for at in &changed.added {
+            self.appender.counted(*at);
         }
-        Ok(changed.released)
+        Ok(changed)
+    }
+
+    /// Waits until the applier applied every group commit handed over.
+    fn drain_applier(&mut self) -> std::result::Result<(), NotWritten> {
+        self.applier.drain().map_err(|err| {
+            self.fail(&err, "updating the index failed");
+            NotWritten::Failed(err)
+        })
+    }
+
+    /// Writes a group commit's record (syncing it under `fsync = always`); its pointers go to the
+    /// view's overlay and the applier applies it, with the states of the producers it touched; a
+    /// large one is applied here (see [`APPLY_AT_ONCE`]).
+    fn write_append(
+        &mut self,
+        body: Body,
+        data: &[Vec<u8>],
+        producers: ProducerStates,
+    ) -> std::result::Result<(), NotWritten> {
+        let written = self.append(&body, data)?;
+        if written.body.chunks().len() + body_created(&written.body).len() >= APPLY_AT_ONCE {
+            self.drain_applier()?;
+            let changed = self.apply(&written, &producers)?;
+            drop(changed);
+            return Ok(());
+        }
+        for (id, tick, pointer) in written.pointers() {
+            self.view.add(id, tick, pointer);
+            self.appender.counted(pointer.at);
+        }
+        self.applier.apply(written, producers).map_err(|err| {
+            self.fail(&err, "updating the index failed");
+            NotWritten::Failed(err)
+        })
     }
 
     /// Appends a record to the log and syncs it under `fsync = always`. A full disk is undone and
@@ -253,7 +302,13 @@ impl Writer {
             }
         }
         self.written_clock = self.written_clock.max(self.clock);
-        Ok(Written { fixed: record.fixed, crc: record.crc, at, data_offset: record.data_offset() })
+        Ok(Written {
+            fixed: record.fixed,
+            body: body.clone(),
+            crc: record.crc,
+            at,
+            data_offset: record.data_offset(),
+        })
     }
 
     /// The refusal a client sees for a record the disk had no room for.
@@ -270,7 +325,7 @@ impl Writer {
             let raised = self.clock.max(to.min(Tick::now()));
             let before = self.clock;
             self.clock = raised;
-            if raised > self.written_clock && self.write(&Body::Clock, &[] as &[&[u8]], &[]).is_err() {
+            if raised > self.written_clock && self.write(&Body::Clock, &[] as &[&[u8]]).is_err() {
                 // Not promised: the watermark stays where the log says.
                 self.clock = before;
             }
@@ -338,7 +393,7 @@ impl Writer {
             created: info.created_tick,
             meta: (*info.meta).clone(),
         };
-        self.write(&Body::Define { stream: defined, created }, &[] as &[&[u8]], &[])
+        self.write(&Body::Define { stream: defined, created }, &[] as &[&[u8]])
             .map_err(|e| self.refused_or(e))?;
         if created {
             self.next_id += 1;
@@ -365,7 +420,7 @@ impl Writer {
             return Err(Error::UnknownStream(name.to_string()));
         };
         let freed = self
-            .write(&Body::Delete { id: info.id, name: info.name.clone() }, &[] as &[&[u8]], &[])
+            .write(&Body::Delete { id: info.id, name: info.name.clone() }, &[] as &[&[u8]])
             .map_err(|e| self.refused_or(e))?;
         info!(stream = %name, records = info.records, "stream deleted");
         self.streams.remove(name);
@@ -395,6 +450,7 @@ impl Writer {
         };
         // The record first: what it removes is gone for a restart too. Readers find the removed
         // range published before the pointers go (see `Log::read`).
+        self.drain_applier().map_err(|e| self.refused_or(e))?;
         let written = self
             .append(&Body::Trim { id: plan.id, removed }, &[] as &[&[u8]])
             .map_err(|e| self.refused_or(e))?;
@@ -408,15 +464,9 @@ impl Writer {
         self.streams.insert(stream.name.clone(), stream.clone());
         self.shared.write().unwrap_or_else(|e| e.into_inner()).streams.insert(stream.name.clone(), stream);
         let changed = self
-            .index
-            .apply(
-                &written.fixed,
-                &Body::Trim { id: plan.id, removed },
-                written.at,
-                written.crc,
-                written.data_offset,
-                &[],
-            )
+            .view
+            .index()
+            .apply_all(std::slice::from_ref(&written), &[])
             .inspect_err(|err| self.fail(err, "updating the index failed"))?;
         debug!(stream = %plan.stream, chunks = changed.released.len(), through = %plan.through, "chunks removed");
         self.release(&changed.released);
@@ -429,7 +479,7 @@ impl Writer {
         let mut chunks = Vec::new();
         for (id, first, at) in moves {
             // Only what the plan saw: a chunk removed or moved since stays as it is.
-            if self.index.get(id, first)?.map(|p| p.at) != Some(at) {
+            if self.view.get(id, first)?.map(|p| p.at) != Some(at) {
                 continue;
             }
             match self.appender.files().read(at).and_then(|bytes| super::chunk::decode(&bytes).map(|_| bytes))
@@ -450,8 +500,7 @@ impl Writer {
             return Ok(0);
         }
         let moved = entries.len();
-        let freed =
-            self.write(&Body::Move { chunks: entries }, &chunks, &[]).map_err(|e| self.refused_or(e))?;
+        let freed = self.write(&Body::Move { chunks: entries }, &chunks).map_err(|e| self.refused_or(e))?;
         debug!(chunks = moved, "chunks moved out of a sparse chunk file");
         self.release(&freed);
         Ok(moved)
@@ -511,7 +560,7 @@ impl Writer {
             streams,
             producers,
         });
-        self.write(&body, &[] as &[&[u8]], &[]).map_err(NotWritten::into_error)?;
+        self.write(&body, &[] as &[&[u8]]).map_err(NotWritten::into_error)?;
         self.checkpoint_file = self.appender.position().0;
         debug!(file = self.checkpoint_file, "checkpoint written");
         Ok(())
@@ -604,8 +653,10 @@ impl Writer {
         let mut chunks: Vec<(ChunkEntry, Vec<u8>)> = Vec::new();
         let mut accepted: Vec<Accepted> = Vec::with_capacity(group.len());
         let mut tags: Vec<(BatchTag, Vec<Tick>)> = Vec::new();
-        // Producers whose state changed (to store) or who were forgotten (to delete).
-        let mut producers_touched: BTreeSet<Arc<str>> = BTreeSet::new();
+        // Producers whose memory the group changed, and what it was before (to undo a group the
+        // disk had no room for); those the LRU forgot.
+        let mut undo: Vec<(Arc<str>, Option<Producer>)> = Vec::new();
+        let mut forgotten: Vec<Arc<str>> = Vec::new();
         // Records and payload bytes per stream, for the streams' recent rates.
         let mut arrivals: HashMap<Arc<str>, (u64, u64)> = HashMap::new();
 
@@ -631,11 +682,16 @@ impl Writer {
                 }
             };
             if let Some(tag) = tag {
-                if let Some(forgotten) = self.producers.remember(tag, &ticks, now, self.max_producers) {
-                    warn!(producer = %forgotten, limit = self.max_producers, "least recently used producer forgotten");
-                    producers_touched.insert(forgotten);
+                if !undo.iter().any(|(id, _)| *id == tag.producer) {
+                    undo.push((tag.producer.clone(), self.producers.get(&tag.producer).cloned()));
                 }
-                producers_touched.insert(tag.producer.clone());
+                if let Some((id, state)) = self.producers.remember(tag, &ticks, now, self.max_producers) {
+                    warn!(producer = %id, limit = self.max_producers, "least recently used producer forgotten");
+                    if !undo.iter().any(|(undone, _)| *undone == id) {
+                        undo.push((id.clone(), Some(state)));
+                    }
+                    forgotten.push(id);
+                }
                 tags.push((tag.clone(), ticks.clone()));
             }
             for (record, &tick) in records.iter().zip(&ticks) {
@@ -692,23 +748,42 @@ impl Writer {
         for (name, info) in &touched {
             streams_in_commit.push((info.id, name.clone()));
         }
-        for id in &producers_touched {
-            self.producers.touch(id, clock);
+        for (id, _) in &tags {
+            self.producers.touch(&id.producer, clock);
         }
-        let producer_writes: Vec<(Arc<str>, Option<Vec<u8>>)> =
-            producers_touched.iter().map(|id| (id.clone(), self.producers.encode(id))).collect();
         let (entries, values): (Vec<ChunkEntry>, Vec<Vec<u8>>) = chunks.into_iter().unzip();
         let body = Body::Append { created, tags, chunks: entries };
 
         self.clock = clock;
         self.next_id = next_id;
-        let written = self.write(&body, &values, &producer_writes);
+        let created_names: Vec<(StreamId, Arc<str>)> =
+            body_created(&body).iter().map(|(id, name, _)| (*id, name.clone())).collect();
+        // The states of the producers the group changed, or the LRU forgot (none: removed).
+        let mut producer_ids: Vec<Arc<str>> = forgotten;
+        if let Body::Append { tags, .. } = &body {
+            producer_ids.extend(tags.iter().map(|(tag, _)| tag.producer.clone()));
+        }
+        producer_ids.sort();
+        producer_ids.dedup();
+        let producers = producer_ids
+            .into_iter()
+            .map(|id| {
+                let state = self.producers.encode(&id);
+                (id, state)
+            })
+            .collect();
+        let written = self.write_append(body, &values, producers);
         drop(values);
         if let Err(not) = written {
             // Nothing of the group is kept: the clock, the new streams' ids and the producers'
-            // memory go back to what the log holds.
+            // memory go back to what they were.
             (self.clock, self.next_id) = (clock_before, next_id_before);
-            self.restore_producers(&producers_touched);
+            for (id, before) in undo.into_iter().rev() {
+                match before {
+                    Some(state) => self.producers.restore(id, state),
+                    None => self.producers.forget(&id),
+                }
+            }
             if let NotWritten::Refused(err) = &not {
                 warn!(cause = %err, batches = accepted.len(), "a group commit met a full disk: refused, nothing written");
             }
@@ -720,7 +795,7 @@ impl Writer {
             }
             return;
         }
-        for (id, name, _) in body_created(&body) {
+        for (id, name) in created_names {
             info!(stream = %name, id = id.0, "stream created");
         }
 
@@ -753,17 +828,6 @@ impl Writer {
         }
         for a in accepted {
             let _ = a.reply.send(Ok(Appended { ticks: a.ticks, duplicate: a.duplicate }));
-        }
-    }
-
-    /// Puts the producers' memory back to what the index holds (after a group was not written).
-    fn restore_producers(&mut self, ids: &BTreeSet<Arc<str>>) {
-        for id in ids {
-            match self.index.producer(id) {
-                Ok(Some(state)) => self.producers.restore(id.clone(), state),
-                Ok(None) => self.producers.forget(id),
-                Err(err) => error!(producer = %id, cause = %err, "cannot restore a producer's state"),
-            }
         }
     }
 }
