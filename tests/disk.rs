@@ -557,7 +557,7 @@ async fn a_write_that_meets_a_full_disk_is_undone_and_the_broker_goes_on() {
         }
         // Nothing of the record is left: at most the header of the file it started.
         let after = log_bytes(&data);
-        assert!(after <= before + 24, "the refused write left {} bytes in the log", after - before);
+        assert!(after <= before + 28, "the refused write left {} bytes in the log", after - before);
         refusal = Some(status);
         break;
     }

@@ -84,7 +84,8 @@ impl Applier {
         self.checked()
     }
 
-    fn checked(&self) -> Result<()> {
+    /// Fails once applying failed.
+    pub fn checked(&self) -> Result<()> {
         match self.failed.get() {
             Some(cause) => Err(Error::Internal(format!("updating the index failed: {cause}"))),
             None => Ok(()),

@@ -9,14 +9,17 @@
 //!
 //! Layout (integers little-endian):
 //! ```text
-//! file   : header (24 B) | record | record | ...
-//! header : magic "TPLF" | format u8 | 3 × 0 | file id u32 | first seq u64 | crc u32
+//! file   : header (28 B) | record | record | ...
+//! header : magic "TPLF" | format u8 | 3 × 0 | file id u32 | first seq u64 | salt u32 | crc u32
 //! record : fixed (40 B) | meta | meta_crc u32 | data | record_crc u32
 //! fixed  : magic "TPLR" | format u8 | kind u8 | flags u16 | seq u64 | prev_crc u32 | clock u64
 //!          | meta_len u32 | data_len u32 | fixed_crc u32
 //! ```
 //! `fixed_crc` covers the 36 bytes before it, `meta_crc` the meta, `record_crc` everything from
-//! the magic to the end of the data. `seq` grows by one from record to record across files, and
+//! the magic to the end of the data. `fixed_crc` and `record_crc` start from the log's salt, a
+//! random number made with the log and kept in every file's header, never shown to a client:
+//! bytes a publisher put in a payload can be a whole record to the eye, but never one that
+//! checks out, so recovery cannot be steered by them. `seq` grows by one from record to record across files, and
 //! `prev_crc` is the previous record's `record_crc`, so the chain of records is checked link by
 //! link: a stale record (an older copy left in a reused block, or a record of another log) cannot
 //! pass for the next one. `clock` is the highest tick the broker may have promised once the record
@@ -41,7 +44,7 @@ pub const RECORD_MAGIC: &[u8; 4] = b"TPLR";
 /// The format of files and records this build writes and reads.
 const FORMAT: u8 = 1;
 /// Bytes of a file's header.
-pub const FILE_HEADER_LEN: u64 = 24;
+pub const FILE_HEADER_LEN: u64 = 28;
 /// Bytes of a record's fixed part.
 pub const FIXED_LEN: usize = 40;
 /// Bytes a record takes besides its meta and data: the fixed part and two CRCs.
@@ -58,6 +61,33 @@ pub struct FileHeader {
     pub file: u32,
     /// The sequence number of the file's first record.
     pub first_seq: u64,
+    /// The log's salt (the same in every file of a log).
+    pub salt: u32,
+}
+
+/// Why a file header cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderError {
+    /// Damaged, or not a header at all.
+    Damaged(String),
+    /// A whole header of a format this build does not know: a newer build wrote it.
+    Format(u8),
+}
+
+impl std::fmt::Display for HeaderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeaderError::Damaged(detail) => f.write_str(detail),
+            HeaderError::Format(format) => {
+                write!(f, "file format {format} is unknown (this build reads {FORMAT})")
+            }
+        }
+    }
+}
+
+/// A CRC32 hasher that starts from the log's salt.
+pub fn salted(salt: u32) -> crc32fast::Hasher {
+    crc32fast::Hasher::new_with_initial(salt)
 }
 
 impl FileHeader {
@@ -67,27 +97,32 @@ impl FileHeader {
         v.extend_from_slice(&[FORMAT, 0, 0, 0]);
         v.put_u32(self.file);
         v.put_u64(self.first_seq);
+        v.put_u32(self.salt);
         let crc = crc32fast::hash(&v);
         v.put_u32(crc);
         v.try_into().unwrap_or([0; FILE_HEADER_LEN as usize])
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<FileHeader, String> {
+    pub fn decode(bytes: &[u8]) -> Result<FileHeader, HeaderError> {
         let Some(bytes) = bytes.get(..FILE_HEADER_LEN as usize) else {
-            return Err(format!("{} bytes are shorter than a file header", bytes.len()));
+            return Err(HeaderError::Damaged(format!(
+                "{} bytes are shorter than a file header",
+                bytes.len()
+            )));
         };
         if &bytes[..4] != FILE_MAGIC {
-            return Err("the file does not start with the chunk file magic".into());
+            return Err(HeaderError::Damaged("the file does not start with the chunk file magic".into()));
         }
         let mut r = Reader(&bytes[8..]);
-        let (file, first_seq, crc) = (r.u32()?, r.u64()?, r.u32()?);
-        if crc32fast::hash(&bytes[..20]) != crc {
-            return Err("the file header fails its CRC".into());
+        let fields = (|| Ok::<_, String>((r.u32()?, r.u64()?, r.u32()?, r.u32()?)))();
+        let (file, first_seq, salt, crc) = fields.map_err(HeaderError::Damaged)?;
+        if crc32fast::hash(&bytes[..FILE_HEADER_LEN as usize - 4]) != crc {
+            return Err(HeaderError::Damaged("the file header fails its CRC".into()));
         }
         if bytes[4] != FORMAT {
-            return Err(format!("file format {} is unknown (this build reads {FORMAT})", bytes[4]));
+            return Err(HeaderError::Format(bytes[4]));
         }
-        Ok(FileHeader { file, first_seq })
+        Ok(FileHeader { file, first_seq, salt })
     }
 }
 
@@ -132,7 +167,7 @@ pub struct Fixed {
 }
 
 impl Fixed {
-    pub fn encode(&self) -> [u8; FIXED_LEN] {
+    pub fn encode(&self, salt: u32) -> [u8; FIXED_LEN] {
         let mut v = Vec::with_capacity(FIXED_LEN);
         v.extend_from_slice(RECORD_MAGIC);
         v.put_u8(FORMAT);
@@ -143,12 +178,14 @@ impl Fixed {
         v.put_u64(self.clock.0);
         v.put_u32(self.meta_len);
         v.put_u32(self.data_len);
-        let crc = crc32fast::hash(&v);
-        v.put_u32(crc);
+        let mut crc = salted(salt);
+        crc.update(&v);
+        v.put_u32(crc.finalize());
         v.try_into().unwrap_or([0; FIXED_LEN])
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Fixed, String> {
+    /// The fixed part of a record of the log whose salt is `salt`, or why it is none.
+    pub fn decode(bytes: &[u8], salt: u32) -> Result<Fixed, String> {
         let Some(bytes) = bytes.get(..FIXED_LEN) else {
             return Err(format!("{} bytes are shorter than a record's fixed part", bytes.len()));
         };
@@ -158,7 +195,9 @@ impl Fixed {
         let mut r = Reader(&bytes[4..]);
         let (format, kind, flags, seq, prev_crc, clock, meta_len, data_len, crc) =
             (r.u8()?, r.u8()?, r.u16()?, r.u64()?, r.u32()?, r.u64()?, r.u32()?, r.u32()?, r.u32()?);
-        if crc32fast::hash(&bytes[..FIXED_LEN - 4]) != crc {
+        let mut expected = salted(salt);
+        expected.update(&bytes[..FIXED_LEN - 4]);
+        if expected.finalize() != crc {
             return Err("the record's fixed part fails its CRC".into());
         }
         if format != FORMAT {
@@ -380,7 +419,7 @@ fn get_chunks(r: &mut Reader) -> Result<Vec<ChunkEntry>, String> {
     Ok(chunks)
 }
 
-fn put_defined(v: &mut Vec<u8>, d: &Defined) {
+pub(super) fn put_defined(v: &mut Vec<u8>, d: &Defined) {
     v.put_u32(d.id.0);
     v.put_u64(d.created.0);
     v.put_short(d.name.as_bytes());
@@ -392,7 +431,7 @@ fn put_defined(v: &mut Vec<u8>, d: &Defined) {
     v.put_long(&meta);
 }
 
-fn get_defined(r: &mut Reader) -> Result<Defined, String> {
+pub(super) fn get_defined(r: &mut Reader) -> Result<Defined, String> {
     let (id, created, name) = (StreamId(r.u32()?), Tick(r.u64()?), Arc::from(r.short_text()?));
     let meta = match r.long()? {
         [] => StreamMeta::default(),
@@ -401,14 +440,14 @@ fn get_defined(r: &mut Reader) -> Result<Defined, String> {
     Ok(Defined { id, name, created, meta })
 }
 
-fn put_removed(v: &mut Vec<u8>, removed: &Removed) {
+pub(super) fn put_removed(v: &mut Vec<u8>, removed: &Removed) {
     v.put_u64(removed.floor.0);
     v.put_u64(removed.through.map_or(0, |t| t.0));
     v.put_u64(removed.records);
     v.put_u64(removed.bytes);
 }
 
-fn get_removed(r: &mut Reader) -> Result<Removed, String> {
+pub(super) fn get_removed(r: &mut Reader) -> Result<Removed, String> {
     let (floor, through, records, bytes) = (Tick(r.u64()?), r.u64()?, r.u64()?, r.u64()?);
     Ok(Removed { floor, through: (through != 0).then_some(Tick(through)), records, bytes })
 }
@@ -423,10 +462,12 @@ pub struct Encoded {
 }
 
 impl Encoded {
-    /// Encodes a record with sequence number `seq` after a record whose CRC was `prev_crc`; its
-    /// data is `data`, whose lengths must be the directory's.
+    /// Encodes a record of the log whose salt is `salt`, with sequence number `seq` after a
+    /// record whose CRC was `prev_crc`; its data is `data`, whose lengths must be the directory's.
+    #[allow(clippy::too_many_arguments)]
     pub fn new<D: AsRef<[u8]>>(
         body: &Body,
+        salt: u32,
         seq: u64,
         prev_crc: u32,
         clock: Tick,
@@ -445,10 +486,10 @@ impl Encoded {
             data_len: data_len as u32,
         };
         let mut head = Vec::with_capacity(FIXED_LEN + meta.len() + 4);
-        head.extend_from_slice(&fixed.encode());
+        head.extend_from_slice(&fixed.encode(salt));
         head.extend_from_slice(&meta);
         head.put_u32(crc32fast::hash(&meta));
-        let mut hasher = crc32fast::Hasher::new();
+        let mut hasher = salted(salt);
         hasher.update(&head);
         for d in data {
             hasher.update(d.as_ref());
@@ -489,10 +530,10 @@ pub fn read_meta(fixed: &Fixed, meta_and_crc: &[u8]) -> Result<Body, String> {
     Ok(body)
 }
 
-/// Checks a whole record held in memory (`bytes` starts with its fixed part); returns its fixed
-/// part and body, or why it does not pass.
-pub fn check(bytes: &[u8]) -> Result<(Fixed, Body), String> {
-    let fixed = Fixed::decode(bytes)?;
+/// Checks a whole record of the log whose salt is `salt`, held in memory (`bytes` starts with its
+/// fixed part); returns its fixed part and body, or why it does not pass.
+pub fn check(bytes: &[u8], salt: u32) -> Result<(Fixed, Body), String> {
+    let fixed = Fixed::decode(bytes, salt)?;
     let len = fixed.record_len();
     if (bytes.len() as u64) < len {
         return Err(format!("the record runs past the end ({len} bytes, {} there)", bytes.len()));
@@ -500,7 +541,9 @@ pub fn check(bytes: &[u8]) -> Result<(Fixed, Body), String> {
     let len = len as usize;
     let body = read_meta(&fixed, &bytes[FIXED_LEN..FIXED_LEN + fixed.meta_span() as usize])?;
     let stored = u32::from_le_bytes(bytes[len - 4..len].try_into().unwrap_or_default());
-    if crc32fast::hash(&bytes[..len - 4]) != stored {
+    let mut crc = salted(salt);
+    crc.update(&bytes[..len - 4]);
+    if crc.finalize() != stored {
         return Err("the record fails its CRC".into());
     }
     Ok((fixed, body))
@@ -555,10 +598,11 @@ mod tests {
                 Kind::Move => vec![b"abcde"],
                 _ => vec![],
             };
-            let encoded = Encoded::new(&body, 42, 0xdead_beef, Tick(1000), FLAG_SYNCED, &data);
+            let encoded = Encoded::new(&body, 77, 42, 0xdead_beef, Tick(1000), FLAG_SYNCED, &data);
             let bytes = bytes_of(&encoded, &data);
             assert_eq!(bytes.len() as u64, encoded.record_len());
-            let (fixed, read) = check(&bytes).unwrap();
+            let (fixed, read) = check(&bytes, 77).unwrap();
+            assert!(check(&bytes, 78).is_err(), "a record of another log does not pass");
             assert_eq!(read, body);
             assert_eq!(
                 (fixed.seq, fixed.prev_crc, fixed.clock, fixed.flags),
@@ -572,20 +616,20 @@ mod tests {
     fn every_flipped_byte_and_every_cut_is_refused() {
         let body = &sample_bodies()[0];
         let data: [&[u8]; 2] = [b"abc", b"de"];
-        let good = bytes_of(&Encoded::new(body, 1, 2, Tick(3), 0, &data), &data);
+        let good = bytes_of(&Encoded::new(body, 5, 1, 2, Tick(3), 0, &data), &data);
         for i in 0..good.len() {
             let mut bad = good.clone();
             bad[i] ^= 0x10;
-            assert!(check(&bad).is_err(), "flip at {i}");
+            assert!(check(&bad, 5).is_err(), "flip at {i}");
         }
         for cut in 0..good.len() {
-            assert!(check(&good[..cut]).is_err(), "cut at {cut}");
+            assert!(check(&good[..cut], 5).is_err(), "cut at {cut}");
         }
     }
 
     #[test]
     fn a_file_header_names_its_file() {
-        let header = FileHeader { file: 7, first_seq: 99 };
+        let header = FileHeader { file: 7, first_seq: 99, salt: 3 };
         let bytes = header.encode();
         assert_eq!(FileHeader::decode(&bytes), Ok(header));
         for i in 0..bytes.len() {
@@ -593,5 +637,11 @@ mod tests {
             bad[i] ^= 1;
             assert!(FileHeader::decode(&bad).is_err(), "flip at {i}");
         }
+        // A newer format, whole: said apart from damage.
+        let mut newer = bytes;
+        newer[4] = FORMAT + 1;
+        let crc = crc32fast::hash(&newer[..FILE_HEADER_LEN as usize - 4]);
+        newer[FILE_HEADER_LEN as usize - 4..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(FileHeader::decode(&newer), Err(HeaderError::Format(FORMAT + 1)));
     }
 }

@@ -172,7 +172,7 @@ impl ChunkFiles {
 
     /// Creates file `id` with its header and makes it and its name durable. A file left by an
     /// earlier attempt under that name (a failed rotation) is replaced.
-    fn create(&self, id: u32, first_seq: u64) -> Result<Arc<File>> {
+    fn create(&self, id: u32, first_seq: u64, salt: u32) -> Result<Arc<File>> {
         let path = self.path(id);
         let file = OpenOptions::new()
             .read(true)
@@ -182,7 +182,7 @@ impl ChunkFiles {
             .open(&path)
             .map_err(|e| io_error("creating", &path, e))?;
         let written = file
-            .write_all_at(&FileHeader { file: id, first_seq }.encode(), 0)
+            .write_all_at(&FileHeader { file: id, first_seq, salt }.encode(), 0)
             .and_then(|()| file.sync_data())
             .map_err(|e| io_error("writing the header of", &path, e))
             .and_then(|()| sync_dir(&self.dir));
@@ -264,6 +264,8 @@ pub struct Appender {
     /// The sequence number of the next record, and the CRC of the last one (the chain).
     next_seq: u64,
     prev_crc: u32,
+    /// The log's salt (`commit.rs`).
+    salt: u32,
     synced: Synced,
     /// Gathers small pieces into one write; kept between records.
     buf: Vec<u8>,
@@ -273,18 +275,20 @@ impl Appender {
     /// An appender after the record that ends at `len` in file `id`, whose successor is `next_seq`
     /// and whose CRC is `prev_crc`: where recovery found the log's end. Everything up to there is
     /// taken as durable (recovery synced what it kept).
+    #[allow(clippy::too_many_arguments)]
     pub fn resume(
         files: Arc<ChunkFiles>,
         id: u32,
         len: u64,
         next_seq: u64,
         prev_crc: u32,
+        salt: u32,
         file_bytes: u64,
     ) -> Result<Appender> {
         let file =
             files.file(id).ok_or_else(|| Error::Internal(format!("chunk file {id} to resume is missing")))?;
         let synced = Synced { len, next_seq, prev_crc };
-        Ok(Appender { files, id, file, len, file_bytes, next_seq, prev_crc, synced, buf: Vec::new() })
+        Ok(Appender { files, id, file, len, file_bytes, next_seq, prev_crc, salt, synced, buf: Vec::new() })
     }
 
     /// The appender of a new log: file `id` created, empty, starting with record `next_seq`.
@@ -293,18 +297,24 @@ impl Appender {
         id: u32,
         next_seq: u64,
         prev_crc: u32,
+        salt: u32,
         file_bytes: u64,
     ) -> Result<Appender> {
         std::fs::create_dir_all(files.dir()).map_err(|e| io_error("creating", files.dir(), e))?;
-        let file = files.create(id, next_seq)?;
+        let file = files.create(id, next_seq, salt)?;
         let len = FILE_HEADER_LEN;
         let synced = Synced { len, next_seq, prev_crc };
-        Ok(Appender { files, id, file, len, file_bytes, next_seq, prev_crc, synced, buf: Vec::new() })
+        Ok(Appender { files, id, file, len, file_bytes, next_seq, prev_crc, salt, synced, buf: Vec::new() })
     }
 
     /// The sequence number the next record must carry, and the CRC it chains to.
     pub fn chain(&self) -> (u64, u32) {
         (self.next_seq, self.prev_crc)
+    }
+
+    /// The log's salt, which every record's CRCs start from.
+    pub fn salt(&self) -> u32 {
+        self.salt
     }
 
     /// Appends a record whose data is `data`. Starts a new file first when the record would take
@@ -313,6 +323,9 @@ impl Appender {
     pub fn append<C: AsRef<[u8]>>(&mut self, record: &Encoded, data: &[C]) -> Result<RecordAt> {
         debug_assert_eq!((record.fixed.seq, record.fixed.prev_crc), (self.next_seq, self.prev_crc));
         if self.len > FILE_HEADER_LEN && self.len + record.record_len() > self.file_bytes {
+            // A failed sync of the full file is not a full disk to refuse and go on from: what
+            // it held may be lost (see `writer.rs`).
+            self.sync().map_err(|err| Error::LogFailed { cause: err.to_string() })?;
             self.start_after(self.id, record.fixed.seq)?;
         }
         let start = self.len;
@@ -443,7 +456,7 @@ impl Appender {
     pub fn start_after(&mut self, after: u32, first_seq: u64) -> Result<()> {
         self.sync()?;
         let id = after.max(self.id) + 1;
-        let file = self.files.create(id, first_seq)?;
+        let file = self.files.create(id, first_seq, self.salt)?;
         (self.id, self.file, self.len) = (id, file, FILE_HEADER_LEN);
         self.synced = Synced { len: self.len, next_seq: self.next_seq, prev_crc: self.prev_crc };
         Ok(())
@@ -489,14 +502,14 @@ mod tests {
             .map(|c| ChunkEntry { stream: StreamId(1), first: Tick(seq), len: c.len() as u32 })
             .collect();
         let body = Body::Append { created: Vec::new(), tags: Vec::new(), chunks: entries };
-        Encoded::new(&body, seq, prev, Tick(seq), 0, chunks)
+        Encoded::new(&body, appender.salt(), seq, prev, Tick(seq), 0, chunks)
     }
 
     #[test]
     fn records_chain_rotate_and_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let files = ChunkFiles::open(dir.path()).unwrap();
-        let mut app = Appender::create(files.clone(), 0, 1, 0, 1 << 20).unwrap();
+        let mut app = Appender::create(files.clone(), 0, 1, 0, 9, 1 << 20).unwrap();
         let big = vec![7u8; 600 << 10];
         let mut at = Vec::new();
         for chunks in [&[&b"one"[..], b"two"][..], &[&big[..]], &[&big[..]], &[b"next"]] {
@@ -509,7 +522,7 @@ mod tests {
                     len: (written.end - written.start) as u32,
                 })
                 .unwrap();
-            let (fixed, _) = commit::check(&bytes).unwrap();
+            let (fixed, _) = commit::check(&bytes, 9).unwrap();
             at.push((written, fixed.seq));
         }
         assert_eq!(
@@ -519,8 +532,8 @@ mod tests {
         );
         assert_eq!(at.iter().map(|(_, s)| *s).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
         let header =
-            FileHeader::decode(&files.read(Location { file: 1, offset: 0, len: 24 }).unwrap()).unwrap();
-        assert_eq!(header, FileHeader { file: 1, first_seq: 3 });
+            FileHeader::decode(&files.read(Location { file: 1, offset: 0, len: 28 }).unwrap()).unwrap();
+        assert_eq!(header, FileHeader { file: 1, first_seq: 3, salt: 9 });
         app.sync().unwrap();
         assert!(app.is_synced());
     }
@@ -529,7 +542,7 @@ mod tests {
     fn a_roll_back_forgets_what_was_not_synced() {
         let dir = tempfile::tempdir().unwrap();
         let files = ChunkFiles::open(dir.path()).unwrap();
-        let mut app = Appender::create(files.clone(), 0, 1, 0, 1 << 20).unwrap();
+        let mut app = Appender::create(files.clone(), 0, 1, 0, 9, 1 << 20).unwrap();
         let rec = record(&app, &[b"kept"]);
         app.append(&rec, &[b"kept"]).unwrap();
         app.sync().unwrap();
@@ -545,8 +558,8 @@ mod tests {
     fn files_no_pointer_refers_to_are_offered_for_deletion() {
         let dir = tempfile::tempdir().unwrap();
         let files = ChunkFiles::open(dir.path()).unwrap();
-        let mut app = Appender::create(files.clone(), 0, 1, 0, 1 << 20).unwrap();
-        let at = Location { file: 0, offset: 24, len: 10 };
+        let mut app = Appender::create(files.clone(), 0, 1, 0, 9, 1 << 20).unwrap();
+        let at = Location { file: 0, offset: 28, len: 10 };
         app.counted(at);
         app.start_after(0, 1).unwrap();
         assert!(app.unreferenced().is_empty());

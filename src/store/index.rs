@@ -13,7 +13,7 @@
 //! Keys of the one tree `index` (integers big-endian in keys, so that they sort by value):
 //! ```text
 //! 'p' | stream id u32 | first tick u64  → pointer: file u32 | offset u64 | len u32 | seq u64 | crc u32
-//! 'c' | stream name                     → id u32 | created tick u64 | metadata JSON (empty: defaults)
+//! 'c' | stream name                     → the stream as a `Define` record holds it
 //! 't' | stream id u32                   → what retention removed: floor | through | records | bytes
 //! 'q' | producer id                     → the producer's state (`producers.rs`)
 //! 'm' | "applied" / "server_id" / "next_id" / "checkpoint" (the file of the newest checkpoint)
@@ -21,7 +21,7 @@
 //! A pointer's `crc` covers its key and fields, so a pointer stored under another key, or damaged,
 //! is never followed; `seq` is the record that wrote the chunk there.
 
-use super::commit::{Body, Defined, Fixed, Removed};
+use super::commit::{self, Body, Defined, Fixed, Removed};
 use super::files::{Location, RecordAt};
 use super::le::{Put, Reader};
 use crate::error::{Error, Result};
@@ -362,12 +362,12 @@ impl Index {
                     let defined =
                         Defined { id: *id, name: name.clone(), created: *tick, meta: StreamMeta::default() };
                     batch.insert(catalog_key(name), catalog_value(&defined));
-                    *next_id = (*next_id).max(id.0 + 1);
+                    *next_id = (*next_id).max(id.0.saturating_add(1));
                 }
             }
             Body::Define { stream, .. } => {
                 batch.insert(catalog_key(&stream.name), catalog_value(stream));
-                *next_id = (*next_id).max(stream.id.0 + 1);
+                *next_id = (*next_id).max(stream.id.0.saturating_add(1));
             }
             Body::Delete { id, name } => {
                 batch.remove(catalog_key(name));
@@ -473,16 +473,6 @@ impl Index {
         Ok(out)
     }
 
-    /// One producer's stored state.
-    pub fn producer(&self, id: &str) -> Result<Option<super::producers::Producer>> {
-        match self.tree.get(producer_key(id))? {
-            None => Ok(None),
-            Some(v) => super::producers::decode(&v).map(Some).map_err(|detail| {
-                Error::Internal(format!("the state of producer {id:?} in the index is damaged: {detail}"))
-            }),
-        }
-    }
-
     /// The pointers of stream `id` with a first tick in `from..=upto`, in order.
     pub fn range(
         &self,
@@ -496,14 +486,6 @@ impl Index {
     /// The pointer of stream `id`'s chunk that starts at or before `tick`, the last such.
     pub fn at_or_before(&self, id: StreamId, tick: Tick) -> Result<Option<(Tick, Pointer)>> {
         self.range(id, Tick(0), tick).next_back().transpose()
-    }
-
-    /// The pointer of stream `id`'s first chunk starting after `tick`.
-    pub fn after(&self, id: StreamId, tick: Tick) -> Result<Option<(Tick, Pointer)>> {
-        if tick == Tick(u64::MAX) {
-            return Ok(None);
-        }
-        self.range(id, Tick(tick.0 + 1), Tick(u64::MAX)).next().transpose()
     }
 
     /// The pointer under stream `id`'s key `tick`, if any.
@@ -525,6 +507,22 @@ impl Index {
         })
     }
 
+    /// Whether every entry reads back as what this build writes: an index with one that does not
+    /// (damaged, or written by another build) is rebuilt rather than trusted entry by entry.
+    pub fn is_sound(&self) -> bool {
+        for entry in self.tree.iter() {
+            let Ok((key, value)) = entry else {
+                tracing::warn!("the index cannot be read through");
+                return false;
+            };
+            if let Some(detail) = unsound(&key, &value) {
+                tracing::warn!(key = %String::from_utf8_lossy(&key), %detail, "an entry of the index does not read back");
+                return false;
+            }
+        }
+        true
+    }
+
     /// Bytes sled's files take.
     pub fn size_on_disk(&self) -> Result<u64> {
         Ok(self.db.size_on_disk()?)
@@ -534,15 +532,23 @@ impl Index {
     /// (sled's flush alone does not reach the disk's cache). Blocking.
     pub fn persist(&self) -> Result<()> {
         self.db.flush()?;
-        for name in ["db", "conf"] {
-            let path = self.dir.join(name);
-            match std::fs::File::open(&path).and_then(|f| f.sync_all()) {
+        // sled keeps large values in files of `blobs/`.
+        let blobs = self.dir.join("blobs");
+        let mut paths = vec![self.dir.join("db"), self.dir.join("conf")];
+        if let Ok(entries) = std::fs::read_dir(&blobs) {
+            paths.extend(entries.filter_map(|e| e.ok()).map(|e| e.path()));
+        }
+        for path in &paths {
+            match std::fs::File::open(path).and_then(|f| f.sync_all()) {
                 Ok(()) => {}
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
                 Err(source) => {
                     return Err(Error::Io { context: format!("syncing {}", path.display()), source })
                 }
             }
+        }
+        if blobs.is_dir() {
+            super::files::sync_dir(&blobs)?;
         }
         super::files::sync_dir(&self.dir)
     }
@@ -561,39 +567,51 @@ fn damaged(id: StreamId, tick: Tick, detail: String) -> Error {
 }
 
 fn catalog_value(d: &Defined) -> Vec<u8> {
-    let mut v = Vec::with_capacity(12);
-    v.put_u32(d.id.0);
-    v.put_u64(d.created.0);
-    if d.meta != StreamMeta::default() {
-        v.extend(serde_json::to_vec(&d.meta).unwrap_or_default());
-    }
+    let mut v = Vec::new();
+    commit::put_defined(&mut v, d);
     v
 }
 
-fn decode_catalog(name: &Arc<str>, value: &[u8]) -> std::result::Result<Defined, String> {
+/// The catalog entry stored under `name`.
+fn decode_catalog(name: &str, value: &[u8]) -> std::result::Result<Defined, String> {
     let mut r = Reader(value);
-    let (id, created) = (StreamId(r.u32()?), Tick(r.u64()?));
-    let meta = match r.0 {
-        [] => StreamMeta::default(),
-        json => serde_json::from_slice(json).map_err(|e| format!("metadata unreadable: {e}"))?,
-    };
-    Ok(Defined { id, name: name.clone(), created, meta })
+    let defined = commit::get_defined(&mut r)?;
+    r.end()?;
+    if defined.name.as_ref() != name {
+        return Err(format!("a catalog entry for {:?} stored under {name:?}", defined.name));
+    }
+    Ok(defined)
 }
 
 fn removed_value(removed: &Removed) -> Vec<u8> {
     let mut v = Vec::with_capacity(32);
-    v.put_u64(removed.floor.0);
-    v.put_u64(removed.through.map_or(0, |t| t.0));
-    v.put_u64(removed.records);
-    v.put_u64(removed.bytes);
+    commit::put_removed(&mut v, removed);
     v
 }
 
 fn decode_removed(value: &[u8]) -> std::result::Result<Removed, String> {
     let mut r = Reader(value);
-    let (floor, through, records, bytes) = (Tick(r.u64()?), r.u64()?, r.u64()?, r.u64()?);
+    let removed = commit::get_removed(&mut r)?;
     r.end()?;
-    Ok(Removed { floor, through: (through != 0).then_some(Tick(through)), records, bytes })
+    Ok(removed)
+}
+
+/// Why the entry `key` → `value` is not one this build wrote (`None`: it is).
+fn unsound(key: &[u8], value: &[u8]) -> Option<String> {
+    let four = |v: &[u8]| if v.len() == 4 { Ok(()) } else { Err(format!("{} bytes (4 expected)", v.len())) };
+    let checked = match key {
+        [POINTER, ..] if key.len() == 13 => Pointer::decode(key, value).map(drop),
+        [CATALOG, name @ ..] => std::str::from_utf8(name)
+            .map_err(|e| e.to_string())
+            .and_then(|name| decode_catalog(name, value).map(drop)),
+        [REMOVED, ..] if key.len() == 5 => decode_removed(value).map(drop),
+        [PRODUCER, ..] => super::producers::decode(value).map(drop),
+        APPLIED => Applied::decode(value).map(drop),
+        SERVER_ID => std::str::from_utf8(value).map(drop).map_err(|e| e.to_string()),
+        NEXT_ID | CHECKPOINT => four(value),
+        _ => Err("a key this build does not write".into()),
+    };
+    checked.err()
 }
 
 /// Why sled could not open the index, with what to do about it.

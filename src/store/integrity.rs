@@ -85,6 +85,7 @@ fn check_data_dir(dir: &Path) -> Result<()> {
 /// Checks everything stored in the data dir `dir`.
 pub fn verify(dir: &Path) -> Result<Report> {
     check_data_dir(dir)?;
+    let _lock = recovery::lock(dir)?;
     // Held to the end: no broker may serve the dir meanwhile. An index sled cannot open is
     // rebuilt by the next open; it says nothing about the records.
     let held = match Index::open(dir, 1 << 20) {
@@ -96,13 +97,18 @@ pub fn verify(dir: &Path) -> Result<Report> {
     let temp =
         tempfile::tempdir().map_err(|source| Error::Io { context: "creating a temp dir".into(), source })?;
     let rebuilt = Index::open(temp.path(), 64 << 20)?;
-    let replayed = recovery::replay_readonly(&chunks, &rebuilt)?;
+    let replayed = recovery::replay_readonly(&chunks, &rebuilt, dir)?;
+    let salt = recovery::log_salt(dir, &chunks)?;
     let mut report = Report { commit_records: replayed.applied, ..Report::default() };
     report.log_damage.extend(replayed.damaged.iter().map(|d| format!("commit records {d}")));
     report.notes.extend(replayed.torn.as_ref().map(|t| t.detail.clone()));
     if let Some(applied) = held.as_ref().and_then(|index| index.applied().ok().flatten()) {
         let synced = applied.flags & commit::FLAG_SYNCED != 0;
-        if synced && replayed.last_seq() < applied.seq && !recovery::holds(&chunks, &applied)? {
+        let holds = match salt {
+            Some(salt) => recovery::holds(&chunks, &applied, salt)?,
+            None => false,
+        };
+        if synced && replayed.last_seq() < applied.seq && !holds {
             report.log_damage.push(format!(
                 "the index says commit records up to {} (ticks up to {}) were written and synced; the chunk files hold them up to record {}: acknowledged records are missing",
                 applied.seq,
@@ -223,7 +229,7 @@ pub async fn recover(from: &Path, into: &Path) -> Result<Recovered> {
         let temp = tempfile::tempdir()
             .map_err(|source| Error::Io { context: "creating a temp dir".into(), source })?;
         let rebuilt = Index::open(temp.path(), 64 << 20)?;
-        match recovery::replay_readonly(&chunks, &rebuilt)
+        match recovery::replay_readonly(&chunks, &rebuilt, from)
             .and_then(|replayed| Ok((replayed, rebuilt.catalog()?)))
         {
             Ok((replayed, catalog)) => {

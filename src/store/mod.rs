@@ -175,8 +175,9 @@ enum Command {
         to: Tick,
         reply: oneshot::Sender<Tick>,
     },
+    /// Answered with the final flush's outcome.
     Stop {
-        reply: oneshot::Sender<()>,
+        reply: oneshot::Sender<Result<()>>,
     },
 }
 
@@ -208,6 +209,8 @@ pub struct Log {
     advance_asked: AtomicU64,
     /// The flusher thread and what stops it: dropping the sender.
     flusher: Mutex<Option<Flusher>>,
+    /// The data dir's lock: no other process opens it while the log lives.
+    _lock: std::fs::File,
     /// Keeps a volatile store's directory alive as long as the log.
     _temp_dir: Option<tempfile::TempDir>,
 }
@@ -280,6 +283,7 @@ impl Log {
             server_id: recovered.server_id,
             advance_asked: AtomicU64::new(0),
             flusher: Mutex::new(Some(flusher)),
+            _lock: recovered.lock,
             _temp_dir: temp_dir,
         })
     }
@@ -438,8 +442,9 @@ impl Log {
     /// Idempotent.
     pub async fn close(&self) -> Result<()> {
         let (reply, done) = oneshot::channel();
+        let mut stopped = Ok(());
         if self.writer.send(Command::Stop { reply }).await.is_ok() {
-            let _ = done.await;
+            stopped = done.await.unwrap_or(Ok(()));
         }
         let handle = self.writer_thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(handle) = handle {
@@ -451,7 +456,7 @@ impl Log {
             drop(stop);
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
-        self.flush().await
+        stopped.and(self.flush().await)
     }
 }
 

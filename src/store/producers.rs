@@ -99,7 +99,10 @@ impl Remembered {
     }
 
     fn ticks(&self) -> Vec<Tick> {
-        self.runs.iter().flat_map(|&(first, count)| (first..first + u64::from(count)).map(Tick)).collect()
+        self.runs
+            .iter()
+            .flat_map(|&(first, count)| (first..first.saturating_add(u64::from(count))).map(Tick))
+            .collect()
     }
 }
 
@@ -107,7 +110,11 @@ fn runs(ticks: &[Tick]) -> Vec<(u64, u32)> {
     let mut runs: Vec<(u64, u32)> = Vec::new();
     for t in ticks {
         match runs.last_mut() {
-            Some((first, count)) if *first + u64::from(*count) == t.0 && *count < u32::MAX => *count += 1,
+            Some((first, count))
+                if first.checked_add(u64::from(*count)) == Some(t.0) && *count < u32::MAX =>
+            {
+                *count += 1
+            }
             _ => runs.push((t.0, 1)),
         }
     }
@@ -321,7 +328,11 @@ fn remembered(r: &mut Reader) -> std::result::Result<Remembered, String> {
     let n_runs = r.u32()?;
     let mut runs = Vec::with_capacity((n_runs as usize).min(r.remaining() / 12));
     for _ in 0..n_runs {
-        runs.push((r.u64()?, r.u32()?));
+        let (first, count) = (r.u64()?, r.u32()?);
+        if first.checked_add(u64::from(count)).is_none() {
+            return Err(format!("a run of {count} ticks from {first} runs past the last tick"));
+        }
+        runs.push((first, count));
     }
     Ok(Remembered { sequence, digest, runs })
 }

@@ -67,12 +67,19 @@ impl Log {
         upto: Tick,
         max_records: usize,
     ) -> Result<ReadBatch> {
-        let mut batch = self.read_chunks(stream, after, upto, max_records)?;
+        let read = self.read_chunks(stream, after, upto, max_records);
         // Looked up after the scan: a removal is published before its pointers are removed, so a
         // scan that missed a removed chunk finds the mark here.
         let (through, earliest) = match self.read_shared().streams.get(&stream.name) {
             Some(now) if now.id == stream.id => (now.trimmed.through, now.first_tick),
             _ => (None, None),
+        };
+        let mut batch = match read {
+            // Chunks retention removed while the scan read them: a removal, not a loss.
+            Err(Error::DataLoss { to, .. }) if through.is_some_and(|through| to <= through) => {
+                ReadBatch { records: Vec::new(), chunks: Vec::new(), complete: false, truncated: None }
+            }
+            read => read?,
         };
         let requested = after.map_or(Tick(0), |t| Tick(t.0.saturating_add(1)));
         if let Some(through) = through.filter(|&through| requested <= through && requested <= upto) {
@@ -123,8 +130,12 @@ impl Log {
                     (kept.value.clone(), kept.span)
                 }
                 None => match self.load(id, key, pointer) {
-                    // Removed by retention since the scan read its key: `read` reports the removal.
-                    Ok(None) => continue,
+                    // Removed by retention since the scan read its key: `read` reports the removal,
+                    // and the next chunk does not follow the previous one.
+                    Ok(None) => {
+                        previous = None;
+                        continue;
+                    }
                     Ok(Some(value)) => {
                         match chunk::decode_into(&value, index, first_wanted, upto, &mut batch.records) {
                             Ok(span) => {

@@ -2,26 +2,35 @@
 //! read from the index.
 //!
 //! The procedure, each step safe to repeat if a crash interrupts it:
-//! 1. The index says it applied the log through record N, at a position, with a CRC. If the log
-//!    holds that very record there, the records after it are applied again, in order (a record
-//!    applied twice changes nothing the second time).
-//! 2. Otherwise (no index, an index sled cannot open, one without a mark, one whose mark the log
-//!    does not hold) the index is deleted and rebuilt from the log alone: every record is applied
-//!    from the oldest file on; a checkpoint replaces the catalog and producers it finds (the
-//!    records of deleted files are summarised by a checkpoint written before the deletion), then
-//!    the pointers of streams that are gone or of chunks retention removed are pruned. The index's
-//!    mark is written by the last record applied, so an interrupted rebuild is done again.
-//! 3. Applying stops at the end of the log. A record that does not check out (short, failing a
-//!    CRC, or not chained to its predecessor by sequence number and CRC) is a torn tail if no
-//!    whole record follows it: the file is cut there (said in the log; under `fsync = always` a
-//!    torn record was never acknowledged). If whole records follow, it is damage: what can be read
-//!    of it is applied and reads report the rest as `DATA_LOSS`.
-//! 4. An index whose mark names a record the log does not hold, written under `fsync = always`
-//!    (so synced before it was applied), means the chunk files lost acknowledged records: the
+//! 1. The data dir's lock is taken for the life of the broker (`<data>/lock`): nothing below may
+//!    run twice at once. The newest chunk file is synced: a broker killed before its sync leaves
+//!    written bytes in the kernel's cache, and nothing is built on them before they are durable.
+//! 2. The index says it applied the log through record N, at a position, with a CRC. If the log
+//!    holds that very record there and every entry of the index reads back, the records after it
+//!    are applied again, in order (a record applied twice changes nothing the second time).
+//! 3. Otherwise (no index, one sled cannot open, one without a mark, one with an entry that does
+//!    not read back, one whose mark the log does not hold) the index is rebuilt from the log alone
+//!    into `index.rebuild/` and renamed into place: every record from the oldest file on; a
+//!    checkpoint replaces the catalog and producers found so far (the records of deleted files are
+//!    summarised by a checkpoint written before the deletion). The old index stays until the new
+//!    one is complete.
+//! 4. Either way, the pointers of streams that are gone or of chunks retention removed are then
+//!    pruned (a replay may have met a checkpoint).
+//! 5. Applying stops at the end of the log. A record whose fixed part checks out has a known
+//!    extent: nothing inside it is ever taken for a record. A record that does not check out
+//!    (short, failing a CRC, or not chained to its predecessor by sequence number and CRC) is a
+//!    torn tail when it is in the newest file and no whole record follows it: the file is cut there
+//!    (said in the log; under `fsync = always` a torn record was never acknowledged). Anywhere
+//!    else it is damage: what can be read of it is applied, reads report the rest as `DATA_LOSS`,
+//!    and nothing is cut (an older file was synced before the next was started).
+//! 6. An index whose mark names a record written under `fsync = always` (so synced before it was
+//!    applied) that the log does not hold means the chunk files lost acknowledged records: the
 //!    broker refuses to serve and says how to go on, rather than serve a log with a silent hole.
-//!    Under `interval` or `never` that is what a crash may do: the index is rebuilt.
+//!    Under `interval` or `never` that is what a crash may do: the index is rebuilt. A log written
+//!    by a newer build, or one with files but no readable record, is refused too: nothing of it is
+//!    cut or deleted.
 
-use super::commit::{self, Body, Checkpoint, Encoded, FILE_HEADER_LEN};
+use super::commit::{self, Body, Checkpoint, Encoded, HeaderError, FILE_HEADER_LEN};
 use super::files::{self, Appender, ChunkFiles, Location};
 use super::index::{Applied, Index};
 use super::producers::{self, Producers};
@@ -31,9 +40,13 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::record::{Recent, StreamInfo, Tick, Trimmed};
 use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 use tracing::{debug, error, info, warn};
+
+/// The lock file in the data dir.
+const LOCK: &str = "lock";
 
 /// What opening a data dir recovered.
 pub struct Recovered {
@@ -48,46 +61,58 @@ pub struct Recovered {
     pub server_id: String,
     /// The file of the newest checkpoint.
     pub checkpoint_file: u32,
+    /// The data dir's lock, held as long as this is.
+    pub lock: File,
 }
 
 /// Opens (or creates) the log in `path`.
 pub fn open(path: &Path, config: &Config) -> Result<Recovered> {
     create_dir(path)?;
+    let lock = lock(path)?;
     upgrade::if_needed(path)?;
     create_dir(&path.join(files::DIR))?;
     let chunks = ChunkFiles::open(path)?;
+    let salt = log_salt(path, &chunks)?;
+    chunks
+        .sync_newest()
+        .map_err(|source| Error::Io { context: "syncing the newest chunk file".into(), source })?;
     let (index, applied) = open_index(path, config.cache_bytes)?;
     let mut producers = Producers::default();
-    let (index, replayed) = match applied {
-        Some(applied) if holds(&chunks, &applied)? => {
+    let sound = match (salt, &applied) {
+        (Some(salt), Some(applied)) => holds(&chunks, applied, salt)? && index.is_sound(),
+        _ => false,
+    };
+    let (index, replayed, salt) = match (salt, applied) {
+        (Some(salt), Some(applied)) if sound => {
             restore_producers(&index, &mut producers)?;
             let from = Cursor {
                 file: applied.at.file,
                 offset: applied.at.end,
                 chain: Some((applied.seq + 1, applied.crc)),
             };
-            let mut replayed = replay(&chunks, &index, &mut producers, from)?;
+            let mut replayed = replay(&chunks, &index, &mut producers, from, salt)?;
+            replayed.clock = replayed.clock.max(applied.clock);
             if let Some(torn) = &replayed.torn {
                 torn.cut(&chunks)?;
             }
-            replayed.clock = replayed.clock.max(applied.clock);
             if replayed.applied > 0 {
                 info!(
                     records = replayed.applied,
                     "the index was behind the log: commit records applied again"
                 );
             }
-            if replayed.checkpoint.is_some() {
-                index.prune()?;
-            }
-            (index, replayed)
+            (index, replayed, salt)
         }
-        applied => {
+        (salt, applied) => {
             // Closed: the rebuild replaces it, or leaves it as it is when it refuses the log.
             drop(index);
-            rebuild(path, &chunks, config, &mut producers, applied)?
+            rebuild(path, &chunks, config, &mut producers, applied, salt)?
         }
     };
+    let pruned = index.prune()?;
+    if pruned > 0 {
+        debug!(pointers = pruned, "pointers of removed chunks and deleted streams pruned");
+    }
     let Some(end) = replayed.end else {
         return Err(Error::Internal("the log has no record after a rebuild".into()));
     };
@@ -97,23 +122,27 @@ pub fn open(path: &Path, config: &Config) -> Result<Recovered> {
         end.len,
         end.chain.0,
         end.chain.1,
+        salt,
         config.chunk_file_bytes,
     )?;
-    // What was replayed may be in the kernel's cache only (a broker killed before its sync):
-    // durable before anything is appended after it.
-    appender.sync_all()?;
-    count_pointers(&index, &chunks, &mut appender)?;
+    let whole = count_pointers(&index, &chunks, &mut appender)? && replayed.damaged.is_empty();
     let (streams, last) = read_streams(&index, &chunks)?;
-    let emptied = appender.adopt_unreferenced();
-    if !emptied.is_empty() {
-        info!(files = ?emptied, "chunk files that hold no chunk any more (their deletion was put off): deleted once a checkpoint after them is written");
+    if whole {
+        let emptied = appender.adopt_unreferenced();
+        if !emptied.is_empty() {
+            info!(files = ?emptied, "chunk files that hold no chunk any more (their deletion was put off): deleted once a checkpoint after them is written");
+        }
+    } else {
+        warn!(
+            "the log or the index is damaged: chunk files no chunk refers to are kept for `tapeline recover`"
+        );
     }
     let clock = replayed.clock.max(last.unwrap_or_default());
     let server_id = match index.server_id()? {
         Some(id) => id,
         None => {
             warn!("the log holds no checkpoint with the broker's identity: a new one is made");
-            new_server_id()
+            random_id()
         }
     };
     let checkpoint_file = index.checkpoint_file()?.unwrap_or(0);
@@ -122,10 +151,22 @@ pub fn open(path: &Path, config: &Config) -> Result<Recovered> {
     // that run adds.
     index.persist()?;
     info!(path = %path.display(), streams = streams.len(), producers = producers.len(), tail_tick = %clock, "log opened");
-    Ok(Recovered { index, chunks, appender, streams, producers, clock, next_id, server_id, checkpoint_file })
+    Ok(Recovered {
+        index,
+        chunks,
+        appender,
+        streams,
+        producers,
+        clock,
+        next_id,
+        server_id,
+        checkpoint_file,
+        lock,
+    })
 }
 
-fn new_server_id() -> String {
+/// A new random identity (the broker's).
+pub(super) fn random_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
@@ -142,8 +183,55 @@ fn create_dir(dir: &Path) -> Result<()> {
     }
 }
 
+/// Takes the data dir's lock, or says who holds it.
+pub(super) fn lock(path: &Path) -> Result<File> {
+    let lock_path = path.join(LOCK);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| Error::Io { context: format!("opening {}", lock_path.display()), source })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Open {
+            path: path.to_path_buf(),
+            cause: "another process holds its lock (is another tapeline serving it?)".into(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => {
+            Err(Error::Io { context: format!("locking {}", lock_path.display()), source })
+        }
+    }
+}
+
+/// The log's salt, from the first chunk file with a whole header (`None`: no file has one). A
+/// file of a newer build's format refuses the open.
+pub(super) fn log_salt(path: &Path, chunks: &ChunkFiles) -> Result<Option<u32>> {
+    let mut salt = None;
+    for id in chunks.ids() {
+        let Some(file) = chunks.file(id) else { continue };
+        let mut walk = Walk::new(&file, id, 0).map_err(|e| read_error(chunks, id, e))?;
+        match walk.header().map_err(|e| read_error(chunks, id, e))? {
+            Ok(header) => {
+                salt.get_or_insert(header.salt);
+            }
+            Err(HeaderError::Format(format)) => {
+                return Err(Error::Open {
+                    path: path.to_path_buf(),
+                    cause: format!(
+                        "{} was written by a newer build of tapeline (file format {format}): serve it with that build",
+                        chunks.path(id).display()
+                    ),
+                })
+            }
+            Err(HeaderError::Damaged(_)) => {}
+        }
+    }
+    Ok(salt)
+}
+
 /// Opens the index and reads its mark; an index sled cannot open, or whose mark is unreadable, is
-/// deleted (to be rebuilt). Another process holding it is an error.
+/// deleted (to be rebuilt).
 fn open_index(path: &Path, cache_bytes: u64) -> Result<(Index, Option<Applied>)> {
     let opened = Index::open(path, cache_bytes).and_then(|index| {
         let applied = index.applied()?;
@@ -151,7 +239,6 @@ fn open_index(path: &Path, cache_bytes: u64) -> Result<(Index, Option<Applied>)>
     });
     match opened {
         Ok(opened) => Ok(opened),
-        Err(err) if super::index::is_locked(&err) => Err(err),
         Err(err) => {
             warn!(cause = %err, "the index cannot be read: it is rebuilt from the chunk files");
             Index::remove(path)?;
@@ -161,27 +248,22 @@ fn open_index(path: &Path, cache_bytes: u64) -> Result<(Index, Option<Applied>)>
 }
 
 /// Whether the log holds the record the index's mark names, where it says.
-pub(super) fn holds(chunks: &ChunkFiles, applied: &Applied) -> Result<bool> {
-    let Some(file) = chunks.file(applied.at.file) else { return Ok(false) };
+pub(super) fn holds(chunks: &ChunkFiles, applied: &Applied, salt: u32) -> Result<bool> {
     let len = applied.at.end.saturating_sub(applied.at.start);
-    if len < commit::OVERHEAD || len > u64::from(u32::MAX) {
+    if chunks.file(applied.at.file).is_none() || len < commit::OVERHEAD || len > u64::from(u32::MAX) {
         return Ok(false);
     }
     let at = Location { file: applied.at.file, offset: applied.at.start, len: len as u32 };
     let Ok(bytes) = chunks.read(at) else { return Ok(false) };
-    drop(file);
-    Ok(commit::check(&bytes).is_ok_and(|(fixed, _)| fixed.seq == applied.seq)
+    Ok(commit::check(&bytes, salt).is_ok_and(|(fixed, _)| fixed.seq == applied.seq)
         && bytes[bytes.len() - 4..] == applied.crc.to_le_bytes())
 }
 
 fn restore_producers(index: &Index, producers: &mut Producers) -> Result<()> {
     for (id, value) in index.producers()? {
-        match producers::decode(&value) {
-            Ok(state) => producers.restore(id, state),
-            // The next rebuild restores it; meanwhile its retries are appended as new batches.
-            Err(detail) => {
-                error!(producer = %id, %detail, "a producer's state in the index is damaged; dropped")
-            }
+        // The index was found sound: every state reads back.
+        if let Ok(state) = producers::decode(&value) {
+            producers.restore(id, state);
         }
     }
     Ok(())
@@ -193,29 +275,36 @@ const REBUILD_DIR: &str = "index.rebuild";
 /// Applies the whole log to a new index, which then replaces the old one. `applied` is the old
 /// index's mark, if it had one: when it names a synced record the log no longer holds,
 /// acknowledged records are missing and the open is refused, leaving the data dir as it was.
+/// Returns the index, what was replayed, and the log's salt (a new log's when there is none).
 fn rebuild(
     path: &Path,
     chunks: &Arc<ChunkFiles>,
     config: &Config,
     producers: &mut Producers,
     applied: Option<Applied>,
-) -> Result<(Index, Replayed)> {
+    salt: Option<u32>,
+) -> Result<(Index, Replayed, u32)> {
     let began = std::time::Instant::now();
     let staging = path.join(REBUILD_DIR);
     Index::remove_dir(&staging)?;
     let index = Index::open_dir(&staging, config.cache_bytes)?;
     let first = chunks.ids().first().copied();
-    let mut replayed = match first {
-        Some(file) => replay(chunks, &index, producers, Cursor { file, offset: 0, chain: None })?,
-        None => Replayed::default(),
+    let mut replayed = match (first, salt) {
+        (Some(file), Some(salt)) => {
+            replay(chunks, &index, producers, Cursor { file, offset: 0, chain: None }, salt)?
+        }
+        _ => Replayed::default(),
+    };
+    let refuse = |err: Error| -> Result<(Index, Replayed, u32)> {
+        Index::remove_dir(&staging)?;
+        Err(err)
     };
     if let Some(applied) = applied {
         let end_seq = replayed.last_seq();
         if end_seq < applied.seq {
             if applied.flags & commit::FLAG_SYNCED != 0 {
                 drop(index);
-                Index::remove_dir(&staging)?;
-                return Err(lost_records(path, end_seq, &applied));
+                return refuse(lost_records(path, end_seq, &applied));
             }
             warn!(
                 from = end_seq + 1,
@@ -224,26 +313,41 @@ fn rebuild(
             );
         }
     }
+    let new_log = replayed.end.is_none();
+    if new_log && chunks.ids().len() > 1 {
+        drop(index);
+        return refuse(Error::Open {
+            path: path.to_path_buf(),
+            cause: "its chunk files hold no readable commit record: nothing was changed. \
+                    `tapeline recover --data DIR --into NEW_DIR` copies whatever chunks it finds in them"
+                .into(),
+        });
+    }
     // Only now, once the log is known to be served: nothing is cut off a log that is refused.
     if let Some(torn) = &replayed.torn {
         torn.cut(chunks)?;
     }
-    if replayed.end.is_none() {
-        // A new data dir (or one whose only file was torn before its first record): a log that
-        // starts with a checkpoint naming the broker.
-        for id in chunks.ids() {
-            remove_file(chunks, id);
+    let salt = match salt {
+        Some(salt) if !new_log => salt,
+        _ => {
+            // A new data dir (or one whose only file was torn before its first record): a log
+            // that starts with a checkpoint naming the broker.
+            for id in chunks.ids() {
+                remove_file(chunks, id);
+            }
+            let salt = rand::random::<u32>();
+            let mut appender = Appender::create(chunks.clone(), 0, 1, 0, salt, config.chunk_file_bytes)?;
+            let body = Body::Checkpoint(Checkpoint { server_id: random_id(), ..Checkpoint::default() });
+            let record = Encoded::new(&body, salt, 1, 0, Tick(0), commit::FLAG_SYNCED, &[] as &[&[u8]]);
+            let at = appender.append(&record, &[] as &[&[u8]])?;
+            appender.sync()?;
+            index.apply(&record.fixed, &body, at, record.crc, record.data_offset(), &[])?;
+            replayed.end = Some(End { file: 0, len: at.end, chain: (2, record.crc) });
+            salt
         }
-        let mut appender = Appender::create(chunks.clone(), 0, 1, 0, config.chunk_file_bytes)?;
-        let body = Body::Checkpoint(Checkpoint { server_id: new_server_id(), ..Checkpoint::default() });
-        let record = Encoded::new(&body, 1, 0, Tick(0), commit::FLAG_SYNCED, &[] as &[&[u8]]);
-        let at = appender.append(&record, &[] as &[&[u8]])?;
-        appender.sync()?;
-        index.apply(&record.fixed, &body, at, record.crc, record.data_offset(), &[])?;
-        replayed.end = Some(End { file: 0, len: at.end, chain: (2, record.crc) });
-    } else {
-        let pruned = index.prune()?;
-        info!(records = replayed.applied, pruned, took = ?began.elapsed(), "the index was rebuilt from the chunk files");
+    };
+    if !new_log {
+        info!(records = replayed.applied, took = ?began.elapsed(), "the index was rebuilt from the chunk files");
     }
     index.persist()?;
     drop(index);
@@ -254,7 +358,7 @@ fn rebuild(
         source,
     })?;
     files::sync_dir(path)?;
-    Ok((Index::reopen(path, config.cache_bytes)?, replayed))
+    Ok((Index::reopen(path, config.cache_bytes)?, replayed, salt))
 }
 
 fn lost_records(path: &Path, end_seq: u64, applied: &Applied) -> Error {
@@ -297,20 +401,17 @@ pub(super) struct Replayed {
     end: Option<End>,
     clock: Tick,
     pub applied: usize,
-    /// The newest checkpoint applied.
-    checkpoint: Option<u32>,
-    /// Stretches of the log that do not check out and are followed by whole records: damage.
+    /// Stretches of the log that do not check out and are not a torn tail: damage.
     pub damaged: Vec<String>,
     /// A torn tail: what follows the last whole record, cut off by [`Torn::cut`].
     pub torn: Option<Torn>,
 }
 
-/// A torn tail: file `file` from offset `at` on (0: the whole file), and every later file.
+/// A torn tail: file `file` (the newest) from offset `at` on (below the header: the whole file).
 #[derive(Debug)]
 pub(super) struct Torn {
     file: u32,
     at: u64,
-    later: Vec<u32>,
     pub detail: String,
 }
 
@@ -320,74 +421,89 @@ impl Torn {
         warn!(detail = %self.detail, "a torn tail after the last whole commit record was dropped (written, never synced, so never acknowledged under fsync=always)");
         if self.at < FILE_HEADER_LEN {
             remove_file(chunks, self.file);
-        } else if let Some(file) = chunks.file(self.file) {
+            return files::sync_dir(chunks.dir());
+        }
+        if let Some(file) = chunks.file(self.file) {
             let path = chunks.path(self.file);
             file.set_len(self.at).and_then(|()| file.sync_data()).map_err(|source| Error::Io {
                 context: format!("cutting the torn tail of {}", path.display()),
                 source,
             })?;
         }
-        for id in &self.later {
-            remove_file(chunks, *id);
-        }
-        files::sync_dir(chunks.dir())
+        Ok(())
     }
 }
 
 impl Replayed {
     /// The sequence number of the last record of the log (0: none).
     pub fn last_seq(&self) -> u64 {
-        self.end.map_or(0, |e| e.chain.0 - 1)
+        self.end.map_or(0, |e| e.chain.0.saturating_sub(1))
     }
 }
 
-/// Applies the whole log of `data_dir` to `index` (a new, empty one) without changing the data
-/// dir: what `tapeline verify` checks the log with.
-pub(super) fn replay_readonly(chunks: &ChunkFiles, index: &Index) -> Result<Replayed> {
+/// Applies the whole log to `index` (a new, empty one) without changing the data dir: what
+/// `tapeline verify` checks the log with.
+pub(super) fn replay_readonly(chunks: &ChunkFiles, index: &Index, data_dir: &Path) -> Result<Replayed> {
     let Some(file) = chunks.ids().first().copied() else { return Ok(Replayed::default()) };
-    let replayed = replay(chunks, index, &mut Producers::default(), Cursor { file, offset: 0, chain: None })?;
+    let Some(salt) = log_salt(data_dir, chunks)? else {
+        let mut nothing = Replayed::default();
+        nothing.damaged.push("no chunk file has a readable header".into());
+        return Ok(nothing);
+    };
+    let replayed =
+        replay(chunks, index, &mut Producers::default(), Cursor { file, offset: 0, chain: None }, salt)?;
     index.prune()?;
     Ok(replayed)
 }
 
 /// Applies the records of the log from `from` on to `index`, keeping `producers` up to date.
 /// Reports damage and a torn tail; changes nothing in the files.
-fn replay(chunks: &ChunkFiles, index: &Index, producers: &mut Producers, from: Cursor) -> Result<Replayed> {
+fn replay(
+    chunks: &ChunkFiles,
+    index: &Index,
+    producers: &mut Producers,
+    from: Cursor,
+    salt: u32,
+) -> Result<Replayed> {
     let mut done = Replayed::default();
+    let newest = chunks.ids().last().copied();
     let ids: Vec<u32> = chunks.ids().into_iter().filter(|id| *id >= from.file).collect();
     let mut chain = from.chain;
     // The newest file header read, for a log whose newest file holds no record yet.
     let mut newest_header = None;
+    // Records skipped with a missing file, not yet stood for by a checkpoint.
+    let mut gap = None;
     let mut at = from.offset;
     let mut i = 0;
     'files: while i < ids.len() {
         let id = ids[i];
+        let is_newest = Some(id) == newest;
         let Some(file) = chunks.file(id) else { break };
-        let mut walk = Walk::new(&file, id).map_err(|e| read_error(chunks, id, e))?;
+        let mut walk = Walk::new(&file, id, salt).map_err(|e| read_error(chunks, id, e))?;
         if at == 0 {
             match walk.header().map_err(|e| read_error(chunks, id, e))? {
                 Ok(header) => {
                     if chain.is_some_and(|(next, _)| next != header.first_seq) {
                         // The records between lie in a deleted file: a checkpoint after them
-                        // stands for them, and it lies ahead.
+                        // must stand for them.
                         debug!(
                             file = id,
                             first = header.first_seq,
                             "records of a deleted chunk file skipped"
                         );
+                        gap.get_or_insert(id);
                         chain = None;
                     }
                     newest_header = Some((id, header.first_seq));
                 }
-                Err(detail) => {
-                    if find_whole(chunks, &ids[i..], 0, 0)?.is_none() {
-                        let files: Vec<String> =
-                            ids[i..].iter().map(|id| chunks.path(*id).display().to_string()).collect();
+                Err(err) => {
+                    let detail = err.to_string();
+                    if is_newest && find_whole(chunks, &ids[i..], 0, 0, salt)?.is_none() {
                         let detail = format!(
-                            "{} hold no whole header or record (created just before a crash; {detail})",
-                            files.join(", ")
+                            "{} holds no whole header or record (created just before a crash; {detail})",
+                            chunks.path(id).display()
                         );
-                        done.torn = Some(Torn { file: id, at: 0, later: ids[i + 1..].to_vec(), detail });
+                        done.torn = Some(Torn { file: id, at: 0, detail });
                         break;
                     }
                     done.damaged.push(format!(
@@ -404,84 +520,98 @@ fn replay(chunks: &ChunkFiles, index: &Index, producers: &mut Producers, from: C
         let mut next = i + 1;
         loop {
             let step = walk.next_step().map_err(|e| read_error(chunks, id, e))?;
-            let (bad_at, detail, scanned) = match step {
+            // Where the bad stretch starts, where a search for what follows it may start (past a
+            // record whose extent is known), the sequence number that would follow, why, and
+            // what of the record can still be applied.
+            let (bad_at, search_from, min_seq, detail, readable) = match step {
                 Step::End => break,
                 Step::Record(r) => {
                     let chained =
                         chain.is_none_or(|(seq, crc)| r.fixed.seq == seq && r.fixed.prev_crc == crc);
-                    match r.whole() {
-                        Some(body) if chained => {
-                            apply(index, producers, &r, body)?;
-                            done.applied += 1;
-                            done.clock = done.clock.max(r.fixed.clock);
-                            if matches!(body, Body::Checkpoint(_)) {
-                                done.checkpoint = Some(id);
-                            }
-                            chain = Some((r.fixed.seq + 1, r.stored_crc));
-                            continue;
+                    if let Some(body) = r.whole().filter(|_| chained) {
+                        apply(index, producers, &r, body)?;
+                        done.applied += 1;
+                        done.clock = done.clock.max(r.fixed.clock);
+                        if matches!(body, Body::Checkpoint(_)) {
+                            gap = None;
                         }
-                        Some(_) => (
-                            r.at.start,
-                            "a record that does not follow its predecessor (stale bytes)".to_string(),
-                            None,
-                        ),
-                        None => {
-                            let detail = r
-                                .body
-                                .as_ref()
-                                .err()
-                                .cloned()
-                                .unwrap_or_else(|| "the record fails its CRC".into());
-                            (r.at.start, detail, Some(r).filter(|_| chained))
-                        }
+                        chain = Some((r.fixed.seq + 1, r.stored_crc));
+                        continue;
                     }
+                    let detail = match (&r.body, r.intact, chained) {
+                        (_, true, false) => {
+                            "a whole record that does not follow its predecessor (stale bytes)".to_string()
+                        }
+                        (Err(detail), _, _) => detail.clone(),
+                        _ => "the record fails its CRC".to_string(),
+                    };
+                    let min_seq = if chained { r.fixed.seq + 1 } else { chain.map_or(0, |(seq, _)| seq) };
+                    // A chained record's extent is its own: nothing inside it is searched. A stale
+                    // one may hide the start of the next record.
+                    let (start, search_from) = (r.at.start, if chained { r.at.end } else { r.at.start + 1 });
+                    let readable = Some(r).filter(|r| chained && r.body.is_ok());
+                    (start, search_from, min_seq, detail, readable)
                 }
-                Step::Bad { at, detail } => (at, detail, None),
+                Step::Bad { at, detail } => (at, at + 1, chain.map_or(0, |(seq, _)| seq), detail, None),
             };
-            let min_seq = chain.map_or(0, |(seq, _)| seq);
-            let Some((j, found)) = find_whole(chunks, &ids[i..], bad_at + 1, min_seq)? else {
+            let found = find_whole(chunks, &ids[i..], search_from, min_seq, salt)?;
+            if found.is_none() && is_newest {
                 let detail = format!(
                     "{} ends with {} bytes after its last whole commit record, at offset {bad_at} ({detail}): a write never completed",
                     chunks.path(id).display(),
                     walk.len().saturating_sub(bad_at)
                 );
-                done.torn = Some(Torn { file: id, at: bad_at, later: ids[i + 1..].to_vec(), detail });
+                done.torn = Some(Torn { file: id, at: bad_at, detail });
                 break 'files;
+            }
+            let to = match &found {
+                Some((j, f)) => format!("{} offset {}", chunks.path(ids[i + j]).display(), f.at.start),
+                None => "the end of the file".to_string(),
             };
-            done.damaged.push(format!(
-                "{} from offset {bad_at} to {} offset {}: {detail}",
-                chunks.path(id).display(),
-                chunks.path(ids[i + j]).display(),
-                found.at.start
-            ));
-            error!(file = id, offset = bad_at, to_file = ids[i + j], to_offset = found.at.start, %detail, "commit records are damaged; reads of their chunks report DATA_LOSS");
-            if let Some(r) = scanned {
+            done.damaged
+                .push(format!("{} from offset {bad_at} to {to}: {detail}", chunks.path(id).display()));
+            error!(file = id, offset = bad_at, to = %to, %detail, "commit records are damaged; reads of their chunks report DATA_LOSS");
+            if let Some(r) = readable {
                 // Only the data is damaged: its chunks are indexed, and reads check each.
                 if let Ok(body) = &r.body {
                     apply(index, producers, &r, body)?;
                     done.applied += 1;
                 }
             }
-            chain = Some((found.fixed.seq, found.fixed.prev_crc));
-            if j == 0 {
-                walk.seek(found.at.start);
-            } else {
-                next = i + j;
-                at = found.at.start;
-                break;
+            match found {
+                // An older file was synced whole before the next was started: what follows the
+                // damage in it is lost, the next file goes on.
+                None => {
+                    chain = None;
+                    break;
+                }
+                Some((j, found)) => {
+                    chain = Some((found.fixed.seq, found.fixed.prev_crc));
+                    if j == 0 {
+                        walk.seek(found.at.start);
+                    } else {
+                        next = i + j;
+                        at = found.at.start;
+                        break;
+                    }
+                }
             }
         }
         i = next;
+    }
+    if let Some(file) = gap {
+        let detail = format!(
+            "records before {} are missing (a chunk file gone) and no checkpoint after them stands for them: streams, removals or producers they held are lost",
+            chunks.path(file).display()
+        );
+        error!(%detail, "the log is damaged");
+        done.damaged.push(detail);
     }
     // The log ends at the end of its newest file once a torn tail is cut off.
     let kept: Vec<u32> = chunks
         .ids()
         .into_iter()
-        .filter(|id| {
-            done.torn
-                .as_ref()
-                .is_none_or(|t| !(t.later.contains(id) || t.file == *id && t.at < FILE_HEADER_LEN))
-        })
+        .filter(|id| done.torn.as_ref().is_none_or(|t| !(t.file == *id && t.at < FILE_HEADER_LEN)))
         .collect();
     if let Some(newest) = kept.last().copied() {
         let len = match &done.torn {
@@ -533,12 +663,18 @@ fn apply(index: &Index, producers: &mut Producers, r: &Scanned, body: &Body) -> 
     Ok(())
 }
 
-/// The first whole record with a sequence number of at least `min_seq`, at or after offset
-/// `from` of the first of `ids`, or anywhere in the later ones: with its index in `ids`.
-fn find_whole(chunks: &ChunkFiles, ids: &[u32], from: u64, min_seq: u64) -> Result<Option<(usize, Scanned)>> {
+/// The first whole record of the log with a sequence number of at least `min_seq`, at or after
+/// offset `from` of the first of `ids`, or anywhere in the later ones: with its index in `ids`.
+fn find_whole(
+    chunks: &ChunkFiles,
+    ids: &[u32],
+    from: u64,
+    min_seq: u64,
+    salt: u32,
+) -> Result<Option<(usize, Scanned)>> {
     for (j, id) in ids.iter().enumerate() {
         let Some(file) = chunks.file(*id) else { continue };
-        let mut walk = Walk::new(&file, *id).map_err(|e| read_error(chunks, *id, e))?;
+        let mut walk = Walk::new(&file, *id, salt).map_err(|e| read_error(chunks, *id, e))?;
         let start = if j == 0 { from } else { FILE_HEADER_LEN };
         if let Some(found) = walk.find_whole(start, min_seq).map_err(|e| read_error(chunks, *id, e))? {
             return Ok(Some((j, found)));
@@ -562,8 +698,9 @@ fn read_error(chunks: &ChunkFiles, id: u32, source: std::io::Error) -> Error {
 /// Counts, per chunk file, the bytes the index's pointers refer to (so that a file nothing refers
 /// to any more can be deleted). Pointers into a file that is missing or too short are chunks lost
 /// to damage: reads report them; new files are started after every file referred to, so that
-/// their chunks never land where an old pointer points.
-fn count_pointers(index: &Index, chunks: &ChunkFiles, appender: &mut Appender) -> Result<()> {
+/// their chunks never land where an old pointer points. Returns whether every pointer was found
+/// whole in its file.
+fn count_pointers(index: &Index, chunks: &ChunkFiles, appender: &mut Appender) -> Result<bool> {
     let (active, _) = appender.position();
     let mut highest = active;
     let mut lost = 0u64;
@@ -573,10 +710,9 @@ fn count_pointers(index: &Index, chunks: &ChunkFiles, appender: &mut Appender) -
         .filter_map(|id| Some((id, chunks.file(id)?.metadata().ok()?.len())))
         .collect();
     for entry in index.pointers() {
-        let (_, _, pointer) = match entry {
-            Ok(entry) => entry,
-            // A damaged pointer: reads report it.
-            Err(_) => continue,
+        let Ok((_, _, pointer)) = entry else {
+            lost += 1;
+            continue;
         };
         let at = pointer.at;
         highest = highest.max(at.file);
@@ -599,7 +735,7 @@ fn count_pointers(index: &Index, chunks: &ChunkFiles, appender: &mut Appender) -
         let (next, _) = appender.chain();
         appender.start_after(highest, next)?;
     }
-    Ok(())
+    Ok(lost == 0)
 }
 
 /// Every stream by name.
@@ -796,5 +932,70 @@ mod tests {
         let log = Log::open(&interval).unwrap();
         assert_eq!(payloads(&log), ["a"]);
         log.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_record_forged_in_a_payload_is_never_taken_for_one_of_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        // A publisher's payload holding a whole record, as it would be without the log's salt
+        // (which a client never sees): a stream "forged" created by record 1000.
+        let created = vec![(crate::record::StreamId(99), Arc::from("forged"), Tick(1))];
+        let body = Body::Append { created, tags: Vec::new(), chunks: Vec::new() };
+        let fake = Encoded::new(&body, 0, 1000, 0, Tick(1), 0, &[] as &[&[u8]]);
+        let mut forged = fake.head.clone();
+        forged.extend_from_slice(&fake.crc.to_le_bytes());
+        let log = Log::open(&config(dir.path())).unwrap();
+        log.append(batch(&["a"])).await.unwrap();
+        let file = files::path_in(dir.path(), 0);
+        let before = std::fs::metadata(&file).unwrap().len();
+        let mut records = batch(&["b"]);
+        records[0].payload = Bytes::from(forged.clone());
+        records[0].crc32 = crc32fast::hash(&forged);
+        log.append(records).await.unwrap();
+        log.close().await.unwrap();
+        drop(log);
+        // The record holding it torn in its fixed part, and the index lost: the search for the
+        // next whole record walks through the payload.
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[before as usize + 10] ^= 0xff;
+        std::fs::write(&file, &bytes).unwrap();
+        Index::remove(dir.path()).unwrap();
+        let log = Log::open(&config(dir.path())).unwrap();
+        assert!(log.stream("forged").is_none(), "the forged record was applied");
+        assert_eq!(payloads(&log), ["a"]);
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), before, "cut as a torn tail");
+        log.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_index_entry_that_does_not_read_back_gets_the_index_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        three_batches(dir.path()).await;
+        {
+            let db = sled::open(dir.path().join(super::super::index::DIR)).unwrap();
+            let tree = db.open_tree("index").unwrap();
+            let (key, _) = tree.scan_prefix(b"c").next().unwrap().unwrap();
+            tree.insert(key, &b"garbage"[..]).unwrap();
+            db.flush().unwrap();
+        }
+        let index = Index::reopen(dir.path(), 1 << 20).unwrap();
+        assert!(!index.is_sound());
+        drop(index);
+        let log = Log::open(&config(dir.path())).unwrap();
+        assert_eq!(payloads(&log), ["a1", "a2", "b1", "b2", "c1", "c2"], "the stream is back");
+        log.close().await.unwrap();
+        drop(log);
+        assert!(Index::reopen(dir.path(), 1 << 20).unwrap().is_sound());
+    }
+
+    #[tokio::test]
+    async fn a_data_dir_is_opened_by_one_broker_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(&config(dir.path())).unwrap();
+        let err = Log::open(&config(dir.path())).err().expect("refused while the first is open");
+        assert!(err.to_string().contains("another process holds its lock"), "{err}");
+        log.close().await.unwrap();
+        drop(log);
+        Log::open(&config(dir.path())).unwrap().close().await.unwrap();
     }
 }

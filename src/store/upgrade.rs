@@ -11,7 +11,7 @@
 //! the clean-up. The index is then built from the new log like any missing index.
 
 use super::chunk::{self, ChunkEncoder};
-use super::commit::{Body, Checkpoint, ChunkEntry, Defined, Encoded, Removed};
+use super::commit::{Body, Checkpoint, ChunkEntry, Defined, Encoded, FileHeader, Removed, FILE_HEADER_LEN};
 use super::files::{self, Appender, ChunkFiles, Location, FILE_BYTES};
 use super::producers;
 use crate::error::{Error, Result};
@@ -38,6 +38,8 @@ pub fn if_needed(path: &Path) -> Result<()> {
     let has_log = std::fs::read_dir(path.join(files::DIR)).is_ok_and(|mut d| d.next().is_some());
     if has_log {
         if OLD.iter().any(|name| path.join(name).exists()) {
+            // Only files of an earlier build next to a log this build wrote are deleted.
+            check_log(path)?;
             clean_up(path)?;
         }
         return Ok(());
@@ -66,6 +68,25 @@ fn remove(path: &Path) -> Result<()> {
         Ok(()) => Ok(()),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(Error::Io { context: format!("removing {}", path.display()), source }),
+    }
+}
+
+/// Whether the log in `path` is one an upgrade put in place: its first file starts with a whole
+/// header. Otherwise the files of the earlier format are not touched.
+fn check_log(path: &Path) -> Result<()> {
+    let first = files::path_in(path, 0);
+    let mut header = [0u8; FILE_HEADER_LEN as usize];
+    let read = std::fs::File::open(&first).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut header));
+    match read.map_err(|e| e.to_string()).and_then(|()| FileHeader::decode(&header).map_err(|e| e.to_string())) {
+        Ok(_) => Ok(()),
+        Err(detail) => Err(Error::Open {
+            path: path.to_path_buf(),
+            cause: format!(
+                "it holds both the files of an earlier build (conf, db, chunks) and a log whose first file {} \
+                 cannot be read ({detail}): nothing was changed; move one of them away",
+                first.display()
+            ),
+        }),
     }
 }
 
@@ -125,7 +146,7 @@ fn write_log(path: &Path, staging: &Path) -> Result<(usize, u64)> {
     let old_chunks = ChunkFiles::open_dir(&path.join("chunks"))?;
     let server_id = match meta.get("server_id")? {
         Some(v) => String::from_utf8_lossy(&v).into_owned(),
-        None => format!("{:016x}", rand::random::<u64>()),
+        None => super::recovery::random_id(),
     };
     // The catalog, with what retention removed and each stream's first chunk's counters.
     let mut streams = Vec::new();
@@ -162,20 +183,20 @@ fn write_log(path: &Path, staging: &Path) -> Result<(usize, u64)> {
             Err(detail) => warn!(producer = %id, %detail, "a producer's state is damaged; not carried over"),
         }
     }
-    let next_id = streams.iter().map(|(d, _)| d.id.0 + 1).max().unwrap_or(0);
+    let next_id = streams.iter().map(|(d, _)| d.id.0.saturating_add(1)).max().unwrap_or(0);
     let mark = std::fs::read(path.join("tapeline.acknowledged"))
         .ok()
         .and_then(|b| b.get(..8).map(|t| u64::from_le_bytes(t.try_into().unwrap_or_default())));
 
     let new_chunks = ChunkFiles::open(staging)?;
-    let mut appender = Appender::create(new_chunks, 0, 1, 0, FILE_BYTES)?;
+    let mut appender = Appender::create(new_chunks, 0, 1, 0, rand::random::<u32>(), FILE_BYTES)?;
     // The checkpoint needs each stream's removed counters: those of its first chunk.
     let mut removed = Vec::new();
     for (defined, through) in &streams {
         let mut first = records.scan_prefix(defined.id.0.to_be_bytes());
         let head = match first.next() {
             Some(Ok((key, value))) => {
-                let tick = Tick(u64::from_be_bytes(key[4..12].try_into().unwrap_or_default()));
+                let tick = Tick(key_tick(&key));
                 load(&old_chunks, &value).ok().and_then(|v| chunk::header(&v).ok()).map(|h| (tick, h))
             }
             _ => None,
@@ -197,7 +218,7 @@ fn write_log(path: &Path, staging: &Path) -> Result<(usize, u64)> {
     for (defined, _) in &streams {
         for entry in records.scan_prefix(defined.id.0.to_be_bytes()) {
             let (key, value) = entry?;
-            let first = Tick(u64::from_be_bytes(key[4..12].try_into().unwrap_or_default()));
+            let first = Tick(key_tick(&key));
             let decoded = load(&old_chunks, &value).and_then(|v| chunk::decode(&v).map(|d| (v, d)));
             let (value, (head, stored)) = match decoded {
                 Ok(decoded) => decoded,
@@ -229,6 +250,11 @@ fn write_log(path: &Path, staging: &Path) -> Result<(usize, u64)> {
     Ok((streams.len(), total))
 }
 
+/// The tick of an earlier `records` key: `stream id u32 | tick u64`, big-endian.
+fn key_tick(key: &[u8]) -> u64 {
+    key.get(4..12).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes)
+}
+
 /// An earlier chunk: the sled value itself, or where its pointer says.
 fn load(old_chunks: &ChunkFiles, value: &[u8]) -> std::result::Result<bytes::Bytes, chunk::ChunkError> {
     match old_pointer(value) {
@@ -239,7 +265,7 @@ fn load(old_chunks: &ChunkFiles, value: &[u8]) -> std::result::Result<bytes::Byt
 
 fn write(appender: &mut Appender, body: &Body, data: &[Vec<u8>], clock: Tick) -> Result<()> {
     let (seq, prev) = appender.chain();
-    let record = Encoded::new(body, seq, prev, clock, super::commit::FLAG_SYNCED, data);
+    let record = Encoded::new(body, appender.salt(), seq, prev, clock, super::commit::FLAG_SYNCED, data);
     appender.append(&record, data)?;
     Ok(())
 }
@@ -263,7 +289,8 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "a new data dir: nothing to do");
         // An upgrade that crashed after its log was moved into place, before the clean-up.
         std::fs::create_dir_all(dir.path().join(files::DIR)).unwrap();
-        std::fs::write(files::path_in(dir.path(), 0), b"the new log").unwrap();
+        let header = FileHeader { file: 0, first_seq: 1, salt: 7 }.encode();
+        std::fs::write(files::path_in(dir.path(), 0), header).unwrap();
         for old in ["conf", "db", "tapeline.acknowledged", "snap.0000000000000287"] {
             std::fs::write(dir.path().join(old), b"old").unwrap();
         }
@@ -274,5 +301,18 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(left, vec![files::DIR.to_string()]);
+    }
+
+    #[test]
+    fn old_files_next_to_a_log_this_build_did_not_write_are_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join(files::DIR)).unwrap();
+        std::fs::write(files::path_in(dir.path(), 0), b"not a log").unwrap();
+        for old in ["conf", "db"] {
+            std::fs::write(dir.path().join(old), b"old").unwrap();
+        }
+        let err = if_needed(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("nothing was changed"), "{err}");
+        assert!(dir.path().join("conf").exists() && dir.path().join("db").exists());
     }
 }

@@ -104,21 +104,19 @@ impl View {
         }
     }
 
-    /// Every pointer: sled's, then the overlay's (for compaction's plan, which only looks for the
-    /// chunks of one file: the order does not matter).
+    /// Every pointer once: a snapshot of the overlay, then sled's but those the snapshot holds
+    /// (for compaction's plan, which only looks for the chunks of older files: the order does not
+    /// matter, and a commit added after the snapshot is in the active file).
     pub fn all(&self) -> impl Iterator<Item = Result<(StreamId, Tick, Pointer)>> + '_ {
-        let overlay: Vec<(StreamId, Tick, Pointer)> = self
-            .overlay
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(&(id, t), p)| (StreamId(id), Tick(t), *p))
-            .collect();
+        let overlay: BTreeMap<(u32, u64), Pointer> =
+            self.overlay.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let snapshot: Vec<(StreamId, Tick, Pointer)> =
+            overlay.iter().map(|(&(id, t), p)| (StreamId(id), Tick(t), *p)).collect();
         let sled = self.index.pointers().filter(move |entry| {
-            // A pointer in both is the overlay's.
-            !matches!(entry, Ok((id, t, _)) if self.overlay.read().is_ok_and(|o| o.contains_key(&(id.0, t.0))))
+            // Already given: applied to sled since the snapshot.
+            !matches!(entry, Ok((id, t, _)) if overlay.contains_key(&(id.0, t.0)))
         });
-        overlay.into_iter().map(Ok).chain(sled)
+        snapshot.into_iter().map(Ok).chain(sled)
     }
 }
 

@@ -7,7 +7,7 @@
 //! fails tells the length but not the chunks, and data that fails `record_crc` leaves the
 //! chunk directory usable (each chunk has its own CRCs, which reads check).
 
-use super::commit::{self, Body, FileHeader, Fixed, FILE_HEADER_LEN, FIXED_LEN, RECORD_MAGIC};
+use super::commit::{self, Body, FileHeader, Fixed, HeaderError, FILE_HEADER_LEN, FIXED_LEN, RECORD_MAGIC};
 use super::files::RecordAt;
 use std::fs::File;
 use std::io;
@@ -56,6 +56,8 @@ pub enum Step {
 pub struct Walk<'a> {
     file: &'a File,
     id: u32,
+    /// The log's salt, which the records' CRCs start from.
+    salt: u32,
     len: u64,
     pos: u64,
     buf: Vec<u8>,
@@ -63,10 +65,10 @@ pub struct Walk<'a> {
 }
 
 impl<'a> Walk<'a> {
-    /// A walk of file `id`, from its first record.
-    pub fn new(file: &'a File, id: u32) -> io::Result<Walk<'a>> {
+    /// A walk of file `id` of the log whose salt is `salt`, from its first record.
+    pub fn new(file: &'a File, id: u32, salt: u32) -> io::Result<Walk<'a>> {
         let len = file.metadata()?.len();
-        Ok(Walk { file, id, len, pos: FILE_HEADER_LEN, buf: Vec::new(), buf_at: 0 })
+        Ok(Walk { file, id, salt, len, pos: FILE_HEADER_LEN, buf: Vec::new(), buf_at: 0 })
     }
 
     /// The file's length.
@@ -80,21 +82,23 @@ impl<'a> Walk<'a> {
     }
 
     /// The file's header, checked against the file's id.
-    pub fn header(&mut self) -> io::Result<Result<FileHeader, String>> {
+    pub fn header(&mut self) -> io::Result<Result<FileHeader, HeaderError>> {
         let bytes = self.bytes(0, FILE_HEADER_LEN as usize)?;
         Ok(FileHeader::decode(&bytes).and_then(|h| {
             if h.file == self.id {
                 Ok(h)
             } else {
-                Err(format!("the file's header names file {}: a file copied under another name", h.file))
+                let detail =
+                    format!("the file's header names file {}: a file copied under another name", h.file);
+                Err(HeaderError::Damaged(detail))
             }
         }))
     }
 
-    /// `len` bytes at `at` (fewer at the end of the file).
-    fn bytes(&mut self, at: u64, len: usize) -> io::Result<Vec<u8>> {
+    /// `len` bytes at `at` (fewer at the end of the file), read through the window.
+    fn window(&mut self, at: u64, len: usize) -> io::Result<&[u8]> {
         if at >= self.len {
-            return Ok(Vec::new());
+            return Ok(&[]);
         }
         let end = (at + len as u64).min(self.len);
         if at < self.buf_at || end > self.buf_at + self.buf.len() as u64 {
@@ -104,7 +108,12 @@ impl<'a> Walk<'a> {
             self.buf_at = at;
         }
         let from = (at - self.buf_at) as usize;
-        Ok(self.buf[from..from + (end - at) as usize].to_vec())
+        Ok(&self.buf[from..from + (end - at) as usize])
+    }
+
+    /// The same, copied out of the window.
+    fn bytes(&mut self, at: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.window(at, len).map(<[u8]>::to_vec)
     }
 
     /// Feeds `len` bytes at `at` to `hasher`, a window at a time.
@@ -112,7 +121,7 @@ impl<'a> Walk<'a> {
         let end = at + len;
         while at < end {
             let n = (end - at).min(WINDOW as u64) as usize;
-            hasher.update(&self.bytes(at, n)?);
+            hasher.update(self.window(at, n)?);
             at += n as u64;
         }
         Ok(())
@@ -136,7 +145,7 @@ impl<'a> Walk<'a> {
     /// The record at `at`, or why there is none.
     fn record_at(&mut self, at: u64) -> io::Result<Result<Scanned, String>> {
         let fixed_bytes = self.bytes(at, FIXED_LEN)?;
-        let fixed = match Fixed::decode(&fixed_bytes) {
+        let fixed = match Fixed::decode(&fixed_bytes, self.salt) {
             Ok(fixed) => fixed,
             Err(detail) => return Ok(Err(detail)),
         };
@@ -149,7 +158,7 @@ impl<'a> Walk<'a> {
         }
         let meta = self.bytes(at + FIXED_LEN as u64, fixed.meta_span() as usize)?;
         let body = commit::read_meta(&fixed, &meta);
-        let mut hasher = crc32fast::Hasher::new();
+        let mut hasher = commit::salted(self.salt);
         hasher.update(&fixed_bytes);
         hasher.update(&meta);
         let data_at = at + FIXED_LEN as u64 + fixed.meta_span();
@@ -163,20 +172,26 @@ impl<'a> Walk<'a> {
 
     /// The first whole record at or after `from` whose sequence number is at least `min_seq`:
     /// whether a bad stretch is followed by good records (damage) or by nothing (a torn tail).
+    /// Only records of this log pass (their CRCs start from its salt), whatever the bytes hold.
     pub fn find_whole(&mut self, from: u64, min_seq: u64) -> io::Result<Option<Scanned>> {
         let mut at = from.max(FILE_HEADER_LEN);
         while at + FIXED_LEN as u64 <= self.len {
             let n = ((self.len - at) as usize).min(WINDOW);
-            let window = self.bytes(at, n)?;
+            let window = self.window(at, n)?;
             let Some(found) = window.windows(4).position(|w| w == RECORD_MAGIC) else {
                 // The magic may straddle two windows.
                 at += (n as u64).saturating_sub(3).max(1);
                 continue;
             };
             let candidate = at + found as u64;
-            if let Ok(scanned) = self.record_at(candidate)? {
-                if scanned.intact && scanned.body.is_ok() && scanned.fixed.seq >= min_seq {
-                    return Ok(Some(scanned));
+            // The fixed part first, from the window: most candidates fail it, cheaply.
+            let salt = self.salt;
+            let fixed = self.window(candidate, FIXED_LEN).map(|b| Fixed::decode(b, salt))?;
+            if fixed.is_ok_and(|f| f.seq >= min_seq) {
+                if let Ok(scanned) = self.record_at(candidate)? {
+                    if scanned.intact && scanned.body.is_ok() {
+                        return Ok(Some(scanned));
+                    }
                 }
             }
             at = candidate + 1;
@@ -196,20 +211,20 @@ mod tests {
         let (seq, prev) = app.chain();
         let chunks = vec![ChunkEntry { stream: StreamId(0), first: Tick(seq), len: data.len() as u32 }];
         let body = Body::Append { created: Vec::new(), tags: Vec::new(), chunks };
-        app.append(&Encoded::new(&body, seq, prev, Tick(seq), 0, &[data]), &[data]).unwrap();
+        app.append(&Encoded::new(&body, app.salt(), seq, prev, Tick(seq), 0, &[data]), &[data]).unwrap();
     }
 
     #[test]
     fn a_walk_reads_every_record_and_tells_damage_from_a_torn_end() {
         let dir = tempfile::tempdir().unwrap();
         let files = ChunkFiles::open(dir.path()).unwrap();
-        let mut app = Appender::create(files.clone(), 0, 1, 0, 1 << 30).unwrap();
+        let mut app = Appender::create(files.clone(), 0, 1, 0, 5, 1 << 30).unwrap();
         let big = vec![9u8; 3 * WINDOW];
         for data in [&b"first"[..], &big, b"third", b"fourth"] {
             write(&mut app, data);
         }
         let file = files.file(0).unwrap();
-        let mut walk = Walk::new(&file, 0).unwrap();
+        let mut walk = Walk::new(&file, 0, 5).unwrap();
         assert_eq!(walk.header().unwrap().unwrap().first_seq, 1);
         let mut records = Vec::new();
         while let Step::Record(r) = walk.next_step().unwrap() {
@@ -221,7 +236,7 @@ mod tests {
         // A byte of the third record's data damaged: its meta still reads, the fourth follows.
         let third = records[2].at;
         file.write_all_at(b"X", third.end - 6).unwrap();
-        let mut walk = Walk::new(&file, 0).unwrap();
+        let mut walk = Walk::new(&file, 0, 5).unwrap();
         walk.seek(third.start);
         let Step::Record(r) = walk.next_step().unwrap() else { panic!() };
         assert!(!r.intact && r.body.is_ok());
@@ -230,7 +245,7 @@ mod tests {
         // The last record cut short: nothing whole follows it.
         let fourth = records[3].at;
         file.set_len(fourth.end - 3).unwrap();
-        let mut walk = Walk::new(&file, 0).unwrap();
+        let mut walk = Walk::new(&file, 0, 5).unwrap();
         walk.seek(fourth.start);
         assert!(matches!(walk.next_step().unwrap(), Step::Bad { .. }));
         assert!(walk.find_whole(fourth.start, 4).unwrap().is_none());

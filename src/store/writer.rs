@@ -173,19 +173,23 @@ impl Writer {
         }
         let applied = self.applier.drain();
         let flushed = applied.and_then(|()| self.appender.sync()).and_then(|()| self.view.index().persist());
-        if let Err(err) = flushed {
+        if let Err(err) = &flushed {
             error!(cause = %err, "final flush failed");
         }
         info!("writer stopped");
         if let Some(reply) = stop {
-            let _ = reply.send(());
+            let _ = reply.send(flushed);
         }
     }
 
-    /// Refuses anything once a write failed (or the flusher's sync did).
+    /// Refuses anything once a write failed (or the flusher's sync, or the applier, did).
     fn checked(&mut self) -> Result<()> {
         if self.failed.is_none() {
-            self.failed = self.flush_failed.get().cloned();
+            self.failed = self
+                .flush_failed
+                .get()
+                .cloned()
+                .or_else(|| self.applier.checked().err().map(|e| e.to_string()));
         }
         match &self.failed {
             Some(cause) => Err(Error::LogFailed { cause: cause.clone() }),
@@ -240,7 +244,9 @@ impl Writer {
 
     /// Writes a group commit's record (syncing it under `fsync = always`); its pointers go to the
     /// view's overlay and the applier applies it, with the states of the producers it touched; a
-    /// large one is applied here (see [`APPLY_AT_ONCE`]).
+    /// large one is applied here (see [`APPLY_AT_ONCE`]). Once the record is written, the group
+    /// is committed whatever happens to the index: a failure to apply it stops the writer (a
+    /// restart applies it again), and its pointers stay in the overlay meanwhile.
     fn write_append(
         &mut self,
         body: Body,
@@ -248,20 +254,20 @@ impl Writer {
         producers: ProducerStates,
     ) -> std::result::Result<(), NotWritten> {
         let written = self.append(&body, data)?;
-        if written.body.chunks().len() + body_created(&written.body).len() >= APPLY_AT_ONCE {
-            self.drain_applier()?;
-            let changed = self.apply(&written, &producers)?;
-            drop(changed);
+        let large = written.body.chunks().len() + body_created(&written.body).len() >= APPLY_AT_ONCE;
+        if large && self.drain_applier().is_ok() && self.apply(&written, &producers).is_ok() {
             return Ok(());
         }
         for (id, tick, pointer) in written.pointers() {
             self.view.add(id, tick, pointer);
             self.appender.counted(pointer.at);
         }
-        self.applier.apply(written, producers).map_err(|err| {
-            self.fail(&err, "updating the index failed");
-            NotWritten::Failed(err)
-        })
+        if self.failed.is_none() {
+            if let Err(err) = self.applier.apply(written, producers) {
+                self.fail(&err, "updating the index failed");
+            }
+        }
+        Ok(())
     }
 
     /// Appends a record to the log and syncs it under `fsync = always`. A full disk is undone and
@@ -274,7 +280,7 @@ impl Writer {
         let (seq, prev) = self.appender.chain();
         let always = matches!(self.fsync, FsyncPolicy::Always);
         let flags = if always { commit::FLAG_SYNCED } else { 0 };
-        let record = Encoded::new(body, seq, prev, self.clock, flags, data);
+        let record = Encoded::new(body, self.appender.salt(), seq, prev, self.clock, flags, data);
         let at = match self.appender.append(&record, data) {
             Ok(at) => at,
             Err(err) if disk_full(&err) => return Err(NotWritten::Refused(err)),
@@ -384,6 +390,7 @@ impl Writer {
                 (info, true)
             }
         };
+        let clock_before = self.clock;
         if created {
             self.clock = self.clock.max(info.created_tick);
         }
@@ -393,8 +400,11 @@ impl Writer {
             created: info.created_tick,
             meta: (*info.meta).clone(),
         };
-        self.write(&Body::Define { stream: defined, created }, &[] as &[&[u8]])
-            .map_err(|e| self.refused_or(e))?;
+        if let Err(not) = self.write(&Body::Define { stream: defined, created }, &[] as &[&[u8]]) {
+            // Not written: nothing was promised.
+            self.clock = clock_before;
+            return Err(self.refused_or(not));
+        }
         if created {
             self.next_id += 1;
             info!(stream = %name, id = info.id.0, "stream created");
@@ -474,7 +484,10 @@ impl Writer {
     }
 
     /// Moves chunks to the active chunk file so that the sparse file they were in can go.
-    fn compact(&mut self, moves: Vec<(StreamId, Tick, Location)>) -> Result<usize> {
+    fn compact(&mut self, mut moves: Vec<(StreamId, Tick, Location)>) -> Result<usize> {
+        // A chunk once: the plan may have met a pointer twice, in the overlay and in sled.
+        moves.sort_by_key(|(id, first, _)| (*id, *first));
+        moves.dedup_by_key(|(id, first, _)| (*id, *first));
         let mut entries = Vec::new();
         let mut chunks = Vec::new();
         for (id, first, at) in moves {
@@ -516,16 +529,32 @@ impl Writer {
         }
         let unreferenced = self.appender.unreferenced();
         let Some(&newest) = unreferenced.iter().max() else { return };
-        let ready = if newest >= self.checkpoint_file { self.write_checkpoint() } else { Ok(()) };
-        match ready.and_then(|()| self.appender.sync()) {
-            Ok(()) => self.appender.delete(&unreferenced),
-            // Kept for now: the next release tries again.
-            Err(err) => warn!(cause = %err, files = ?unreferenced, "chunk files not deleted yet"),
+        let checkpoint =
+            if newest >= self.checkpoint_file { self.write_checkpoint().map(Some) } else { Ok(None) };
+        let checkpoint = match checkpoint {
+            Ok(checkpoint) => checkpoint,
+            // Kept for now (a full disk; any other failure stopped the writer): the next release
+            // tries again.
+            Err(err) => {
+                warn!(cause = %err, files = ?unreferenced, "chunk files not deleted yet");
+                return;
+            }
+        };
+        if let Err(err) = self.appender.sync() {
+            // The kernel may have dropped what was written since the last sync.
+            self.fail(&err, "syncing the log failed");
+            return;
         }
+        if let Some(file) = checkpoint {
+            self.checkpoint_file = file;
+            debug!(file, "checkpoint written");
+        }
+        self.appender.delete(&unreferenced);
     }
 
-    /// Writes a checkpoint of everything but the chunks (see `commit::Checkpoint`).
-    fn write_checkpoint(&mut self) -> Result<()> {
+    /// Writes a checkpoint of everything but the chunks (see `commit::Checkpoint`); returns the
+    /// file it is in.
+    fn write_checkpoint(&mut self) -> Result<u32> {
         let mut streams: Vec<(Defined, Removed)> = self
             .streams
             .values()
@@ -561,9 +590,7 @@ impl Writer {
             producers,
         });
         self.write(&body, &[] as &[&[u8]]).map_err(NotWritten::into_error)?;
-        self.checkpoint_file = self.appender.position().0;
-        debug!(file = self.checkpoint_file, "checkpoint written");
-        Ok(())
+        Ok(self.appender.position().0)
     }
 
     /// The stream `name` as the group sees it so far.

@@ -171,12 +171,25 @@ impl Server {
         // Long enough for an open that rebuilds the index of a large data dir.
         let deadline = Instant::now() + Duration::from_secs(600);
         while Instant::now() < deadline {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() && self.answers().await {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         bail!("{} did not listen on port {port} within 600 s", self.target.system.name())
+    }
+
+    /// Whether the server answers a request: tapeline binds its port before it opens its log, so
+    /// only an answer to `Hello` says the log is open.
+    async fn answers(&self) -> bool {
+        if !self.target.system.is_tapeline() {
+            return true;
+        }
+        let hello = async {
+            let mut client = tapeline::client::connect(&self.target.url).await.ok()?;
+            client.hello(tapeline::grpc::pb::HelloRequest::default()).await.ok()
+        };
+        matches!(tokio::time::timeout(Duration::from_secs(600), hello).await, Ok(Some(_)))
     }
 
     /// The server's process id, while it runs.
