@@ -4,39 +4,42 @@
 //! of record in chunk files, indexed by sled; a subscriber gets one stream that replays an
 //! interval of the past and then follows the live tail, with no gap and no duplicate.
 //!
-//! # Layout
-//! - [`record`]: ticks, stream ids and records, the values crossing module borders.
-//! - [`names`]: the stream naming rule and subscription patterns.
+//! # Layers
+//! Each layer imports only the layers above it in this list (`tests/it/layers.rs` checks it):
+//! - [`types`]: ticks, stream names and patterns, records, stream metadata, retention policies.
+//! - [`protocol`]: the generated gRPC code (included nowhere else), protocol versions and sizes,
+//!   conversions to and from the types, the codec.
+//! - [`client`]: the client library: a resuming, failing-over `Subscriber` and a retrying
+//!   `Publisher`, with its own error; it needs only the two layers above.
+//! - [`error`]: the error of the server side (config, store, broker, server, relay).
+//! - [`config`]: settings as data and their validation; the settings file; mirrors; retention.
 //! - [`store`]: the log of record (commit records in chunk files, one writer, group commit), its
-//!   index in sled, recovery, reads and their checks, retention's plans, the disk budget,
-//!   idempotent producers' memory, and the offline `verify` and `recover`.
-//! - [`subscription`]: replay, then live, for one subscriber.
-//! - [`broker`]: the domain: publish, subscribe, catalog, and every rule a request must follow.
-//! - [`relay`]: relay mode: copies an upstream's streams, keeping their ticks, and tracks the link.
-//! - [`grpc`]: translation between protobuf and the domain; the generated client and server.
-//! - [`codec`]: the gRPC codec, which screens a publish's record count before decoding it.
-//! - [`server`]: wires it all together and owns shutdown.
-//! - [`config`]: settings and defaults; [`error`]: the one error enum.
-//! - [`client`]: the client library: a resuming, failing-over `Subscriber` and a retrying `Publisher`.
-//! - [`cli`]: the `tapeline` command line, including the client commands.
+//!   index in sled, recovery, reads and their checks, retention's plans and trimmer, the disk
+//!   budget, idempotent producers' memory, and the offline `verify` and `recover`.
+//! - [`broker`]: publish, subscribe (replay then live), the catalog, quotas, upstream link state:
+//!   every rule a request must follow.
+//! - [`relay`]: relay mode's copy task, which reaches the broker the way a client's records do.
+//! - [`server`]: the tonic service (it only translates), the `PublishStream` driver, connections,
+//!   and the one shutdown path.
+//!
+//! The `tapeline` binary (`src/main.rs`, `src/cli/`) is not part of the library.
+
+pub mod types;
+
+pub mod protocol;
+
+pub mod client;
+
+pub mod error;
+
+pub mod config;
+
+pub mod store;
 
 pub mod broker;
-pub mod cli;
-pub mod client;
-pub mod codec;
-pub mod config;
-pub mod connections;
-pub mod error;
-pub mod grpc;
-pub mod memory;
-pub mod names;
-pub mod quota;
-pub mod record;
+
 pub mod relay;
-pub mod retention;
+
 pub mod server;
-pub mod store;
-pub mod subscription;
-pub mod wire;
 
 pub use error::{Error, Result};

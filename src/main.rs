@@ -1,14 +1,16 @@
 //! The `tapeline` binary: parse the command line, start tracing, run. Nothing else.
 
+mod cli;
+
 use clap::Parser;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = tapeline::cli::Cli::parse();
+    let cli = cli::Cli::parse();
     // The broker logs at info; client commands only speak up for warnings.
     let default = match cli.command {
-        tapeline::cli::Command::Serve(_) => "info",
+        cli::Command::Serve(_) => "info",
         _ => "warn",
     };
     let filter = EnvFilter::try_from_env("TAPELINE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
@@ -23,7 +25,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = match runtime.block_on(tapeline::cli::run(cli)) {
+    let code = match runtime.block_on(cli::run(cli)) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("tapeline: {err}");

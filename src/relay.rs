@@ -15,9 +15,9 @@
 use crate::broker::Broker;
 use crate::client::{Backoff, Delivery, SubscribeOptions, Subscriber};
 use crate::error::{Error, Result};
-use crate::grpc::{self, pb};
-use crate::names::Pattern;
-use crate::record::Tick;
+use crate::config::{Mirror, MirrorFrom};
+use crate::protocol::pb;
+use crate::types::{Pattern, Tick, UpstreamStatus};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,160 +27,6 @@ use tracing::{info, warn};
 /// How often a relay asks its upstream for a heartbeat: the resolution of its lag when quiet.
 const UPSTREAM_HEARTBEAT: Duration = Duration::from_secs(1);
 
-/// Where a mirror starts the first time; afterwards it resumes from what it stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MirrorFrom {
-    /// Everything the upstream has.
-    Beginning,
-    /// What the upstream appends from now on.
-    Now,
-    /// What the upstream appended in this last span of time, then live.
-    Ago(Duration),
-}
-
-impl std::str::FromStr for MirrorFrom {
-    type Err = Error;
-
-    fn from_str(value: &str) -> Result<MirrorFrom> {
-        let wrong = || Error::Config {
-            key: "mirror-from",
-            value: value.to_string(),
-            expected: "beginning, now, or -DURATION such as -10m",
-        };
-        match value {
-            "beginning" => Ok(MirrorFrom::Beginning),
-            "now" => Ok(MirrorFrom::Now),
-            v => {
-                let span = v.strip_prefix('-').ok_or_else(wrong)?;
-                humantime::parse_duration(span).map(MirrorFrom::Ago).map_err(|_| wrong())
-            }
-        }
-    }
-}
-
-/// One upstream and the streams copied from it.
-#[derive(Debug, Clone)]
-pub struct Mirror {
-    /// The upstream's URL (an origin or another relay).
-    pub upstream: String,
-    /// Names or patterns of the mirrored streams.
-    pub patterns: Vec<String>,
-    pub from: MirrorFrom,
-}
-
-impl Mirror {
-    /// Checks the URL and the patterns.
-    pub fn validate(&self) -> Result<()> {
-        tonic::transport::Endpoint::from_shared(self.upstream.clone()).map_err(|_| Error::Config {
-            key: "upstream",
-            value: self.upstream.clone(),
-            expected: "a URL such as http://10.0.0.5:7411",
-        })?;
-        if self.patterns.is_empty() {
-            return Err(Error::Config {
-                key: "mirror",
-                value: String::new(),
-                expected:
-                    "at least one stream name or pattern to mirror from the upstream (--mirror PATTERN)",
-            });
-        }
-        for pattern in &self.patterns {
-            Pattern::parse(pattern)?;
-        }
-        Ok(())
-    }
-}
-
-/// The state of one upstream link as subscribers see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamStatus {
-    pub upstream: String,
-    /// This relay reaches the upstream, and the upstream reaches the origin.
-    pub connected: bool,
-    /// How far behind the origin this relay's copy may be.
-    pub lag: Duration,
-    /// Why the link is down; empty when connected.
-    pub detail: String,
-}
-
-/// What a relay knows of one link; its status is computed from it at any moment.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Link {
-    pub upstream: String,
-    /// This relay's subscription to the upstream is up.
-    pub connected: bool,
-    /// Why it is not.
-    pub detail: String,
-    /// Everything the upstream holds up to this tick is stored here: the last stored record's
-    /// tick, or the tail of an upstream heartbeat or `CaughtUp` that arrived after everything
-    /// before it was stored. A relay's clock may be advanced this far and no further.
-    pub confirmed: Option<Tick>,
-    /// This relay's copy was current as of this time (by the origin's clock): a stored record's
-    /// tick, or an upstream heartbeat's time less the upstream's own lag.
-    pub fresh: Option<Tick>,
-    /// The upstream's own links, as it last reported them (empty for an origin).
-    pub beyond: Vec<UpstreamStatus>,
-}
-
-impl Link {
-    /// A link not connected yet.
-    pub fn new(upstream: &str) -> Link {
-        Link {
-            upstream: upstream.to_string(),
-            connected: false,
-            detail: "not connected yet".into(),
-            confirmed: None,
-            fresh: None,
-            beyond: Vec::new(),
-        }
-    }
-
-    /// The link's status at `now`: the lag is the time since the copy was last known current; a
-    /// link is connected only if every link up to the origin is.
-    pub fn status(&self, now: Tick) -> UpstreamStatus {
-        let lag = match self.fresh {
-            Some(fresh) => Duration::from_nanos(now.0.saturating_sub(fresh.0)),
-            // Never confirmed: as stale as can be told.
-            None => Duration::from_nanos(now.0),
-        };
-        let broken = self.beyond.iter().find(|b| !b.connected);
-        let detail = if !self.connected {
-            self.detail.clone()
-        } else if let Some(b) = broken {
-            format!("{} reports its upstream {} down: {}", self.upstream, b.upstream, b.detail)
-        } else {
-            String::new()
-        };
-        UpstreamStatus {
-            upstream: self.upstream.clone(),
-            connected: self.connected && broken.is_none(),
-            lag,
-            detail,
-        }
-    }
-
-    /// Something arrived: the link is up (only now, not at connection time, so a relay that
-    /// cannot store what it receives does not flap between up and down).
-    fn heard(&mut self) {
-        self.connected = true;
-        self.detail.clear();
-    }
-
-    fn confirm(&mut self, tick: Tick) {
-        self.confirmed = Some(self.confirmed.map_or(tick, |c| c.max(tick)));
-    }
-
-    fn fresh_at(&mut self, tick: Tick) {
-        self.fresh = Some(self.fresh.map_or(tick, |f| f.max(tick)));
-    }
-}
-
-/// The tick every link confirmed: how far a relay's tail may go (`None` before all confirmed).
-pub fn confirmed(links: &[Link]) -> Option<Tick> {
-    links.iter().map(|l| l.confirmed).min().flatten()
-}
-
-/// Copies `mirror` (the broker's mirror number `index`) until `shutdown`.
 pub async fn run(broker: Arc<Broker>, index: usize, mirror: Mirror, shutdown: CancellationToken) {
     let backoff = Backoff::default();
     let mut failures = 0;
@@ -240,7 +86,7 @@ async fn copy(broker: &Broker, index: usize, mirror: &Mirror, stored: &mut bool)
                 // A stream matched by several mirrors belongs to the first: the others skip it.
                 records.retain(|r| broker.mirror_of(&r.stream) == Some(index));
                 if !records.is_empty() {
-                    if let Err(err) = broker.mirror(grpc::incoming(records)).await {
+                    if let Err(err) = broker.mirror(records.into_iter().map(Into::into).collect()).await {
                         return Error::Internal(format!("cannot store what the upstream sends: {err}"));
                     }
                 }
@@ -260,7 +106,7 @@ async fn copy(broker: &Broker, index: usize, mirror: &Mirror, stored: &mut bool)
                 if heartbeat.tail_tick > 0 {
                     link.confirm(Tick(heartbeat.tail_tick));
                 }
-                let beyond: Vec<UpstreamStatus> = heartbeat.upstreams.into_iter().map(status).collect();
+                let beyond: Vec<UpstreamStatus> = heartbeat.upstreams.into_iter().map(Into::into).collect();
                 let upstream_lag = beyond.iter().map(|b| b.lag).max().unwrap_or_default();
                 let lag_ns = u64::try_from(upstream_lag.as_nanos()).unwrap_or(u64::MAX);
                 link.fresh_at(Tick(heartbeat.server_time.saturating_sub(lag_ns)));
@@ -274,7 +120,7 @@ async fn copy(broker: &Broker, index: usize, mirror: &Mirror, stored: &mut bool)
             }),
             Delivery::Upstream(reported) => broker.update_link(index, |link| {
                 link.heard();
-                let reported = status(reported);
+                let reported: UpstreamStatus = reported.into();
                 match link.beyond.iter_mut().find(|b| b.upstream == reported.upstream) {
                     Some(known) => *known = reported,
                     None => link.beyond.push(reported),
@@ -314,55 +160,9 @@ fn stored_positions(broker: &Broker, index: usize) -> (HashMap<String, u64>, Opt
     (positions, newest)
 }
 
-fn status(s: pb::UpstreamStatus) -> UpstreamStatus {
-    UpstreamStatus {
-        upstream: s.upstream,
-        connected: s.connected,
-        lag: Duration::from_nanos(s.lag),
-        detail: s.detail,
-    }
-}
-
 /// Starts one task per mirror of the broker's configuration.
 pub fn spawn_all(broker: &Arc<Broker>, shutdown: &CancellationToken, tasks: &tokio_util::task::TaskTracker) {
     for (index, mirror) in broker.mirrors().iter().cloned().enumerate() {
         tasks.spawn(run(broker.clone(), index, mirror, shutdown.clone()));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mirror_from_parses_and_names_the_rule() {
-        assert_eq!("beginning".parse::<MirrorFrom>().unwrap(), MirrorFrom::Beginning);
-        assert_eq!("now".parse::<MirrorFrom>().unwrap(), MirrorFrom::Now);
-        assert_eq!("-10m".parse::<MirrorFrom>().unwrap(), MirrorFrom::Ago(Duration::from_secs(600)));
-        let err = "yesterday".parse::<MirrorFrom>().unwrap_err().to_string();
-        assert!(err.contains("mirror-from") && err.contains("yesterday"), "{err}");
-    }
-
-    #[test]
-    fn health_and_lag_travel_down() {
-        let mut link = Link::new("http://a");
-        link.connected = true;
-        link.fresh = Some(Tick(500));
-        link.beyond = vec![UpstreamStatus {
-            upstream: "http://origin".into(),
-            connected: false,
-            lag: Duration::from_nanos(500),
-            detail: "refused".into(),
-        }];
-        let status = link.status(Tick(3_000));
-        assert!(!status.connected);
-        assert_eq!(status.lag, Duration::from_nanos(2_500));
-        assert!(
-            status.detail.contains("http://origin") && status.detail.contains("refused"),
-            "{}",
-            status.detail
-        );
-        link.beyond[0].connected = true;
-        assert!(link.status(Tick(3_000)).connected);
     }
 }

@@ -1,312 +1,11 @@
-//! Settings of a broker, their defaults and their validation.
+//! The settings file (TOML): its shape, its documented default, and how it becomes a [`Config`].
+//! A flag given on the command line wins over the file, the file over the default.
 
+use super::{Config, DataDir, Limits, Mirror, Retention, Rule, CHECK_EVERY, VOLATILE_MAX_TOTAL_BYTES};
 use crate::error::{Error, Result};
+use crate::types::{Pattern, Policy};
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
-
-/// Where the log lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DataDir {
-    /// A directory that survives restarts.
-    Path(PathBuf),
-    /// A temporary store, removed when the broker stops.
-    Volatile,
-}
-
-/// When an appended batch is forced to disk, and so when it is acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FsyncPolicy {
-    /// Ack a batch only after the group commit that holds it was flushed (the default).
-    Always,
-    /// Ack at once; flush in the background every interval.
-    Interval(Duration),
-    /// Ack at once; never flush except at shutdown.
-    Never,
-}
-
-impl FromStr for FsyncPolicy {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        let bad = || Error::Config {
-            key: "fsync",
-            value: s.to_string(),
-            expected: "always, never or interval=MS with MS a whole number of milliseconds above 0",
-        };
-        match s {
-            "always" => Ok(FsyncPolicy::Always),
-            "never" => Ok(FsyncPolicy::Never),
-            _ => {
-                let ms = s.strip_prefix("interval=").ok_or_else(bad)?;
-                let ms: u64 = ms.parse().map_err(|_| bad())?;
-                if ms == 0 {
-                    return Err(bad());
-                }
-                Ok(FsyncPolicy::Interval(Duration::from_millis(ms)))
-            }
-        }
-    }
-}
-
-/// The largest batch the broker can be configured to take.
-const MAX_BATCH_BYTES: usize = 1 << 30;
-/// Protobuf framing of one record besides its payload and header text: the stream name (at most
-/// 255 bytes), ticks, CRC and the tags and lengths of every field and map entry.
-const MAX_RECORD_FRAMING: usize = 512;
-
-/// Sizes the broker refuses to exceed, so that one client cannot exhaust memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Largest payload of one record.
-    pub max_record_bytes: usize,
-    /// Largest sum of payloads and headers in one batch.
-    pub max_batch_bytes: usize,
-    /// Most records in one batch.
-    pub max_batch_records: usize,
-    /// Largest sum of header keys and values of one record.
-    pub max_header_bytes: usize,
-    /// Idempotent producers remembered; beyond it the least recently used one is forgotten.
-    pub max_producers: usize,
-    /// Subscriptions running at once; beyond it `Subscribe` is refused.
-    pub max_subscriptions: usize,
-    /// Streams the store holds; a batch that would create more is refused.
-    pub max_streams: usize,
-    /// Client connections at once; calls on connections beyond it are refused.
-    pub max_connections: usize,
-    /// The quota of a subscription that asks for none (record bytes per second).
-    pub subscribe_bytes_per_second: Option<u64>,
-    /// The most a subscription may ask for.
-    pub max_subscribe_bytes_per_second: Option<u64>,
-    /// The quota of each client connection for publishing.
-    pub publish_bytes_per_second: Option<u64>,
-    /// The window quotas are averaged over.
-    pub rate_window: Duration,
-    /// How far behind the live tail a subscription may fall before its slow-consumer policy
-    /// applies, unless it asks for another limit.
-    pub max_lag: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_record_bytes: 4 << 20,
-            max_batch_bytes: 16 << 20,
-            max_batch_records: 65_536,
-            max_header_bytes: 16 << 10,
-            max_producers: 10_000,
-            max_subscriptions: 10_000,
-            max_streams: 1_000_000,
-            max_connections: 10_000,
-            subscribe_bytes_per_second: None,
-            max_subscribe_bytes_per_second: None,
-            publish_bytes_per_second: None,
-            rate_window: Duration::from_secs(5),
-            max_lag: Duration::from_secs(10),
-        }
-    }
-}
-
-impl Limits {
-    /// The largest gRPC message the server must accept: a full batch (payloads and headers) plus
-    /// the framing of each record (stream name, ticks, map entries).
-    pub fn max_message_bytes(&self) -> usize {
-        let framing = self.max_batch_records.saturating_mul(MAX_RECORD_FRAMING);
-        self.max_batch_bytes.saturating_add(framing).saturating_add(1 << 20)
-    }
-
-    /// Checks that the limits are usable together.
-    pub fn validate(&self) -> Result<()> {
-        // A record must fit in one message of any tapeline client (a relay is one).
-        if self.max_record_bytes == 0 || self.max_record_bytes > crate::client::MAX_MESSAGE - (1 << 20) {
-            return Err(Error::Config {
-                key: "max_record_bytes",
-                value: self.max_record_bytes.to_string(),
-                expected: "a size from 1 byte to 255 MiB",
-            });
-        }
-        if self.max_batch_records == 0 {
-            return Err(Error::Config {
-                key: "max_batch_records",
-                value: self.max_batch_records.to_string(),
-                expected: "at least 1",
-            });
-        }
-        if self.max_header_bytes > usize::from(u16::MAX) {
-            return Err(Error::Config {
-                key: "max_header_bytes",
-                value: self.max_header_bytes.to_string(),
-                expected:
-                    "a size of at most 65535 bytes (a header's key and value are stored with 16-bit lengths)",
-            });
-        }
-        if self.max_batch_bytes > MAX_BATCH_BYTES {
-            return Err(Error::Config {
-                key: "max_batch_bytes",
-                value: self.max_batch_bytes.to_string(),
-                expected: "a size of at most 1 GiB",
-            });
-        }
-        if self.max_producers == 0 {
-            return Err(Error::Config {
-                key: "max_producers",
-                value: self.max_producers.to_string(),
-                expected: "at least 1",
-            });
-        }
-        for (key, value) in [
-            ("max_subscriptions", self.max_subscriptions),
-            ("max_streams", self.max_streams),
-            ("max_connections", self.max_connections),
-        ] {
-            if value == 0 {
-                return Err(Error::Config { key, value: "0".into(), expected: "at least 1" });
-            }
-        }
-        for (key, value) in [
-            ("subscribe_bytes_per_second", self.subscribe_bytes_per_second),
-            ("max_subscribe_bytes_per_second", self.max_subscribe_bytes_per_second),
-            ("publish_bytes_per_second", self.publish_bytes_per_second),
-        ] {
-            if value == Some(0) {
-                return Err(Error::Config {
-                    key,
-                    value: "0".into(),
-                    expected: "a rate of at least 1 byte per second (leave it out for no limit)",
-                });
-            }
-        }
-        if self.rate_window < Duration::from_millis(10) || self.rate_window > Duration::from_secs(3600) {
-            return Err(Error::Config {
-                key: "rate_window",
-                value: format!("{:?}", self.rate_window),
-                expected: "a duration from 10ms to 1h",
-            });
-        }
-        if self.max_batch_bytes < self.max_record_bytes {
-            return Err(Error::Config {
-                key: "max_batch_bytes",
-                value: self.max_batch_bytes.to_string(),
-                expected: "at least max_record_bytes",
-            });
-        }
-        Ok(())
-    }
-}
-
-/// Everything a broker needs to run.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Where the log lives.
-    pub data: DataDir,
-    /// When batches are flushed and acknowledged.
-    pub fsync: FsyncPolicy,
-    /// Request size limits.
-    pub limits: Limits,
-    /// How long a subscription may be silent before the server sends a heartbeat.
-    pub heartbeat: Duration,
-    /// Bytes of sled page cache.
-    pub cache_bytes: u64,
-    /// A chunk file is closed, and the next one started, past this many bytes (`store/files.rs`).
-    pub chunk_file_bytes: u64,
-    /// The most the data dir may take on disk; publishing is refused beyond it.
-    pub max_disk_bytes: Option<u64>,
-    /// Free disk space kept in reserve; publishing is refused when a batch would eat into it.
-    pub min_free_disk_bytes: u64,
-    /// Relay mode: the upstreams whose streams this broker copies (read-only here).
-    pub mirrors: Vec<crate::relay::Mirror>,
-    /// What `Hello` tells clients older than a recommended version.
-    pub notice: Option<Notice>,
-    /// What is kept of each stream, and of the whole store.
-    pub retention: crate::retention::Retention,
-}
-
-/// The operator's message to clients older than `recommended_version` (a dotted version such as
-/// `0.3.0`), sent in their `Hello` answer.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Notice {
-    pub recommended_version: String,
-    pub text: String,
-    #[serde(default)]
-    pub url: String,
-}
-
-impl Notice {
-    /// Whether a client of `version` is older than the recommended one. Versions compare by
-    /// their dotted numbers (`0.10.0` > `0.9.2`; a suffix such as `-rc1` is ignored); a client
-    /// that gives no version, or one that cannot be read, is told too.
-    pub fn applies_to(&self, version: &str) -> bool {
-        match (numbers(version), numbers(&self.recommended_version)) {
-            (Some(client), Some(recommended)) => client < recommended,
-            _ => true,
-        }
-    }
-}
-
-/// The dotted numbers of a version, padded to three: `1.2` → [1, 2, 0].
-fn numbers(version: &str) -> Option<Vec<u64>> {
-    let core = version.trim().trim_start_matches('v').split(['-', '+']).next()?;
-    let mut parts = core.split('.').map(|p| p.parse::<u64>().ok()).collect::<Option<Vec<_>>>()?;
-    if parts.is_empty() {
-        return None;
-    }
-    parts.resize(parts.len().max(3), 0);
-    Some(parts)
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            data: DataDir::Path(PathBuf::from("tapeline-data")),
-            fsync: FsyncPolicy::Always,
-            limits: Limits::default(),
-            heartbeat: Duration::from_secs(5),
-            cache_bytes: 256 << 20,
-            chunk_file_bytes: crate::store::files::FILE_BYTES,
-            max_disk_bytes: None,
-            min_free_disk_bytes: 64 << 20,
-            mirrors: Vec::new(),
-            notice: None,
-            retention: crate::retention::Retention::default(),
-        }
-    }
-}
-
-impl Config {
-    /// Checks the settings together.
-    pub fn validate(&self) -> Result<()> {
-        self.limits.validate()?;
-        if self.heartbeat < Duration::from_millis(100) || self.heartbeat > Duration::from_secs(86_400) {
-            return Err(Error::Config {
-                key: "heartbeat",
-                value: format!("{:?}", self.heartbeat),
-                expected: "a duration from 100 ms to 24 h",
-            });
-        }
-        if !(1 << 20..=1 << 30).contains(&self.chunk_file_bytes) {
-            return Err(Error::Config {
-                key: "chunk_file_bytes",
-                value: self.chunk_file_bytes.to_string(),
-                expected: "from 1048576 (1 MiB) to 1073741824 (1 GiB)",
-            });
-        }
-        for mirror in &self.mirrors {
-            mirror.validate()?;
-        }
-        self.retention.validate()?;
-        if let Some(notice) = &self.notice {
-            if numbers(&notice.recommended_version).is_none() {
-                return Err(Error::Config {
-                    key: "notice.recommended_version",
-                    value: notice.recommended_version.clone(),
-                    expected: "a dotted version such as 0.3.0",
-                });
-            }
-        }
-        Ok(())
-    }
-}
 
 /// The settings file (`serve --config FILE`): every key is optional; a flag given on the command
 /// line wins over the file, the file over the default. Unknown keys are refused, so a typo is not
@@ -586,7 +285,7 @@ impl File {
         };
         let mut mirrors = Vec::with_capacity(self.mirror.len());
         for m in &self.mirror {
-            mirrors.push(crate::relay::Mirror {
+            mirrors.push(Mirror {
                 upstream: m.upstream.clone(),
                 patterns: m.streams.clone(),
                 from: m.from.as_deref().unwrap_or("beginning").parse()?,
@@ -600,13 +299,13 @@ impl File {
         let r = &self.retention;
         let mut rules = Vec::with_capacity(r.rule.len());
         for rule in &r.rule {
-            rules.push(crate::retention::Rule {
+            rules.push(Rule {
                 streams: rule
                     .streams
                     .iter()
-                    .map(|p| crate::names::Pattern::parse(p))
-                    .collect::<Result<_>>()?,
-                policy: crate::retention::Policy {
+                    .map(|p| Pattern::parse(p))
+                    .collect::<Result<_, _>>()?,
+                policy: Policy {
                     max_age: rule
                         .max_age
                         .as_deref()
@@ -617,8 +316,8 @@ impl File {
                 },
             });
         }
-        let retention = crate::retention::Retention {
-            default: crate::retention::Policy {
+        let retention = Retention {
+            default: Policy {
                 max_age: r.max_age.as_deref().map(|a| duration("retention.max_age", a)).transpose()?,
                 max_bytes: r.max_bytes,
                 max_records: r.max_records,
@@ -627,10 +326,10 @@ impl File {
             // A volatile store must never fill the disk.
             max_total_bytes: r
                 .max_total_bytes
-                .or((data == DataDir::Volatile).then_some(crate::retention::VOLATILE_MAX_TOTAL_BYTES)),
+                .or((data == DataDir::Volatile).then_some(VOLATILE_MAX_TOTAL_BYTES)),
             check_every: match &r.check_every {
                 Some(text) => duration("retention.check_every", text)?,
-                None => crate::retention::CHECK_EVERY,
+                None => CHECK_EVERY,
             },
         };
         Ok(Config {
@@ -652,19 +351,7 @@ impl File {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fsync_policies_parse() {
-        assert_eq!("always".parse::<FsyncPolicy>().unwrap(), FsyncPolicy::Always);
-        assert_eq!("never".parse::<FsyncPolicy>().unwrap(), FsyncPolicy::Never);
-        assert_eq!(
-            "interval=25".parse::<FsyncPolicy>().unwrap(),
-            FsyncPolicy::Interval(Duration::from_millis(25))
-        );
-        let err = "sometimes".parse::<FsyncPolicy>().unwrap_err().to_string();
-        assert!(err.contains("fsync") && err.contains("sometimes") && err.contains("interval=MS"), "{err}");
-        assert!("interval=0".parse::<FsyncPolicy>().is_err());
-    }
+    use crate::config::{DataDir, FsyncPolicy};
 
     #[test]
     fn the_default_file_gives_the_defaults() {
@@ -701,13 +388,13 @@ mod tests {
                 .unwrap();
         let mirrors = file.config().unwrap().mirrors;
         assert_eq!(mirrors.len(), 1);
-        assert_eq!(mirrors[0].from, crate::relay::MirrorFrom::Now);
+        assert_eq!(mirrors[0].from, crate::config::MirrorFrom::Now);
     }
 
     #[test]
     fn a_volatile_store_is_bounded_unless_told_otherwise() {
         let volatile = File::parse("volatile = true").unwrap().config().unwrap();
-        assert_eq!(volatile.retention.max_total_bytes, Some(crate::retention::VOLATILE_MAX_TOTAL_BYTES));
+        assert_eq!(volatile.retention.max_total_bytes, Some(VOLATILE_MAX_TOTAL_BYTES));
         let chosen =
             File::parse("volatile = true\n[retention]\nmax_total_bytes = 1000\n").unwrap().config().unwrap();
         assert_eq!(chosen.retention.max_total_bytes, Some(1000));

@@ -5,10 +5,16 @@
 //! finish the batches they already handed in, relay tasks stop copying → the broker waits for its
 //! tasks, commits what is queued and flushes the log last.
 
+mod connections;
+mod memory;
+mod publish;
+pub mod service;
+
 use crate::broker::Broker;
+use crate::protocol::{pb, serve};
+use service::Service;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::grpc;
 use futures::StreamExt;
 use std::future::Future;
 use std::sync::Arc;
@@ -61,19 +67,19 @@ async fn serve(
         .map_err(|source| Error::Io { context: "reading the listen address".into(), source })?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<grpc::serve::tapeline_server::TapelineServer<grpc::Service>>().await;
+    health.set_serving::<serve::tapeline_server::TapelineServer<Service>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(grpc::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::Internal(format!("building server reflection: {e}")))?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(grpc::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("building server reflection: {e}")))?;
 
-    let connections = crate::connections::Connections::new(config.limits.max_connections);
+    let connections = connections::Connections::new(config.limits.max_connections);
     let counted = connections.clone();
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
@@ -82,21 +88,21 @@ async fn serve(
         // HTTP/2's default 64 KiB windows let a batch of a few hundred KB cross only after
         // round trips of WINDOW_UPDATEs; larger windows and frames let a publish or a replay
         // batch go in one go (measured: benches/compare, BENCHMARKS.md).
-        .initial_stream_window_size(crate::client::STREAM_WINDOW)
-        .initial_connection_window_size(crate::client::CONNECTION_WINDOW)
-        .max_frame_size(crate::client::FRAME_SIZE)
+        .initial_stream_window_size(crate::protocol::STREAM_WINDOW)
+        .initial_connection_window_size(crate::protocol::CONNECTION_WINDOW)
+        .max_frame_size(crate::protocol::FRAME_SIZE)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(grpc::service(broker.clone(), &config.limits, connections))
+        .add_service(service::service(broker.clone(), &config.limits, connections))
         .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
     info!(%addr, "serving");
     // Relay mode: one task per upstream; the retention trimmer; giving freed memory back. All
     // stopped by the same token as everything else.
     let background = tokio_util::task::TaskTracker::new();
     crate::relay::spawn_all(&broker, &token, &background);
-    crate::retention::spawn(broker.log(), config.retention.clone(), token.clone(), &background);
-    crate::memory::spawn(token.clone(), &background);
+    crate::store::trimmer::spawn(broker.log(), config.retention.clone(), token.clone(), &background);
+    memory::spawn(token.clone(), &background);
     background.close();
 
     tokio::pin!(serve);
@@ -106,7 +112,7 @@ async fn serve(
             info!("shutting down");
             let began = Instant::now();
             token.cancel();
-            health.set_not_serving::<grpc::serve::tapeline_server::TapelineServer<grpc::Service>>().await;
+            health.set_not_serving::<serve::tapeline_server::TapelineServer<Service>>().await;
             let served = match tokio::time::timeout(DRAIN_TIMEOUT, &mut serve).await {
                 Ok(served) => served,
                 Err(_) => {

@@ -28,10 +28,11 @@
 //!   down, and sends heartbeats while it lasts.
 
 use crate::error::{Error, Result};
-use crate::names::Pattern;
-use crate::quota::{Rate, Window};
-use crate::record::{Record, Stored, StreamId, StreamInfo, Tick};
-use crate::relay::{Link, UpstreamStatus};
+use crate::types::Pattern;
+use super::quota::{Rate, Window};
+use crate::types::{Record, Stored, StreamId, StreamInfo, Tick};
+use super::link::{self, Link};
+use crate::types::UpstreamStatus;
 use crate::store::{Commit, Log, Truncation};
 use bytes::Bytes;
 use std::cmp::Reverse;
@@ -343,7 +344,7 @@ fn try_next(
 fn advance_cap(links: &Option<watch::Receiver<Vec<Link>>>) -> Option<Tick> {
     match links {
         None => Some(Tick::now()),
-        Some(links) => crate::relay::confirmed(&links.borrow()),
+        Some(links) => link::confirmed(&links.borrow()),
     }
 }
 

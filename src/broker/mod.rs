@@ -1,15 +1,18 @@
 //! The domain: publish, subscribe and the catalog, with every rule a request must follow.
 //! No gRPC type appears here; `grpc.rs` translates to and from these types.
 
-use crate::config::{Config, Limits};
+pub mod link;
+pub mod quota;
+pub mod subscription;
+
+use crate::config::{Config, Limits, Mirror};
 use crate::error::{Error, Result};
-use crate::names::{Pattern, StreamName};
-use crate::quota::{PerConnection, Rate};
-use crate::record::{NewRecord, StreamInfo, StreamMeta, Tick};
-use crate::relay::{Link, Mirror, UpstreamStatus};
 use crate::store::producers::BatchTag;
 use crate::store::{Appended, Log, Source};
-use crate::subscription::{self, Events, SlowConsumer, Spec, Start};
+use crate::types::{Incoming, NewRecord, Pattern, StreamInfo, StreamMeta, StreamName, Tick, UpstreamStatus};
+use link::Link;
+use quota::{PerConnection, Rate};
+use subscription::{Events, SlowConsumer, Spec, Start};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::future::Future;
@@ -29,23 +32,6 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The fastest pace a subscription may ask for. Far beyond any useful replay speed; it keeps the
 /// delay arithmetic well inside `f64` and `Duration`.
 pub const MAX_PACE: f64 = 1e6;
-
-/// Protocol versions this server speaks; the last is the current one.
-pub const PROTOCOL_VERSIONS: &[u32] = &[1];
-
-/// A record as a publisher sends it, before any rule was checked.
-#[derive(Debug, Clone, Default)]
-pub struct Incoming {
-    pub stream: String,
-    /// 0 lets the broker assign the tick.
-    pub tick: u64,
-    /// 0 when the producer gave none.
-    pub origin_time: u64,
-    pub headers: Vec<(String, String)>,
-    pub payload: Bytes,
-    /// The producer's CRC32 of the payload, checked when present.
-    pub crc32: Option<u32>,
-}
 
 /// A batch as a publisher sends it.
 #[derive(Debug, Clone, Default)]
@@ -117,7 +103,7 @@ pub struct Broker {
     /// Each client connection's publish quota, when there is one.
     publish_quota: PerConnection,
     /// The server's retention settings, to tell a stream's effective retention.
-    retention: crate::retention::Retention,
+    retention: crate::config::Retention,
 }
 
 impl Broker {
@@ -222,7 +208,7 @@ impl Broker {
         if self.mirrors.is_empty() {
             return watermark;
         }
-        crate::relay::confirmed(&self.links.borrow()).map_or(Tick(0), |c| c.min(watermark))
+        link::confirmed(&self.links.borrow()).map_or(Tick(0), |c| c.min(watermark))
     }
 
     /// What is known of mirror `index`'s link.
@@ -439,7 +425,7 @@ impl Broker {
                 )));
             }
         }
-        meta.retention.validate("CreateStream retention")?;
+        crate::config::validate_policy(&meta.retention, "CreateStream retention")?;
         self.log.define(name, meta, update).await
     }
 
@@ -462,7 +448,7 @@ impl Broker {
     }
 
     /// The retention that applies to a stream: its own limits over the server's.
-    pub fn retention_of(&self, stream: &StreamInfo) -> crate::retention::Policy {
+    pub fn retention_of(&self, stream: &StreamInfo) -> crate::types::Policy {
         self.retention.policy_of(stream)
     }
 

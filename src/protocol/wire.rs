@@ -8,8 +8,8 @@
 //! with the generated message (the tests compare the two encodings). Every other event is
 //! prost's own message.
 
-use crate::grpc::pb;
-use crate::record::Record;
+use crate::protocol::pb;
+use crate::types::Record;
 use prost::bytes::{Buf, BufMut};
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, DecodeContext, WireType};
 use prost::DecodeError;
@@ -180,7 +180,7 @@ impl prost::Message for SubscribeResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::Tick;
+    use crate::types::Tick;
     use bytes::Bytes;
     use prost::Message;
     use std::sync::Arc;

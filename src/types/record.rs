@@ -83,7 +83,7 @@ impl Stored {
 /// A record as a publisher hands it in, before the broker assigned its tick.
 #[derive(Debug, Clone)]
 pub struct NewRecord {
-    pub stream: crate::names::StreamName,
+    pub stream: super::StreamName,
     /// An explicit tick (importing a recorded session), or `None` to let the broker assign one.
     pub tick: Option<Tick>,
     pub origin_time: Option<u64>,
@@ -124,7 +124,7 @@ pub struct StreamMeta {
     pub schema_version: String,
     pub description: String,
     /// The stream's own retention; limits it leaves unset come from the server's rules.
-    pub retention: crate::retention::Policy,
+    pub retention: super::Policy,
 }
 
 /// The recent arrival rate of a stream: an exponentially weighted average over about

@@ -4,7 +4,7 @@
 //! pattern is a name in which a segment may be `*` (exactly one segment) and the last segment may
 //! be `**` (any number of trailing segments, including none).
 
-use crate::error::{Error, Result};
+use super::Invalid;
 use std::fmt;
 use std::sync::Arc;
 
@@ -17,8 +17,8 @@ pub struct StreamName(Arc<str>);
 
 impl StreamName {
     /// Checks `name` against the naming rule.
-    pub fn parse(name: &str) -> Result<StreamName> {
-        let invalid = |rule| Err(Error::InvalidName { name: quoted(name), rule });
+    pub fn parse(name: &str) -> Result<StreamName, Invalid> {
+        let invalid = |rule| Err(Invalid::Name { name: quoted(name), rule });
         if name.is_empty() || name.len() > MAX_NAME_BYTES {
             return invalid("a name is 1 to 255 bytes long");
         }
@@ -72,8 +72,8 @@ pub struct Pattern {
 
 impl Pattern {
     /// Checks `pattern` against the pattern rule.
-    pub fn parse(pattern: &str) -> Result<Pattern> {
-        let invalid = |rule| Err(Error::InvalidPattern { pattern: quoted(pattern), rule });
+    pub fn parse(pattern: &str) -> Result<Pattern, Invalid> {
+        let invalid = |rule| Err(Invalid::Pattern { pattern: quoted(pattern), rule });
         if pattern.is_empty() || pattern.len() > MAX_NAME_BYTES {
             return invalid("a pattern is 1 to 255 bytes long");
         }

@@ -1,0 +1,429 @@
+//! The client commands: `publish`, `tail`, `streams`, `create`, `delete`, `info`.
+
+use super::output::{json_line, retention_text, stream_json};
+use super::{CreateArgs, DeleteArgs, PublishArgs, ServerArg, StreamsArgs, TailArgs};
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+use tapeline::client::{self, connect, Delivery, PublishOptions, Publisher, SubscribeOptions, Subscriber};
+use tapeline::protocol::pb;
+use tapeline::types::Tick;
+use tapeline::{Error, Result};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
+
+/// `publish` sends a batch when it holds this many lines or bytes, or when stdin has no more now.
+const PUBLISH_BATCH_LINES: usize = 1000;
+const PUBLISH_BATCH_BYTES: usize = 1 << 20;
+
+fn remote(action: &'static str, status: tonic::Status) -> Error {
+    client::remote(action, &status)
+}
+
+pub async fn publish(args: PublishArgs) -> Result<ExitCode> {
+    tapeline::types::StreamName::parse(&args.stream)?;
+    // Fail at once, with one clear line, when the server cannot be reached at all.
+    greet(&args.server.server).await?;
+    let mut publisher = Publisher::start(PublishOptions::new(args.server.server.clone()));
+    let batches = publisher.batches().expect("a new publisher takes batches");
+    publisher.finish();
+    let stream = args.stream.clone();
+    // Reads stdin and sends batches from its own task, while this one takes the acks: whatever
+    // lines are already there go out together, up to the batch limits, so an interactive line
+    // goes out at once and a pipe goes out in large batches.
+    let sender = tokio::spawn(async move {
+        let (lines_tx, mut lines) = mpsc::channel::<Vec<u8>>(PUBLISH_BATCH_LINES);
+        let read = tokio::spawn(async move {
+            let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+            loop {
+                let mut line = Vec::new();
+                match stdin.read_until(b'\n', &mut line).await {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {
+                        if line.last() == Some(&b'\n') {
+                            line.pop();
+                            if line.last() == Some(&b'\r') {
+                                line.pop();
+                            }
+                        }
+                        if lines_tx.send(line).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Err(source) => {
+                        return Err(Error::Io { context: "reading standard input".into(), source })
+                    }
+                }
+            }
+        });
+        let mut sent = 0u64;
+        while let Some(first) = lines.recv().await {
+            let mut bytes = first.len();
+            let mut batch = vec![first];
+            while batch.len() < PUBLISH_BATCH_LINES && bytes < PUBLISH_BATCH_BYTES {
+                match lines.try_recv() {
+                    Ok(line) => {
+                        bytes += line.len();
+                        batch.push(line);
+                    }
+                    Err(_) => break,
+                }
+            }
+            sent += batch.len() as u64;
+            let records = batch
+                .into_iter()
+                .map(|payload| pb::Record {
+                    stream: stream.clone(),
+                    payload: payload.into(),
+                    ..Default::default()
+                })
+                .collect();
+            batches.send(records).await?;
+        }
+        match read.await {
+            Ok(result) => result.map(|()| sent),
+            Err(e) => Err(Error::Internal(format!("stdin reader failed: {e}"))),
+        }
+    });
+    let (mut acked, mut first, mut last) = (0u64, None, None);
+    let mut failure = None;
+    while let Some(ack) = publisher.ack().await {
+        match ack {
+            Ok(ack) => {
+                acked += ack.ticks.len() as u64;
+                first = first.or(ack.ticks.first().copied());
+                last = ack.ticks.last().copied().or(last);
+            }
+            Err(err) => {
+                // Send nothing more; the batches already sent are still answered and counted.
+                sender.abort();
+                failure.get_or_insert(err.to_string());
+            }
+        }
+    }
+    let sent = match sender.await {
+        Ok(Ok(sent)) => Some(sent),
+        // Stopped because of the refusal reported below, or aborted for it.
+        Ok(Err(_)) | Err(_) if failure.is_some() => None,
+        Ok(Err(err)) => return Err(err),
+        Err(e) => return Err(Error::Internal(format!("the publishing task failed: {e}"))),
+    };
+    let range = match (first, last) {
+        (Some(a), Some(b)) => format!(", ticks {a}..{b}"),
+        _ => String::new(),
+    };
+    let noun = if acked == 1 { "record" } else { "records" };
+    eprintln!("published {acked} {noun} to {}{range}", args.stream);
+    if let Some(failure) = failure {
+        eprintln!("tapeline: {failure}");
+        return Ok(ExitCode::FAILURE);
+    }
+    if sent != Some(acked) {
+        eprintln!("tapeline: {} records were read but only {acked} acknowledged", sent.unwrap_or(0));
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Parses a point in time given as a tick or an RFC 3339 time.
+fn parse_point(flag: &'static str, value: &str) -> Result<Tick> {
+    if let Ok(tick) = value.parse::<u64>() {
+        return Ok(Tick(tick));
+    }
+    let time = humantime::parse_rfc3339_weak(value).map_err(|_| Error::Config {
+        key: flag,
+        value: value.to_string(),
+        expected: "beginning, now, a tick (nanoseconds since the epoch), -DURATION such as -5m, or an RFC 3339 time",
+    })?;
+    let ns = time.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    Ok(Tick(ns))
+}
+
+/// Parses `--pace`: `instant` is `None`; `original` is 1; `FACTORx` or a bare number is that
+/// factor, which must be finite and above 0 (the server checks its upper bound).
+pub fn parse_pace(value: &str) -> Result<Option<f64>> {
+    let factor = match value {
+        "instant" => return Ok(None),
+        "original" => Ok(1.0),
+        v => v.strip_suffix('x').unwrap_or(v).parse::<f64>(),
+    };
+    match factor {
+        Ok(f) if f.is_finite() && f > 0.0 => Ok(Some(f)),
+        _ => Err(Error::Config {
+            key: "--pace",
+            value: value.to_string(),
+            expected: "instant, original, or a speed factor above 0 such as 2x, 0.5x or 3",
+        }),
+    }
+}
+
+fn parse_from(value: &str) -> Result<pb::subscribe_request::Start> {
+    use pb::subscribe_request::Start;
+    Ok(match value {
+        "beginning" => Start::Beginning(pb::Beginning {}),
+        "now" => Start::Now(pb::Now {}),
+        v if v.starts_with('-') => {
+            let ago = humantime::parse_duration(&v[1..]).map_err(|_| Error::Config {
+                key: "--from",
+                value: v.to_string(),
+                expected: "a duration such as -30s, -5m or -2h",
+            })?;
+            Start::At(Tick(Tick::now().0.saturating_sub(ago.as_nanos() as u64)).0)
+        }
+        v => Start::At(parse_point("--from", v)?.0),
+    })
+}
+
+pub async fn tail(args: TailArgs) -> Result<ExitCode> {
+    use pb::subscribe_request::Start;
+    let pace = parse_pace(&args.pace)?.unwrap_or(0.0);
+    let start = match (&args.from, args.after) {
+        (Some(from), _) => parse_from(from)?,
+        (None, Some(after)) => Start::After(after),
+        (None, None) => Start::Beginning(pb::Beginning {}),
+    };
+    let end = match args.to.as_deref() {
+        // Says hello for the operator's notice; a server that is down now is waited for below.
+        None => match greet(&args.servers[0]).await {
+            Err(Error::Remote { action: "connect", .. }) => None,
+            Err(err) => return Err(err),
+            Ok(_) => None,
+        },
+        // "now" is the server's latest committed tick: exact, whatever the clocks say.
+        Some("now") => Some(greet(&args.servers[0]).await?.tail_tick),
+        Some(v) => Some(parse_point("--to", v)?.0),
+    };
+    if args.limit == Some(0) {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // `--after T --to now` when T is already the tail: there is nothing to print, not an error.
+    if let (Some("now"), Some(end), Start::After(after)) = (args.to.as_deref(), end, &start) {
+        if end <= *after {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    let options = SubscribeOptions {
+        endpoints: args.servers.clone(),
+        end,
+        pace,
+        max_bytes_per_second: args.max_bytes_per_second.unwrap_or(0),
+        slow_consumer: match args.slow_consumer.as_str() {
+            "latest" => pb::SlowConsumer::Latest,
+            "disconnect" => pb::SlowConsumer::Disconnect,
+            _ => pb::SlowConsumer::CatchUp,
+        },
+        ..SubscribeOptions::new(String::new(), args.patterns, start)
+    };
+    let mut subscriber = Subscriber::new(options)?;
+    let raw = args.output == "raw";
+    let mut printed = 0u64;
+    let stdout = std::io::stdout();
+    loop {
+        let records = match subscriber.next().await {
+            None => return Ok(ExitCode::SUCCESS),
+            Some(Err(err)) => {
+                eprintln!("tapeline: {err}");
+                return Ok(ExitCode::FAILURE);
+            }
+            Some(Ok(Delivery::Records(records))) => records,
+            Some(Ok(Delivery::Disconnected { endpoint, cause, retry_in })) => {
+                eprintln!("tapeline: lost {endpoint} ({cause}); resuming in {retry_in:.1?}");
+                continue;
+            }
+            Some(Ok(Delivery::Upstream(u))) => {
+                if u.connected {
+                    eprintln!("tapeline: the server's upstream {} is connected", u.upstream);
+                } else {
+                    eprintln!("tapeline: the server's upstream {} is down: {}", u.upstream, u.detail);
+                }
+                continue;
+            }
+            Some(Ok(Delivery::Gap(g))) => {
+                eprintln!(
+                    "tapeline: {}: skipped {} records (ticks {} to {}) to keep up with the live tail",
+                    g.stream, g.records, g.from_tick, g.to_tick
+                );
+                continue;
+            }
+            Some(Ok(Delivery::Truncated(t))) => {
+                eprintln!(
+                    "tapeline: {}: records up to tick {} were removed by retention; continuing from tick {}",
+                    t.stream, t.through, t.earliest_available
+                );
+                continue;
+            }
+            Some(Ok(_)) => continue,
+        };
+        let mut out = stdout.lock();
+        for record in records {
+            let written = if raw {
+                out.write_all(&record.payload).and_then(|()| out.write_all(b"\n"))
+            } else {
+                writeln!(out, "{}", json_line(&record))
+            };
+            if written.is_err() {
+                // The reader went away (e.g. `| head`): nothing left to do.
+                return Ok(ExitCode::SUCCESS);
+            }
+            printed += 1;
+            if args.limit == Some(printed) {
+                let _ = out.flush();
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+        if out.flush().is_err() {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+}
+
+
+pub async fn create(args: CreateArgs) -> Result<ExitCode> {
+    greet(&args.server.server).await?;
+    let max_age = match &args.max_age {
+        Some(text) => humantime::parse_duration(text).map_err(|_| Error::Config {
+            key: "--max-age",
+            value: text.clone(),
+            expected: "a duration such as 90s, 12h or 7d",
+        })?,
+        None => Duration::ZERO,
+    };
+    let request = pb::CreateStreamRequest {
+        stream: args.stream,
+        content_type: args.content_type,
+        schema_version: args.schema_version,
+        description: args.description,
+        retention: Some(pb::Retention {
+            max_age_ms: u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX),
+            max_bytes: args.max_bytes.unwrap_or(0),
+            max_records: args.max_records.unwrap_or(0),
+        }),
+        update: args.update,
+    };
+    let mut client = connect(&args.server.server).await?;
+    let info = client.create_stream(request).await.map_err(|s| remote("create", s))?.into_inner();
+    println!("{}", stream_json(&info));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn delete(args: DeleteArgs) -> Result<ExitCode> {
+    greet(&args.server.server).await?;
+    let mut client = connect(&args.server.server).await?;
+    let request = pb::DeleteStreamRequest { stream: args.stream };
+    let info = client.delete_stream(request).await.map_err(|s| remote("delete", s))?.into_inner();
+    println!("{}", stream_json(&info));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn streams(args: StreamsArgs) -> Result<ExitCode> {
+    let server = &args.server.server;
+    greet(server).await?;
+    let mut client = connect(server).await?;
+    let list = client
+        .list_streams(pb::ListStreamsRequest::default())
+        .await
+        .map_err(|s| remote("streams", s))?
+        .into_inner();
+    if args.output == "json" {
+        let all: Vec<serde_json::Value> = list.streams.iter().map(stream_json).collect();
+        println!("{}", serde_json::Value::Array(all));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let width = list.streams.iter().map(|s| s.name.len()).max().unwrap_or(4).max(6);
+    // A relay also shows where each mirrored stream comes from and how fresh it is.
+    let relay = list.streams.iter().any(|s| !s.upstream.is_empty());
+    let mut header = format!(
+        "{:<width$}  {:>10}  {:>12}  {:>20}  {:>20}  {:>9}  {:<16}  {}",
+        "STREAM", "RECORDS", "BYTES", "FIRST_TICK", "LAST_TICK", "RECORDS/S", "RETENTION", "TYPE"
+    );
+    if relay {
+        header.push_str("  UPSTREAM  LAG");
+    }
+    println!("{header}");
+    for s in list.streams {
+        let mut line = format!(
+            "{:<width$}  {:>10}  {:>12}  {:>20}  {:>20}  {:>9.1}  {:<16}  {}",
+            s.name,
+            s.records,
+            s.bytes,
+            s.first_tick,
+            s.last_tick,
+            s.records_per_second,
+            retention_text(&s.effective_retention),
+            if s.content_type.is_empty() { "-" } else { &s.content_type }
+        );
+        if let Some(status) = s.upstream_status.filter(|_| relay) {
+            let lag = Duration::from_millis(status.lag / 1_000_000);
+            let state = if status.connected { String::new() } else { format!(" (down: {})", status.detail) };
+            line.push_str(&format!("  {}  {}{state}", s.upstream, humantime::format_duration(lag)));
+        }
+        println!("{line}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Says hello as this CLI (its protocol and version) and prints the operator's notice if the
+/// server has one for this version. Fails with one clear line when the server cannot be reached
+/// or does not speak this protocol.
+async fn greet(server: &str) -> Result<pb::HelloResponse> {
+    let mut client = connect(server).await?;
+    let hello = pb::HelloRequest {
+        protocol_version: tapeline::protocol::PROTOCOL_VERSIONS[tapeline::protocol::PROTOCOL_VERSIONS.len() - 1],
+        client_name: "tapeline-cli".into(),
+        client_version: env!("CARGO_PKG_VERSION").into(),
+        client_id: String::new(),
+    };
+    let answer = client.hello(hello).await.map_err(|s| remote("hello", s))?.into_inner();
+    if let Some(notice) = &answer.notice {
+        let url = if notice.url.is_empty() { String::new() } else { format!(" ({})", notice.url) };
+        eprintln!(
+            "tapeline: notice from {server}: {}{url} [this is tapeline {}; {} is recommended]",
+            notice.text,
+            env!("CARGO_PKG_VERSION"),
+            notice.recommended_version
+        );
+    }
+    Ok(answer)
+}
+
+pub async fn info(args: ServerArg) -> Result<ExitCode> {
+    let info = greet(&args.server).await?;
+    println!("server          {}", args.server);
+    println!("server id       {}", info.server_id);
+    println!("version         {}", info.server_version);
+    println!("protocol        {} (supported: {:?})", info.protocol_version, info.protocol_versions);
+    println!("tail tick       {}", info.tail_tick);
+    Ok(ExitCode::SUCCESS)
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn points_in_time() {
+        assert_eq!(parse_point("--to", "42").unwrap(), Tick(42));
+        assert_eq!(parse_point("--to", "1970-01-01T00:00:01Z").unwrap(), Tick(1_000_000_000));
+        let err = parse_point("--to", "yesterday").unwrap_err().to_string();
+        assert!(err.contains("--to") && err.contains("yesterday"), "{err}");
+        assert!(matches!(parse_from("-5m").unwrap(), pb::subscribe_request::Start::At(_)));
+    }
+
+    #[test]
+    fn paces() {
+        assert_eq!(parse_pace("instant").unwrap(), None);
+        assert_eq!(parse_pace("original").unwrap(), Some(1.0));
+        assert_eq!(parse_pace("2x").unwrap(), Some(2.0));
+        assert_eq!(parse_pace("0.5x").unwrap(), Some(0.5));
+        assert_eq!(parse_pace("3").unwrap(), Some(3.0));
+        for bad in ["fast", "0x", "-2x", "x", "NaNx", "infx", "2xx", ""] {
+            let err = parse_pace(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("--pace") && err.contains(&format!("{bad:?}")) && err.contains("such as 2x"),
+                "{bad}: {err}"
+            );
+        }
+    }
+}
+

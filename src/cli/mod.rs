@@ -1,0 +1,300 @@
+//! The `tapeline` command line: the clap definitions and the dispatch. `serve` is in [`serve`],
+//! the offline commands (`verify`, `recover`) in [`offline`], the client commands in [`commands`],
+//! and how they print records and streams in [`output`].
+
+mod commands;
+mod offline;
+mod output;
+mod serve;
+
+use commands::{create, delete, info, publish, streams, tail};
+use offline::{recover, verify};
+use serve::serve;
+
+use tapeline::config;
+use tapeline::{Error, Result};
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+
+/// tapeline: a persistent-log store-and-forward broker.
+#[derive(Debug, Parser)]
+#[command(name = "tapeline", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker.
+    Serve(ServeArgs),
+    /// Publish each line of standard input as one record of STREAM.
+    Publish(PublishArgs),
+    /// Print records of the streams matching PATTERN..., replayed then live.
+    Tail(TailArgs),
+    /// List the streams of a server: a table, or JSON for scripts.
+    Streams(StreamsArgs),
+    /// Create a stream with its metadata and retention (or change them with --update).
+    Create(CreateArgs),
+    /// Delete a stream and every record of it.
+    Delete(DeleteArgs),
+    /// Show a server's identity, version and protocol versions.
+    Info(ServerArg),
+    /// Print a settings file with every default, each explained (for `serve --config`).
+    Config,
+    /// Check every stored record of a data dir (no broker may be serving it). Exits 0 when all
+    /// is intact, 2 when damage was found, naming each damaged stream and tick range.
+    Verify(VerifyArgs),
+    /// Copy every readable record of a damaged data dir into a new one (no broker may be
+    /// serving it); works even when the storage engine cannot open the old one.
+    Recover(RecoverArgs),
+}
+
+/// Flags of `verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The data dir to check.
+    #[arg(long)]
+    pub data: PathBuf,
+}
+
+/// Flags of `recover`.
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    /// The damaged data dir; only read.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// A new data dir to create (it must not exist or be empty).
+    #[arg(long)]
+    pub into: PathBuf,
+}
+
+/// Flags of `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Settings file (TOML; `tapeline config` prints one with every default). Flags win over it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed)
+    /// [default: 127.0.0.1:7411].
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Data directory [default: tapeline-data].
+    #[arg(long, conflicts_with = "volatile")]
+    pub data: Option<PathBuf>,
+    /// Keep the log in a temporary store, removed at exit.
+    #[arg(long)]
+    pub volatile: bool,
+    /// When a batch is forced to disk before it is acknowledged: always, interval=MS or never
+    /// [default: always].
+    #[arg(long)]
+    pub fsync: Option<String>,
+    /// Largest payload of one record, in bytes [default: 4 MiB].
+    #[arg(long)]
+    pub max_record_bytes: Option<usize>,
+    /// Largest sum of payloads and headers in one batch, in bytes [default: 16 MiB].
+    #[arg(long)]
+    pub max_batch_bytes: Option<usize>,
+    /// Silence after which a subscriber gets a heartbeat, e.g. 5s, 500ms [default: 5s].
+    #[arg(long)]
+    pub heartbeat: Option<String>,
+    /// The most bytes the data dir may take; publishing is refused beyond (RESOURCE_EXHAUSTED).
+    #[arg(long)]
+    pub max_disk_bytes: Option<u64>,
+    /// Free disk space kept in reserve; publishing is refused when a batch would eat into it
+    /// [default: 64 MiB].
+    #[arg(long)]
+    pub min_free_disk_bytes: Option<u64>,
+    /// Relay mode: the tapeline to copy streams from (an origin or another relay). Several
+    /// upstreams: `[[mirror]]` tables in the settings file.
+    #[arg(long, requires = "mirror")]
+    pub upstream: Option<String>,
+    /// A stream name or pattern to copy from the upstream (repeat for several); read-only here.
+    #[arg(long, requires = "upstream")]
+    pub mirror: Vec<String>,
+    /// Where mirroring starts the first time: beginning, now or -DURATION (e.g. -10m). Afterwards
+    /// the relay resumes from what it stored [default: beginning].
+    #[arg(long, allow_hyphen_values = true, requires = "upstream")]
+    pub mirror_from: Option<String>,
+    /// Retention: each stream keeps records younger than this, e.g. 7d, 12h (rules for some
+    /// streams: `[[retention.rule]]` in the settings file) [default: forever].
+    #[arg(long)]
+    pub retention_max_age: Option<String>,
+    /// Retention: each stream keeps at most this many payload bytes [default: no limit].
+    #[arg(long)]
+    pub retention_max_bytes: Option<u64>,
+    /// Retention: each stream keeps at most this many records [default: no limit].
+    #[arg(long)]
+    pub retention_max_records: Option<u64>,
+    /// Retention: the whole store keeps at most this many payload bytes, oldest records first
+    /// [default: no limit; 1 GiB with --volatile].
+    #[arg(long)]
+    pub retention_max_total_bytes: Option<u64>,
+}
+
+impl ServeArgs {
+    /// The flags as settings that win over the file's.
+    fn settings(&self) -> config::File {
+        config::File {
+            listen: self.listen.clone(),
+            data: self.data.clone(),
+            volatile: self.volatile.then_some(true),
+            fsync: self.fsync.clone(),
+            heartbeat: self.heartbeat.clone(),
+            cache_bytes: None,
+            chunk_file_bytes: None,
+            max_disk_bytes: self.max_disk_bytes,
+            min_free_disk_bytes: self.min_free_disk_bytes,
+            limits: config::FileLimits {
+                max_record_bytes: self.max_record_bytes,
+                max_batch_bytes: self.max_batch_bytes,
+                ..Default::default()
+            },
+            mirror: match &self.upstream {
+                Some(upstream) => vec![config::FileMirror {
+                    upstream: upstream.clone(),
+                    streams: self.mirror.clone(),
+                    from: self.mirror_from.clone(),
+                }],
+                None => Vec::new(),
+            },
+            notice: None,
+            retention: config::FileRetention {
+                max_age: self.retention_max_age.clone(),
+                max_bytes: self.retention_max_bytes,
+                max_records: self.retention_max_records,
+                max_total_bytes: self.retention_max_total_bytes,
+                ..Default::default()
+            },
+        }
+    }
+}
+
+/// The server a client command talks to.
+#[derive(Debug, Args)]
+pub struct ServerArg {
+    /// Server URL.
+    #[arg(long, default_value = "http://127.0.0.1:7411")]
+    pub server: String,
+}
+
+/// Flags of `streams`.
+#[derive(Debug, Args)]
+pub struct StreamsArgs {
+    #[command(flatten)]
+    pub server: ServerArg,
+    /// Output: table (for people) or json (one array, for scripts).
+    #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+    pub output: String,
+}
+
+/// Flags of `create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The stream's name.
+    pub stream: String,
+    #[command(flatten)]
+    pub server: ServerArg,
+    /// The payloads' type, e.g. application/json or "application/x-protobuf; messageType=pkg.Msg".
+    #[arg(long, default_value = "")]
+    pub content_type: String,
+    #[arg(long, default_value = "")]
+    pub schema_version: String,
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// The stream keeps records younger than this (e.g. 7d) [default: the server's].
+    #[arg(long)]
+    pub max_age: Option<String>,
+    /// The stream keeps at most this many payload bytes [default: the server's].
+    #[arg(long)]
+    pub max_bytes: Option<u64>,
+    /// The stream keeps at most this many records [default: the server's].
+    #[arg(long)]
+    pub max_records: Option<u64>,
+    /// Change the metadata of an existing stream (its records stay).
+    #[arg(long)]
+    pub update: bool,
+}
+
+/// Flags of `delete`.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// The stream to delete.
+    pub stream: String,
+    #[command(flatten)]
+    pub server: ServerArg,
+}
+
+/// Flags of `publish`.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Stream to publish into; created on first publish.
+    pub stream: String,
+    #[command(flatten)]
+    pub server: ServerArg,
+}
+
+/// Flags of `tail`.
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// Stream names or patterns (`*` one segment, trailing `**` any number).
+    #[arg(required = true)]
+    pub patterns: Vec<String>,
+    /// Server URL; repeat to give servers of the same origin (the origin, its relays) to fail
+    /// over between: positions are valid at each.
+    #[arg(long = "server", default_value = "http://127.0.0.1:7411")]
+    pub servers: Vec<String>,
+    /// Start: beginning, now, a tick, -DURATION (e.g. -5m) or an RFC 3339 time. Default: beginning.
+    #[arg(long, allow_hyphen_values = true, conflicts_with = "after")]
+    pub from: Option<String>,
+    /// Start strictly after this tick (to resume: the last tick you printed).
+    #[arg(long)]
+    pub after: Option<u64>,
+    /// Stop after this point (inclusive): now, a tick or an RFC 3339 time.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Stop after this many records.
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// Output: json (one object per line) or raw (the payload and a newline).
+    #[arg(long, default_value = "json", value_parser = ["json", "raw"])]
+    pub output: String,
+    /// Delivery speed: instant, original (the recorded timing of the ticks) or a factor such as
+    /// 2x or 0.5x; the replay then continues live at the same pace.
+    #[arg(long, default_value = "instant")]
+    pub pace: String,
+    /// Receive at most this many record bytes per second, averaged over the server's window
+    /// [default: the server's quota, if any].
+    #[arg(long)]
+    pub max_bytes_per_second: Option<u64>,
+    /// When this tail cannot keep up with the live streams: catch-up (lag, and read from
+    /// storage), latest (skip to the newest records; a line says what was skipped) or disconnect
+    /// (and resume).
+    #[arg(long, default_value = "catch-up", value_parser = ["catch-up", "latest", "disconnect"])]
+    pub slow_consumer: String,
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Publish(args) => publish(args).await,
+        Command::Tail(args) => tail(args).await,
+        Command::Streams(args) => streams(args).await,
+        Command::Create(args) => create(args).await,
+        Command::Delete(args) => delete(args).await,
+        Command::Info(args) => info(args).await,
+        Command::Config => {
+            print!("{}", config::DEFAULT_FILE);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify(args) => verify(args),
+        Command::Recover(args) => recover(args).await,
+    }
+}
+
