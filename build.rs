@@ -6,25 +6,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe { std::env::set_var("PROTOC", protoc) };
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     let protos = ["proto/tapeline/v1/tapeline.proto"];
-    // The messages and the client (`grpc::pb`).
+    // The messages and the client (`protocol::pb`).
     tonic_prost_build::configure()
         .build_server(false)
         .file_descriptor_set_path(out.join("tapeline_descriptor.bin"))
         .bytes(".tapeline.v1.Record.payload")
-        .codec_path("crate::codec::Codec")
+        .codec_path("crate::protocol::codec::Codec")
         .compile_protos(&protos, &["proto"])?;
     // The server, on the same messages except the one it sends most: a `SubscribeResponse` is
-    // encoded by hand straight from the broker's records (`src/wire.rs`), with no intermediate
+    // encoded by hand straight from the broker's records (`src/protocol/wire.rs`), with no intermediate
     // `pb::Record` per record. Clients decode it as the ordinary message.
     let server = out.join("server");
     std::fs::create_dir_all(&server)?;
     tonic_prost_build::configure()
         .build_client(false)
         .out_dir(&server)
-        .extern_path(".tapeline.v1", "crate::grpc::pb")
-        .extern_path(".tapeline.v1.SubscribeResponse", "crate::wire::SubscribeResponse")
-        // Prost's codec plus a count of a publish's records before it is decoded (src/codec.rs).
-        .codec_path("crate::codec::Codec")
+        .extern_path(".tapeline.v1", "crate::protocol::pb")
+        .extern_path(".tapeline.v1.SubscribeResponse", "crate::protocol::wire::SubscribeResponse")
+        // Prost's codec plus a count of a publish's records before it is decoded (src/protocol/codec.rs).
+        .codec_path("crate::protocol::codec::Codec")
         .compile_protos(&protos, &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

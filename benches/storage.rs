@@ -10,9 +10,9 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 use tapeline::config::{Config, DataDir, FsyncPolicy};
-use tapeline::names::StreamName;
-use tapeline::record::{NewRecord, Tick};
 use tapeline::store::Log;
+use tapeline::types::StreamName;
+use tapeline::types::{NewRecord, Tick};
 
 const RECORD_BYTES: usize = 256;
 const CACHE: u64 = 256 << 20;
@@ -189,8 +189,7 @@ fn encode(c: &mut Criterion) {
     group.throughput(Throughput::Elements(256));
     group.bench_function("chunk_256_records", |b| {
         b.iter(|| {
-            let mut encoder =
-                tapeline::store::chunk::ChunkEncoder::new("bench", tapeline::record::StreamId(0), 0, 0);
+            let mut encoder = tapeline::store::ChunkEncoder::new("bench", tapeline::types::StreamId(0), 0, 0);
             for tick in 1..=256 {
                 encoder.push(Tick(tick), None, &[], &payload, crc32);
             }

@@ -1,20 +1,17 @@
-//! The one error enum of the library.
+//! The error of the server side: settings, store, broker, server and relay. (The types layer
+//! and the client have their own.)
 //!
 //! Every variant carries the values a user needs to fix the problem, and its message names the rule
-//! that was broken. `grpc.rs` maps each variant to exactly one gRPC status code.
+//! that was broken. `server/status.rs` maps each variant to exactly one gRPC status code.
 
-use crate::record::Tick;
+use crate::types::Tick;
 
 /// Everything that can go wrong inside tapeline.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A stream name broke the naming rule.
-    #[error("invalid stream name {name:?}: {rule}")]
-    InvalidName { name: String, rule: &'static str },
-
-    /// A subscription pattern broke the pattern rule.
-    #[error("invalid pattern {pattern:?}: {rule}")]
-    InvalidPattern { pattern: String, rule: &'static str },
+    /// A stream name or pattern broke its rule.
+    #[error(transparent)]
+    Invalid(#[from] crate::types::Invalid),
 
     /// The settings file is not valid TOML of the expected shape.
     #[error("settings file {path:?}: {detail}")]
@@ -36,14 +33,9 @@ pub enum Error {
     #[error("record of stream {stream:?} has {count} headers of {size} bytes, over the limit of {limit} bytes (max_header_bytes)")]
     HeadersTooLarge { stream: String, count: usize, size: usize, limit: usize },
 
-    /// A batch holds too many records or bytes.
-    #[error("batch of {value} {what} is over the limit of {limit} {what} ({setting})")]
-    BatchTooLarge { what: &'static str, value: usize, limit: usize, setting: &'static str },
-
-    /// A batch would take too much memory once decoded (found before decoding it): many records or
-    /// header entries that are tiny on the wire.
-    #[error("batch of {records} records with {entries} header entries would take about {decoded} bytes of memory once decoded, over the limit of {limit} bytes (max_message_bytes, from max_batch_bytes and max_batch_records): send fewer records or fewer headers per batch")]
-    BatchTooHeavy { records: usize, entries: usize, decoded: usize, limit: usize },
+    /// A batch holds too many records or bytes, or would take too much memory once decoded.
+    #[error(transparent)]
+    Batch(#[from] crate::protocol::codec::TooLarge),
 
     /// A record was published to a relay, which only copies its upstream.
     #[error("stream {stream:?} cannot be published here: this broker is a relay of {upstream} and is read-only; publish to the upstream")]
@@ -138,5 +130,14 @@ pub enum Error {
     ShuttingDown,
 }
 
-/// The library's result type.
+impl From<crate::client::Error> for Error {
+    fn from(err: crate::client::Error) -> Error {
+        match err {
+            crate::client::Error::InvalidArgument(detail) => Error::InvalidArgument(detail),
+            crate::client::Error::Remote { action, detail } => Error::Remote { action, detail },
+        }
+    }
+}
+
+/// The server side's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

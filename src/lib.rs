@@ -30,16 +30,23 @@ pub mod protocol;
 
 pub mod client;
 
+#[cfg(feature = "server")]
 pub mod error;
 
+#[cfg(feature = "server")]
 pub mod config;
 
+#[cfg(feature = "server")]
 pub mod store;
 
-pub mod broker;
+#[cfg(feature = "server")]
+mod broker;
 
-pub mod relay;
+#[cfg(feature = "server")]
+mod relay;
 
+#[cfg(feature = "server")]
 pub mod server;
 
+#[cfg(feature = "server")]
 pub use error::{Error, Result};

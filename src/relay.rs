@@ -8,16 +8,16 @@
 //! its last tick, and for streams it has never seen, the newest tick it stored. Since the upstream
 //! delivers in `(tick, stream)` order, that resumes with no gap and no duplicate.
 //!
-//! The task also keeps its [`Link`]: whether the upstream is reachable, up to which tick the
+//! The task also keeps its [`Link`](crate::broker::link::Link): whether the upstream is reachable, up to which tick the
 //! upstream confirmed this relay has everything (records and heartbeats), and what the upstream
 //! reported of its own links, so health and lag travel down a chain of relays.
 
 use crate::broker::Broker;
 use crate::client::{Backoff, Delivery, SubscribeOptions, Subscriber};
-use crate::error::{Error, Result};
 use crate::config::{Mirror, MirrorFrom};
+use crate::error::Error;
 use crate::protocol::pb;
-use crate::types::{Pattern, Tick, UpstreamStatus};
+use crate::types::{Tick, UpstreamStatus};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +27,7 @@ use tracing::{info, warn};
 /// How often a relay asks its upstream for a heartbeat: the resolution of its lag when quiet.
 const UPSTREAM_HEARTBEAT: Duration = Duration::from_secs(1);
 
+/// Copies `mirror` (the broker's mirror number `index`) until `shutdown`.
 pub async fn run(broker: Arc<Broker>, index: usize, mirror: Mirror, shutdown: CancellationToken) {
     let backoff = Backoff::default();
     let mut failures = 0;
@@ -72,17 +73,17 @@ async fn copy(broker: &Broker, index: usize, mirror: &Mirror, stored: &mut bool)
     info!(upstream = %mirror.upstream, streams = positions.len(), after = ?newest, "mirroring");
     let mut upstream = match Subscriber::new(options) {
         Ok(s) => s.resume_from(positions, newest),
-        Err(err) => return err,
+        Err(err) => return err.into(),
     };
     loop {
         let delivery = match upstream.next().await {
             Some(Ok(delivery)) => delivery,
-            Some(Err(err)) => return err,
+            Some(Err(err)) => return err.into(),
             None => return Error::Internal("the upstream subscription ended".into()),
         };
         match delivery {
             Delivery::Records(mut records) => {
-                let Some(last) = records.last().map(|r| Tick(r.tick)) else { continue };
+                let Some(last) = records.last().map(|r| r.tick) else { continue };
                 // A stream matched by several mirrors belongs to the first: the others skip it.
                 records.retain(|r| broker.mirror_of(&r.stream) == Some(index));
                 if !records.is_empty() {

@@ -82,8 +82,6 @@ pub fn confirmed(links: &[Link]) -> Option<Tick> {
     links.iter().map(|l| l.confirmed).min().flatten()
 }
 
-/// Copies `mirror` (the broker's mirror number `index`) until `shutdown`.
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,17 +7,17 @@ pub mod subscription;
 
 use crate::config::{Config, Limits, Mirror};
 use crate::error::{Error, Result};
-use crate::store::producers::BatchTag;
-use crate::store::{Appended, Log, Source};
+use crate::protocol::codec::TooLarge;
+use crate::protocol::PROTOCOL_VERSIONS;
+use crate::store::{Appended, BatchTag, Log, Source};
 use crate::types::{Incoming, NewRecord, Pattern, StreamInfo, StreamMeta, StreamName, Tick, UpstreamStatus};
 use link::Link;
 use quota::{PerConnection, Rate};
-use subscription::{Events, SlowConsumer, Spec, Start};
-use bytes::Bytes;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use subscription::{Events, SlowConsumer, Spec, Start};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -113,7 +113,8 @@ impl Broker {
         let log = Log::open(config)?;
         let mut mirrors = Vec::with_capacity(config.mirrors.len());
         for mirror in &config.mirrors {
-            let patterns = mirror.patterns.iter().map(|p| Pattern::parse(p)).collect::<Result<Vec<_>>>()?;
+            let patterns =
+                mirror.patterns.iter().map(|p| Pattern::parse(p)).collect::<Result<Vec<_>, _>>()?;
             mirrors.push((mirror.clone(), patterns));
         }
         let mut links: Vec<Link> = config.mirrors.iter().map(|m| Link::new(&m.upstream)).collect();
@@ -216,12 +217,6 @@ impl Broker {
         self.links.borrow().get(index).cloned()
     }
 
-    /// The state of every upstream link now (empty on an origin).
-    pub fn upstreams(&self) -> Vec<UpstreamStatus> {
-        let now = Tick::now();
-        self.links.borrow().iter().map(|l| l.status(now)).collect()
-    }
-
     /// The upstream `stream` is mirrored from and that link's state now.
     pub fn upstream_of(&self, stream: &str) -> Option<UpstreamStatus> {
         let index = self.mirror_of(stream)?;
@@ -249,12 +244,12 @@ impl Broker {
             return Err(Error::InvalidArgument("a batch must hold at least one record".into()));
         }
         if batch.len() > limits.max_batch_records {
-            return Err(Error::BatchTooLarge {
+            return Err(Error::Batch(TooLarge::Count {
                 what: "records",
                 value: batch.len(),
                 limit: limits.max_batch_records,
                 setting: "max_batch_records",
-            });
+            }));
         }
         // Headers count with payloads: both are what the batch makes the broker hold and store.
         let total: usize = batch
@@ -262,12 +257,12 @@ impl Broker {
             .map(|r| r.payload.len() + r.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>())
             .sum();
         if total > limits.max_batch_bytes {
-            return Err(Error::BatchTooLarge {
+            return Err(Error::Batch(TooLarge::Count {
                 what: "bytes",
                 value: total,
                 limit: limits.max_batch_bytes,
                 setting: "max_batch_bytes",
-            });
+            }));
         }
         let mut names: HashMap<String, StreamName> = HashMap::new();
         let mut records = Vec::with_capacity(batch.len());
@@ -335,7 +330,7 @@ impl Broker {
                 "a subscription must name at least one stream or pattern".into(),
             ));
         }
-        let selectors = request.streams.iter().map(|s| Pattern::parse(s)).collect::<Result<Vec<_>>>()?;
+        let selectors = request.streams.iter().map(|s| Pattern::parse(s)).collect::<Result<Vec<_>, _>>()?;
         let mut resume = HashMap::with_capacity(request.resume.len());
         for (name, tick) in request.resume {
             StreamName::parse(&name)?;

@@ -27,13 +27,13 @@
 //!   due waits behind it; the wait ends at once when the client goes away or the broker shuts
 //!   down, and sends heartbeats while it lasts.
 
-use crate::error::{Error, Result};
-use crate::types::Pattern;
-use super::quota::{Rate, Window};
-use crate::types::{Record, Stored, StreamId, StreamInfo, Tick};
 use super::link::{self, Link};
-use crate::types::UpstreamStatus;
+use super::quota::{Rate, Window};
+use crate::error::{Error, Result};
 use crate::store::{Commit, Log, Truncation};
+use crate::types::Pattern;
+use crate::types::UpstreamStatus;
+use crate::types::{Record, Stored, StreamId, StreamInfo, Tick};
 use bytes::Bytes;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -51,17 +51,16 @@ const READ_WINDOW: usize = 1024;
 const READ_BUDGET: usize = 65_536;
 /// A record batch is sent when it holds this many records or weighs this much (see `weight`).
 /// Why 128 KiB: a lagging subscriber holds a batch being built, the batches in its outbox, and
-/// what tonic and h2 buffer of the batches taken, all in units of a batch. With 1 MiB (in practice
-/// 1,024 records of 256 B, 300 KiB) and a 512 KiB outbox, 100 subscribers lagging at 50 k
-/// records/s took the broker to 204–276 MiB (6 runs); with 128 KiB and 256 KiB, 149–192 MiB
-/// (3 runs), while replay to one subscriber stayed at 1.0–1.3 M records/s.
+/// what tonic and h2 buffer of the batches taken, all in units of a batch, so the batch's weight
+/// sets a lagging subscriber's memory; 128 KiB is still large enough for a replay at full speed
+/// (BENCHMARKS.md, "Smaller subscription batches").
 const BATCH_RECORDS: usize = 1024;
 const BATCH_BYTES: usize = 128 << 10;
 /// Events waiting for the client.
 const OUTBOX: usize = 8;
 /// What the record batches waiting for the client may weigh together (see `weight`): room for
-/// many small batches at the live tail, but for only two full ones when a subscriber lags. Why:
-/// with up to 8 full batches each, 100 lagging subscribers held 721 MiB.
+/// many small batches at the live tail, but for only two full ones when a subscriber lags, since
+/// a lagging subscriber's outbox is always full.
 const OUTBOX_BYTES: usize = 256 << 10;
 
 /// Where a subscription starts, for streams the resume map does not name.

@@ -17,7 +17,7 @@ const PUBLISH_BATCH_LINES: usize = 1000;
 const PUBLISH_BATCH_BYTES: usize = 1 << 20;
 
 fn remote(action: &'static str, status: tonic::Status) -> Error {
-    client::remote(action, &status)
+    client::remote(action, &status).into()
 }
 
 pub async fn publish(args: PublishArgs) -> Result<ExitCode> {
@@ -72,7 +72,7 @@ pub async fn publish(args: PublishArgs) -> Result<ExitCode> {
             sent += batch.len() as u64;
             let records = batch
                 .into_iter()
-                .map(|payload| pb::Record {
+                .map(|payload| client::Incoming {
                     stream: stream.clone(),
                     payload: payload.into(),
                     ..Default::default()
@@ -277,7 +277,6 @@ pub async fn tail(args: TailArgs) -> Result<ExitCode> {
     }
 }
 
-
 pub async fn create(args: CreateArgs) -> Result<ExitCode> {
     greet(&args.server.server).await?;
     let max_age = match &args.max_age {
@@ -368,7 +367,8 @@ pub async fn streams(args: StreamsArgs) -> Result<ExitCode> {
 async fn greet(server: &str) -> Result<pb::HelloResponse> {
     let mut client = connect(server).await?;
     let hello = pb::HelloRequest {
-        protocol_version: tapeline::protocol::PROTOCOL_VERSIONS[tapeline::protocol::PROTOCOL_VERSIONS.len() - 1],
+        protocol_version: tapeline::protocol::PROTOCOL_VERSIONS
+            [tapeline::protocol::PROTOCOL_VERSIONS.len() - 1],
         client_name: "tapeline-cli".into(),
         client_version: env!("CARGO_PKG_VERSION").into(),
         client_id: String::new(),
@@ -395,7 +395,6 @@ pub async fn info(args: ServerArg) -> Result<ExitCode> {
     println!("tail tick       {}", info.tail_tick);
     Ok(ExitCode::SUCCESS)
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -426,4 +425,3 @@ mod tests {
         }
     }
 }
-

@@ -11,14 +11,11 @@ use commands::{create, delete, info, publish, streams, tail};
 use offline::{recover, verify};
 use serve::serve;
 
-use tapeline::config;
-use tapeline::{Error, Result};
 use clap::{Args, Parser, Subcommand};
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
-
+use tapeline::config;
+use tapeline::Result;
 
 /// tapeline: a persistent-log store-and-forward broker.
 #[derive(Debug, Parser)]
@@ -297,4 +294,3 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Recover(args) => recover(args).await,
     }
 }
-

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use tapeline::Result;
 
 pub fn verify(args: VerifyArgs) -> Result<ExitCode> {
-    let report = tapeline::store::integrity::verify(&args.data)?;
+    let report = tapeline::store::verify(&args.data)?;
     println!(
         "verified {} commit records, {} streams, {} chunks, {} intact records: {} damaged ranges",
         report.commit_records,
@@ -27,7 +27,7 @@ pub fn verify(args: VerifyArgs) -> Result<ExitCode> {
 }
 
 pub async fn recover(args: RecoverArgs) -> Result<ExitCode> {
-    let done = tapeline::store::integrity::recover(&args.data, &args.into).await?;
+    let done = tapeline::store::recover(&args.data, &args.into).await?;
     println!(
         "recovered {} records of {} streams into {} ({}); {} damaged ranges skipped",
         done.records,
@@ -45,4 +45,3 @@ pub async fn recover(args: RecoverArgs) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
-

@@ -1,18 +1,20 @@
 //! How the client commands print records and streams.
 
+use std::time::Duration;
+use tapeline::client::Record;
 use tapeline::protocol::pb;
 
 /// One record as a JSON line: `{"stream":…,"tick":…,"payload":…}`, the payload as a string when it
 /// is UTF-8 and as `payload_base64` otherwise; `origin_time` and `headers` when present.
-pub fn json_line(record: &pb::Record) -> String {
+pub fn json_line(record: &Record) -> String {
     use base64::Engine;
     let text = |s: &str| serde_json::Value::from(s).to_string();
     let mut line = format!("{{\"stream\":{},\"tick\":{}", text(&record.stream), record.tick);
-    if record.origin_time != 0 {
-        line.push_str(&format!(",\"origin_time\":{}", record.origin_time));
+    if let Some(origin_time) = record.origin_time {
+        line.push_str(&format!(",\"origin_time\":{origin_time}"));
     }
     if !record.headers.is_empty() {
-        let headers: std::collections::BTreeMap<_, _> = record.headers.iter().collect();
+        let headers: std::collections::BTreeMap<_, _> = record.headers.iter().map(|(k, v)| (k, v)).collect();
         line.push_str(&format!(",\"headers\":{}", serde_json::to_string(&headers).unwrap_or_default()));
     }
     match std::str::from_utf8(&record.payload) {
@@ -60,18 +62,25 @@ pub fn retention_text(r: &Option<pb::Retention>) -> String {
     format!("{age}/{}/{}", number(r.max_bytes), number(r.max_records))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn json_lines() {
-        let record =
-            pb::Record { stream: "a/b".into(), tick: 7, payload: "hi \"x\"".into(), ..Default::default() };
+        let record = Record::from(pb::Record {
+            stream: "a/b".into(),
+            tick: 7,
+            payload: "hi \"x\"".into(),
+            ..Default::default()
+        });
         assert_eq!(json_line(&record), r#"{"stream":"a/b","tick":7,"payload":"hi \"x\""}"#);
-        let record =
-            pb::Record { stream: "a".into(), tick: 1, payload: vec![0xff, 0].into(), ..Default::default() };
+        let record = Record::from(pb::Record {
+            stream: "a".into(),
+            tick: 1,
+            payload: vec![0xff, 0].into(),
+            ..Default::default()
+        });
         assert_eq!(json_line(&record), r#"{"stream":"a","tick":1,"payload_base64":"/wA="}"#);
     }
 }

@@ -1,7 +1,9 @@
 //! `serve`: the broker, until SIGINT or SIGTERM.
 
 use super::ServeArgs;
+use std::io::Write;
 use std::process::ExitCode;
+use tapeline::config;
 use tapeline::{Error, Result};
 
 pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
@@ -51,4 +53,3 @@ pub async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
-

@@ -107,4 +107,3 @@ impl Backoff {
         half + ceiling.saturating_sub(half).mul_f64(rand::random::<f64>())
     }
 }
-

@@ -68,11 +68,11 @@ pub struct Publisher {
 /// A handle that sends batches into a [`Publisher`]; the input ends when the publisher was
 /// finished and every handle dropped.
 #[derive(Debug, Clone)]
-pub struct Batches(mpsc::Sender<Vec<pb::Record>>);
+pub struct Batches(mpsc::Sender<Vec<Incoming>>);
 
 impl Batches {
     /// Queues a batch; waits while the window is full. Fails only if the publisher has stopped.
-    pub async fn send(&self, records: Vec<pb::Record>) -> Result<()> {
+    pub async fn send(&self, records: Vec<Incoming>) -> Result<()> {
         self.0
             .send(records)
             .await
@@ -95,7 +95,7 @@ impl Publisher {
 
     /// Queues a batch; waits while the window is full. Fails only if the publisher has stopped
     /// or was finished.
-    pub async fn send(&self, records: Vec<pb::Record>) -> Result<()> {
+    pub async fn send(&self, records: Vec<Incoming>) -> Result<()> {
         match &self.batches {
             Some(batches) => batches.send(records).await,
             None => Err(Error::Remote { action: "publish", detail: "the publisher was finished".into() }),
@@ -123,7 +123,7 @@ impl Publisher {
 struct Pipeline {
     options: PublishOptions,
     /// `None` once the application finished.
-    input: Option<mpsc::Receiver<Vec<pb::Record>>>,
+    input: Option<mpsc::Receiver<Vec<Incoming>>>,
     acks: mpsc::Sender<Result<Ack>>,
     /// Sent and not yet acknowledged, in order.
     in_flight: VecDeque<pb::PublishRequest>,
@@ -211,7 +211,7 @@ impl Pipeline {
                     };
                     *sequence = (*sequence + 1).max(micros_now());
                     let request = pb::PublishRequest {
-                        records,
+                        records: records.into_iter().map(Into::into).collect(),
                         batch_id: *sequence,
                         producer_id: self.options.producer_id.clone(),
                         sequence: *sequence,
@@ -229,7 +229,7 @@ impl Pipeline {
 }
 
 /// The next batch, or `None` when the input ended (or was already gone).
-async fn recv(input: &mut Option<mpsc::Receiver<Vec<pb::Record>>>) -> Option<Vec<pb::Record>> {
+async fn recv(input: &mut Option<mpsc::Receiver<Vec<Incoming>>>) -> Option<Vec<Incoming>> {
     match input {
         Some(input) => input.recv().await,
         None => None,

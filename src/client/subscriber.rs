@@ -55,7 +55,7 @@ impl SubscribeOptions {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Delivery {
     /// Records in `(tick, stream)` order, each delivered once across reconnections.
-    Records(Vec<pb::Record>),
+    Records(Vec<Record>),
     /// The replay reached the tail of the server it came from.
     CaughtUp(u64),
     Heartbeat(pb::Heartbeat),
@@ -307,7 +307,7 @@ impl Subscriber {
                         continue;
                     }
                     self.positions.insert(record.stream.clone(), record.tick);
-                    fresh.push(record);
+                    fresh.push(Record::from(record));
                 }
                 // Only the server knows how far the delivery is complete (a relay of several
                 // upstreams may send records past what a slower one confirmed): not the ticks.
@@ -358,4 +358,3 @@ impl Subscriber {
         })
     }
 }
-

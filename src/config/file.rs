@@ -1,7 +1,9 @@
 //! The settings file (TOML): its shape, its documented default, and how it becomes a [`Config`].
 //! A flag given on the command line wins over the file, the file over the default.
 
-use super::{Config, DataDir, Limits, Mirror, Retention, Rule, CHECK_EVERY, VOLATILE_MAX_TOTAL_BYTES};
+use super::{
+    Config, DataDir, Limits, Mirror, Notice, Retention, Rule, CHECK_EVERY, VOLATILE_MAX_TOTAL_BYTES,
+};
 use crate::error::{Error, Result};
 use crate::types::{Pattern, Policy};
 use std::path::PathBuf;
@@ -300,11 +302,7 @@ impl File {
         let mut rules = Vec::with_capacity(r.rule.len());
         for rule in &r.rule {
             rules.push(Rule {
-                streams: rule
-                    .streams
-                    .iter()
-                    .map(|p| Pattern::parse(p))
-                    .collect::<Result<_, _>>()?,
+                streams: rule.streams.iter().map(|p| Pattern::parse(p)).collect::<Result<_, _>>()?,
                 policy: Policy {
                     max_age: rule
                         .max_age
@@ -351,7 +349,7 @@ impl File {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{DataDir, FsyncPolicy};
+    use crate::config::DataDir;
 
     #[test]
     fn the_default_file_gives_the_defaults() {

@@ -67,3 +67,17 @@ impl Mirror {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_from_parses_and_names_the_rule() {
+        assert_eq!("beginning".parse::<MirrorFrom>().unwrap(), MirrorFrom::Beginning);
+        assert_eq!("now".parse::<MirrorFrom>().unwrap(), MirrorFrom::Now);
+        assert_eq!("-10m".parse::<MirrorFrom>().unwrap(), MirrorFrom::Ago(Duration::from_secs(600)));
+        let err = "yesterday".parse::<MirrorFrom>().unwrap_err().to_string();
+        assert!(err.contains("mirror-from") && err.contains("yesterday"), "{err}");
+    }
+}

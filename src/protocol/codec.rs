@@ -14,9 +14,7 @@
 //! serves several brokers (the tests do) screens at the largest of their limits, which bounds
 //! memory all the same; each broker still enforces its own limits exactly after decoding.
 
-use crate::config::Limits;
-use crate::error::Error;
-use crate::grpc::{pb, status};
+use super::pb;
 use std::any::TypeId;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tonic::codec::{DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -33,10 +31,24 @@ const ENTRY_COST: usize = 96;
 static MAX_RECORDS: AtomicUsize = AtomicUsize::new(0);
 static MAX_DECODED: AtomicUsize = AtomicUsize::new(0);
 
-/// Registers a broker's limits with the screen (keeping the largest seen in this process).
-pub fn admit(limits: &Limits) {
-    MAX_RECORDS.fetch_max(limits.max_batch_records, Ordering::Relaxed);
-    MAX_DECODED.fetch_max(limits.max_message_bytes(), Ordering::Relaxed);
+/// A batch over a size limit: refused by the screen before decoding, or by the broker after.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TooLarge {
+    /// A batch holds too many records or bytes.
+    #[error("batch of {value} {what} is over the limit of {limit} {what} ({setting})")]
+    Count { what: &'static str, value: usize, limit: usize, setting: &'static str },
+
+    /// A batch would take too much memory once decoded (found before decoding it): many records or
+    /// header entries that are tiny on the wire.
+    #[error("batch of {records} records with {entries} header entries would take about {decoded} bytes of memory once decoded, over the limit of {limit} bytes (max_message_bytes, from max_batch_bytes and max_batch_records): send fewer records or fewer headers per batch")]
+    Heavy { records: usize, entries: usize, decoded: usize, limit: usize },
+}
+
+/// Registers a broker's limits with the screen (keeping the largest seen in this process): records
+/// per batch, and bytes a decoded publish may take.
+pub fn admit(max_records: usize, max_decoded: usize) {
+    MAX_RECORDS.fetch_max(max_records, Ordering::Relaxed);
+    MAX_DECODED.fetch_max(max_decoded, Ordering::Relaxed);
 }
 
 /// Prost's codec with the publish screen on the decoding side; used by the generated code.
@@ -99,7 +111,8 @@ impl<U: prost::Message + Default + 'static> Decoder for Screened<U> {
             let max_records = MAX_RECORDS.load(Ordering::Relaxed);
             let max_decoded = MAX_DECODED.load(Ordering::Relaxed);
             if max_records > 0 {
-                screen(buf.chunk(), max_records, max_decoded).map_err(|e| status(&e))?;
+                screen(buf.chunk(), max_records, max_decoded)
+                    .map_err(|e| Status::resource_exhausted(e.to_string()))?;
             }
         }
         self.0.decode(buf)
@@ -114,7 +127,7 @@ impl<U: prost::Message + Default + 'static> Decoder for Screened<U> {
 /// each, and refuses the batch when there are more than `max_records` records or when decoding it
 /// would allocate more than `max_decoded` bytes besides the message itself. Malformed bytes are
 /// let through: prost's decoder refuses them with its own precise error.
-pub fn screen(message: &[u8], max_records: usize, max_decoded: usize) -> Result<(), Error> {
+pub fn screen(message: &[u8], max_records: usize, max_decoded: usize) -> Result<(), TooLarge> {
     let (mut records, mut entries) = (0usize, 0usize);
     let mut fields = Fields(message);
     while let Some(Some((number, value))) = fields.next_field() {
@@ -131,7 +144,7 @@ pub fn screen(message: &[u8], max_records: usize, max_decoded: usize) -> Result<
         }
     }
     if records > max_records {
-        return Err(Error::BatchTooLarge {
+        return Err(TooLarge::Count {
             what: "records",
             value: records,
             limit: max_records,
@@ -140,7 +153,7 @@ pub fn screen(message: &[u8], max_records: usize, max_decoded: usize) -> Result<
     }
     let decoded = records.saturating_mul(RECORD_COST).saturating_add(entries.saturating_mul(ENTRY_COST));
     if decoded > max_decoded {
-        return Err(Error::BatchTooHeavy { records, entries, decoded, limit: max_decoded });
+        return Err(TooLarge::Heavy { records, entries, decoded, limit: max_decoded });
     }
     Ok(())
 }

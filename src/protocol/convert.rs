@@ -37,13 +37,14 @@ impl From<pb::Record> for Record {
     fn from(r: pb::Record) -> Record {
         let mut headers: Vec<(String, String)> = r.headers.into_iter().collect();
         headers.sort_unstable();
+        let crc32 = r.crc32.unwrap_or_else(|| crc32fast::hash(&r.payload));
         Record {
             stream: Arc::from(r.stream),
             tick: Tick(r.tick),
             origin_time: (r.origin_time != 0).then_some(r.origin_time),
             headers,
             payload: r.payload,
-            crc32: r.crc32.unwrap_or_else(|| crc32fast::hash(&r.payload)),
+            crc32,
         }
     }
 }

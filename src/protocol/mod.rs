@@ -4,6 +4,7 @@
 
 pub mod codec;
 mod convert;
+#[cfg(feature = "server")]
 pub mod wire;
 
 /// The generated protocol types and client.
@@ -14,6 +15,7 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tapeline_descriptor");
 }
 
+#[cfg(feature = "server")]
 /// The generated server: the messages of [`pb`], except that it sends
 /// [`wire::SubscribeResponse`] (see `build.rs`).
 pub mod serve {

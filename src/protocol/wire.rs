@@ -1,9 +1,8 @@
 //! The server's `SubscribeResponse`, encoded by hand.
 //!
-//! Why: a subscription sends most of what the broker sends, and with prost's generated message
-//! each record was first copied into a `pb::Record` (a `String` for its stream name, a map for
-//! its headers), encoded, then dropped; with 100 subscribers that was a fifth of the server's CPU.
-//! Here a batch of records is encoded straight from the broker's [`Record`]s, with each record's
+//! Why: a subscription sends most of what the broker sends, and prost's generated message would
+//! first copy each record into a `pb::Record` (a `String` for its stream name, a map for its
+//! headers), encode it, then drop it, for every subscriber. Here a batch of records is encoded straight from the broker's [`Record`]s, with each record's
 //! length computed once. The bytes are the protocol's `SubscribeResponse`: clients decode them
 //! with the generated message (the tests compare the two encodings). Every other event is
 //! prost's own message.

@@ -8,14 +8,15 @@
 mod connections;
 mod memory;
 mod publish;
-pub mod service;
+mod service;
+mod status;
 
 use crate::broker::Broker;
-use crate::protocol::{pb, serve};
-use service::Service;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::protocol::{pb, serve};
 use futures::StreamExt;
+use service::Service;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -87,7 +88,7 @@ async fn serve(
     let serve = tonic::transport::Server::builder()
         // HTTP/2's default 64 KiB windows let a batch of a few hundred KB cross only after
         // round trips of WINDOW_UPDATEs; larger windows and frames let a publish or a replay
-        // batch go in one go (measured: benches/compare, BENCHMARKS.md).
+        // batch go in one go.
         .initial_stream_window_size(crate::protocol::STREAM_WINDOW)
         .initial_connection_window_size(crate::protocol::CONNECTION_WINDOW)
         .max_frame_size(crate::protocol::FRAME_SIZE)
@@ -101,7 +102,7 @@ async fn serve(
     // stopped by the same token as everything else.
     let background = tokio_util::task::TaskTracker::new();
     crate::relay::spawn_all(&broker, &token, &background);
-    crate::store::trimmer::spawn(broker.log(), config.retention.clone(), token.clone(), &background);
+    crate::store::spawn_trimmer(broker.log(), config.retention.clone(), token.clone(), &background);
     memory::spawn(token.clone(), &background);
     background.close();
 

@@ -1,20 +1,44 @@
 //! The `PublishStream` driver: reads a client's batches, hands them to the broker in order, and
 //! answers each with its ack, in submission order.
 
-use super::service::{ack, status, BoxStream};
+use super::status::status;
 use crate::broker::{Batch, Broker};
 use crate::error::Error;
 use crate::protocol::{pb, PUBLISH_WINDOW};
 use crate::store::Appended;
 use futures::future::BoxFuture;
+use futures::stream::Stream;
 use futures::stream::{FuturesOrdered, StreamExt};
+use std::pin::Pin;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status, Streaming};
 use tracing::debug;
 
+/// A response stream of the service.
+pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+pub fn ack(batch_id: u64, result: Result<Appended, Error>) -> pb::PublishAck {
+    match result {
+        Ok(a) => pb::PublishAck {
+            batch_id,
+            ticks: a.ticks.into_iter().map(|t| t.0).collect(),
+            error: None,
+            duplicate: a.duplicate,
+        },
+        Err(err) => {
+            let status = status(&err);
+            let error = pb::BatchError { code: status.code() as i32, message: status.message().to_string() };
+            pb::PublishAck { batch_id, ticks: Vec::new(), error: Some(error), duplicate: false }
+        }
+    }
+}
+
 /// The acks of one `PublishStream` call, in the order its batches were sent.
-pub fn acks(broker: Arc<Broker>, request: Request<Streaming<pb::PublishRequest>>) -> BoxStream<pb::PublishAck> {
+pub fn acks(
+    broker: Arc<Broker>,
+    request: Request<Streaming<pb::PublishRequest>>,
+) -> BoxStream<pb::PublishAck> {
     let flow = PublishFlow {
         from: request.remote_addr(),
         requests: request.into_inner(),

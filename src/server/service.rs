@@ -2,56 +2,20 @@
 //! one place. No rule lives here.
 
 use super::connections::Connections;
-use super::publish::{self, batch};
+use super::publish::{self, ack, batch, BoxStream};
+use super::status::status;
 use crate::broker::subscription::{Event, SlowConsumer, Start};
 use crate::broker::{Broker, SubscribeRequest};
 use crate::config::Limits;
 use crate::error::Error;
 use crate::protocol::{codec, pb, serve, wire};
-use crate::store::Appended;
 use crate::types::StreamMeta;
-use futures::stream::{Stream, StreamExt};
-use std::pin::Pin;
+use futures::stream::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
-use tonic::{Code, Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
-
-
-/// The one mapping from a domain error to a gRPC status.
-pub fn status(err: &Error) -> Status {
-    let code = match err {
-        Error::Invalid(_)
-        | Error::InvalidArgument(_)
-        | Error::EndBeforeStart { .. } => Code::InvalidArgument,
-        Error::RecordTooLarge { .. }
-        | Error::HeadersTooLarge { .. }
-        | Error::BatchTooLarge { .. }
-        | Error::BatchTooHeavy { .. }
-        | Error::SlowConsumer { .. }
-        | Error::TooMany { .. }
-        | Error::DiskFull { .. }
-        | Error::NoRoom { .. } => Code::ResourceExhausted,
-        Error::TickNotAfter { .. }
-        | Error::TickAhead { .. }
-        | Error::UnsupportedProtocol { .. }
-        | Error::SequenceNotAfter { .. }
-        | Error::Mirrored { .. } => Code::FailedPrecondition,
-        Error::SequenceReused { .. } | Error::StreamExists { .. } => Code::AlreadyExists,
-        Error::UnknownStream(_) => Code::NotFound,
-        Error::DataLoss { .. } | Error::DamagedPointer { .. } => Code::DataLoss,
-        Error::ShuttingDown | Error::LogFailed { .. } => Code::Unavailable,
-        Error::Storage(_)
-        | Error::Open { .. }
-        | Error::Io { .. }
-        | Error::Config { .. }
-        | Error::ConfigFile { .. }
-        | Error::Remote { .. }
-        | Error::Internal(_) => Code::Internal,
-    };
-    Status::new(code, err.to_string())
-}
 
 /// The `tapeline.v1.Tapeline` service, ready to be added to a tonic server. Every call on a
 /// connection accepted over `max_connections` is refused.
@@ -63,7 +27,7 @@ pub fn service(
     serve::tapeline_server::TapelineServer<Service>,
     impl tonic::service::Interceptor + Clone,
 > {
-    codec::admit(limits);
+    codec::admit(limits.max_batch_records, limits.max_message_bytes());
     let server = serve::tapeline_server::TapelineServer::new(Service { broker })
         .max_decoding_message_size(limits.max_message_bytes())
         .max_encoding_message_size(usize::MAX);
@@ -100,33 +64,16 @@ fn event(e: Event) -> wire::SubscribeResponse {
             earliest_available: earliest.map_or(0, |t| t.0),
             through: through.0,
         }),
-        Event::StreamChanged { info, deleted } => {
-            E::StreamChanged(pb::StreamChanged { stream: Some(pb::StreamInfo::new(info, None, None)), deleted })
-        }
+        Event::StreamChanged { info, deleted } => E::StreamChanged(pb::StreamChanged {
+            stream: Some(pb::StreamInfo::new(info, None, None)),
+            deleted,
+        }),
         Event::Gap { stream, records, from, to } => {
             E::Gap(pb::Gap { stream: stream.to_string(), records, from_tick: from.0, to_tick: to.0 })
         }
     };
     wire::SubscribeResponse::Other(Box::new(pb::SubscribeResponse { event: Some(event) }))
 }
-
-pub(super) fn ack(batch_id: u64, result: Result<Appended, Error>) -> pb::PublishAck {
-    match result {
-        Ok(a) => pb::PublishAck {
-            batch_id,
-            ticks: a.ticks.into_iter().map(|t| t.0).collect(),
-            error: None,
-            duplicate: a.duplicate,
-        },
-        Err(err) => {
-            let status = status(&err);
-            let error = pb::BatchError { code: status.code() as i32, message: status.message().to_string() };
-            pb::PublishAck { batch_id, ticks: Vec::new(), error: Some(error), duplicate: false }
-        }
-    }
-}
-
-pub(super) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl serve::tapeline_server::Tapeline for Service {

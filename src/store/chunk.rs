@@ -23,7 +23,7 @@
 //! walks over is checked, so a damaged tick or length can never steer a read, and nothing that
 //! fails a check is ever returned as a record.
 
-use crate::record::{Stored, StreamId, Tick};
+use crate::types::{Stored, StreamId, Tick};
 
 /// Marks the start of every chunk, so that chunks can be found in raw bytes.
 pub const MAGIC: &[u8; 4] = b"TPLC";

@@ -34,7 +34,7 @@
 
 use super::le::{Put, Reader};
 use super::producers::{self, BatchTag};
-use crate::record::{StreamId, StreamMeta, Tick};
+use crate::types::{StreamId, StreamMeta, Tick};
 use std::sync::Arc;
 
 /// Starts every chunk file.
@@ -257,6 +257,13 @@ pub struct Checkpoint {
     pub streams: Vec<(Defined, Removed)>,
     /// Each idempotent producer's state, as `producers::Producers::encode` writes it.
     pub producers: Vec<(Arc<str>, Vec<u8>)>,
+}
+
+impl Checkpoint {
+    /// A new random identity for a broker whose data dir has none yet.
+    pub fn new_server_id() -> String {
+        format!("{:016x}", rand::random::<u64>())
+    }
 }
 
 /// What a record says, besides its data.

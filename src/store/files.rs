@@ -28,9 +28,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-/// A chunk file is closed, and a new one started, once it holds this many bytes (by default:
-/// `chunk_file_bytes`).
-pub const FILE_BYTES: u64 = 16 << 20;
 /// Records' bytes are gathered into writes of up to this many bytes; larger chunks are written as
 /// they are, so no commit-sized buffer is ever allocated (the allocator would keep it).
 const WRITE_BUFFER: usize = 256 << 10;
@@ -397,12 +394,6 @@ impl Appender {
         Ok(())
     }
 
-    /// Syncs the active file whatever was written through this appender: after recovery, the
-    /// log's tail may have been written by a broker that was killed before its sync.
-    pub fn sync_all(&mut self) -> Result<()> {
-        self.file.sync_data().map_err(|e| io_error("syncing", &self.files.path(self.id), e))
-    }
-
     /// After a failed sync: cuts the active file back to what the last sync made durable and
     /// syncs that, so that the file holds exactly what was durable before. The records written
     /// since are forgotten (their chain too); the caller must not have acknowledged any of them.
@@ -492,8 +483,8 @@ impl Appender {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{StreamId, Tick};
     use crate::store::commit::{self, Body, ChunkEntry};
+    use crate::types::{StreamId, Tick};
 
     fn record(appender: &Appender, chunks: &[&[u8]]) -> Encoded {
         let (seq, prev) = appender.chain();

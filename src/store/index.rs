@@ -25,7 +25,7 @@ use super::commit::{self, Body, Defined, Fixed, Removed};
 use super::files::{Location, RecordAt};
 use super::le::{Put, Reader};
 use crate::error::{Error, Result};
-use crate::record::{StreamId, StreamMeta, Tick};
+use crate::types::{StreamId, StreamMeta, Tick};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

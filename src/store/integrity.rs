@@ -20,8 +20,8 @@ use super::recovery;
 use super::Log;
 use crate::config::{Config, DataDir, FsyncPolicy};
 use crate::error::{Error, Result};
-use crate::names::StreamName;
-use crate::record::{NewRecord, StreamMeta, Tick};
+use crate::types::StreamName;
+use crate::types::{NewRecord, StreamMeta, Tick};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -131,9 +131,9 @@ fn read_stream(
     index: &Index,
     chunks: &ChunkFiles,
     name: &str,
-    id: crate::record::StreamId,
+    id: crate::types::StreamId,
     report: &mut Report,
-    mut keep: impl FnMut(&Bytes, Vec<crate::record::Stored>),
+    mut keep: impl FnMut(&Bytes, Vec<crate::types::Stored>),
 ) {
     let damage = |from: Tick, to: Tick, detail: String| Damage { stream: name.to_string(), from, to, detail };
     let pointers: Vec<_> = index.range(id, Tick(0), Tick(u64::MAX)).collect();
@@ -302,6 +302,9 @@ fn scan_file(file: &Path, found: &mut BTreeMap<String, BTreeMap<Tick, NewRecordP
             if StreamName::parse(&chunk.stream).is_err() {
                 continue;
             }
+            if let Some(damage) = &chunk.damage {
+                tracing::warn!(file = %file.display(), offset = at + chunk.offset as u64, stream = %chunk.stream, %damage, "a damaged chunk: its records before the damage are kept");
+            }
             let stream = found.entry(chunk.stream).or_default();
             for r in chunk.records {
                 stream.entry(r.tick).or_insert_with(|| parts(&bytes, r));
@@ -322,7 +325,7 @@ struct NewRecordParts {
 }
 
 /// Copies the payload, so that the scanned window it lies in can be freed.
-fn parts(value: &Bytes, r: crate::record::Stored) -> NewRecordParts {
+fn parts(value: &Bytes, r: crate::types::Stored) -> NewRecordParts {
     NewRecordParts {
         origin_time: r.origin_time,
         headers: r.headers,

@@ -19,33 +19,44 @@
 //! - `integrity`: offline `verify` and `recover`; `upgrade`: data dirs of earlier builds.
 
 mod applier;
-pub mod chunk;
-pub mod commit;
-pub mod files;
-pub mod index;
-pub mod integrity;
+mod chunk;
+mod commit;
+mod files;
+mod index;
+mod integrity;
 mod le;
-pub mod producers;
+mod producers;
 mod read;
 mod recovery;
 mod retention;
 mod space;
 mod tail_cache;
+mod trimmer;
 mod upgrade;
 mod view;
 mod walk;
 mod writer;
 
+pub use chunk::ChunkEncoder;
+pub use integrity::{recover, verify, Damage, Recovered, Report};
+pub(crate) use producers::BatchTag;
 pub use read::{ReadBatch, Truncation};
 pub use retention::{Keep, Move, TrimPlan};
+pub(crate) use trimmer::spawn as spawn_trimmer;
 pub use writer::MAX_TICK_AHEAD;
+
+/// The data dir's layout, as operators and tools see it: the log's chunk files under `log/`, the
+/// index under `index/` (which may be deleted with the broker stopped: it is rebuilt).
+pub mod layout {
+    pub use super::files::{path_in as chunk_file, DIR as LOG_DIR};
+    pub use super::index::DIR as INDEX_DIR;
+}
 
 use crate::config::{Config, DataDir, FsyncPolicy};
 use crate::error::{Error, Result};
-use crate::record::{NewRecord, StreamInfo, StreamMeta, Tick};
+use crate::types::{NewRecord, StreamInfo, StreamMeta, Tick};
 use files::ChunkFiles;
 use index::Index;
-use producers::BatchTag;
 use space::Space;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -83,7 +94,7 @@ pub struct Commit {
     /// Every record with a tick up to this one is readable.
     pub watermark: Tick,
     /// Streams that received records, each with its last committed tick.
-    pub streams: Arc<[(crate::record::StreamId, Tick)]>,
+    pub streams: Arc<[(crate::types::StreamId, Tick)]>,
     /// Streams created by this commit.
     pub added: Arc<[StreamInfo]>,
     /// Streams whose metadata changed, or that were deleted (`true`).
@@ -145,7 +156,7 @@ enum Command {
     },
     /// Create a stream with metadata, or change an existing stream's metadata when `update`.
     Define {
-        name: crate::names::StreamName,
+        name: crate::types::StreamName,
         meta: StreamMeta,
         update: bool,
         reply: oneshot::Sender<Result<StreamInfo>>,
@@ -393,7 +404,7 @@ impl Log {
     /// `update` (with the same metadata it is left as it is). Returns the stream as it is now.
     pub async fn define(
         &self,
-        name: crate::names::StreamName,
+        name: crate::types::StreamName,
         meta: StreamMeta,
         update: bool,
     ) -> Result<StreamInfo> {

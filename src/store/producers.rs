@@ -15,13 +15,12 @@
 
 use super::le::{Put, Reader};
 use crate::error::{Error, Result};
-use crate::record::{NewRecord, Tick};
+use crate::types::{NewRecord, Tick};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-/// Batches remembered per producer: twice the window of batches a `PublishStream` keeps in
-/// flight, so that a client retrying everything it had in flight is answered for all of it.
-pub const WINDOW: usize = 128;
+/// Batches remembered per producer (the protocol's window).
+pub const WINDOW: usize = crate::protocol::PRODUCER_WINDOW;
 
 /// Longest producer id, in bytes.
 pub const MAX_ID_BYTES: usize = 128;
@@ -231,11 +230,6 @@ impl Producers {
     /// Producers remembered.
     pub fn len(&self) -> usize {
         self.map.len()
-    }
-
-    /// Whether no producer is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
     }
 
     /// Restores a producer read back from storage.

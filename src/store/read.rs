@@ -18,7 +18,7 @@ use super::index::Pointer;
 use super::tail_cache::{self, Decoded};
 use super::Log;
 use crate::error::{Error, Result};
-use crate::record::{Stored, StreamId, StreamInfo, Tick};
+use crate::types::{Stored, StreamId, StreamInfo, Tick};
 use bytes::Bytes;
 use std::sync::Arc;
 use tracing::error;

@@ -38,7 +38,7 @@ use super::walk::{Scanned, Step, Walk};
 use super::{chunk, upgrade};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::record::{Recent, StreamInfo, Tick, Trimmed};
+use crate::types::{Recent, StreamInfo, Tick, Trimmed};
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::path::Path;
@@ -142,7 +142,7 @@ pub fn open(path: &Path, config: &Config) -> Result<Recovered> {
         Some(id) => id,
         None => {
             warn!("the log holds no checkpoint with the broker's identity: a new one is made");
-            random_id()
+            Checkpoint::new_server_id()
         }
     };
     let checkpoint_file = index.checkpoint_file()?.unwrap_or(0);
@@ -163,11 +163,6 @@ pub fn open(path: &Path, config: &Config) -> Result<Recovered> {
         checkpoint_file,
         lock,
     })
-}
-
-/// A new random identity (the broker's).
-pub(super) fn random_id() -> String {
-    format!("{:016x}", rand::random::<u64>())
 }
 
 /// Creates `dir` if it does not exist, making its name durable.
@@ -337,7 +332,10 @@ fn rebuild(
             }
             let salt = rand::random::<u32>();
             let mut appender = Appender::create(chunks.clone(), 0, 1, 0, salt, config.chunk_file_bytes)?;
-            let body = Body::Checkpoint(Checkpoint { server_id: random_id(), ..Checkpoint::default() });
+            let body = Body::Checkpoint(Checkpoint {
+                server_id: Checkpoint::new_server_id(),
+                ..Checkpoint::default()
+            });
             let record = Encoded::new(&body, salt, 1, 0, Tick(0), commit::FLAG_SYNCED, &[] as &[&[u8]]);
             let at = appender.append(&record, &[] as &[&[u8]])?;
             appender.sync()?;
@@ -796,9 +794,9 @@ fn read_streams(index: &Index, chunks: &ChunkFiles) -> Result<(Streams, Option<T
 mod tests {
     use super::*;
     use crate::config::{DataDir, FsyncPolicy};
-    use crate::names::StreamName;
-    use crate::record::NewRecord;
     use crate::store::Log;
+    use crate::types::NewRecord;
+    use crate::types::StreamName;
     use bytes::Bytes;
 
     fn config(dir: &Path) -> Config {
@@ -939,7 +937,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // A publisher's payload holding a whole record, as it would be without the log's salt
         // (which a client never sees): a stream "forged" created by record 1000.
-        let created = vec![(crate::record::StreamId(99), Arc::from("forged"), Tick(1))];
+        let created = vec![(crate::types::StreamId(99), Arc::from("forged"), Tick(1))];
         let body = Body::Append { created, tags: Vec::new(), chunks: Vec::new() };
         let fake = Encoded::new(&body, 0, 1000, 0, Tick(1), 0, &[] as &[&[u8]]);
         let mut forged = fake.head.clone();

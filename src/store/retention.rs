@@ -9,7 +9,7 @@ use super::chunk::{self, ChunkHeader};
 use super::files::Location;
 use super::Log;
 use crate::error::{Error, Result};
-use crate::record::{StreamId, StreamInfo, Tick};
+use crate::types::{StreamId, StreamInfo, Tick};
 use std::sync::Arc;
 
 /// What retention keeps of one stream; a chunk is removed when any rule asks for it.
@@ -136,8 +136,8 @@ impl Log {
 mod tests {
     use super::*;
     use crate::config::{Config, DataDir, FsyncPolicy};
-    use crate::names::StreamName;
-    use crate::record::NewRecord;
+    use crate::types::NewRecord;
+    use crate::types::StreamName;
     use bytes::Bytes;
 
     fn one(payload: &str) -> Vec<NewRecord> {

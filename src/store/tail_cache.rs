@@ -18,7 +18,7 @@
 
 use super::chunk::Span;
 use super::files::Location;
-use crate::record::{Stored, Tick};
+use crate::types::{Stored, Tick};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};

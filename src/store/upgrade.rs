@@ -12,10 +12,11 @@
 
 use super::chunk::{self, ChunkEncoder};
 use super::commit::{Body, Checkpoint, ChunkEntry, Defined, Encoded, FileHeader, Removed, FILE_HEADER_LEN};
-use super::files::{self, Appender, ChunkFiles, Location, FILE_BYTES};
+use super::files::{self, Appender, ChunkFiles, Location};
 use super::producers;
+use crate::config::CHUNK_FILE_BYTES;
 use crate::error::{Error, Result};
-use crate::record::{StreamId, StreamMeta, Tick};
+use crate::types::{StreamId, StreamMeta, Tick};
 use std::path::Path;
 use std::sync::Arc;
 use tracing::{error, info, warn};
@@ -146,7 +147,7 @@ fn write_log(path: &Path, staging: &Path) -> Result<(usize, u64)> {
     let old_chunks = ChunkFiles::open_dir(&path.join("chunks"))?;
     let server_id = match meta.get("server_id")? {
         Some(v) => String::from_utf8_lossy(&v).into_owned(),
-        None => super::recovery::random_id(),
+        None => super::commit::Checkpoint::new_server_id(),
     };
     // The catalog, with what retention removed and each stream's first chunk's counters.
     let mut streams = Vec::new();
@@ -189,7 +190,7 @@ fn write_log(path: &Path, staging: &Path) -> Result<(usize, u64)> {
         .and_then(|b| b.get(..8).map(|t| u64::from_le_bytes(t.try_into().unwrap_or_default())));
 
     let new_chunks = ChunkFiles::open(staging)?;
-    let mut appender = Appender::create(new_chunks, 0, 1, 0, rand::random::<u32>(), FILE_BYTES)?;
+    let mut appender = Appender::create(new_chunks, 0, 1, 0, rand::random::<u32>(), CHUNK_FILE_BYTES)?;
     // The checkpoint needs each stream's removed counters: those of its first chunk.
     let mut removed = Vec::new();
     for (defined, through) in &streams {

@@ -17,7 +17,7 @@
 
 use super::index::{Index, Pointer};
 use crate::error::Result;
-use crate::record::{StreamId, Tick};
+use crate::types::{StreamId, Tick};
 use std::collections::BTreeMap;
 use std::iter::Peekable;
 use std::sync::{Arc, RwLock};

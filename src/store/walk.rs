@@ -203,9 +203,9 @@ impl<'a> Walk<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{StreamId, Tick};
     use crate::store::commit::{ChunkEntry, Encoded};
     use crate::store::files::{Appender, ChunkFiles};
+    use crate::types::{StreamId, Tick};
 
     fn write(app: &mut Appender, data: &[u8]) {
         let (seq, prev) = app.chain();

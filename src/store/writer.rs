@@ -35,8 +35,8 @@ use super::view::View;
 use super::{held_bytes, Accepted, Appended, Command, Commit, Reply, Shared, Source};
 use crate::config::FsyncPolicy;
 use crate::error::{Error, Result};
-use crate::names::StreamName;
-use crate::record::{NewRecord, Recent, StreamId, StreamInfo, StreamMeta, Tick, Trimmed};
+use crate::types::StreamName;
+use crate::types::{NewRecord, Recent, StreamId, StreamInfo, StreamMeta, Tick, Trimmed};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use tokio::sync::{broadcast, mpsc};
@@ -49,9 +49,8 @@ const CHUNK_MAX_RECORDS: u32 = 4096;
 const GROUP_MAX_BYTES: usize = 32 << 20;
 /// A group commit with at least this many chunks and new streams is applied to the index by the
 /// writer itself, before it is published, rather than by the applier: handing over only pays for
-/// small commits, which would each cost sled a batch (measured in `tests/hostile.rs`'s 100,000
-/// streams: its commits of 1,000 new streams each, applied after their acks, took the test's peak
-/// memory from 450 to 660 MiB; why, inside sled, was not found).
+/// small commits, which would each cost sled a batch, and large commits waiting for the applier
+/// made sled hold much more memory (commit bad0dce).
 const APPLY_AT_ONCE: usize = 256;
 /// How far ahead of the broker's wall clock an explicit tick may be. Explicit ticks move the
 /// broker-wide clock, so a tick far in the future would shift every later tick.
@@ -895,9 +894,9 @@ fn chunk_after(stream: &StreamInfo) -> ChunkEncoder {
 #[cfg(test)]
 mod tests {
     use crate::config::{Config, DataDir, FsyncPolicy};
-    use crate::names::StreamName;
-    use crate::record::{NewRecord, Tick};
     use crate::store::{files, Log};
+    use crate::types::StreamName;
+    use crate::types::{NewRecord, Tick};
     use bytes::Bytes;
 
     fn config(dir: &std::path::Path) -> Config {

@@ -11,5 +11,7 @@ mod upstream;
 pub use invalid::Invalid;
 pub use names::{Pattern, StreamName, MAX_NAME_BYTES};
 pub use policy::Policy;
-pub use record::{NewRecord, Recent, Record, Stored, StreamId, StreamInfo, StreamMeta, Tick, Trimmed};
+pub use record::{
+    Incoming, NewRecord, Recent, Record, Stored, StreamId, StreamInfo, StreamMeta, Tick, Trimmed,
+};
 pub use upstream::UpstreamStatus;

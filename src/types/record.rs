@@ -80,7 +80,35 @@ impl Stored {
     }
 }
 
-/// A record as a publisher hands it in, before the broker assigned its tick.
+/// A record as a publisher sends it, before any rule was checked.
+#[derive(Debug, Clone, Default)]
+pub struct Incoming {
+    pub stream: String,
+    /// 0 lets the broker assign the tick.
+    pub tick: u64,
+    /// 0 when the producer gave none.
+    pub origin_time: u64,
+    pub headers: Vec<(String, String)>,
+    pub payload: Bytes,
+    /// The producer's CRC32 of the payload, checked when present.
+    pub crc32: Option<u32>,
+}
+
+impl From<Record> for Incoming {
+    /// A delivered record to be stored again as it is (what a relay does).
+    fn from(r: Record) -> Incoming {
+        Incoming {
+            stream: r.stream.to_string(),
+            tick: r.tick.0,
+            origin_time: r.origin_time.unwrap_or(0),
+            headers: r.headers,
+            payload: r.payload,
+            crc32: Some(r.crc32),
+        }
+    }
+}
+
+/// A record as a publisher hands it in, checked, before the broker assigned its tick.
 #[derive(Debug, Clone)]
 pub struct NewRecord {
     pub stream: super::StreamName,

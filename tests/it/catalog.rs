@@ -2,11 +2,9 @@
 //! pattern subscribers, metadata surviving restarts, the recent rate, and the CLI's `create`,
 //! `streams --output json` and `delete`.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::time::Duration;
-use tapeline::grpc::pb;
+use tapeline::protocol::pb;
 use tonic::Code;
 
 fn create(stream: &str, content_type: &str) -> pb::CreateStreamRequest {
@@ -136,7 +134,7 @@ async fn a_deleted_stream_is_gone_told_and_a_new_one_may_take_its_name() {
 async fn a_streams_own_retention_and_recent_rate_show_and_apply() {
     let dir = tempfile::tempdir().unwrap();
     let config = tapeline::config::Config {
-        retention: tapeline::retention::Retention {
+        retention: tapeline::config::Retention {
             check_every: Duration::from_millis(20),
             ..Default::default()
         },

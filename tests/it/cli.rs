@@ -6,9 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-mod common;
-
-use common::{Serve, BIN};
+use crate::support::{Serve, BIN};
 
 /// Runs `tapeline ARGS` with `stdin`, returning its output.
 fn run(args: &[&str], stdin: &[u8]) -> Output {

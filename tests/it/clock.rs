@@ -4,13 +4,11 @@
 //! restarted under `faketime` (Debian's libfaketime, installed by `.ci/run`), its wall clock an
 //! hour behind: the ticks it assigns must still lie above everything promised before.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::io::BufRead;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use tapeline::grpc::pb;
+use tapeline::protocol::pb;
 
 /// Debian's libfaketime, preloaded to move the broker's wall clock (not its monotonic clock).
 const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";

@@ -13,17 +13,15 @@
 //! the front: of each stream, every acknowledged record from the first one stored on is present,
 //! and those before it are gone.
 //!
-//! CI runs `CI_CYCLES`; `cargo test --test crash -- --ignored --nocapture` runs `LONG_CYCLES` and
+//! CI runs `CI_CYCLES`; `cargo test --test it crash:: -- --ignored --nocapture` runs `LONG_CYCLES` and
 //! prints the counts (the README's guarantees section quotes a run).
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use rand::Rng;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tapeline::grpc::pb;
+use tapeline::protocol::pb;
 
 const CI_CYCLES: usize = 20;
 const LONG_CYCLES: usize = 300;
@@ -351,7 +349,7 @@ impl Drop for KeepOnPanic {
     }
 }
 
-type TapelineClient = tapeline::grpc::pb::tapeline_client::TapelineClient<tonic::transport::Channel>;
+type TapelineClient = tapeline::protocol::pb::tapeline_client::TapelineClient<tonic::transport::Channel>;
 
 #[test]
 fn acknowledged_records_survive_sigkill_cycles() {

@@ -18,17 +18,15 @@
 //! The loop devices and the FUSE mounts need root (as CI runs; `.ci/run` installs e2fsprogs and
 //! mount): nothing here is skipped.
 
-mod common;
-
-use common::powercut::{Mounted, PowerCutFs};
-use common::*;
+use crate::support::powercut::{Mounted, PowerCutFs};
+use crate::support::*;
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tapeline::config::Config;
-use tapeline::grpc::pb;
+use tapeline::protocol::pb;
 use tonic::Code;
 
 type TapelineClient = pb::tapeline_client::TapelineClient<tonic::transport::Channel>;
@@ -230,7 +228,7 @@ fn fill(ballast: &Path, leave: u64) {
 
 /// The chunk files of the data dir `data`, in order.
 fn chunk_files(data: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(data.join(tapeline::store::files::DIR))
+    let mut files: Vec<PathBuf> = std::fs::read_dir(data.join(tapeline::store::layout::LOG_DIR))
         .expect("the data dir's log")
         .flatten()
         .map(|e| e.path())

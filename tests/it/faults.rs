@@ -4,16 +4,14 @@
 //! `PublishStream`); subscribers resume from their positions after every failure. In the end the
 //! log holds exactly the published batches, each once, and every subscriber saw exactly the log.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tapeline::grpc::pb;
-use tapeline::grpc::pb::tapeline_client::TapelineClient;
+use tapeline::protocol::pb;
+use tapeline::protocol::pb::tapeline_client::TapelineClient;
 use tonic::transport::Channel;
 
 const BATCHES: u64 = 150;

@@ -4,12 +4,10 @@
 //! connection over its quota is slowed, never dropped; subscriptions, streams and connections over
 //! their limits get statuses that name the limit.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::time::{Duration, Instant};
 use tapeline::config::{Config, Limits};
-use tapeline::grpc::pb;
+use tapeline::protocol::pb;
 use tonic::Code;
 
 const KIB: usize = 1024;

@@ -4,10 +4,8 @@
 //! client built against the first protocol release (older message shapes, without any field added
 //! since) still publishes and subscribes against the current server.
 
-mod common;
-
-use common::*;
-use tapeline::grpc::pb;
+use crate::support::*;
+use tapeline::protocol::pb;
 use tonic::Code;
 
 const NOTICE: &str = "[notice]\nrecommended_version = \"99.0.0\"\ntext = \"please upgrade\"\nurl = \"https://example.org/tapeline\"\n";

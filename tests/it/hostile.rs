@@ -3,10 +3,8 @@
 //! property test of arbitrary requests. Every case must get a precise gRPC status, never a panic,
 //! a hang or a dropped connection, and the broker must go on serving other clients.
 
-mod common;
-
+use crate::support::*;
 use bytes::{Buf, BufMut, Bytes};
-use common::*;
 use futures::StreamExt;
 use prost::Message;
 use std::collections::{BTreeSet, HashMap};
@@ -14,7 +12,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 use tapeline::config::Limits;
-use tapeline::grpc::pb;
+use tapeline::protocol::pb;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http;
 use tonic::transport::Channel;
@@ -831,7 +829,7 @@ mod arbitrary {
     }
 
     fn tick() -> impl Strategy<Value = u64> {
-        let now = tapeline::record::Tick::now().0;
+        let now = tapeline::types::Tick::now().0;
         let minute = 60_000_000_000;
         prop_oneof![
             Just(0u64),

@@ -2,12 +2,10 @@
 //! with the same ticks and appended once, on `Publish` and `PublishStream`, across restarts; a
 //! reused or stale sequence gets a status naming the rule.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use futures::StreamExt;
-use tapeline::grpc::pb;
-use tapeline::grpc::pb::tapeline_client::TapelineClient;
+use tapeline::protocol::pb;
+use tapeline::protocol::pb::tapeline_client::TapelineClient;
 use tonic::Code;
 
 fn tagged(producer: &str, sequence: u64, records: Vec<pb::Record>) -> pb::PublishRequest {
@@ -117,7 +115,7 @@ async fn producer_state_the_index_lost_is_rebuilt_from_the_log() {
     let second_batch = tagged("solo", 2, vec![record("s", "b"), record("t", "c")]);
     let second = client.publish(second_batch.clone()).await.unwrap().into_inner();
     server.stop().await;
-    std::fs::remove_dir_all(dir.path().join(tapeline::store::index::DIR)).unwrap();
+    std::fs::remove_dir_all(dir.path().join(tapeline::store::layout::INDEX_DIR)).unwrap();
 
     let server = TestServer::start(dir.path()).await;
     let mut client = server.client().await;
@@ -144,7 +142,7 @@ async fn a_batch_a_crash_lost_under_interval_is_forgotten_and_its_retry_appended
     let server = TestServer::start_with(config.clone()).await;
     let mut client = server.client().await;
     let first = client.publish(tagged("p", 1, vec![record("s", "a")])).await.unwrap().into_inner();
-    let file = tapeline::store::files::path_in(dir.path(), 0);
+    let file = tapeline::store::layout::chunk_file(dir.path(), 0);
     let before = std::fs::metadata(&file).unwrap().len();
     let second_batch = tagged("p", 2, vec![record("s", "b"), record("s", "c")]);
     client.publish(second_batch.clone()).await.unwrap();

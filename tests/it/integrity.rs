@@ -5,15 +5,13 @@
 //! `tapeline recover` must report and rescue what is left. Also: a data dir of the previous
 //! format is upgraded in place.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tapeline::grpc::pb;
-use tapeline::record::{StreamId, Tick};
-use tapeline::store::{files, index};
+use tapeline::protocol::pb;
+use tapeline::store::layout;
+use tapeline::types::Tick;
 use tonic::Code;
 
 /// A payload unique to (stream, i).
@@ -156,16 +154,47 @@ fn refused_serve(data: &Path) -> String {
 
 /// Every entry of the data dir's index, as raw keys and values (the broker stopped).
 fn index_entries(data: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
-    let db = sled::Config::new().path(data.join(index::DIR)).open().unwrap();
+    let db = sled::Config::new().path(data.join(layout::INDEX_DIR)).open().unwrap();
     let tree = db.open_tree("index").unwrap();
     tree.iter().map(|e| e.unwrap()).map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
 }
 
+/// Where a chunk is, as an index pointer says: chunk file, offset, length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Location {
+    file: u32,
+    offset: u64,
+    len: u32,
+}
+
+/// The index key of stream `id`'s chunk starting at `tick` (ARCHITECTURE.md: `p`, the stream id
+/// and the tick, big-endian so that keys sort by tick).
+fn pointer_key(id: u32, tick: Tick) -> [u8; 13] {
+    let mut key = [b'p'; 13];
+    key[1..5].copy_from_slice(&id.to_be_bytes());
+    key[5..].copy_from_slice(&tick.0.to_be_bytes());
+    key
+}
+
 /// The pointers of stream `id` in the data dir's index (the broker stopped): first tick and
-/// location.
-fn pointers(data: &Path, id: u32) -> Vec<(Tick, files::Location)> {
-    let index = index::Index::open(data, 1 << 20).unwrap();
-    index.range(StreamId(id), Tick(0), Tick(u64::MAX)).map(|e| e.unwrap()).map(|(t, p)| (t, p.at)).collect()
+/// location, read from sled's tree as ARCHITECTURE.md lays them out (file u32, offset u64,
+/// length u32, sequence u64, CRC u32, little-endian).
+fn pointers(data: &Path, id: u32) -> Vec<(Tick, Location)> {
+    let prefix = pointer_key(id, Tick(0))[..5].to_vec();
+    let le = |bytes: &[u8]| bytes.iter().rev().fold(0u64, |n, b| (n << 8) | u64::from(*b));
+    index_entries(data)
+        .into_iter()
+        .filter(|(key, _)| key.starts_with(&prefix))
+        .map(|(key, value)| {
+            let tick = Tick(u64::from_be_bytes(key[5..13].try_into().unwrap()));
+            let at = Location {
+                file: le(&value[0..4]) as u32,
+                offset: le(&value[4..12]),
+                len: le(&value[12..16]) as u32,
+            };
+            (tick, at)
+        })
+        .collect()
 }
 
 fn tagged(producer: &str, sequence: u64, records: Vec<pb::Record>) -> pb::PublishRequest {
@@ -180,10 +209,10 @@ fn tagged(producer: &str, sequence: u64, records: Vec<pb::Record>) -> pb::Publis
 async fn the_index_is_rebuilt_from_the_chunk_files_entry_for_entry() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let policy = tapeline::retention::Policy { max_records: Some(300), ..Default::default() };
-    let retention = tapeline::retention::Retention {
-        rules: vec![tapeline::retention::Rule {
-            streams: vec![tapeline::names::Pattern::parse("kept/**").unwrap()],
+    let policy = tapeline::types::Policy { max_records: Some(300), ..Default::default() };
+    let retention = tapeline::config::Retention {
+        rules: vec![tapeline::config::Rule {
+            streams: vec![tapeline::types::Pattern::parse("kept/**").unwrap()],
             policy,
         }],
         check_every: std::time::Duration::from_millis(20),
@@ -213,7 +242,7 @@ async fn the_index_is_rebuilt_from_the_chunk_files_entry_for_entry() {
     // Retention done: the first chunk file deleted, the stream down to its limit.
     loop {
         let kept = stored_streams(&mut c).await.into_iter().find(|s| s.name == "kept/a").map(|s| s.records);
-        if !files::path_in(&data, 0).exists() && kept == Some(300) {
+        if !layout::chunk_file(&data, 0).exists() && kept == Some(300) {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "retention never deleted the first chunk file");
@@ -232,7 +261,7 @@ async fn the_index_is_rebuilt_from_the_chunk_files_entry_for_entry() {
     assert!(before.len() > 15, "{} index entries", before.len());
 
     for damage in ["deleted", "log cut short", "snapshot corrupt"] {
-        let index_dir = data.join(index::DIR);
+        let index_dir = data.join(layout::INDEX_DIR);
         match damage {
             "deleted" => std::fs::remove_dir_all(&index_dir).unwrap(),
             "log cut short" => {
@@ -296,7 +325,7 @@ async fn a_damaged_chunk_is_data_loss_for_its_range_and_the_rest_stays_readable(
     server.stop().await;
     let (&victim, victim_payload) = s.iter().nth(s.len() / 2).unwrap();
     assert_eq!(
-        flip_everywhere(&data.join(files::DIR), victim_payload.as_bytes()),
+        flip_everywhere(&data.join(layout::LOG_DIR), victim_payload.as_bytes()),
         1,
         "one copy of the payload"
     );
@@ -367,7 +396,7 @@ async fn a_misdirected_chunk_or_a_lost_pointer_is_data_loss_never_wrong_data() {
         assert_eq!(a.len, b.len, "equally long chunks");
         match damage {
             "chunks swapped in the file" => {
-                let path = files::path_in(&data, a.file);
+                let path = layout::chunk_file(&data, a.file);
                 let mut bytes = std::fs::read(&path).unwrap();
                 let (ra, rb) = (
                     a.offset as usize..(a.offset + u64::from(a.len)) as usize,
@@ -380,10 +409,9 @@ async fn a_misdirected_chunk_or_a_lost_pointer_is_data_loss_never_wrong_data() {
                 std::fs::write(&path, bytes).unwrap();
             }
             _ => {
-                let db = sled::Config::new().path(data.join(index::DIR)).open().unwrap();
+                let db = sled::Config::new().path(data.join(layout::INDEX_DIR)).open().unwrap();
                 let tree = db.open_tree("index").unwrap();
-                let (key_a, key_b) =
-                    (index::pointer_key(StreamId(0), first_a), index::pointer_key(StreamId(0), first_b));
+                let (key_a, key_b) = (pointer_key(0, first_a), pointer_key(0, first_b));
                 if damage == "a middle pointer deleted" {
                     tree.remove(key_a).unwrap().expect("the pointer was there");
                 } else if damage == "a pointer to another chunk" {
@@ -450,7 +478,7 @@ async fn a_log_that_lost_acknowledged_records_is_refused() {
     let data = dir.path().join("data");
     let server = TestServer::start(&data).await;
     let kept = fill(&server.url(), "s", 3, 10).await;
-    let file = files::path_in(&data, 0);
+    let file = layout::chunk_file(&data, 0);
     let len = std::fs::metadata(&file).unwrap().len();
     fill(&server.url(), "s", 2, 10).await;
     server.stop().await;
@@ -475,7 +503,7 @@ async fn a_log_that_lost_acknowledged_records_is_refused() {
     assert_eq!(copied.into_iter().collect::<BTreeMap<_, _>>(), kept);
     server.stop().await;
 
-    std::fs::remove_dir_all(data.join(index::DIR)).unwrap();
+    std::fs::remove_dir_all(data.join(layout::INDEX_DIR)).unwrap();
     let server = TestServer::start(&data).await;
     let (served, status) = read(&server.url(), "s", None, last).await;
     assert!(status.is_none(), "{status:?}");
@@ -495,8 +523,8 @@ async fn a_lost_chunk_file_is_data_loss_and_its_name_is_not_reused() {
     let server = TestServer::start_with(config.clone()).await;
     let before = fill(&server.url(), "s", 240, 100).await;
     server.stop().await;
-    assert!(files::path_in(&data, 2).exists(), "at least three chunk files");
-    let lost = files::path_in(&data, 0);
+    assert!(layout::chunk_file(&data, 2).exists(), "at least three chunk files");
+    let lost = layout::chunk_file(&data, 0);
     std::fs::remove_file(&lost).unwrap();
 
     let server = TestServer::start_with(config).await;
@@ -621,13 +649,13 @@ async fn a_crash_during_recovery_leaves_a_data_dir_the_next_open_recovers() {
         all.insert(stream, fill(&server.url(), stream, 200, 50).await);
     }
     server.stop().await;
-    std::fs::remove_dir_all(data.join(index::DIR)).unwrap();
+    std::fs::remove_dir_all(data.join(layout::INDEX_DIR)).unwrap();
     // How long an open with a rebuild takes, to kill within it.
     let began = std::time::Instant::now();
     let full = Serve::start(&data, &[]);
     let open_time = began.elapsed();
     drop(full);
-    std::fs::remove_dir_all(data.join(index::DIR)).unwrap();
+    std::fs::remove_dir_all(data.join(layout::INDEX_DIR)).unwrap();
     for i in 0..8u32 {
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0", "--data", data.to_str().unwrap()])

@@ -5,12 +5,10 @@
 //! Only the promised pacing is measured, never how fast the broker is: every expected time is a
 //! lower bound the broker must wait for, with room above it for a loaded machine.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::time::Duration;
-use tapeline::grpc::pb;
-use tapeline::record::Tick;
+use tapeline::protocol::pb;
+use tapeline::types::Tick;
 use tokio::time::Instant;
 use tonic::Code;
 

@@ -1,9 +1,7 @@
 //! The power-cut filesystem (`common/powercut.rs`) keeps exactly what was made durable, checked
 //! through real syscalls on a mount: what the power-loss suite concludes rests on this model.
 
-mod common;
-
-use common::powercut::{Mounted, PowerCutFs};
+use crate::support::powercut::{Mounted, PowerCutFs};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;

@@ -18,21 +18,19 @@
 //!   positions gets exactly the rest;
 //! - the broker starts: refusing to (an error at open) is a failure.
 //!
-//! CI runs `CI_CUTS`; `cargo test --test powerloss -- --ignored --nocapture` runs `LONG_CUTS`.
+//! CI runs `CI_CUTS`; `cargo test --test it powerloss:: -- --ignored --nocapture` runs `LONG_CUTS`.
 //! A failure stops the run at once; with `POWERLOSS_CONTINUE=1` every broken property is counted
 //! and the run goes on (after a refusal to start, on an emptied data dir, the world taking the
 //! log as it is), so a run tells how often each one breaks.
 
-mod common;
-
-use common::powercut::PowerCutFs;
-use common::*;
+use crate::support::powercut::PowerCutFs;
+use crate::support::*;
 use rand::Rng;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tapeline::grpc::pb;
+use tapeline::protocol::pb;
 
 const CI_CUTS: usize = 20;
 const LONG_CUTS: usize = 300;
@@ -576,7 +574,7 @@ fn cuts(n: usize) {
         total
     });
     // Chunk files are numbered from 0 in the order they were started.
-    let files: Vec<u32> = std::fs::read_dir(data.join(tapeline::store::files::DIR))
+    let files: Vec<u32> = std::fs::read_dir(data.join(tapeline::store::layout::LOG_DIR))
         .into_iter()
         .flatten()
         .flatten()
@@ -660,7 +658,7 @@ impl Drop for KeepOnPanic {
     }
 }
 
-type TapelineClient = tapeline::grpc::pb::tapeline_client::TapelineClient<tonic::transport::Channel>;
+type TapelineClient = tapeline::protocol::pb::tapeline_client::TapelineClient<tonic::transport::Channel>;
 
 #[test]
 fn acknowledged_records_survive_power_cuts() {

@@ -1,12 +1,10 @@
 //! Publishing: acks, atomic batches, pipelined streams, every refusal with its status and
 //! sentence, and durability across a restart.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use futures::StreamExt;
 use tapeline::config::Limits;
-use tapeline::grpc::pb;
+use tapeline::protocol::pb;
 use tonic::Code;
 
 #[tokio::test]
@@ -141,7 +139,7 @@ async fn bad_batches_get_a_clear_status_and_leave_nothing_behind() {
     out_of_order[1].tick = 1000;
     refused(&server, out_of_order, Code::FailedPrecondition, &["1000", "2000"]).await;
     let mut ahead = record("s", "x");
-    ahead.tick = tapeline::record::Tick::now().0 + 3_600_000_000_000;
+    ahead.tick = tapeline::types::Tick::now().0 + 3_600_000_000_000;
     refused(&server, vec![ahead], Code::FailedPrecondition, &["ahead of the broker's clock"]).await;
     let mut too_far = record("s", "x");
     too_far.tick = u64::MAX;

@@ -3,14 +3,12 @@
 //! resuming subscribers exactly while each process is killed and restarted in turn; a subscriber
 //! fails over between two relays mid-stream; upstream health reaches the subscribers of a relay.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tapeline::client::{self, Delivery, PublishOptions, Publisher, SubscribeOptions, Subscriber};
-use tapeline::grpc::pb;
+use tapeline::protocol::pb;
 use tonic::Code;
 
 /// How long a test waits for copies and subscribers to converge before failing.
@@ -64,25 +62,25 @@ impl Node {
     }
 }
 
-fn rec(stream: &str, payload: String) -> pb::Record {
-    pb::Record {
+fn rec(stream: &str, payload: String) -> client::Incoming {
+    client::Incoming {
         stream: stream.into(),
         payload: payload.into_bytes().into(),
         origin_time: 42,
-        headers: [("k".to_string(), "v".to_string())].into(),
+        headers: vec![("k".to_string(), "v".to_string())],
         ..Default::default()
     }
 }
 
 /// Everything stored under `r/**` at `url`, read by a bounded subscription to its tail.
-async fn everything(url: &str) -> Vec<pb::Record> {
+async fn everything(url: &str) -> Vec<client::Record> {
     let mut c = client::connect(url).await.unwrap();
     let tail = c.hello(pb::HelloRequest::default()).await.unwrap().into_inner().tail_tick;
     read_to(url, tail).await
 }
 
 /// `r/**` at `url` from the beginning up to `end`, by a bounded subscription.
-async fn read_to(url: &str, end: u64) -> Vec<pb::Record> {
+async fn read_to(url: &str, end: u64) -> Vec<client::Record> {
     let mut options = SubscribeOptions::new(url, vec!["r/**".into()], beginning());
     options.end = Some(end);
     let mut sub = Subscriber::new(options).unwrap();
@@ -98,7 +96,7 @@ async fn read_to(url: &str, end: u64) -> Vec<pb::Record> {
 
 /// Waits until `url` holds exactly the records of `expected` (stream, tick, payload, headers,
 /// origin time and CRC), checked record by record.
-async fn converges(url: &str, expected: &[pb::Record]) {
+async fn converges(url: &str, expected: &[client::Record]) {
     let began = std::time::Instant::now();
     loop {
         let got = everything(url).await;
@@ -145,7 +143,7 @@ async fn a_relay_started_late_from_the_beginning_ends_identical_and_is_read_only
     let origin = Node::start(&dir, "origin", &[]);
     // Not mirrored: a stream outside the relay's pattern stays at the origin.
     let mut c = client::connect(&origin.url()).await.unwrap();
-    c.publish(pb::PublishRequest { records: vec![rec("other", "x".into())], ..Default::default() })
+    c.publish(pb::PublishRequest { records: vec![rec("other", "x".into()).into()], ..Default::default() })
         .await
         .unwrap();
     assert_eq!(publish(origin.url(), 0, 200, Duration::ZERO).await, 1000);
@@ -160,14 +158,17 @@ async fn a_relay_started_late_from_the_beginning_ends_identical_and_is_read_only
     // Mirrored streams are read-only at the relay, naming the upstream.
     let mut r = client::connect(&relay.url()).await.unwrap();
     let refused = r
-        .publish(pb::PublishRequest { records: vec![rec("r/s0", "no".into())], ..Default::default() })
+        .publish(pb::PublishRequest { records: vec![rec("r/s0", "no".into()).into()], ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains(&origin.url()) && refused.message().contains("r/s0"), "{refused:?}");
     // So are streams outside the mirror: a relay's clock must not run ahead of its upstream.
     let refused = r
-        .publish(pb::PublishRequest { records: vec![rec("local", "mine".into())], ..Default::default() })
+        .publish(pb::PublishRequest {
+            records: vec![rec("local", "mine".into()).into()],
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
@@ -201,7 +202,7 @@ async fn a_chain_serves_fifty_subscribers_exactly_while_each_process_is_killed_i
             options.heartbeat = Duration::from_millis(500);
             options.backoff.max = Duration::from_millis(500);
             let mut sub = Subscriber::new(options).unwrap();
-            let mut got: Vec<pb::Record> = Vec::new();
+            let mut got: Vec<client::Record> = Vec::new();
             let began = std::time::Instant::now();
             while got.len() < total.load(Ordering::SeqCst) {
                 assert!(began.elapsed() < CONVERGE * 2, "subscriber {n} at {url} stuck at {}", got.len());
@@ -252,7 +253,7 @@ async fn a_subscriber_fails_over_between_relays_and_sees_upstream_health() {
     options.heartbeat = Duration::from_millis(300);
     let mut sub = Subscriber::new(options).unwrap();
     let seen = Arc::new(Mutex::new((
-        Vec::<pb::Record>::new(),
+        Vec::<client::Record>::new(),
         Vec::<String>::new(),
         Vec::<pb::UpstreamStatus>::new(),
     )));
@@ -319,7 +320,7 @@ async fn the_session_so_far_from_a_relay_stitches_exactly_to_the_live_feed_of_th
     assert_eq!(publish(origin.url(), 0, 60, Duration::ZERO).await, 300);
     let so_far = everything(&origin.url()).await;
     converges(&relay.url(), &so_far).await;
-    let seam = so_far.last().unwrap().tick;
+    let seam = so_far.last().unwrap().tick.0;
 
     // Live from the origin, strictly after the seam, while more is published.
     let live = {
@@ -396,7 +397,7 @@ async fn a_bounded_read_from_a_relay_still_copying_is_complete() {
     let origin = Node::start(&dir, "origin", &[]);
     assert_eq!(publish(origin.url(), 0, 2_000, Duration::ZERO).await, 10_000);
     let expected = everything(&origin.url()).await;
-    let end = expected.last().unwrap().tick;
+    let end = expected.last().unwrap().tick.0;
     let relay = Node::relay(&dir, "relay", &origin, "beginning");
     // At once, while the relay copies; then again a little later.
     for _ in 0..2 {
@@ -432,14 +433,24 @@ async fn a_relay_of_two_origins_copies_both_and_its_tail_waits_for_the_slower() 
     let mut c2 = client::connect(&two.url()).await.unwrap();
     for i in 0..50 {
         let a = vec![rec("r/s0", format!("one-{i}")), rec("r/s1", format!("one-{i}"))];
-        c1.publish(pb::PublishRequest { records: a, ..Default::default() }).await.unwrap();
+        c1.publish(pb::PublishRequest {
+            records: a.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         let b = vec![rec("r/s2", format!("two-{i}")), rec("r/s0", format!("not-copied-{i}"))];
-        c2.publish(pb::PublishRequest { records: b, ..Default::default() }).await.unwrap();
+        c2.publish(pb::PublishRequest {
+            records: b.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     }
-    let by_stream = |records: Vec<pb::Record>| {
+    let by_stream = |records: Vec<client::Record>| {
         let mut map: std::collections::BTreeMap<String, Vec<(u64, Vec<u8>)>> = Default::default();
         for r in records {
-            map.entry(r.stream).or_default().push((r.tick, r.payload.to_vec()));
+            map.entry(r.stream.to_string()).or_default().push((r.tick.0, r.payload.to_vec()));
         }
         map
     };
@@ -476,9 +487,12 @@ async fn a_relay_of_two_origins_copies_both_and_its_tail_waits_for_the_slower() 
             other => panic!("{other:?}"),
         }
     }
-    c2.publish(pb::PublishRequest { records: vec![rec("r/s2", "two-live".into())], ..Default::default() })
-        .await
-        .unwrap();
+    c2.publish(pb::PublishRequest {
+        records: vec![rec("r/s2", "two-live".into()).into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let got = loop {
         match tokio::time::timeout(CONVERGE, live.next()).await.expect("two's record arrives") {
             Some(Ok(Delivery::Records(records))) => break records,
@@ -492,11 +506,11 @@ async fn a_relay_of_two_origins_copies_both_and_its_tail_waits_for_the_slower() 
         let tail = r.hello(pb::HelloRequest::default()).await.unwrap().into_inner().tail_tick;
         assert!(tail <= stopped, "the tail passed what the stopped upstream confirmed: {tail} > {stopped}");
     }
-    assert!(got[0].tick > stopped, "two's newest record is above the tail while one is down");
+    assert!(got[0].tick.0 > stopped, "two's newest record is above the tail while one is down");
 
     // A bounded read up to two's newest record does not end while one cannot confirm it.
     let mut options = SubscribeOptions::new(relay.url(), vec!["r/**".into()], beginning());
-    options.end = Some(got[0].tick);
+    options.end = Some(got[0].tick.0);
     let mut bounded = Subscriber::new(options).unwrap();
     let mut read = Vec::new();
     let ended = tokio::time::timeout(Duration::from_secs(2), async {
@@ -521,7 +535,7 @@ async fn a_relay_of_two_origins_copies_both_and_its_tail_waits_for_the_slower() 
     assert!(ended.is_ok(), "the bounded read ends once every upstream confirmed its end");
     let mut want = by_stream(everything(&one.url()).await);
     want.insert("r/s2".into(), by_stream(everything(&two.url()).await)["r/s2"].clone());
-    want.values_mut().for_each(|v| v.retain(|(tick, _)| *tick <= got[0].tick));
+    want.values_mut().for_each(|v| v.retain(|(tick, _)| *tick <= got[0].tick.0));
     assert_eq!(by_stream(read), want, "exactly every record up to the end, from both upstreams");
     assert_eq!(bounded.duplicates_dropped(), 0);
 }

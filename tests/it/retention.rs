@@ -3,13 +3,12 @@
 //! range was removed, never for one that resumes after it; live subscribers and publishers going
 //! on while chunks are removed; the removal surviving a restart; disk space coming back.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::time::Duration;
 use tapeline::config::Config;
-use tapeline::grpc::pb;
-use tapeline::retention::{Policy, Retention};
+use tapeline::config::Retention;
+use tapeline::protocol::pb;
+use tapeline::types::Policy;
 use tonic::transport::Channel;
 
 type Client = pb::tapeline_client::TapelineClient<Channel>;
@@ -175,8 +174,8 @@ async fn max_records_and_rules_apply_per_stream() {
     let dir = tempfile::tempdir().unwrap();
     let retention = Retention {
         default: Policy { max_records: Some(50), ..Policy::default() },
-        rules: vec![tapeline::retention::Rule {
-            streams: vec![tapeline::names::Pattern::parse("keep/**").unwrap()],
+        rules: vec![tapeline::config::Rule {
+            streams: vec![tapeline::types::Pattern::parse("keep/**").unwrap()],
             policy: Policy { max_records: Some(1_000_000), ..Policy::default() },
         }],
         ..Retention::default()
@@ -327,8 +326,9 @@ async fn chunk_files_are_deleted_and_a_quiet_streams_last_chunk_does_not_keep_on
         busy.extend(publish(&mut client, "busy", &[payload.as_str(); 16]).await);
     }
     until(&mut client, "busy", "the stream to fit", |i| i.bytes <= MIB).await;
-    let chunk_files = || std::fs::read_dir(dir.path().join(tapeline::store::files::DIR)).unwrap().count();
-    let first_file = tapeline::store::files::path_in(dir.path(), 0);
+    let chunk_files =
+        || std::fs::read_dir(dir.path().join(tapeline::store::layout::LOG_DIR)).unwrap().count();
+    let first_file = tapeline::store::layout::chunk_file(dir.path(), 0);
     let deadline = tokio::time::Instant::now() + WAIT;
     while chunk_files() > 3 || first_file.exists() {
         assert!(tokio::time::Instant::now() < deadline, "{} chunk files are left", chunk_files());

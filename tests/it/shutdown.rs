@@ -3,12 +3,10 @@
 //! disk exactly once, every client ends with a status it can resume from, and resuming gives
 //! exactly the rest.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::collections::HashMap;
 use std::time::Duration;
-use tapeline::grpc::pb;
+use tapeline::protocol::pb;
 use tokio::sync::watch;
 use tonic::Code;
 

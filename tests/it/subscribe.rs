@@ -1,14 +1,12 @@
 //! Replay then live: starts, bounds, ordering, events, fan-out and resume, through the gRPC client
 //! against a real broker.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use rand::Rng;
 use std::collections::HashMap;
 use std::time::Duration;
-use tapeline::grpc::pb;
-use tapeline::grpc::pb::subscribe_request::Start;
+use tapeline::protocol::pb;
+use tapeline::protocol::pb::subscribe_request::Start;
 
 #[tokio::test]
 async fn replays_from_the_beginning_then_follows_live() {
@@ -76,7 +74,7 @@ async fn a_bounded_interval_ends_by_itself() {
 
     // An end in the future: live records up to it are delivered, then the stream ends by itself
     // once the end has passed, and records published after it are not delivered.
-    let end = tapeline::record::Tick::now().0 + 400_000_000;
+    let end = tapeline::types::Tick::now().0 + 400_000_000;
     let mut req = request(&["s"], Start::After(ticks[4]));
     req.end = Some(end);
     let mut live = Sub::open(&mut client, req).await;
@@ -100,7 +98,7 @@ async fn an_end_ends_the_subscription_even_when_nothing_more_is_published() {
 
     // An end 300 ms ahead: the subscription waits for it to pass, then ends on its own.
     let mut req = request(&["s", "quiet"], beginning());
-    req.end = Some(tapeline::record::Tick::now().0 + 300_000_000);
+    req.end = Some(tapeline::types::Tick::now().0 + 300_000_000);
     let mut sub = Sub::open(&mut client, req).await;
     publish(&mut client, "s", &["c"]).await;
     assert_eq!(payloads(&sub.until_end().await), ["a", "b", "c"]);

@@ -14,7 +14,7 @@ use futures::{FutureExt, StreamExt};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tapeline::grpc::pb;
+use tapeline::protocol::pb;
 use tokio::sync::oneshot;
 use tokio::time::{timeout_at, Instant};
 
@@ -106,7 +106,11 @@ impl Publisher {
                 let name = format!("bench/{stream}");
                 let records = payloads
                     .into_iter()
-                    .map(|payload| pb::Record { stream: name.clone(), payload, ..Default::default() })
+                    .map(|payload| tapeline::client::Incoming {
+                        stream: name.clone(),
+                        payload,
+                        ..Default::default()
+                    })
                     .collect();
                 let (tx, rx) = oneshot::channel();
                 pending.lock().unwrap().push_back(tx);

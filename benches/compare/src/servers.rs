@@ -187,7 +187,7 @@ impl Server {
         }
         let hello = async {
             let mut client = tapeline::client::connect(&self.target.url).await.ok()?;
-            client.hello(tapeline::grpc::pb::HelloRequest::default()).await.ok()
+            client.hello(tapeline::protocol::pb::HelloRequest::default()).await.ok()
         };
         matches!(tokio::time::timeout(Duration::from_secs(600), hello).await, Ok(Some(_)))
     }
