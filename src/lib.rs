@@ -5,22 +5,25 @@
 //! interval of the past and then follows the live tail, with no gap and no duplicate.
 //!
 //! # Layers
-//! Each layer imports only the layers above it in this list (`tests/it/layers.rs` checks it):
-//! - [`types`]: ticks, stream names and patterns, records, stream metadata, retention policies.
-//! - [`protocol`]: the generated gRPC code (included nowhere else), protocol versions and sizes,
-//!   conversions to and from the types, the codec.
-//! - [`client`]: the client library: a resuming, failing-over `Subscriber` and a retrying
-//!   `Publisher`, with its own error; it needs only the two layers above.
-//! - [`error`]: the error of the server side (config, store, broker, server, relay).
-//! - [`config`]: settings as data and their validation; the settings file; mirrors; retention.
-//! - [`store`]: the log of record (commit records in chunk files, one writer, group commit), its
-//!   index in sled, recovery, reads and their checks, retention's plans and trimmer, the disk
-//!   budget, idempotent producers' memory, and the offline `verify` and `recover`.
-//! - [`broker`]: publish, subscribe (replay then live), the catalog, quotas, upstream link state:
-//!   every rule a request must follow.
-//! - [`relay`]: relay mode's copy task, which reaches the broker the way a client's records do.
-//! - [`server`]: the tonic service (it only translates), the `PublishStream` driver, connections,
-//!   and the one shutdown path.
+//! Each layer imports only the layers listed before it (`tests/it/layers.rs` checks every
+//! `crate::` path). The map of every module:
+//! - [`types`]: plain data: `record` (ticks, records, stream info), `names` (names, patterns),
+//!   `policy` (retention), `upstream` (a link's status), `invalid` (its error).
+//! - [`protocol`]: `pb` (the generated code, included nowhere else), versions and sizes,
+//!   `convert` (`From` to and from the types), `codec` (prost's, screening publishes), `wire`
+//!   (the server's hand-encoded subscription batches).
+//! - [`client`]: `subscriber` (resuming, failing over), `publisher` (pipelined, retrying), its
+//!   own `error`. With `--no-default-features` the library is these three layers alone.
+//! - [`error`]: the error of the layers below (settings, store, broker, relay, server).
+//! - [`config`]: settings as data and their checks; `file` (TOML), `mirror`, `retention`.
+//! - [`store`]: the log of record and its index, one concern per private file (`commit`,
+//!   `walk`, `files`, `chunk`, `index`, `view`, `applier`, `recovery`, `writer`, `producers`,
+//!   `read`, `tail_cache`, `retention`, `trimmer`, `space`, `integrity`, `upgrade`, `le`).
+//! - `broker` (crate-private): the rules of publish and subscribe, the catalog; `subscription`
+//!   (replay then live), `quota`, `link` (upstream link state).
+//! - `relay` (crate-private): relay mode's copy task, through the client library.
+//! - [`server`]: `service` (translation only), `status`, `publish` (the `PublishStream`
+//!   driver), `connections`, `memory`; the one shutdown path.
 //!
 //! The `tapeline` binary (`src/main.rs`, `src/cli/`) is not part of the library.
 

@@ -5,7 +5,7 @@
 pub mod codec;
 mod convert;
 #[cfg(feature = "server")]
-pub mod wire;
+pub(crate) mod wire;
 
 /// The generated protocol types and client.
 pub mod pb {
@@ -18,7 +18,7 @@ pub mod pb {
 #[cfg(feature = "server")]
 /// The generated server: the messages of [`pb`], except that it sends
 /// [`wire::SubscribeResponse`] (see `build.rs`).
-pub mod serve {
+pub(crate) mod serve {
     include!(concat!(env!("OUT_DIR"), "/server/tapeline.v1.rs"));
 }
 
