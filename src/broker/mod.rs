@@ -212,6 +212,17 @@ impl Broker {
         link::confirmed(&self.links.borrow()).map_or(Tick(0), |c| c.min(watermark))
     }
 
+    /// The tail as [`Broker::tail`], after an origin's clock was let reach the wall clock when it
+    /// lagged it by more than [`MIN_HEARTBEAT`]: a broker that stored nothing yet, or nothing
+    /// lately, answers with the present rather than 0 or a tick long past.
+    pub async fn current_tail(&self) -> Result<Tick> {
+        let now = Tick::now();
+        if self.mirrors.is_empty() && self.log.watermark().0.saturating_add(nanos(MIN_HEARTBEAT)) < now.0 {
+            self.log.advance(now).await?;
+        }
+        Ok(self.tail())
+    }
+
     /// What is known of mirror `index`'s link.
     pub fn link(&self, index: usize) -> Option<Link> {
         self.links.borrow().get(index).cloned()
@@ -455,7 +466,7 @@ impl Broker {
 
     /// Answers a client's hello: refuses a protocol version this server does not speak, and
     /// adds the operator's notice for a client older than the recommended version.
-    pub fn hello(&self, protocol_version: u32, client_version: &str) -> Result<ServerInfo> {
+    pub async fn hello(&self, protocol_version: u32, client_version: &str) -> Result<ServerInfo> {
         let current = PROTOCOL_VERSIONS[PROTOCOL_VERSIONS.len() - 1];
         let chosen = match protocol_version {
             0 => current,
@@ -469,7 +480,7 @@ impl Broker {
             server_version: env!("CARGO_PKG_VERSION"),
             protocol_versions: PROTOCOL_VERSIONS.to_vec(),
             protocol_version: chosen,
-            tail_tick: self.tail(),
+            tail_tick: self.current_tail().await?,
             notice: self.notice.clone().filter(|n| n.applies_to(client_version)),
         })
     }
@@ -494,4 +505,9 @@ impl Broker {
         info!("broker closed");
         Ok(())
     }
+}
+
+/// A duration in nanoseconds, as ticks count them.
+pub(crate) fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }

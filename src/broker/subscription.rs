@@ -425,6 +425,15 @@ impl Pump {
                 self.send(Event::Upstream(status)).await?;
             }
         }
+        // An origin idle for longer than a heartbeat (or that never stored a record) first lets
+        // its clock reach now, so that the replay's `CaughtUp` and the first heartbeat name the
+        // present rather than a tick long past (or 0).
+        if self.spec.links.is_none()
+            && Tick::now().0.saturating_sub(watermark.0) > super::nanos(self.spec.heartbeat)
+        {
+            self.log.advance(Tick::now()).await?;
+            self.catch_up(&mut commits, None, &mut watermark).await?;
+        }
         // Replay: everything up to the tail as it was at registration. On a relay the cap is read
         // first: whatever it confirms was committed (and so is in the snapshot) before.
         self.cap = advance_cap(&self.spec.links);

@@ -80,7 +80,8 @@ impl serve::tapeline_server::Tapeline for Service {
     async fn hello(&self, request: Request<pb::HelloRequest>) -> Result<Response<pb::HelloResponse>, Status> {
         let req = request.into_inner();
         debug!(client = %req.client_name, version = %req.client_version, id = %req.client_id, "hello");
-        let info = self.broker.hello(req.protocol_version, &req.client_version).map_err(|e| status(&e))?;
+        let info =
+            self.broker.hello(req.protocol_version, &req.client_version).await.map_err(|e| status(&e))?;
         Ok(Response::new(pb::HelloResponse {
             server_id: info.server_id,
             server_version: info.server_version.to_string(),

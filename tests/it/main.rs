@@ -23,3 +23,4 @@ mod relay;
 mod retention;
 mod shutdown;
 mod subscribe;
+mod young;
