@@ -54,7 +54,7 @@ pub async fn run(broker: Arc<Broker>, index: usize, mirror: Mirror, shutdown: Ca
 
 /// Subscribes from what is stored and stores what arrives, until something fails.
 async fn copy(broker: &Broker, index: usize, mirror: &Mirror, stored: &mut bool) -> Error {
-    let (positions, newest_stored) = stored_positions(broker, index);
+    let (positions, newest_stored) = stored_positions(broker, index, mirror.from);
     // What the upstream confirmed in this process (its tail in heartbeats and `CaughtUp`) was all
     // stored: resuming after it is exact too, and keeps a `now` mirror from restarting at "now".
     let confirmed = broker.link(index).and_then(|l| l.confirmed).map(|t| t.0);
@@ -127,7 +127,15 @@ async fn copy(broker: &Broker, index: usize, mirror: &Mirror, stored: &mut bool)
                     None => link.beyond.push(reported),
                 }
             }),
-            Delivery::Connected { endpoint } => info!(upstream = %endpoint, "upstream connected"),
+            Delivery::Connected { endpoint } => {
+                info!(upstream = %endpoint, "upstream connected");
+                // The catalog as it is now: what changed while this relay was away (streams
+                // deleted, created again, their metadata) was never sent as events. Whatever
+                // changes after the subscription's start also comes as events, in order.
+                if let Err(err) = reconcile(broker, index, mirror, &endpoint).await {
+                    return err;
+                }
+            }
             Delivery::Disconnected { endpoint, cause, retry_in } => {
                 warn!(upstream = %endpoint, %cause, ?retry_in, "upstream link down");
                 broker.update_link(index, |link| {
@@ -144,20 +152,77 @@ async fn copy(broker: &Broker, index: usize, mirror: &Mirror, stored: &mut bool)
                 // Never asked for (the relay's subscription catches up), but said if it comes.
                 warn!(stream = %g.stream, records = g.records, "the upstream skipped records");
             }
-            Delivery::StreamAdded(_) | Delivery::StreamChanged(_) => {}
+            Delivery::StreamAdded(info) => {
+                if let Err(err) = define(broker, index, &info).await {
+                    return err;
+                }
+            }
+            Delivery::StreamChanged(change) => {
+                let Some(info) = change.stream else { continue };
+                let done = if change.deleted {
+                    broker.mirror_delete(index, &info.name).await
+                } else {
+                    define(broker, index, &info).await
+                };
+                if let Err(err) = done {
+                    return Error::Internal(format!("cannot copy the catalog of {}: {err}", info.name));
+                }
+            }
         }
     }
 }
 
-/// Per mirrored stream its last stored tick, and the newest of them: the mirror resumes there.
-fn stored_positions(broker: &Broker, index: usize) -> (HashMap<String, u64>, Option<u64>) {
-    let mut positions = HashMap::new();
-    for info in broker.all_streams() {
-        if let Some(last) = info.last_tick.filter(|_| broker.mirror_of(&info.name) == Some(index)) {
-            positions.insert(info.name.to_string(), last.0);
+/// Defines this relay's copy of a stream as the upstream describes it.
+async fn define(broker: &Broker, index: usize, info: &pb::StreamInfo) -> Result<(), Error> {
+    let again = broker.mirror_define(index, &info.name, info.into(), Tick(info.created_tick)).await?;
+    if again {
+        info!(stream = %info.name, "the upstream created the stream again: the copy was deleted and is copied anew");
+    }
+    Ok(())
+}
+
+/// Makes this relay's catalog of `mirror` the upstream's: every upstream stream it selects defined
+/// with the upstream's metadata, and every copy the upstream no longer has deleted.
+async fn reconcile(broker: &Broker, index: usize, mirror: &Mirror, endpoint: &str) -> Result<(), Error> {
+    let mut client = crate::client::connect(endpoint).await?;
+    let mut upstream = HashMap::new();
+    for pattern in &mirror.patterns {
+        let request = pb::ListStreamsRequest { pattern: pattern.clone() };
+        let listed =
+            client.list_streams(request).await.map_err(|s| crate::client::remote("list streams", &s))?;
+        for info in listed.into_inner().streams {
+            upstream.insert(info.name.clone(), info);
         }
     }
-    let newest = positions.values().copied().max();
+    for copy in broker.all_streams() {
+        if broker.mirror_of(&copy.name) == Some(index) && !upstream.contains_key(&*copy.name) {
+            info!(stream = %copy.name, "the upstream deleted the stream: so does the copy");
+            broker.mirror_delete(index, &copy.name).await?;
+        }
+    }
+    for info in upstream.values() {
+        define(broker, index, info).await?;
+    }
+    Ok(())
+}
+
+/// Per mirrored stream its last stored tick, and the newest of them: the mirror resumes there.
+/// A copy with no record yet (its metadata came first) is read from its start: from the
+/// upstream's beginning in a `beginning` mirror, else from its creation.
+fn stored_positions(broker: &Broker, index: usize, from: MirrorFrom) -> (HashMap<String, u64>, Option<u64>) {
+    let mut positions = HashMap::new();
+    let mut newest = None;
+    for info in broker.all_streams().into_iter().filter(|s| broker.mirror_of(&s.name) == Some(index)) {
+        let position = match (info.last_tick, from) {
+            (Some(last), _) => {
+                newest = newest.max(Some(last.0));
+                last.0
+            }
+            (None, MirrorFrom::Beginning) => 0,
+            (None, _) => info.created_tick.0.saturating_sub(1),
+        };
+        positions.insert(info.name.to_string(), position);
+    }
     (positions, newest)
 }
 

@@ -128,6 +128,10 @@ impl Broker {
                 link.confirmed = Some(link.confirmed.map_or(last, |c| c.max(last)));
             }
         }
+        let retention = crate::config::Retention {
+            copied: mirrors.iter().flat_map(|(_, patterns)| patterns.clone()).collect(),
+            ..config.retention.clone()
+        };
         Ok(Broker {
             log: Arc::new(log),
             limits: config.limits,
@@ -139,7 +143,7 @@ impl Broker {
             notice: config.notice.clone(),
             subscription_slots: Arc::new(Semaphore::new(config.limits.max_subscriptions)),
             publish_quota: PerConnection::default(),
-            retention: config.retention.clone(),
+            retention,
         })
     }
 
@@ -181,6 +185,47 @@ impl Broker {
         let records = self.check(records)?;
         let answer = self.log.submit(records, Source::Upstream).await?;
         answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Relay mode: makes this broker's copy of `name` (mirror `index`'s) match its upstream's
+    /// catalog entry: created with the upstream's creation tick and metadata, or its metadata
+    /// updated; a copy older than the upstream's stream (the upstream deleted it and created it
+    /// again) is deleted first, so the copy never holds what the upstream deleted. Returns whether
+    /// it was.
+    pub async fn mirror_define(
+        &self,
+        index: usize,
+        name: &str,
+        meta: StreamMeta,
+        created: Tick,
+    ) -> Result<bool> {
+        if self.mirror_of(name) != Some(index) {
+            return Ok(false);
+        }
+        let stream = StreamName::parse(name)?;
+        let again = self.log.stream(name).is_some_and(|copy| created > copy.created_tick);
+        if again {
+            self.mirror_delete(index, name).await?;
+        }
+        self.log.define(stream, meta, true, Some(created)).await?;
+        Ok(again)
+    }
+
+    /// Relay mode: deletes this broker's copy of `name`, as its upstream did; its subscribers are
+    /// told. A copy that is not there is not an error.
+    pub async fn mirror_delete(&self, index: usize, name: &str) -> Result<()> {
+        if self.mirror_of(name) != Some(index) {
+            return Ok(());
+        }
+        match self.log.delete(name).await {
+            Ok(_) | Err(Error::UnknownStream(_)) => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// The retention settings, with relay mode's copies named.
+    pub fn retention(&self) -> &crate::config::Retention {
+        &self.retention
     }
 
     /// The upstreams this broker mirrors.
@@ -432,7 +477,7 @@ impl Broker {
             }
         }
         crate::config::validate_policy(&meta.retention, "CreateStream retention")?;
-        self.log.define(name, meta, update).await
+        self.log.define(name, meta, update, None).await
     }
 
     /// Deletes a stream and every record of it. A relay refuses.

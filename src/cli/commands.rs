@@ -340,6 +340,11 @@ pub async fn streams(args: StreamsArgs) -> Result<ExitCode> {
     }
     println!("{header}");
     for s in list.streams {
+        // A relay's copy keeps its origin's limits unless a rule of the relay overrides them.
+        let mut retention = retention_text(&s.effective_retention);
+        if !s.upstream.is_empty() && s.retention != s.effective_retention {
+            retention.push_str(&format!(" (origin: {})", retention_text(&s.retention)));
+        }
         let mut line = format!(
             "{:<width$}  {:>10}  {:>12}  {:>20}  {:>20}  {:>9.1}  {:<16}  {}",
             s.name,
@@ -348,7 +353,7 @@ pub async fn streams(args: StreamsArgs) -> Result<ExitCode> {
             s.first_tick,
             s.last_tick,
             s.records_per_second,
-            retention_text(&s.effective_retention),
+            retention,
             if s.content_type.is_empty() { "-" } else { &s.content_type }
         );
         if let Some(status) = s.upstream_status.filter(|_| relay) {

@@ -329,6 +329,8 @@ impl File {
                 Some(text) => duration("retention.check_every", text)?,
                 None => CHECK_EVERY,
             },
+            // Relay mode's copies are known to the broker, from the mirrors.
+            copied: Vec::new(),
         };
         Ok(Config {
             data,

@@ -51,6 +51,9 @@ pub struct Retention {
     /// Payload bytes the whole store keeps at most.
     pub max_total_bytes: Option<u64>,
     pub check_every: Duration,
+    /// Relay mode: the streams copied from an upstream. A copy keeps its origin's own limits,
+    /// and a rule of this broker that matches it overrides them.
+    pub copied: Vec<Pattern>,
 }
 
 impl Default for Retention {
@@ -60,6 +63,7 @@ impl Default for Retention {
             rules: Vec::new(),
             max_total_bytes: None,
             check_every: CHECK_EVERY,
+            copied: Vec::new(),
         }
     }
 }
@@ -95,13 +99,59 @@ impl Retention {
         Ok(())
     }
 
-    /// The server's policy for `stream`, with the stream's own limits over it.
+    /// The server's policy for `stream`, with the stream's own limits over it; for a relay's copy,
+    /// the stream's own limits over the defaults and a matching rule over both.
     pub fn policy_of(&self, stream: &StreamInfo) -> Policy {
         let rule = self.rules.iter().find(|rule| rule.streams.iter().any(|p| p.matches(&stream.name)));
+        if self.copied.iter().any(|p| p.matches(&stream.name)) {
+            let origin = self.default.overridden_by(stream.meta.retention);
+            return rule.map_or(origin, |rule| origin.overridden_by(rule.policy));
+        }
         let server = match rule {
             Some(rule) => self.default.overridden_by(rule.policy),
             None => self.default,
         };
         server.overridden_by(stream.meta.retention)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{Recent, StreamId, StreamMeta, Tick, Trimmed};
+    use std::sync::Arc;
+
+    fn stream(name: &str, own: Policy) -> StreamInfo {
+        StreamInfo {
+            name: Arc::from(name),
+            id: StreamId(0),
+            records: 0,
+            bytes: 0,
+            first_tick: None,
+            last_tick: None,
+            created_tick: Tick(1),
+            trimmed: Trimmed::default(),
+            meta: Arc::new(StreamMeta { retention: own, ..StreamMeta::default() }),
+            recent: Recent::default(),
+        }
+    }
+
+    #[test]
+    fn a_copy_keeps_its_origins_limits_unless_a_rule_overrides_them() {
+        let hour = Policy { max_age: Some(Duration::from_secs(3600)), ..Policy::default() };
+        let second = Policy { max_age: Some(Duration::from_secs(1)), ..Policy::default() };
+        let retention = Retention {
+            default: Policy { max_bytes: Some(100), ..Policy::default() },
+            rules: vec![Rule { streams: vec![Pattern::parse("r/keep/**").unwrap()], policy: second }],
+            copied: vec![Pattern::parse("r/**").unwrap()],
+            ..Retention::default()
+        };
+        // A copy: the origin's own limit, the defaults where it sets none.
+        assert_eq!(retention.policy_of(&stream("r/a", hour)), Policy { max_bytes: Some(100), ..hour });
+        // A copy a rule of this broker matches: the rule wins over the origin's limit.
+        assert_eq!(retention.policy_of(&stream("r/keep/a", hour)), Policy { max_bytes: Some(100), ..second });
+        // A stream of this broker: its own limit wins over the rule.
+        let local = Retention { copied: Vec::new(), ..retention };
+        assert_eq!(local.policy_of(&stream("r/keep/a", hour)), Policy { max_bytes: Some(100), ..hour });
     }
 }

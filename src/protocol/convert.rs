@@ -2,7 +2,7 @@
 //! wire (the proto's rule); `None` means it in the types.
 
 use super::pb;
-use crate::types::{Incoming, Policy, Record, StreamInfo, Tick, UpstreamStatus};
+use crate::types::{Incoming, Policy, Record, StreamInfo, StreamMeta, Tick, UpstreamStatus};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,6 +65,18 @@ impl From<pb::Retention> for Policy {
             max_age: (r.max_age_ms > 0).then(|| Duration::from_millis(r.max_age_ms)),
             max_bytes: (r.max_bytes > 0).then_some(r.max_bytes),
             max_records: (r.max_records > 0).then_some(r.max_records),
+        }
+    }
+}
+
+/// A stream's metadata and own retention, as the API shows them.
+impl From<&pb::StreamInfo> for StreamMeta {
+    fn from(s: &pb::StreamInfo) -> StreamMeta {
+        StreamMeta {
+            content_type: s.content_type.clone(),
+            schema_version: s.schema_version.clone(),
+            description: s.description.clone(),
+            retention: s.retention.unwrap_or_default().into(),
         }
     }
 }

@@ -102,7 +102,7 @@ async fn serve(
     // stopped by the same token as everything else.
     let background = tokio_util::task::TaskTracker::new();
     crate::relay::spawn_all(&broker, &token, &background);
-    crate::store::spawn_trimmer(broker.log(), config.retention.clone(), token.clone(), &background);
+    crate::store::spawn_trimmer(broker.log(), broker.retention().clone(), token.clone(), &background);
     memory::spawn(token.clone(), &background);
     background.close();
 

@@ -254,7 +254,7 @@ pub async fn recover(from: &Path, into: &Path) -> Result<Recovered> {
         }
         let stream = StreamName::parse(&name)?;
         if let Some(meta) = metadata.remove(&name).filter(|m| *m != StreamMeta::default()) {
-            log.define(stream.clone(), meta, true).await?;
+            log.define(stream.clone(), meta, true, None).await?;
         }
         result.streams += 1;
         let mut batch = Vec::new();

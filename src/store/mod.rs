@@ -159,6 +159,8 @@ enum Command {
         name: crate::types::StreamName,
         meta: StreamMeta,
         update: bool,
+        /// The creation tick a new stream takes (a relay's copy takes its upstream's), else now.
+        created: Option<Tick>,
         reply: oneshot::Sender<Result<StreamInfo>>,
     },
     /// Delete a stream and every record of it.
@@ -400,17 +402,19 @@ impl Log {
         .map_err(|err| Error::Internal(format!("flush task failed: {err}")))?
     }
 
-    /// Creates `name` with `meta`; an existing stream keeps its records and gets `meta` when
-    /// `update` (with the same metadata it is left as it is). Returns the stream as it is now.
+    /// Creates `name` with `meta` (created at `created`, else now); an existing stream keeps its
+    /// records and gets `meta` when `update` (with the same metadata it is left as it is).
+    /// Returns the stream as it is now.
     pub async fn define(
         &self,
         name: crate::types::StreamName,
         meta: StreamMeta,
         update: bool,
+        created: Option<Tick>,
     ) -> Result<StreamInfo> {
         let (reply, answer) = oneshot::channel();
         self.writer
-            .send(Command::Define { name, meta, update, reply })
+            .send(Command::Define { name, meta, update, created, reply })
             .await
             .map_err(|_| Error::ShuttingDown)?;
         answer.await.map_err(|_| Error::ShuttingDown)?

@@ -154,8 +154,9 @@ impl Writer {
                 Some(Command::Compact { moves, reply }) => {
                     let _ = reply.send(self.checked().and_then(|()| self.compact(moves)));
                 }
-                Some(Command::Define { name, meta, update, reply }) => {
-                    let _ = reply.send(self.checked().and_then(|()| self.define(name, meta, update)));
+                Some(Command::Define { name, meta, update, created, reply }) => {
+                    let _ =
+                        reply.send(self.checked().and_then(|()| self.define(name, meta, update, created)));
                 }
                 Some(Command::Delete { name, reply }) => {
                     let _ = reply.send(self.checked().and_then(|()| self.delete(&name)));
@@ -370,7 +371,13 @@ impl Writer {
     }
 
     /// See `Log::define`.
-    fn define(&mut self, name: StreamName, meta: StreamMeta, update: bool) -> Result<StreamInfo> {
+    fn define(
+        &mut self,
+        name: StreamName,
+        meta: StreamMeta,
+        update: bool,
+        at: Option<Tick>,
+    ) -> Result<StreamInfo> {
         let (info, created) = match self.streams.get(name.as_str()) {
             Some(info) if *info.meta == meta => return Ok(info.clone()),
             Some(_) if !update => return Err(Error::StreamExists { stream: name.to_string() }),
@@ -384,7 +391,7 @@ impl Writer {
                         hint: "delete streams or raise the limit",
                     });
                 }
-                let now = Tick::now().max(Tick(self.clock.0 + 1));
+                let now = at.unwrap_or_else(|| Tick::now().max(Tick(self.clock.0 + 1)));
                 let info = new_stream(name.shared(), StreamId(self.next_id), now, meta);
                 (info, true)
             }

@@ -539,3 +539,118 @@ async fn a_relay_of_two_origins_copies_both_and_its_tail_waits_for_the_slower() 
     assert_eq!(by_stream(read), want, "exactly every record up to the end, from both upstreams");
     assert_eq!(bounded.duplicates_dropped(), 0);
 }
+
+/// A stream of the catalog as compared between copies: everything but the rates and the relay's
+/// own upstream fields.
+fn catalog_entry(s: &pb::StreamInfo) -> String {
+    format!(
+        "{} type={:?} schema={:?} description={:?} own={:?} effective={:?} created={} records={} ticks={}..{}",
+        s.name,
+        s.content_type,
+        s.schema_version,
+        s.description,
+        s.retention,
+        s.effective_retention,
+        s.created_tick,
+        s.records,
+        s.first_tick,
+        s.last_tick
+    )
+}
+
+/// Waits until `relay` lists exactly the streams `origin` lists, entry for entry, and holds
+/// exactly its records.
+async fn same_catalog(origin: &str, relay: &str) {
+    let began = std::time::Instant::now();
+    loop {
+        let want: Vec<String> =
+            stored_streams(&mut client(origin).await).await.iter().map(catalog_entry).collect();
+        let got: Vec<String> =
+            stored_streams(&mut client(relay).await).await.iter().map(catalog_entry).collect();
+        if got == want && everything(relay).await == everything(origin).await {
+            return;
+        }
+        assert!(began.elapsed() < CONVERGE, "{relay} lists\n{got:#?}\nthe origin\n{want:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn define(
+    stream: &str,
+    content_type: &str,
+    description: &str,
+    max_age_ms: u64,
+    update: bool,
+) -> pb::CreateStreamRequest {
+    pb::CreateStreamRequest {
+        stream: stream.into(),
+        content_type: content_type.into(),
+        schema_version: "7".into(),
+        description: description.into(),
+        retention: Some(pb::Retention { max_age_ms, ..Default::default() }),
+        update,
+    }
+}
+
+/// The catalog events and records a subscriber sees until the record `last`.
+async fn catalog_and_records_until(sub: &mut Sub, last: &str) -> Vec<Seen> {
+    let mut seen = Vec::new();
+    loop {
+        let events = sub.next().await.expect("the subscription goes on");
+        for event in events {
+            match &event {
+                Seen::Record { payload, .. } if payload == last => {
+                    seen.push(event);
+                    return seen;
+                }
+                Seen::Record { .. } | Seen::StreamAdded(_) | Seen::StreamChanged { .. } => seen.push(event),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Metadata, a stream's own retention, updates, a deletion and a stream created again under the
+/// same name travel down origin → relay → relay in order with the records: the last relay's
+/// subscribers see the same `stream_added` and `stream_changed` events as the origin's, and its
+/// copy never holds a record the origin deleted, also when the relay was down while it happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_copies_the_catalog_deletions_and_streams_created_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Node::start(&dir, "origin", &[]);
+    let first = Node::relay(&dir, "first", &origin, "beginning");
+    let mut second = Node::relay(&dir, "second", &first, "beginning");
+    let mut o = client::connect(&origin.url()).await.unwrap();
+    let mut watch = request(&["r/**"], beginning());
+    watch.heartbeat_ms = 200;
+    let mut on_origin = Sub::open(&mut o, watch.clone()).await;
+    let mut on_relay = Sub::open(&mut client::connect(&second.url()).await.unwrap(), watch).await;
+    // The chain is live before the catalog changes, so the changes travel as events.
+    crate::support::publish(&mut o, "r/warm", &["warm"]).await;
+    catalog_and_records_until(&mut on_origin, "warm").await;
+    catalog_and_records_until(&mut on_relay, "warm").await;
+
+    o.create_stream(define("r/cat", "application/json", "with metadata", 3_600_000, false)).await.unwrap();
+    crate::support::publish(&mut o, "r/cat", &["m0", "m1"]).await;
+    o.create_stream(define("r/cat", "text/csv", "changed", 7_200_000, true)).await.unwrap();
+    crate::support::publish(&mut o, "r/cat", &["m2"]).await;
+    o.delete_stream(pb::DeleteStreamRequest { stream: "r/cat".into() }).await.unwrap();
+    crate::support::publish(&mut o, "r/cat", &["reborn"]).await;
+    let want = catalog_and_records_until(&mut on_origin, "reborn").await;
+    let got = catalog_and_records_until(&mut on_relay, "reborn").await;
+    assert!(want.iter().any(|e| matches!(e, Seen::StreamChanged { deleted: true, .. })), "{want:?}");
+    assert_eq!(got, want, "the last relay's subscriber saw other catalog events than the origin's");
+    same_catalog(&origin.url(), &second.url()).await;
+
+    // While the last relay is down: the stream is deleted and created again with other metadata,
+    // and a stream with metadata only appears. Its restart finds the catalog as it is now.
+    second.kill();
+    o.delete_stream(pb::DeleteStreamRequest { stream: "r/cat".into() }).await.unwrap();
+    o.create_stream(define("r/cat", "text/plain", "again", 60_000, false)).await.unwrap();
+    crate::support::publish(&mut o, "r/cat", &["third"]).await;
+    o.create_stream(define("r/empty", "application/x-empty", "metadata only", 1_000, false)).await.unwrap();
+    o.delete_stream(pb::DeleteStreamRequest { stream: "r/warm".into() }).await.unwrap();
+    second.restart();
+    same_catalog(&origin.url(), &first.url()).await;
+    same_catalog(&origin.url(), &second.url()).await;
+}
