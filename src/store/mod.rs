@@ -75,6 +75,9 @@ const WRITER_QUEUE: usize = 1024;
 const WRITER_QUEUE_KIB: u32 = 256 << 10;
 /// Commits a subscriber may fall behind before it is told to rescan (it then reads storage).
 const COMMIT_BROADCAST: usize = 4096;
+/// Trimmer passes a publish waits for at most when the store is over its bound, and how long each.
+const ROOM_PASSES: usize = 3;
+const ROOM_WAIT: Duration = Duration::from_secs(2);
 /// How often the flusher makes the index durable: at most this much of the log is applied again
 /// after a crash.
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
@@ -135,6 +138,52 @@ impl Source {
 struct Shared {
     streams: BTreeMap<Arc<str>, StreamInfo>,
     watermark: Tick,
+    /// Payload bytes of every stream together (what the store-wide bound counts).
+    bytes: u64,
+}
+
+impl Shared {
+    fn new(streams: BTreeMap<Arc<str>, StreamInfo>, watermark: Tick) -> Shared {
+        let bytes = streams.values().map(|s| s.bytes).sum();
+        Shared { streams, watermark, bytes }
+    }
+
+    /// Publishes a stream as it is now.
+    fn put(&mut self, info: StreamInfo) {
+        self.bytes += info.bytes;
+        if let Some(old) = self.streams.insert(info.name.clone(), info) {
+            self.bytes -= old.bytes;
+        }
+    }
+
+    /// Forgets a deleted stream.
+    fn remove(&mut self, name: &str) {
+        if let Some(old) = self.streams.remove(name) {
+            self.bytes -= old.bytes;
+        }
+    }
+}
+
+/// How publishers and the trimmer keep a store-wide bound at write time: a publish that would pass
+/// it wakes the trimmer and waits for its pass to end.
+#[derive(Default)]
+pub(crate) struct Room {
+    /// Set when a publisher wants a pass now.
+    wanted: tokio::sync::Notify,
+    /// Passes finished so far.
+    passes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Room {
+    /// Waits until the trimmer wants to run (its timer aside).
+    pub(crate) async fn wanted(&self) {
+        self.wanted.notified().await
+    }
+
+    /// Says that a pass ended.
+    pub(crate) fn passed(&self) {
+        self.passes.send_modify(|n| *n += 1);
+    }
 }
 
 /// Where the writer sends a batch's ticks, or why it was refused.
@@ -216,6 +265,9 @@ pub struct Log {
     writer: mpsc::Sender<Command>,
     /// Payload bytes (KiB) that may wait for the writer.
     queue_budget: Arc<Semaphore>,
+    /// The store-wide bound on payload bytes, if any, and how publishers make room under it.
+    max_total_bytes: Option<u64>,
+    room: Room,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     server_id: String,
     /// The highest tick an advance was asked for, to let one serve many (`advance_lazily`).
@@ -245,10 +297,10 @@ impl Log {
         let index = Arc::new(recovered.index);
         let chunks = recovered.chunks;
         let watermark = recovered.clock;
-        let shared = Arc::new(RwLock::new(Shared {
-            streams: recovered.streams.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        let shared = Arc::new(RwLock::new(Shared::new(
+            recovered.streams.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             watermark,
-        }));
+        )));
         let (commits, _) = broadcast::channel(COMMIT_BROADCAST);
         let (writer, inbox) = mpsc::channel(WRITER_QUEUE);
         let flush_failed = Arc::new(std::sync::OnceLock::new());
@@ -292,6 +344,8 @@ impl Log {
             commits,
             writer,
             queue_budget: Arc::new(Semaphore::new(WRITER_QUEUE_KIB as usize)),
+            max_total_bytes: config.retention.max_total_bytes,
+            room: Room::default(),
             writer_thread: Mutex::new(Some(writer_thread)),
             server_id: recovered.server_id,
             advance_asked: AtomicU64::new(0),
@@ -316,6 +370,7 @@ impl Log {
         source: Source,
     ) -> Result<oneshot::Receiver<Result<Appended>>> {
         let bytes = held_bytes(&records);
+        self.make_room(bytes as u64).await;
         let kib = (bytes.div_ceil(1024) as u64).min(u64::from(WRITER_QUEUE_KIB)) as u32;
         let queued =
             self.queue_budget.clone().acquire_many_owned(kib).await.map_err(|_| Error::ShuttingDown)?;
@@ -323,6 +378,39 @@ impl Log {
         let command = Command::Append { records, source, reply, _queued: queued };
         self.writer.send(command).await.map_err(|_| Error::ShuttingDown)?;
         Ok(answer)
+    }
+
+    /// Under a store-wide bound: while what is stored and queued, with `bytes` more, would pass it,
+    /// wakes the trimmer and waits for the end of its pass (at most [`ROOM_PASSES`] passes, each
+    /// at most [`ROOM_WAIT`]: the streams' newest chunks are never removed, and without a trimmer
+    /// nothing would ever make room). So the bound holds at write time, not only at the trimmer's
+    /// next tick: the store passes it by at most what publishers hand in while a pass runs.
+    async fn make_room(&self, bytes: u64) {
+        let Some(bound) = self.max_total_bytes else { return };
+        let mut passes = self.room.passes.subscribe();
+        for _ in 0..ROOM_PASSES {
+            let queued = u64::from(WRITER_QUEUE_KIB)
+                .saturating_sub(self.queue_budget.available_permits() as u64)
+                << 10;
+            if self.read_shared().bytes + queued + bytes <= bound {
+                return;
+            }
+            passes.mark_unchanged();
+            self.room.wanted.notify_one();
+            if tokio::time::timeout(ROOM_WAIT, passes.changed()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// How the trimmer learns that publishers wait for room.
+    pub(crate) fn room(&self) -> &Room {
+        &self.room
+    }
+
+    /// Payload bytes stored in every stream together.
+    pub fn stored_bytes(&self) -> u64 {
+        self.read_shared().bytes
     }
 
     /// Raises the broker's clock to `to` (at most the wall clock) and publishes the new watermark

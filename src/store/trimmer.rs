@@ -30,6 +30,8 @@ pub fn spawn(log: Arc<Log>, retention: Retention, token: CancellationToken, task
             tokio::select! {
                 _ = token.cancelled() => return,
                 _ = ticks.tick() => {}
+                // A publisher would pass the store-wide bound: a pass now, not at the next tick.
+                _ = log.room().wanted() => {}
             }
             match pass(&log, &retention, &token).await {
                 Ok(0) => {}
@@ -37,6 +39,7 @@ pub fn spawn(log: Arc<Log>, retention: Retention, token: CancellationToken, task
                 // The next pass tries again; a failed write has stopped the log anyway.
                 Err(err) => warn!(cause = %err, "retention pass failed"),
             }
+            log.room().passed();
         }
     });
 }

@@ -352,9 +352,9 @@ impl Writer {
     fn publish_change(&mut self, info: &StreamInfo, created: bool, deleted: bool) {
         let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
         if deleted {
-            shared.streams.remove(&info.name);
+            shared.remove(&info.name);
         } else {
-            shared.streams.insert(info.name.clone(), info.clone());
+            shared.put(info.clone());
         }
         let mut commit = Commit {
             watermark: shared.watermark,
@@ -478,7 +478,7 @@ impl Writer {
         stream.bytes = bytes.saturating_sub(plan.bytes_before);
         stream.first_tick = Some(plan.first);
         self.streams.insert(stream.name.clone(), stream.clone());
-        self.shared.write().unwrap_or_else(|e| e.into_inner()).streams.insert(stream.name.clone(), stream);
+        self.shared.write().unwrap_or_else(|e| e.into_inner()).put(stream);
         let changed = self
             .view
             .index()
@@ -841,7 +841,7 @@ impl Writer {
                 if !self.streams.contains_key(&name) {
                     added.push(info.clone());
                 }
-                shared.streams.insert(name.clone(), info.clone());
+                shared.put(info.clone());
                 self.streams.insert(name, info);
             }
             shared.watermark = shared.watermark.max(self.clock);

@@ -70,3 +70,49 @@ fn a_bounded_read_over_nothing_ends_at_once() {
     assert!(out.stderr.is_empty(), "no resumes, no warnings: {}", String::from_utf8_lossy(&out.stderr));
     serve.terminate();
 }
+
+/// A store-wide bound holds at write time, not only at the trimmer's next tick: 50 MB published
+/// as fast as 4 connections can into a store bounded to 8 MiB (the trimmer's timer set to an
+/// hour) never holds more than the bound plus what the publishers hand in while a pass runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_wide_bound_holds_at_write_time() {
+    const BOUND: u64 = 8 << 20;
+    const TOLERANCE: u64 = 2 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.retention.max_total_bytes = Some(BOUND);
+    config.retention.check_every = Duration::from_secs(3600);
+    let server = TestServer::start_with(config).await;
+    let payload = "x".repeat(4096);
+    let mut publishers = Vec::new();
+    for p in 0..4 {
+        let mut client = server.client().await;
+        let payload = payload.clone();
+        publishers.push(tokio::spawn(async move {
+            // 4 × 48 batches of 64 records of 4 KiB: 48 MiB in all.
+            for b in 0..48 {
+                let records =
+                    (0..64).map(|_| record(&format!("bound/s{}", (p + b) % 2), payload.clone())).collect();
+                publish_records(&mut client, records).await;
+            }
+        }));
+    }
+    let mut watcher = server.client().await;
+    let mut most = 0;
+    while !publishers.iter().all(|p| p.is_finished()) {
+        let held: u64 = stored_streams(&mut watcher).await.iter().map(|s| s.bytes).sum();
+        most = most.max(held);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let held: u64 = stored_streams(&mut watcher).await.iter().map(|s| s.bytes).sum();
+    most = most.max(held);
+    println!("held at most {most} bytes under a bound of {BOUND}");
+    assert!(
+        most <= BOUND + TOLERANCE,
+        "the store held {most} bytes, over its bound of {BOUND} by more than {TOLERANCE}"
+    );
+    server.stop().await;
+}
