@@ -185,6 +185,13 @@ async fn define(broker: &Broker, index: usize, info: &pb::StreamInfo) -> Result<
 /// with the upstream's metadata, and every copy the upstream no longer has deleted.
 async fn reconcile(broker: &Broker, index: usize, mirror: &Mirror, endpoint: &str) -> Result<(), Error> {
     let mut client = crate::client::connect(endpoint).await?;
+    // An upstream that has not caught up (a relay still copying, or one whose data dir was
+    // replaced) lacks streams it never deleted: only a copy the upstream's tail covers is known to
+    // be gone from it. (The tail first: a stream it covers that the list then lacks was deleted.)
+    let hello =
+        pb::HelloRequest { protocol_version: crate::protocol::PROTOCOL_VERSION, ..Default::default() };
+    let tail =
+        client.hello(hello).await.map_err(|s| crate::client::remote("hello", &s))?.into_inner().tail_tick;
     let mut upstream = HashMap::new();
     for pattern in &mirror.patterns {
         let request = pb::ListStreamsRequest { pattern: pattern.clone() };
@@ -195,7 +202,8 @@ async fn reconcile(broker: &Broker, index: usize, mirror: &Mirror, endpoint: &st
         }
     }
     for copy in broker.all_streams() {
-        if broker.mirror_of(&copy.name) == Some(index) && !upstream.contains_key(&*copy.name) {
+        let covered = copy.last_tick.unwrap_or(copy.created_tick).0 <= tail;
+        if broker.mirror_of(&copy.name) == Some(index) && covered && !upstream.contains_key(&*copy.name) {
             info!(stream = %copy.name, "the upstream deleted the stream: so does the copy");
             broker.mirror_delete(index, &copy.name).await?;
         }
