@@ -523,6 +523,12 @@ impl Pump {
         while let Some(commit) = next.take() {
             match commit {
                 Ok(commit) => {
+                    // A catalog change goes out after the records committed before it, so the
+                    // events and the records arrive in the order they happened (a relay copies
+                    // them in that order).
+                    if !commit.added.is_empty() || !commit.changed.is_empty() {
+                        self.drain(self.bound(*watermark)).await?;
+                    }
                     *watermark = (*watermark).max(commit.watermark);
                     self.apply(&commit).await?;
                 }

@@ -238,3 +238,38 @@ async fn deleting_the_newest_records_is_not_a_rollback_at_the_next_start() {
     assert!(stored_streams(&mut server.client().await).await.is_empty());
     server.stop().await;
 }
+
+/// Catalog events arrive in the order they happened relative to the records, also when the
+/// subscription takes many commits at once (here: while a paced delivery waits for its next
+/// record): records published before a metadata change come before its `stream_changed`.
+#[tokio::test]
+async fn catalog_events_keep_their_place_among_the_records() {
+    let (_dir, _server, mut client) = started().await;
+    client.create_stream(create("order/s", "text/plain")).await.unwrap();
+    let mut paced = request(&["order/**"], beginning());
+    paced.pace = 1.0;
+    let mut sub = Sub::open(&mut client, paced).await;
+    sub.until_caught_up().await;
+    // Two records 1.5 s apart: the paced delivery waits between them while the next commits
+    // happen, then takes them all at once.
+    let now = tapeline::types::Tick::now().0;
+    let early = |tick, payload: &str| pb::Record { tick, ..record("order/s", payload) };
+    publish_records(&mut client, vec![early(now, "r1"), early(now + 1_500_000_000, "r2")]).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    publish(&mut client, "order/s", &["m0", "m1"]).await;
+    client
+        .create_stream(pb::CreateStreamRequest { update: true, ..create("order/s", "text/csv") })
+        .await
+        .unwrap();
+    publish(&mut client, "order/s", &["m2"]).await;
+    let seen: Vec<String> = events(&mut sub, 6)
+        .await
+        .into_iter()
+        .map(|e| match e {
+            Seen::Record { payload, .. } => payload,
+            Seen::StreamChanged { content_type, .. } => format!("changed to {content_type}"),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(seen, ["r1", "r2", "m0", "m1", "changed to text/csv", "m2"]);
+}
