@@ -15,7 +15,7 @@ use serde::Serialize;
 use servers::{Programs, Server, System};
 use std::path::PathBuf;
 use std::time::Duration;
-use workloads::{LatencySpec, PublishSpec};
+use workloads::{LatencySpec, PublishSpec, ReadersSpec};
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -41,7 +41,7 @@ pub struct Args {
     )]
     pub systems: Vec<String>,
     /// Workloads, comma-separated: publish, latency, replay, handoff.
-    #[arg(long, value_delimiter = ',', default_value = "publish,latency,replay,handoff")]
+    #[arg(long, value_delimiter = ',', default_value = "publish,latency,replay,handoff,readers")]
     pub workloads: Vec<String>,
     /// Record sizes for publish throughput, in bytes.
     #[arg(long, value_delimiter = ',', default_value = "100,256,1024,4096")]
@@ -61,6 +61,12 @@ pub struct Args {
     /// Records stored before the handoff subscriber starts.
     #[arg(long, default_value_t = 1_000_000)]
     pub handoff_records: u64,
+    /// Subscribers of the many-readers figure (tapeline only).
+    #[arg(long, default_value_t = 1000)]
+    pub readers: usize,
+    /// Records stored before the many readers start.
+    #[arg(long, default_value_t = 20_000)]
+    pub readers_preload: u64,
     /// Where data dirs go (each removed after its figure).
     #[arg(long)]
     pub scratch: Option<PathBuf>,
@@ -91,6 +97,7 @@ pub struct Results {
     pub latency: Vec<Measured<LatencySpec, workloads::LatencyResult>>,
     pub replay: Vec<Measured<u64, workloads::ReplayResult>>,
     pub handoff: Vec<Measured<u64, workloads::HandoffResult>>,
+    pub readers: Vec<Measured<ReadersSpec, workloads::ReadersResult>>,
 }
 
 /// Runs `work` against a fresh server of each system; a figure that takes longer than `limit`
@@ -236,6 +243,27 @@ async fn main() -> Result<()> {
         })
         .await?;
         results.handoff.extend(figures);
+        write(&args, &programs, &results)?;
+    }
+    if wants("readers") {
+        // The server's memory with many lagging readers: tapeline's target, one tapeline system.
+        let tapeline: Vec<System> =
+            readers.iter().copied().filter(|s| *s == System::TapelineInterval).collect();
+        let spec = ReadersSpec {
+            readers: args.readers,
+            preload: args.readers_preload,
+            rate: 2_000,
+            duration: Duration::from_secs(10),
+            size: 256,
+        };
+        let label = format!("{} readers", spec.readers);
+        eprintln!("{label}");
+        let figures =
+            each(&tapeline, &programs, &scratch, &spec, &label, 5 * MINUTE, async |s: &mut Server| {
+                workloads::readers(s, &spec).await
+            })
+            .await?;
+        results.readers.extend(figures);
         write(&args, &programs, &results)?;
     }
 

@@ -52,6 +52,7 @@ pub fn markdown(args: &Args, programs: &Programs, results: &Results) -> String {
     latency(w, results);
     replay(w, results);
     handoff(w, results);
+    readers(w, results);
 
     let _ = writeln!(w, "\n{KEEP}\n");
     let old = std::fs::read_to_string(&args.markdown).unwrap_or_default();
@@ -108,7 +109,7 @@ fn run(program: &str, args: &[&str]) -> String {
 
 fn command_line(args: &Args) -> String {
     format!(
-        "tapeline-bench --systems {} --workloads {} --sizes {} --publish-seconds {} --rates {} --latency-seconds {} --replay-records {} --handoff-records {}",
+        "tapeline-bench --systems {} --workloads {} --sizes {} --publish-seconds {} --rates {} --latency-seconds {} --replay-records {} --handoff-records {} --readers {} --readers-preload {}",
         args.systems.join(","),
         args.workloads.join(","),
         args.sizes.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
@@ -117,6 +118,8 @@ fn command_line(args: &Args) -> String {
         args.latency_seconds,
         args.replay_records,
         args.handoff_records,
+        args.readers,
+        args.readers_preload,
     )
 }
 
@@ -436,6 +439,35 @@ fn handoff(w: &mut String, results: &Results) {
     });
 }
 
+fn readers(w: &mut String, results: &Results) {
+    let Some(first) = results.readers.first() else { return };
+    let spec = &first.spec;
+    let _ = writeln!(w, "\n## Many readers\n");
+    let _ = writeln!(w, "{} records of {} B are stored; then {} subscribers (a connection each) start from the beginning at once while one publisher sends {} records/s open-loop for {} s: each must receive every record once, in order. Most of them lag behind the live tail most of the time: the figure is the server's memory with many lagging readers (tapeline only: the target is tapeline's).\n", thousands(spec.preload as f64), spec.size, thousands(spec.readers as f64), thousands(spec.rate as f64), spec.duration.as_secs());
+    let columns = [
+        "records each",
+        "incomplete",
+        "missing",
+        "duplicates",
+        "slowest reader done after",
+        "publish ack p99",
+        "peak RSS",
+        "limit",
+    ];
+    per_system(w, &results.readers, &columns, |m, r| {
+        vec![
+            thousands(r.expected as f64),
+            r.incomplete_readers.to_string(),
+            r.missing.to_string(),
+            r.duplicates.to_string(),
+            format!("{:.1} s", r.slowest_ms / 1000.0),
+            micros(r.publish_ack.p99_us),
+            mib(m.peak_rss_bytes),
+            r.usage.cell(true),
+        ]
+    });
+}
+
 /// A table with a row per figure: the system, then `cells` of what it measured; a figure that
 /// failed says why instead.
 fn per_system<S, R>(
@@ -592,6 +624,7 @@ fn targets(w: &mut String, results: &Results) {
         .chain(results.latency.iter().map(|m| (m.system, m.peak_rss_bytes)))
         .chain(results.replay.iter().map(|m| (m.system, m.peak_rss_bytes)))
         .chain(results.handoff.iter().map(|m| (m.system, m.peak_rss_bytes)))
+        .chain(results.readers.iter().map(|m| (m.system, m.peak_rss_bytes)))
         .filter(|(s, _)| s.is_tapeline())
         .map(|(_, b)| b)
         .max();
@@ -601,6 +634,20 @@ fn targets(w: &mut String, results: &Results) {
             "| peak RSS < 256 MB, whatever the log's size | {} (largest of every tapeline figure) | {} |",
             mib(peak),
             yes(peak < 256_000_000)
+        );
+    }
+    for m in &results.readers {
+        let Ok(r) = &m.outcome else { continue };
+        let _ = writeln!(
+            w,
+            "| {} readers replaying while records arrive: peak RSS < 256 MB, every reader exact ({}) | {}, {} incomplete, {} missing, {} duplicates | {} |",
+            thousands(m.spec.readers as f64),
+            m.system.name(),
+            mib(m.peak_rss_bytes),
+            r.incomplete_readers,
+            r.missing,
+            r.duplicates,
+            yes(m.peak_rss_bytes < 256_000_000 && r.incomplete_readers == 0 && r.duplicates == 0)
         );
     }
     if let Some(t) =

@@ -597,3 +597,86 @@ pub async fn handoff(
         usage,
     })
 }
+
+/// Many readers: what is asked.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadersSpec {
+    /// Subscribers, a connection each, all starting from the beginning at once.
+    pub readers: usize,
+    /// Records stored before they start.
+    pub preload: u64,
+    /// Records per second published while they read, for `duration`.
+    pub rate: u64,
+    pub duration: Duration,
+    pub size: usize,
+}
+
+/// Many readers: what was measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadersResult {
+    /// Records each reader must receive.
+    pub expected: u64,
+    /// Readers that did not receive every record once by the deadline.
+    pub incomplete_readers: u64,
+    pub missing: u64,
+    pub duplicates: u64,
+    /// From the start to the last record of the slowest reader.
+    pub slowest_ms: f64,
+    /// Publish ack p99 while they read.
+    pub publish_ack: Latency,
+    pub usage: Usage,
+}
+
+/// Preloads `spec.preload` records, then `spec.readers` subscribers start from the beginning at
+/// once while one publisher sends at `spec.rate` for `spec.duration`: each must receive every
+/// record once, in order. Most of them lag behind the tail for most of the figure, which is what
+/// it measures: the server's memory with many lagging readers.
+pub async fn readers(server: &Server, spec: &ReadersSpec) -> Result<ReadersResult> {
+    load(server, spec.preload, spec.size).await?;
+    let live = spec.rate * spec.duration.as_secs().max(1);
+    let total = spec.preload + live;
+    let deadline = Instant::now() + spec.duration + DRAIN + Duration::from_secs(120);
+    let meter = Meter::start(server.pid());
+    let began = Instant::now();
+    let mut tasks = Vec::new();
+    let mut waits = Vec::new();
+    for _ in 0..spec.readers {
+        let target = server.target.clone();
+        let (ready, is_ready) = oneshot::channel();
+        waits.push(is_ready);
+        tasks.push(tokio::spawn(async move {
+            let mut order = Order::default();
+            drivers::subscribe(&target, 0, Start::Beginning, ready, deadline, |p| {
+                order.observe(stamp(p).1);
+                order.received < total && stamp(p).1 + 1 < total
+            })
+            .await?;
+            anyhow::Ok((order, began.elapsed()))
+        }));
+    }
+    for wait in waits {
+        let _ = wait.await;
+    }
+    let (publish_ack, _) = open_loop(server, spec.rate, live, spec.preload, spec.size, None).await?;
+    let mut result = ReadersResult {
+        expected: total,
+        incomplete_readers: 0,
+        missing: 0,
+        duplicates: 0,
+        slowest_ms: 0.0,
+        publish_ack: Latency::from(&publish_ack),
+        usage: Usage::default(),
+    };
+    for task in tasks {
+        let (order, took) = task.await??;
+        let unique = order.received - order.duplicates;
+        if unique < total {
+            result.incomplete_readers += 1;
+        }
+        result.missing += total.saturating_sub(unique);
+        result.duplicates += order.duplicates;
+        result.slowest_ms = result.slowest_ms.max(took.as_secs_f64() * 1000.0);
+    }
+    result.usage = meter.stop();
+    Ok(result)
+}
