@@ -100,6 +100,8 @@ pub struct Broker {
     links: watch::Sender<Vec<Link>>,
     /// One permit per subscription that may run at once (`max_subscriptions`).
     subscription_slots: Arc<Semaphore>,
+    /// Subscriptions running now: each takes an equal share of their memory budget.
+    subscriptions: Arc<std::sync::atomic::AtomicUsize>,
     /// Each client connection's publish quota, when there is one.
     publish_quota: PerConnection,
     /// The server's retention settings, to tell a stream's effective retention.
@@ -142,6 +144,7 @@ impl Broker {
             links: watch::Sender::new(links),
             notice: config.notice.clone(),
             subscription_slots: Arc::new(Semaphore::new(config.limits.max_subscriptions)),
+            subscriptions: Arc::default(),
             publish_quota: PerConnection::default(),
             retention,
         })
@@ -447,7 +450,8 @@ impl Broker {
             slow: request.slow,
             max_lag: request.max_lag.unwrap_or(limits.max_lag),
         };
-        Ok(subscription::spawn(self.log.clone(), spec, self.shutdown.clone(), &self.tasks, slot))
+        let share = subscription::Share::join(&self.subscriptions);
+        Ok(subscription::spawn(self.log.clone(), spec, self.shutdown.clone(), &self.tasks, slot, share))
     }
 
     /// Streams matching `pattern` (every stream when `None`), in name order.

@@ -10,7 +10,8 @@
 //! Invariants:
 //! - Memory is bounded whatever the lag: read windows of at most 65,536 records over all streams
 //!   (each ending on a chunk boundary), one batch being built, an outbox of at most 8 events and
-//!   256 KiB of record batches, and the bounded commit broadcast. A subscriber that falls further
+//!   256 KiB of record batches, and the bounded commit broadcast; with many subscriptions, the
+//!   window, the batch and the outbox shrink to each one's share of one budget (`Share`). A subscriber that falls further
 //!   behind than the broadcast holds is told so (`Lagged`) and simply marks every stream dirty:
 //!   it reads storage.
 //! - Sending waits for the client (the outgoing channel is bounded); publishers never wait for a
@@ -62,6 +63,42 @@ const OUTBOX: usize = 8;
 /// many small batches at the live tail, but for only two full ones when a subscriber lags, since
 /// a lagging subscriber's outbox is always full.
 const OUTBOX_BYTES: usize = 256 << 10;
+/// What the read windows, batches and outboxes of all subscriptions may take together, about:
+/// each subscription gets an equal share, up to the full sizes above. A few subscriptions read
+/// in full steps; a thousand lagging ones take small steps instead of most of a megabyte each.
+const SHARED_BUDGET: usize = 48 << 20;
+/// What one lagging subscription holds at the full sizes (about 0.65 MiB measured with 1,000
+/// readers, BENCHMARKS.md).
+const FULL_SHARE: usize = 640 << 10;
+/// The smallest steps a share goes down to.
+const MIN_WINDOW: usize = 16;
+const MIN_BATCH_BYTES: usize = 16 << 10;
+const MIN_OUTBOX_BYTES: usize = 32 << 10;
+
+/// One subscription's place among the broker's subscriptions, for its share of
+/// [`SHARED_BUDGET`]; leaving (dropping it) gives the share back to the others.
+pub struct Share(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Share {
+    /// Counts one more subscription among `active`.
+    pub fn join(active: &Arc<std::sync::atomic::AtomicUsize>) -> Share {
+        active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Share(active.clone())
+    }
+
+    /// `full` scaled to this subscription's share now, at least `min`.
+    fn of(&self, full: usize, min: usize) -> usize {
+        let n = self.0.load(std::sync::atomic::Ordering::Relaxed).max(1);
+        let scale = (SHARED_BUDGET as f64 / n as f64 / FULL_SHARE as f64).min(1.0);
+        ((full as f64 * scale) as usize).clamp(min, full)
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 /// Where a subscription starts, for streams the resume map does not name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,6 +282,8 @@ struct Pump {
     /// A batch is sent once it weighs this much: `BATCH_BYTES`, or under a quota a sixteenth of
     /// its window, so that the measured rate follows the quota closely.
     batch_bytes: usize,
+    /// `batch_bytes`, or less when the subscription's share is smaller (set at each batch sent).
+    batch_limit: usize,
     heartbeat_at: Instant,
     /// On a relay, the tick every upstream had confirmed when the commits applied so far were
     /// read: no completeness claim goes past it.
@@ -259,6 +298,8 @@ struct Pump {
     last_sent: Tick,
     /// Holds one of the broker's subscription slots while the pump runs.
     _slot: OwnedSemaphorePermit,
+    /// Its share of the memory of all subscriptions.
+    share: Share,
 }
 
 /// Registers the subscription now and spawns its pump on `tasks`. The receiver ends after an
@@ -270,9 +311,12 @@ pub fn spawn(
     shutdown: CancellationToken,
     tasks: &tokio_util::task::TaskTracker,
     slot: OwnedSemaphorePermit,
+    share: Share,
 ) -> Events {
     let (out, events) = mpsc::channel(OUTBOX);
     let snapshot = log.snapshot();
+    let batch_bytes =
+        spec.rate.map_or(BATCH_BYTES, |r| (r.budget() / 16).clamp(1, BATCH_BYTES as u64) as usize);
     let mut pump = Pump {
         log,
         cursors: Vec::new(),
@@ -282,9 +326,8 @@ pub fn spawn(
         shutdown,
         pending: Vec::new(),
         pending_bytes: 0,
-        batch_bytes: spec
-            .rate
-            .map_or(BATCH_BYTES, |r| (r.budget() / 16).clamp(1, BATCH_BYTES as u64) as usize),
+        batch_bytes,
+        batch_limit: batch_bytes,
         heartbeat_at: later(spec.heartbeat),
         cap: None,
         pacing: spec.pace.map(|factor| Pacing { factor, base: None }),
@@ -292,6 +335,7 @@ pub fn spawn(
         live: false,
         last_sent: Tick(0),
         _slot: slot,
+        share,
         spec,
     };
     for info in snapshot.streams {
@@ -682,7 +726,8 @@ impl Pump {
             return Ok(());
         }
         // Many streams share one budget, so a `**` subscription stays bounded.
-        let window = (READ_BUDGET / self.cursors.len().max(1)).clamp(16, READ_WINDOW);
+        let window =
+            (READ_BUDGET / self.cursors.len().max(1)).clamp(16, self.share.of(READ_WINDOW, MIN_WINDOW));
         // A window can come back empty yet incomplete: its records were all removed by retention
         // while it was read. Read on (each read starts after the removed range), so a stream is
         // never left behind with more to read and nothing buffered.
@@ -747,7 +792,7 @@ impl Pump {
         }
         self.pending_bytes += weight(&record) as usize;
         self.pending.push(record);
-        if self.pending.len() >= BATCH_RECORDS || self.pending_bytes >= self.batch_bytes {
+        if self.pending.len() >= BATCH_RECORDS || self.pending_bytes >= self.batch_limit {
             self.flush().await?;
         }
         Ok(())
@@ -794,6 +839,7 @@ impl Pump {
         if let Some(quota) = &mut self.quota {
             quota.record(self.pending_bytes as u64, Instant::now());
         }
+        self.batch_limit = self.batch_bytes.min(self.share.of(BATCH_BYTES, MIN_BATCH_BYTES));
         // The next batch is likely as long as this one: no regrowing it record by record.
         let next = Vec::with_capacity(self.pending.len());
         let batch = std::mem::replace(&mut self.pending, next);
@@ -874,7 +920,9 @@ impl Pump {
     /// Sends an event that weighs `weight` bytes against the outbox's room, once there is room.
     /// (A batch heavier than the whole outbox waits for all of it.)
     async fn send_weighing(&mut self, event: Event, weight: usize) -> Result<(), Stop> {
-        let take = weight.min(OUTBOX_BYTES) as u32;
+        // Weighed up so that the outbox holds only this subscription's share of its full size.
+        let capacity = self.share.of(OUTBOX_BYTES, MIN_OUTBOX_BYTES);
+        let take = (weight.saturating_mul(OUTBOX_BYTES) / capacity).min(OUTBOX_BYTES) as u32;
         let outgoing = tokio::select! {
             room = self.room.clone().acquire_many_owned(take) => Outgoing { event: Ok(event), _room: room.ok() },
             _ = self.out.closed() => return Err(Stop::Gone),
