@@ -160,7 +160,7 @@ async fn copy(broker: &Broker, index: usize, mirror: &Mirror, stored: &mut bool)
             Delivery::StreamChanged(change) => {
                 let Some(info) = change.stream else { continue };
                 let done = if change.deleted {
-                    broker.mirror_delete(index, &info.name).await
+                    broker.mirror_delete(index, &info.name, Some(Tick(info.created_tick))).await
                 } else {
                     define(broker, index, &info).await
                 };
@@ -176,7 +176,12 @@ async fn copy(broker: &Broker, index: usize, mirror: &Mirror, stored: &mut bool)
 async fn define(broker: &Broker, index: usize, info: &pb::StreamInfo) -> Result<(), Error> {
     let again = broker.mirror_define(index, &info.name, info.into(), Tick(info.created_tick)).await?;
     if again {
-        info!(stream = %info.name, "the upstream created the stream again: the copy was deleted and is copied anew");
+        // The subscription's position for the stream is the old copy's: start over from what
+        // is stored now, so the new stream is read from its start.
+        return Err(Error::Internal(format!(
+            "the upstream created {} again: the copy was deleted and is copied anew",
+            info.name
+        )));
     }
     Ok(())
 }
@@ -205,7 +210,7 @@ async fn reconcile(broker: &Broker, index: usize, mirror: &Mirror, endpoint: &st
         let covered = copy.last_tick.unwrap_or(copy.created_tick).0 <= tail;
         if broker.mirror_of(&copy.name) == Some(index) && covered && !upstream.contains_key(&*copy.name) {
             info!(stream = %copy.name, "the upstream deleted the stream: so does the copy");
-            broker.mirror_delete(index, &copy.name).await?;
+            broker.mirror_delete(index, &copy.name, None).await?;
         }
     }
     for info in upstream.values() {
@@ -215,8 +220,9 @@ async fn reconcile(broker: &Broker, index: usize, mirror: &Mirror, endpoint: &st
 }
 
 /// Per mirrored stream its last stored tick, and the newest of them: the mirror resumes there.
-/// A copy with no record yet (its metadata came first) is read from its start: from the
-/// upstream's beginning in a `beginning` mirror, else from its creation.
+/// A copy with no record yet (its metadata came first) is read from the upstream's beginning in
+/// a `beginning` mirror; in a `now` or `-DURATION` mirror it resumes after the newest stored
+/// tick like a stream never seen (its history was not asked for).
 fn stored_positions(broker: &Broker, index: usize, from: MirrorFrom) -> (HashMap<String, u64>, Option<u64>) {
     let mut positions = HashMap::new();
     let mut newest = None;
@@ -227,7 +233,7 @@ fn stored_positions(broker: &Broker, index: usize, from: MirrorFrom) -> (HashMap
                 last.0
             }
             (None, MirrorFrom::Beginning) => 0,
-            (None, _) => info.created_tick.0.saturating_sub(1),
+            (None, _) => continue,
         };
         positions.insert(info.name.to_string(), position);
     }

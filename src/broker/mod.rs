@@ -208,16 +208,21 @@ impl Broker {
         let stream = StreamName::parse(name)?;
         let again = self.log.stream(name).is_some_and(|copy| created > copy.created_tick);
         if again {
-            self.mirror_delete(index, name).await?;
+            self.mirror_delete(index, name, None).await?;
         }
         self.log.define(stream, meta, true, Some(created)).await?;
         Ok(again)
     }
 
     /// Relay mode: deletes this broker's copy of `name`, as its upstream did; its subscribers are
-    /// told. A copy that is not there is not an error.
-    pub async fn mirror_delete(&self, index: usize, name: &str) -> Result<()> {
+    /// told. A copy that is not there is not an error, nor one newer than the stream the upstream
+    /// deleted (created at `created`: an upstream that is behind replays old deletions).
+    pub async fn mirror_delete(&self, index: usize, name: &str, created: Option<Tick>) -> Result<()> {
         if self.mirror_of(name) != Some(index) {
+            return Ok(());
+        }
+        let newer = |copy: &StreamInfo| created.is_some_and(|c| copy.created_tick > c);
+        if self.log.stream(name).is_some_and(|copy| newer(&copy)) {
             return Ok(());
         }
         match self.log.delete(name).await {

@@ -618,13 +618,7 @@ impl Pump {
             if self.selects(&info.name) {
                 if let Some(&i) = self.index.get(&info.id) {
                     if *deleted {
-                        // Nothing is left to read; a stream created later under the name is new.
-                        self.index.remove(&info.id);
-                        let cursor = &mut self.cursors[i];
-                        cursor.buffer.clear();
-                        cursor.chunks = Vec::new();
-                        cursor.more = false;
-                        cursor.info.last_tick = None;
+                        self.forget(i);
                     } else {
                         self.cursors[i].info.meta = info.meta.clone();
                     }
@@ -642,13 +636,37 @@ impl Pump {
         Ok(())
     }
 
-    /// After missing commits: every stream may have changed and new ones may exist.
+    /// Stops reading cursor `i`'s stream, deleted: nothing is left to read, and a stream created
+    /// later under the name is new.
+    fn forget(&mut self, i: usize) {
+        let cursor = &mut self.cursors[i];
+        self.index.remove(&cursor.info.id);
+        cursor.buffer.clear();
+        cursor.chunks = Vec::new();
+        cursor.more = false;
+        cursor.info.last_tick = None;
+    }
+
+    /// After missing commits: every stream may have changed, been deleted, or be new; what the
+    /// missed commits would have told is told now.
     async fn rescan(&mut self) -> Result<(), Stop> {
         let streams = self.log.streams();
+        let present: std::collections::HashSet<StreamId> = streams.iter().map(|s| s.id).collect();
+        let gone: Vec<usize> =
+            self.index.iter().filter(|(id, _)| !present.contains(id)).map(|(_, &i)| i).collect();
+        for i in gone {
+            let info = self.cursors[i].info.clone();
+            self.forget(i);
+            self.send(Event::StreamChanged { info, deleted: true }).await?;
+        }
         for info in streams {
             if let Some(&i) = self.index.get(&info.id) {
                 let cursor = &mut self.cursors[i];
                 cursor.info.last_tick = cursor.info.last_tick.max(info.last_tick);
+                if cursor.info.meta != info.meta {
+                    cursor.info.meta = info.meta.clone();
+                    self.send(Event::StreamChanged { info, deleted: false }).await?;
+                }
             } else if self.selects(&info.name) {
                 let pos = self.start_pos();
                 self.send(Event::StreamAdded(info.clone())).await?;

@@ -382,19 +382,23 @@ impl Log {
 
     /// Under a store-wide bound: while what is stored and queued, with `bytes` more, would pass it,
     /// wakes the trimmer and waits for the end of its pass (at most [`ROOM_PASSES`] passes, each
-    /// at most [`ROOM_WAIT`]: the streams' newest chunks are never removed, and without a trimmer
-    /// nothing would ever make room). So the bound holds at write time, not only at the trimmer's
+    /// at most [`ROOM_WAIT`], and none after a pass that removed nothing: the streams' newest
+    /// chunks are never removed, and without a trimmer nothing would ever make room). So the bound holds at write time, not only at the trimmer's
     /// next tick: the store passes it by at most what publishers hand in while a pass runs.
     async fn make_room(&self, bytes: u64) {
         let Some(bound) = self.max_total_bytes else { return };
         let mut passes = self.room.passes.subscribe();
+        let mut before = u64::MAX;
         for _ in 0..ROOM_PASSES {
             let queued = u64::from(WRITER_QUEUE_KIB)
                 .saturating_sub(self.queue_budget.available_permits() as u64)
                 << 10;
-            if self.read_shared().bytes + queued + bytes <= bound {
+            let stored = self.read_shared().bytes;
+            // Under the bound, or the last pass removed nothing (what is left cannot go).
+            if stored + queued + bytes <= bound || stored >= before {
                 return;
             }
+            before = stored;
             passes.mark_unchanged();
             self.room.wanted.notify_one();
             if tokio::time::timeout(ROOM_WAIT, passes.changed()).await.is_err() {
