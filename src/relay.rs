@@ -62,9 +62,7 @@ async fn copy(broker: &Broker, index: usize, mirror: &Mirror, stored: &mut bool)
     let start = match mirror.from {
         MirrorFrom::Beginning => pb::subscribe_request::Start::Beginning(pb::Beginning {}),
         MirrorFrom::Now => pb::subscribe_request::Start::Now(pb::Now {}),
-        MirrorFrom::Ago(span) => pb::subscribe_request::Start::At(
-            Tick::now().0.saturating_sub(u64::try_from(span.as_nanos()).unwrap_or(u64::MAX)),
-        ),
+        MirrorFrom::Ago(span) => pb::subscribe_request::Start::At(Tick::now().minus(span).0),
     };
     let options = SubscribeOptions {
         heartbeat: UPSTREAM_HEARTBEAT,
@@ -109,7 +107,7 @@ async fn copy(broker: &Broker, index: usize, mirror: &Mirror, stored: &mut bool)
                 }
                 let beyond: Vec<UpstreamStatus> = heartbeat.upstreams.into_iter().map(Into::into).collect();
                 let upstream_lag = beyond.iter().map(|b| b.lag).max().unwrap_or_default();
-                let lag_ns = u64::try_from(upstream_lag.as_nanos()).unwrap_or(u64::MAX);
+                let lag_ns = crate::types::nanos(upstream_lag);
                 link.fresh_at(Tick(heartbeat.server_time.saturating_sub(lag_ns)));
                 link.beyond = beyond;
             }),

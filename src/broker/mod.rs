@@ -270,7 +270,9 @@ impl Broker {
     /// lately, answers with the present rather than 0 or a tick long past.
     pub async fn current_tail(&self) -> Result<Tick> {
         let now = Tick::now();
-        if self.mirrors.is_empty() && self.log.watermark().0.saturating_add(nanos(MIN_HEARTBEAT)) < now.0 {
+        if self.mirrors.is_empty()
+            && self.log.watermark().0.saturating_add(crate::types::nanos(MIN_HEARTBEAT)) < now.0
+        {
             self.log.advance(now).await?;
         }
         Ok(self.tail())
@@ -559,9 +561,4 @@ impl Broker {
         info!("broker closed");
         Ok(())
     }
-}
-
-/// A duration in nanoseconds, as ticks count them.
-pub(crate) fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }

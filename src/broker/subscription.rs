@@ -473,7 +473,7 @@ impl Pump {
         // its clock reach now, so that the replay's `CaughtUp` and the first heartbeat name the
         // present rather than a tick long past (or 0).
         if self.spec.links.is_none()
-            && Tick::now().0.saturating_sub(watermark.0) > super::nanos(self.spec.heartbeat)
+            && Tick::now().0.saturating_sub(watermark.0) > crate::types::nanos(self.spec.heartbeat)
         {
             self.log.advance(Tick::now()).await?;
             self.catch_up(&mut commits, None, &mut watermark).await?;

@@ -168,7 +168,7 @@ fn parse_from(value: &str) -> Result<pb::subscribe_request::Start> {
                 value: v.to_string(),
                 expected: "a duration such as -30s, -5m or -2h",
             })?;
-            Start::At(Tick(Tick::now().0.saturating_sub(ago.as_nanos() as u64)).0)
+            Start::At(Tick::now().minus(ago).0)
         }
         v => Start::At(parse_point("--from", v)?.0),
     })

@@ -86,7 +86,7 @@ impl From<UpstreamStatus> for pb::UpstreamStatus {
         pb::UpstreamStatus {
             upstream: u.upstream,
             connected: u.connected,
-            lag: u64::try_from(u.lag.as_nanos()).unwrap_or(u64::MAX),
+            lag: crate::types::nanos(u.lag),
             detail: u.detail,
         }
     }

@@ -432,7 +432,7 @@ impl Log {
     /// Like [`Log::advance`], but skipped when an advance to within `slack` of `to` was already
     /// asked for: many subscriptions' heartbeats fire together, and one advance serves them all.
     pub async fn advance_lazily(&self, to: Tick, slack: Duration) -> Result<()> {
-        let slack = u64::try_from(slack.as_nanos()).unwrap_or(u64::MAX);
+        let slack = crate::types::nanos(slack);
         let asked = self.advance_asked.load(Ordering::Relaxed);
         if asked.saturating_add(slack) >= to.0 || self.watermark().0.saturating_add(slack) >= to.0 {
             return Ok(());

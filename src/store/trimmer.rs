@@ -147,9 +147,7 @@ async fn trim(log: &Arc<Log>, stream: &StreamInfo, keep: Keep, token: &Cancellat
 /// What the trimmer keeps of a stream under `policy` at `now`.
 fn keep(policy: &Policy, now: Tick) -> Keep {
     Keep {
-        below: policy
-            .max_age
-            .map(|age| Tick(now.0.saturating_sub(u64::try_from(age.as_nanos()).unwrap_or(u64::MAX)))),
+        below: policy.max_age.map(|age| now.minus(age)),
         max_bytes: policy.max_bytes,
         max_records: policy.max_records,
         only_below: None,

@@ -12,6 +12,6 @@ pub use invalid::Invalid;
 pub use names::{Pattern, StreamName, MAX_NAME_BYTES};
 pub use policy::Policy;
 pub use record::{
-    Incoming, NewRecord, Recent, Record, Stored, StreamId, StreamInfo, StreamMeta, Tick, Trimmed,
+    nanos, Incoming, NewRecord, Recent, Record, Stored, StreamId, StreamInfo, StreamMeta, Tick, Trimmed,
 };
 pub use upstream::UpstreamStatus;

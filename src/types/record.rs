@@ -19,6 +19,16 @@ impl Tick {
         let ns = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         Tick(ns.min(Tick::MAX.0 as u128) as u64)
     }
+
+    /// `span` before this tick (0 at the earliest).
+    pub fn minus(self, span: std::time::Duration) -> Tick {
+        Tick(self.0.saturating_sub(nanos(span)))
+    }
+}
+
+/// A duration in nanoseconds, as ticks count them (saturating).
+pub fn nanos(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl fmt::Display for Tick {
