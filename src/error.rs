@@ -45,6 +45,17 @@ pub enum Error {
     #[error("explicit tick {tick} for stream {stream:?} is not after the stream's last tick {last}: explicit ticks must increase")]
     TickNotAfter { stream: String, tick: Tick, last: Tick },
 
+    /// An explicit tick for a stream subscribers see is not after the broker's clock: everything up
+    /// to the clock may already have been promised as delivered.
+    #[error("explicit tick {tick} for stream {stream:?} is not after the broker's newest tick {clock}: subscribers may already have been told that everything up to it was delivered; import older records into a stream created with `import` and seal it when done (CreateStream.import, SealStream)")]
+    TickNotAfterClock { stream: String, tick: Tick, clock: Tick },
+
+    /// `import` asked for a stream that exists already.
+    #[error(
+        "stream {stream:?} exists and is not being imported: only a new stream can be created with `import`"
+    )]
+    NotImportable { stream: String },
+
     /// An explicit tick is too far ahead of the broker's clock.
     #[error("explicit tick {tick} for stream {stream:?} is more than 60 s ahead of the broker's clock (at most {limit}): explicit ticks import recorded sessions and must not move the clock into the future")]
     TickAhead { stream: String, tick: Tick, limit: Tick },

@@ -200,7 +200,8 @@ async fn reconcile(broker: &Broker, index: usize, mirror: &Mirror, endpoint: &st
         let request = pb::ListStreamsRequest { pattern: pattern.clone() };
         let listed =
             client.list_streams(request).await.map_err(|s| crate::client::remote("list streams", &s))?;
-        for info in listed.into_inner().streams {
+        // An import is not copied until sealed: the subscription tells of it then.
+        for info in listed.into_inner().streams.into_iter().filter(|s| !s.importing) {
             upstream.insert(info.name.clone(), info);
         }
     }

@@ -491,6 +491,13 @@ impl Broker {
         self.log.define(name, meta, update, None).await
     }
 
+    /// Ends the import of a stream created with `importing` (see [`Log::seal`]). A relay refuses.
+    pub async fn seal_stream(&self, name: &str) -> Result<StreamInfo> {
+        StreamName::parse(name)?;
+        self.refuse_on_relay(name)?;
+        self.log.seal(name).await
+    }
+
     /// Deletes a stream and every record of it. A relay refuses.
     pub async fn delete_stream(&self, name: &str) -> Result<StreamInfo> {
         StreamName::parse(name)?;

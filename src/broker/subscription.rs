@@ -296,6 +296,8 @@ struct Pump {
     live: bool,
     /// The tick of the last record sent.
     last_sent: Tick,
+    /// Imports sealed after the start that hold records at or before it: told before the replay.
+    announce: Vec<StreamInfo>,
     /// Holds one of the broker's subscription slots while the pump runs.
     _slot: OwnedSemaphorePermit,
     /// Its share of the memory of all subscriptions.
@@ -334,16 +336,26 @@ pub fn spawn(
         quota: spec.rate.map(Window::new),
         live: false,
         last_sent: Tick(0),
+        announce: Vec::new(),
         _slot: slot,
         share,
         spec,
     };
     for info in snapshot.streams {
-        if pump.selects(&info.name) {
+        if pump.selects(&info) {
             let pos = match pump.spec.start {
                 Start::Now => info.last_tick,
-                _ => pump.start_pos(),
+                _ => pump.start_of(&info),
             };
+            // An import sealed after the start is read whole, also its records at or before the
+            // start: the client is told first, with the stream's range.
+            let start = match pump.spec.start {
+                Start::Now => None,
+                _ => pump.start_pos().filter(|_| !pump.spec.resume.contains_key(&*info.name)),
+            };
+            if start.is_some_and(|start| info.created_tick > start && info.first_tick <= Some(start)) {
+                pump.announce.push(info.clone());
+            }
             pump.track(info, pos);
         }
     }
@@ -406,8 +418,9 @@ fn later(wait: Duration) -> Instant {
 }
 
 impl Pump {
-    fn selects(&self, name: &str) -> bool {
-        self.spec.selectors.iter().any(|p| p.matches(name))
+    /// Whether the subscription reads `stream`: it matches, and it is not being imported.
+    fn selects(&self, stream: &StreamInfo) -> bool {
+        !stream.meta.importing && self.spec.selectors.iter().any(|p| p.matches(&stream.name))
     }
 
     /// The position a stream starts from, unless the resume map names it. Under `Now`, streams
@@ -419,6 +432,13 @@ impl Pump {
             Start::At(t) => t.0.checked_sub(1).map(Tick).filter(|t| t.0 > 0),
             Start::After(t) => Some(t),
         }
+    }
+
+    /// Where `stream` starts, unless the resume map names it: a stream that became visible after
+    /// the start (an import sealed since) is read from its first record, since none of its records
+    /// could be delivered at their ticks. (Any other stream created since has only later records.)
+    fn start_of(&self, stream: &StreamInfo) -> Option<Tick> {
+        self.start_pos().filter(|&start| stream.created_tick <= start)
     }
 
     fn track(&mut self, mut info: StreamInfo, pos: Option<Tick>) {
@@ -468,6 +488,9 @@ impl Pump {
                 connected.push(status.connected);
                 self.send(Event::Upstream(status)).await?;
             }
+        }
+        for info in std::mem::take(&mut self.announce) {
+            self.send(Event::StreamAdded(info)).await?;
         }
         // An origin idle for longer than a heartbeat (or that never stored a record) first lets
         // its clock reach now, so that the replay's `CaughtUp` and the first heartbeat name the
@@ -608,14 +631,14 @@ impl Pump {
     /// Marks the streams of a commit dirty and starts tracking new streams that match.
     async fn apply(&mut self, commit: &Commit) -> Result<(), Stop> {
         for info in commit.added.iter() {
-            if !self.index.contains_key(&info.id) && self.selects(&info.name) {
-                let pos = self.start_pos();
+            if !self.index.contains_key(&info.id) && self.selects(info) {
+                let pos = self.start_of(info);
                 self.send(Event::StreamAdded(info.clone())).await?;
                 self.track(info.clone(), pos);
             }
         }
         for (info, deleted) in commit.changed.iter() {
-            if self.selects(&info.name) {
+            if self.selects(info) {
                 if let Some(&i) = self.index.get(&info.id) {
                     if *deleted {
                         self.forget(i);
@@ -667,8 +690,8 @@ impl Pump {
                     cursor.info.meta = info.meta.clone();
                     self.send(Event::StreamChanged { info, deleted: false }).await?;
                 }
-            } else if self.selects(&info.name) {
-                let pos = self.start_pos();
+            } else if self.selects(&info) {
+                let pos = self.start_of(&info);
                 self.send(Event::StreamAdded(info.clone())).await?;
                 self.track(info, pos);
             }
@@ -863,7 +886,9 @@ impl Pump {
         let batch = std::mem::replace(&mut self.pending, next);
         let weight = std::mem::take(&mut self.pending_bytes);
         let last = batch.last().map_or(Tick(0), |r| r.tick);
-        let complete_to = self.complete(last);
+        // Never back: an import sealed just now comes in below what was already complete, and
+        // its `StreamAdded` (with its range) told the client so.
+        let complete_to = self.complete(last.max(self.last_sent));
         self.send_weighing(Event::Records { records: batch, complete_to }, weight).await?;
         self.last_sent = self.last_sent.max(last);
         self.keep_up().await

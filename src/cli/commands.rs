@@ -1,7 +1,7 @@
 //! The client commands: `publish`, `tail`, `streams`, `create`, `delete`, `info`.
 
 use super::output::{json_line, retention_text, stream_json};
-use super::{CreateArgs, DeleteArgs, PublishArgs, ServerArg, StreamsArgs, TailArgs};
+use super::{CreateArgs, DeleteArgs, PublishArgs, SealArgs, ServerArg, StreamsArgs, TailArgs};
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -298,6 +298,7 @@ pub async fn create(args: CreateArgs) -> Result<ExitCode> {
             max_records: args.max_records.unwrap_or(0),
         }),
         update: args.update,
+        import: args.import,
     };
     let mut client = connect(&args.server.server).await?;
     let info = client.create_stream(request).await.map_err(|s| remote("create", s))?.into_inner();
@@ -310,6 +311,15 @@ pub async fn delete(args: DeleteArgs) -> Result<ExitCode> {
     let mut client = connect(&args.server.server).await?;
     let request = pb::DeleteStreamRequest { stream: args.stream };
     let info = client.delete_stream(request).await.map_err(|s| remote("delete", s))?.into_inner();
+    println!("{}", stream_json(&info));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn seal(args: SealArgs) -> Result<ExitCode> {
+    greet(&args.server.server).await?;
+    let mut client = connect(&args.server.server).await?;
+    let request = pb::SealStreamRequest { stream: args.stream };
+    let info = client.seal_stream(request).await.map_err(|s| remote("seal", s))?.into_inner();
     println!("{}", stream_json(&info));
     Ok(ExitCode::SUCCESS)
 }
@@ -328,7 +338,13 @@ pub async fn streams(args: StreamsArgs) -> Result<ExitCode> {
         println!("{}", serde_json::Value::Array(all));
         return Ok(ExitCode::SUCCESS);
     }
-    let width = list.streams.iter().map(|s| s.name.len()).max().unwrap_or(4).max(6);
+    let width = list
+        .streams
+        .iter()
+        .map(|s| s.name.len() + if s.importing { 12 } else { 0 })
+        .max()
+        .unwrap_or(4)
+        .max(6);
     // A relay also shows where each mirrored stream comes from and how fresh it is.
     let relay = list.streams.iter().any(|s| !s.upstream.is_empty());
     let mut header = format!(
@@ -345,9 +361,11 @@ pub async fn streams(args: StreamsArgs) -> Result<ExitCode> {
         if !s.upstream.is_empty() && s.retention != s.effective_retention {
             retention.push_str(&format!(" (origin: {})", retention_text(&s.retention)));
         }
+        // An import in progress is listed, but no subscriber sees it yet.
+        let name = if s.importing { format!("{} (importing)", s.name) } else { s.name.clone() };
         let mut line = format!(
             "{:<width$}  {:>10}  {:>12}  {:>20}  {:>20}  {:>9.1}  {:<16}  {}",
-            s.name,
+            name,
             s.records,
             s.bytes,
             s.first_tick,

@@ -7,7 +7,7 @@ mod offline;
 mod output;
 mod serve;
 
-use commands::{create, delete, info, publish, streams, tail};
+use commands::{create, delete, info, publish, seal, streams, tail};
 use offline::{recover, verify};
 use serve::serve;
 
@@ -40,6 +40,8 @@ pub enum Command {
     Create(CreateArgs),
     /// Delete a stream and every record of it.
     Delete(DeleteArgs),
+    /// End the import of a stream created with --import: subscribers see it from now on.
+    Seal(SealArgs),
     /// Show a server's identity, version and protocol versions.
     Info(ServerArg),
     /// Print a settings file with every default, each explained (for `serve --config`).
@@ -216,12 +218,25 @@ pub struct CreateArgs {
     /// Change the metadata of an existing stream (its records stay).
     #[arg(long)]
     pub update: bool,
+    /// Create a new stream for importing a recorded session (explicit ticks in the past);
+    /// subscribers see it once `seal` ends the import.
+    #[arg(long)]
+    pub import: bool,
 }
 
 /// Flags of `delete`.
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
     /// The stream to delete.
+    pub stream: String,
+    #[command(flatten)]
+    pub server: ServerArg,
+}
+
+/// Flags of `seal`.
+#[derive(Debug, Args)]
+pub struct SealArgs {
+    /// The stream being imported.
     pub stream: String,
     #[command(flatten)]
     pub server: ServerArg,
@@ -285,6 +300,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Streams(args) => streams(args).await,
         Command::Create(args) => create(args).await,
         Command::Delete(args) => delete(args).await,
+        Command::Seal(args) => seal(args).await,
         Command::Info(args) => info(args).await,
         Command::Config => {
             print!("{}", config::DEFAULT_FILE);

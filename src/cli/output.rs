@@ -48,6 +48,7 @@ pub fn stream_json(s: &pb::StreamInfo) -> serde_json::Value {
         "records_per_second": s.records_per_second,
         "bytes_per_second": s.bytes_per_second,
         "upstream": s.upstream,
+        "importing": s.importing,
     })
 }
 

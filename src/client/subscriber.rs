@@ -330,14 +330,15 @@ impl Subscriber {
             }
             Event::StreamAdded(a) => {
                 let info = a.stream.unwrap_or_default();
-                // A stream that appears later starts where the subscription started, and a
-                // reconnection resumes it from there: records given explicit ticks below what was
-                // seen (an imported session) are not skipped.
-                let floor = match self.options.start {
+                // A stream that appears later is read from where the subscription started, or
+                // whole when it became visible after that (an import sealed since), and a
+                // reconnection resumes it from there, not from what was seen of other streams.
+                let start = match self.options.start {
                     Start::After(t) => t,
                     Start::At(t) => t.saturating_sub(1),
                     Start::Beginning(_) | Start::Now(_) => 0,
                 };
+                let floor = if info.created_tick <= start { start } else { 0 };
                 self.positions.entry(info.name.clone()).or_insert(floor);
                 Delivery::StreamAdded(info)
             }

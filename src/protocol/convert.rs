@@ -77,6 +77,7 @@ impl From<&pb::StreamInfo> for StreamMeta {
             schema_version: s.schema_version.clone(),
             description: s.description.clone(),
             retention: s.retention.unwrap_or_default().into(),
+            importing: s.importing,
         }
     }
 }
@@ -122,6 +123,7 @@ impl pb::StreamInfo {
             first_tick: s.first_tick.map_or(0, |t| t.0),
             last_tick: s.last_tick.map_or(0, |t| t.0),
             created_tick: s.created_tick.0,
+            importing: s.meta.importing,
             upstream: upstream.as_ref().map(|u| u.upstream.clone()).unwrap_or_default(),
             upstream_status: upstream.map(Into::into),
         }

@@ -198,8 +198,18 @@ impl serve::tapeline_server::Tapeline for Service {
             schema_version: req.schema_version,
             description: req.description,
             retention: req.retention.unwrap_or_default().into(),
+            importing: req.import,
         };
         let info = self.broker.create_stream(&req.stream, meta, req.update).await.map_err(|e| status(&e))?;
+        let effective = self.broker.retention_of(&info);
+        Ok(Response::new(pb::StreamInfo::new(info, None, Some(effective))))
+    }
+
+    async fn seal_stream(
+        &self,
+        request: Request<pb::SealStreamRequest>,
+    ) -> Result<Response<pb::StreamInfo>, Status> {
+        let info = self.broker.seal_stream(&request.into_inner().stream).await.map_err(|e| status(&e))?;
         let effective = self.broker.retention_of(&info);
         Ok(Response::new(pb::StreamInfo::new(info, None, Some(effective))))
     }

@@ -15,6 +15,8 @@ pub fn status(err: &Error) -> Status {
         | Error::DiskFull { .. }
         | Error::NoRoom { .. } => Code::ResourceExhausted,
         Error::TickNotAfter { .. }
+        | Error::TickNotAfterClock { .. }
+        | Error::NotImportable { .. }
         | Error::TickAhead { .. }
         | Error::UnsupportedProtocol { .. }
         | Error::SequenceNotAfter { .. }

@@ -212,6 +212,11 @@ enum Command {
         created: Option<Tick>,
         reply: oneshot::Sender<Result<StreamInfo>>,
     },
+    /// End a stream's import: subscriptions see it from now on.
+    Seal {
+        name: String,
+        reply: oneshot::Sender<Result<StreamInfo>>,
+    },
     /// Delete a stream and every record of it.
     Delete {
         name: String,
@@ -507,6 +512,18 @@ impl Log {
         let (reply, answer) = oneshot::channel();
         self.writer
             .send(Command::Define { name, meta, update, created, reply })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Ends the import of stream `name` (created with `meta.importing`): it takes a new creation
+    /// tick, the broker's next, and subscriptions are told of it as of a stream created then. A
+    /// stream not being imported is answered as it is.
+    pub async fn seal(&self, name: &str) -> Result<StreamInfo> {
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(Command::Seal { name: name.to_string(), reply })
             .await
             .map_err(|_| Error::ShuttingDown)?;
         answer.await.map_err(|_| Error::ShuttingDown)?

@@ -158,6 +158,9 @@ impl Writer {
                     let _ =
                         reply.send(self.checked().and_then(|()| self.define(name, meta, update, created)));
                 }
+                Some(Command::Seal { name, reply }) => {
+                    let _ = reply.send(self.checked().and_then(|()| self.seal(&name)));
+                }
                 Some(Command::Delete { name, reply }) => {
                     let _ = reply.send(self.checked().and_then(|()| self.delete(&name)));
                 }
@@ -374,10 +377,17 @@ impl Writer {
     fn define(
         &mut self,
         name: StreamName,
-        meta: StreamMeta,
+        mut meta: StreamMeta,
         update: bool,
         at: Option<Tick>,
     ) -> Result<StreamInfo> {
+        if let Some(info) = self.streams.get(name.as_str()) {
+            if meta.importing && !info.meta.importing {
+                return Err(Error::NotImportable { stream: name.to_string() });
+            }
+            // Changing an import's metadata does not seal it.
+            meta.importing = info.meta.importing;
+        }
         let (info, created) = match self.streams.get(name.as_str()) {
             Some(info) if *info.meta == meta => return Ok(info.clone()),
             Some(_) if !update => return Err(Error::StreamExists { stream: name.to_string() }),
@@ -396,10 +406,23 @@ impl Writer {
                 (info, true)
             }
         };
-        let clock_before = self.clock;
+        self.write_define(&info, created)?;
         if created {
-            self.clock = self.clock.max(info.created_tick);
+            self.next_id += 1;
+            info!(stream = %name, id = info.id.0, "stream created");
+        } else {
+            info!(stream = %name, "stream metadata changed");
         }
+        self.streams.insert(info.name.clone(), info.clone());
+        self.publish_change(&info, created, false);
+        Ok(info)
+    }
+
+    /// Writes a stream's catalog entry (`created`: a new stream), raising the clock to its
+    /// creation tick.
+    fn write_define(&mut self, info: &StreamInfo, created: bool) -> Result<()> {
+        let clock_before = self.clock;
+        self.clock = self.clock.max(info.created_tick);
         let defined = Defined {
             id: info.id,
             name: info.name.clone(),
@@ -411,15 +434,28 @@ impl Writer {
             self.clock = clock_before;
             return Err(self.refused_or(not));
         }
-        if created {
-            self.next_id += 1;
-            info!(stream = %name, id = info.id.0, "stream created");
-        } else {
-            info!(stream = %name, "stream metadata changed");
+        Ok(())
+    }
+
+    /// See `Log::seal`. The stream is announced as created at the seal's tick: above everything
+    /// promised so far, so every subscription learns of it in order with the records.
+    fn seal(&mut self, name: &str) -> Result<StreamInfo> {
+        let Some(info) = self.streams.get(name).cloned() else {
+            return Err(Error::UnknownStream(name.to_string()));
+        };
+        if !info.meta.importing {
+            return Ok(info);
         }
-        self.streams.insert(info.name.clone(), info.clone());
-        self.publish_change(&info, created, false);
-        Ok(info)
+        let sealed = StreamInfo {
+            created_tick: Tick::now().max(Tick(self.clock.0 + 1)),
+            meta: Arc::new(StreamMeta { importing: false, ..(*info.meta).clone() }),
+            ..info
+        };
+        self.write_define(&sealed, false)?;
+        info!(stream = %name, records = sealed.records, first = ?sealed.first_tick, last = ?sealed.last_tick, "import sealed");
+        self.streams.insert(sealed.name.clone(), sealed.clone());
+        self.publish_change(&sealed, true, false);
+        Ok(sealed)
     }
 
     /// A write's failure as the caller sees it.
@@ -649,6 +685,13 @@ impl Writer {
                 Some(tick) => {
                     if let Some(last) = stream_last.filter(|&last| tick <= last) {
                         return Err(Error::TickNotAfter { stream: name.to_string(), tick, last });
+                    }
+                    // Subscribers may have been told that everything up to the clock was
+                    // delivered: only a stream they cannot see yet takes a tick below it. (A
+                    // relay's copies take their upstream's ticks, which kept that promise there.)
+                    let hidden = existing.is_some_and(|s| s.meta.importing);
+                    if tick <= clock && !hidden && !upstream {
+                        return Err(Error::TickNotAfterClock { stream: name.to_string(), tick, clock });
                     }
                     let limit = Tick(now.0 + MAX_TICK_AHEAD.0);
                     if tick > limit && !upstream {

@@ -163,6 +163,10 @@ pub struct StreamMeta {
     pub description: String,
     /// The stream's own retention; limits it leaves unset come from the server's rules.
     pub retention: super::Policy,
+    /// Being imported: its records may have explicit ticks at or below the broker's clock, and no
+    /// subscription sees it until it is sealed (which clears this).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub importing: bool,
 }
 
 /// The recent arrival rate of a stream: an exponentially weighted average over about

@@ -15,6 +15,7 @@ fn create(stream: &str, content_type: &str) -> pb::CreateStreamRequest {
         description: "engine telemetry".into(),
         retention: Some(pb::Retention { max_age_ms: 3_600_000, ..Default::default() }),
         update: false,
+        import: false,
     }
 }
 
@@ -209,6 +210,15 @@ async fn the_cli_creates_lists_as_json_and_deletes() {
     assert_eq!(deleted["stream"], "cli/imu");
     let listed: serde_json::Value = serde_json::from_str(&cli(&["streams", "--output", "json"])).unwrap();
     assert_eq!(listed, serde_json::json!([]));
+    // An import: listed as such until sealed.
+    let created: serde_json::Value =
+        serde_json::from_str(&cli(&["create", "cli/session", "--import"])).unwrap();
+    assert_eq!(created["importing"], true);
+    assert!(cli(&["streams"]).contains("cli/session (importing)"));
+    let sealed: serde_json::Value = serde_json::from_str(&cli(&["seal", "cli/session"])).unwrap();
+    assert_eq!(sealed["importing"], false);
+    let table = cli(&["streams"]);
+    assert!(table.contains("cli/session") && !table.contains("importing"), "{table}");
 }
 
 /// Deleting the stream that held the newest acknowledged record, or every stream, must not look

@@ -13,6 +13,7 @@ mod flow;
 mod handshake;
 mod hostile;
 mod idempotent;
+mod imports;
 mod integrity;
 mod layers;
 mod pace;

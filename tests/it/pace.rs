@@ -47,7 +47,7 @@ async fn record_session(
             pb::Record { tick, ..record(stream, format!("{i}")) }
         })
         .collect();
-    assert_eq!(publish_records(client, records).await, ticks, "the explicit ticks were kept");
+    assert_eq!(import_records(client, records).await, ticks, "the explicit ticks were kept");
     ticks
 }
 
@@ -146,7 +146,7 @@ async fn waiting_a_minute(server: &TestServer) -> Sub {
     let mut client = server.client().await;
     let now = Tick::now().0;
     let old = [now - 61_000 * MS, now - 1_000 * MS];
-    publish_records(&mut client, old.iter().map(|&tick| pb::Record { tick, ..record("s", "x") }).collect())
+    import_records(&mut client, old.iter().map(|&tick| pb::Record { tick, ..record("s", "x") }).collect())
         .await;
     let mut sub =
         Sub::open(&mut client, pb::SubscribeRequest { pace: 1.0, ..request(&["s"], beginning()) }).await;

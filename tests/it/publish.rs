@@ -134,6 +134,7 @@ async fn bad_batches_get_a_clear_status_and_leave_nothing_behind() {
         &[&ticks[0].to_string(), "last tick", "\"s\""],
     )
     .await;
+    import(&mut client, "imported").await;
     let mut out_of_order = vec![record("imported", "a"), record("imported", "b")];
     out_of_order[0].tick = 2000;
     out_of_order[1].tick = 1000;
@@ -171,7 +172,7 @@ async fn explicit_ticks_import_a_recorded_session() {
             r
         })
         .collect();
-    assert_eq!(publish_records(&mut client, recorded).await, [1_000_000_000, 2_000_000_000, 3_000_000_000]);
+    assert_eq!(import_records(&mut client, recorded).await, [1_000_000_000, 2_000_000_000, 3_000_000_000]);
     let sub = Sub::open(&mut client, request(&["session/lap"], beginning())).await;
     let mut stream = sub.stream;
     let message = stream.message().await.unwrap().unwrap();

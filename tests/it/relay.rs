@@ -589,7 +589,16 @@ fn define(
         description: description.into(),
         retention: Some(pb::Retention { max_age_ms, ..Default::default() }),
         update,
+        import: false,
     }
+}
+
+/// origin → first → second, each relay mirroring `r/**` from the beginning.
+fn chain(dir: &tempfile::TempDir) -> (Node, Node, Node) {
+    let origin = Node::start(dir, "origin", &[]);
+    let first = Node::relay(dir, "first", &origin, "beginning");
+    let second = Node::relay(dir, "second", &first, "beginning");
+    (origin, first, second)
 }
 
 /// The catalog events and records a subscriber sees until the record `last`.
@@ -617,12 +626,9 @@ async fn catalog_and_records_until(sub: &mut Sub, last: &str) -> Vec<Seen> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_copies_the_catalog_deletions_and_streams_created_again() {
     let dir = tempfile::tempdir().unwrap();
-    let origin = Node::start(&dir, "origin", &[]);
-    let first = Node::relay(&dir, "first", &origin, "beginning");
-    let mut second = Node::relay(&dir, "second", &first, "beginning");
+    let (origin, first, mut second) = chain(&dir);
     let mut o = client::connect(&origin.url()).await.unwrap();
-    let mut watch = request(&["r/**"], beginning());
-    watch.heartbeat_ms = 200;
+    let watch = pb::SubscribeRequest { heartbeat_ms: 200, ..request(&["r/**"], beginning()) };
     let mut on_origin = Sub::open(&mut o, watch.clone()).await;
     let mut on_relay = Sub::open(&mut client::connect(&second.url()).await.unwrap(), watch).await;
     // The chain is live before the catalog changes, so the changes travel as events.
@@ -671,6 +677,57 @@ async fn a_chain_copies_the_catalog_deletions_and_streams_created_again() {
     crate::support::publish(&mut o, "r/cat", &["third"]).await;
     o.create_stream(define("r/empty", "application/x-empty", "metadata only", 1_000, false)).await.unwrap();
     o.delete_stream(pb::DeleteStreamRequest { stream: "r/warm".into() }).await.unwrap();
+    second.restart();
+    same_catalog(&origin.url(), &first.url()).await;
+    same_catalog(&origin.url(), &second.url()).await;
+}
+
+/// An import on the origin reaches a chain once sealed, and only then: the last relay's live
+/// subscriber is told with `stream_added` and gets the import whole, and a relay that was down
+/// while another import was sealed copies that one whole when it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_copies_an_import_once_sealed_and_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (origin, first, mut second) = chain(&dir);
+    let mut o = client::connect(&origin.url()).await.unwrap();
+    let watch = pb::SubscribeRequest { heartbeat_ms: 200, ..request(&["r/**"], beginning()) };
+    let mut on_relay = Sub::open(&mut client::connect(&second.url()).await.unwrap(), watch).await;
+    crate::support::publish(&mut o, "r/warm", &["warm"]).await;
+    catalog_and_records_until(&mut on_relay, "warm").await;
+    let shown = |seen: Vec<Seen>| -> Vec<String> {
+        seen.into_iter()
+            .map(|e| match e {
+                Seen::Record { stream, payload, .. } => format!("{stream} {payload}"),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    };
+    let old = |stream: &str, seconds_ago: u64, payload: &str| pb::Record {
+        tick: tapeline::types::Tick::now().0 - seconds_ago * 1_000_000_000,
+        ..record(stream, payload)
+    };
+
+    import(&mut o, "r/imp").await;
+    publish_records(&mut o, vec![old("r/imp", 5, "i0"), old("r/imp", 4, "i1")]).await;
+    crate::support::publish(&mut o, "r/warm", &["w1"]).await;
+    // Copied past the import's ticks, without the import: no relay has it.
+    assert_eq!(shown(catalog_and_records_until(&mut on_relay, "w1").await), ["r/warm w1"]);
+    for relay in [&first, &second] {
+        let listed = stored_streams(&mut client(&relay.url()).await).await;
+        assert!(listed.iter().all(|s| s.name != "r/imp"), "{listed:?}");
+    }
+    seal(&mut o, "r/imp").await;
+    assert_eq!(
+        shown(catalog_and_records_until(&mut on_relay, "i1").await),
+        ["StreamAdded(\"r/imp\")", "r/imp i0", "r/imp i1"]
+    );
+    same_catalog(&origin.url(), &second.url()).await;
+
+    // The last relay is down while a second import is sealed.
+    second.kill();
+    import(&mut o, "r/imp2").await;
+    publish_records(&mut o, vec![old("r/imp2", 3, "j0"), old("r/imp2", 2, "j1")]).await;
+    seal(&mut o, "r/imp2").await;
     second.restart();
     same_catalog(&origin.url(), &first.url()).await;
     same_catalog(&origin.url(), &second.url()).await;

@@ -137,6 +137,35 @@ pub async fn publish_records(client: &mut TapelineClient<Channel>, records: Vec<
     ack.ticks
 }
 
+/// Creates `stream` for an import: explicit ticks in the past are accepted, and no subscriber
+/// sees it until [`seal`].
+pub async fn import(client: &mut TapelineClient<Channel>, stream: &str) {
+    let request = pb::CreateStreamRequest { stream: stream.into(), import: true, ..Default::default() };
+    let info = client.create_stream(request).await.expect("create an import").into_inner();
+    assert!(info.importing, "{info:?}");
+}
+
+/// Ends the import of `stream`; returns it as it is now.
+pub async fn seal(client: &mut TapelineClient<Channel>, stream: &str) -> pb::StreamInfo {
+    let info = client.seal_stream(pb::SealStreamRequest { stream: stream.into() }).await.expect("seal");
+    info.into_inner()
+}
+
+/// Imports `records` into their streams (created for the import) and seals them; returns the ticks.
+pub async fn import_records(client: &mut TapelineClient<Channel>, records: Vec<pb::Record>) -> Vec<u64> {
+    let mut streams: Vec<String> = records.iter().map(|r| r.stream.clone()).collect();
+    streams.sort();
+    streams.dedup();
+    for stream in &streams {
+        import(client, stream).await;
+    }
+    let ticks = publish_records(client, records).await;
+    for stream in &streams {
+        seal(client, stream).await;
+    }
+    ticks
+}
+
 /// What a subscriber saw, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Seen {
