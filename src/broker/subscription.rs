@@ -51,12 +51,13 @@ const READ_WINDOW: usize = 1024;
 /// boundary).
 const READ_BUDGET: usize = 65_536;
 /// A record batch is sent when it holds this many records or weighs this much (see `weight`).
-/// Why 128 KiB: a lagging subscriber holds a batch being built, the batches in its outbox, and
-/// what tonic and h2 buffer of the batches taken, all in units of a batch, so the batch's weight
-/// sets a lagging subscriber's memory; 128 KiB is still large enough for a replay at full speed
-/// (BENCHMARKS.md, "Smaller subscription batches").
+/// Why 64 KiB: a lagging subscriber holds a batch being built, the batches in its outbox, and
+/// what tonic and h2 buffer of the batches taken, all in units of a batch; tonic's buffer of a
+/// call also keeps room for the largest message it ever encoded until the call ends. So the batch's
+/// weight sets a lagging subscriber's memory; 64 KiB still replays as fast as 128 KiB did
+/// (BENCHMARKS.md, "Smaller subscription batches" and "Many readers").
 const BATCH_RECORDS: usize = 1024;
-const BATCH_BYTES: usize = 128 << 10;
+const BATCH_BYTES: usize = 64 << 10;
 /// Events waiting for the client.
 const OUTBOX: usize = 8;
 /// What the record batches waiting for the client may weigh together (see `weight`): room for
@@ -791,7 +792,9 @@ impl Pump {
                 cursor.pos = Some(last.tick);
             }
             cursor.more = !read.complete && cursor.pos.is_none_or(|p| p < upto);
-            cursor.buffer.extend(read.records);
+            // The buffer is empty here: it takes the read's own vector, sized to this read, so a
+            // subscription whose share shrank does not keep the room a larger read once took.
+            cursor.buffer = VecDeque::from(read.records);
             cursor.chunks = read.chunks;
             if !cursor.buffer.is_empty() || !cursor.more || !truncated {
                 break;

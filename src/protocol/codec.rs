@@ -90,8 +90,11 @@ impl<T: prost::Message> Encoder for Reserving<T> {
         self.0.encode(item, buf)
     }
 
+    /// tonic encodes the messages a call has ready into one buffer until it holds this much, and
+    /// that buffer keeps its largest size for the call's life: with 8 KiB instead of tonic's
+    /// 32 KiB, it holds at most one batch and a few small live messages.
     fn buffer_settings(&self) -> tonic::codec::BufferSettings {
-        self.0.buffer_settings()
+        tonic::codec::BufferSettings::new(8 << 10, 8 << 10)
     }
 }
 

@@ -33,7 +33,7 @@ pub const PROTOCOL_VERSION: u32 = PROTOCOL_VERSIONS[PROTOCOL_VERSIONS.len() - 1]
 pub const MAX_MESSAGE: usize = 256 << 20;
 
 /// HTTP/2 flow-control window of one call, in bytes, on both sides: room for a whole batch of
-/// records (a subscription sends about 128 KiB at once, or one larger record) instead of h2's
+/// records (a subscription sends about 64 KiB at once, or one larger record) instead of h2's
 /// default 64 KiB.
 pub const STREAM_WINDOW: u32 = 4 << 20;
 /// HTTP/2 flow-control window of a whole connection, in bytes: several calls at full speed.
