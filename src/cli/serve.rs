@@ -15,7 +15,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     // Checked once, when the broker opens with it.
     let config = settings.config()?;
     let listen = settings.listen.unwrap_or_else(|| "127.0.0.1:7411".to_string());
-    let listener = tokio::net::TcpListener::bind(&listen)
+    let listener = listen_on(&listen)
         .await
         .map_err(|source| Error::Io { context: format!("cannot listen on {listen}"), source })?;
     let addr = listener
@@ -29,6 +29,30 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let _ = std::io::stdout().flush();
     server.serve(listener, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Connections the kernel queues for the broker to accept (it caps this at `net.core.somaxconn`).
+/// When a relay or a network comes back, a thousand clients reconnect at once; with the usual
+/// 1,024 the kernel fell back to SYN cookies and some of them were reset (BENCHMARKS.md, "Many
+/// readers").
+const BACKLOG: u32 = 4096;
+
+/// Listens on the first address `listen` resolves to that can be bound.
+async fn listen_on(listen: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut failed = None;
+    for addr in tokio::net::lookup_host(listen).await? {
+        let socket =
+            if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        // As std's bind does: a restarted broker takes its port back at once.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr) {
+            Ok(()) => return socket.listen(BACKLOG),
+            Err(err) => failed = Some(err),
+        }
+    }
+    Err(failed.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "the address resolves to nothing")
+    }))
 }
 
 /// Resolves on SIGINT or SIGTERM.

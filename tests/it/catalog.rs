@@ -283,3 +283,61 @@ async fn catalog_events_keep_their_place_among_the_records() {
         .collect();
     assert_eq!(seen, ["r1", "r2", "m0", "m1", "changed to text/csv", "m2"]);
 }
+
+/// A subscriber that fell further behind than the commit broadcast holds (it did not read while
+/// more than 4,096 commits happened) is told what the missed commits would have told: a stream
+/// deleted, another's metadata changed, a new stream; and it still gets every record once.
+#[tokio::test]
+async fn a_lagging_subscriber_is_told_the_catalog_changes_it_missed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        tapeline::config::Config { fsync: tapeline::config::FsyncPolicy::Never, ..config(dir.path()) };
+    let server = TestServer::start_with(config).await;
+    let mut client = server.client().await;
+    client.create_stream(create("lag/gone", "text/plain")).await.unwrap();
+    client.create_stream(create("lag/meta", "text/plain")).await.unwrap();
+    publish(&mut client, "lag/busy", &["first"]).await;
+    let mut sub = Sub::open(&mut client, request(&["lag/**"], beginning())).await;
+    sub.until_caught_up().await;
+    // Not read meanwhile: once HTTP/2's windows (4 MiB) and the outbox are full, its pump stops
+    // taking commits. The catalog changes happen then, and more than the broadcast holds (4,096
+    // commits) after them, so only a rescan can tell them.
+    const BEFORE: usize = 1_500;
+    const COMMITS: usize = BEFORE + 4_200;
+    let filler = "x".repeat(4000);
+    for i in 0..BEFORE {
+        publish(&mut client, "lag/busy", &[&format!("{i} {filler}")]).await;
+    }
+    client.delete_stream(pb::DeleteStreamRequest { stream: "lag/gone".into() }).await.unwrap();
+    client
+        .create_stream(pb::CreateStreamRequest { update: true, ..create("lag/meta", "text/csv") })
+        .await
+        .unwrap();
+    publish(&mut client, "lag/new", &["new"]).await;
+    for i in BEFORE..COMMITS {
+        publish(&mut client, "lag/busy", &[&format!("{i} {filler}")]).await;
+    }
+    publish(&mut client, "lag/new", &["last"]).await;
+
+    let mut seen = Vec::new();
+    while !seen.iter().any(|e| matches!(e, Seen::Record { payload, .. } if payload == "last")) {
+        seen.extend(sub.next().await.expect("the subscription goes on"));
+    }
+    let busy: Vec<String> = records(&seen)
+        .into_iter()
+        .filter(|r| r.0 == "lag/busy")
+        .map(|r| r.2.split(' ').next().unwrap_or_default().to_string())
+        .collect();
+    let expected: Vec<String> = (0..COMMITS).map(|i| i.to_string()).collect();
+    assert_eq!(busy, expected, "every record once, in order");
+    let told: Vec<&Seen> =
+        seen.iter().filter(|e| !matches!(e, Seen::Record { .. } | Seen::Heartbeat { .. })).collect();
+    let deleted =
+        Seen::StreamChanged { stream: "lag/gone".into(), content_type: "text/plain".into(), deleted: true };
+    let changed =
+        Seen::StreamChanged { stream: "lag/meta".into(), content_type: "text/csv".into(), deleted: false };
+    assert!(told.contains(&&deleted), "{told:?}");
+    assert!(told.contains(&&changed), "{told:?}");
+    assert!(told.contains(&&Seen::StreamAdded("lag/new".into())), "{told:?}");
+    server.stop().await;
+}
