@@ -396,6 +396,14 @@ impl Broker {
                 "a subscription must name at least one stream or pattern".into(),
             ));
         }
+        if request.streams.len() > self.limits.max_selectors {
+            return Err(Error::TooMany {
+                what: "streams or patterns in one subscription",
+                limit: self.limits.max_selectors,
+                setting: "limits.max_selectors",
+                hint: "select the streams with fewer patterns (`sensors/**`), or subscribe more than once",
+            });
+        }
         let selectors = request.streams.iter().map(|s| Pattern::parse(s)).collect::<Result<Vec<_>, _>>()?;
         let mut resume = HashMap::with_capacity(request.resume.len());
         for (name, tick) in request.resume {

@@ -31,6 +31,9 @@ use tonic::{Code, Status};
 /// A client of one server.
 pub type Client = pb::tapeline_client::TapelineClient<Channel>;
 
+/// Silence after which the client pings the server, and how long it waits for the answer.
+const KEEPALIVE: Duration = Duration::from_secs(20);
+
 /// Connects to a server and returns a client that accepts large batches.
 pub async fn connect(server: &str) -> Result<Client> {
     let refused = |detail: String| Error::Remote {
@@ -44,6 +47,11 @@ pub async fn connect(server: &str) -> Result<Client> {
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(FRAME_SIZE)
         .connect_timeout(Duration::from_secs(5))
+        // A server that vanished without closing (a cut link) is found by pings, also while no
+        // call is open: the call fails and a subscriber resumes elsewhere or later.
+        .http2_keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE)
+        .keep_alive_while_idle(true)
         .connect()
         .await
         .map_err(|e| refused(chain(&e)))?;

@@ -85,6 +85,8 @@ pub struct FileLimits {
     pub publish_bytes_per_second: Option<u64>,
     pub rate_window: Option<String>,
     pub max_lag: Option<String>,
+    pub max_selectors: Option<usize>,
+    pub keepalive: Option<String>,
 }
 
 /// One `[[mirror]]` table of the settings file.
@@ -147,6 +149,11 @@ rate_window = "5s"
 # How far behind the live tail a subscription may fall before its slow_consumer policy
 # (latest: skip ahead with a gap event; disconnect: end, to resume) applies.
 max_lag = "10s"
+# Streams or patterns one subscription may name.
+max_selectors = 1024
+# After this much silence on a connection the broker pings the peer over HTTP/2 and closes the
+# connection if no answer comes within as long again, freeing what a vanished peer held.
+keepalive = "20s"
 
 # What `Hello` tells clients older than a recommended version (the CLI prints it).
 # [notice]
@@ -220,6 +227,8 @@ impl File {
                     .or(self.limits.publish_bytes_per_second),
                 rate_window: over.limits.rate_window.or(self.limits.rate_window),
                 max_lag: over.limits.max_lag.or(self.limits.max_lag),
+                max_selectors: over.limits.max_selectors.or(self.limits.max_selectors),
+                keepalive: over.limits.keepalive.or(self.limits.keepalive),
             },
             mirror: self.mirror.into_iter().chain(over.mirror).collect(),
             notice: over.notice.or(self.notice),
@@ -279,6 +288,11 @@ impl File {
             max_lag: match &self.limits.max_lag {
                 Some(text) => duration("limits.max_lag", text)?,
                 None => default.limits.max_lag,
+            },
+            max_selectors: self.limits.max_selectors.unwrap_or(default.limits.max_selectors),
+            keepalive: match &self.limits.keepalive {
+                Some(text) => duration("limits.keepalive", text)?,
+                None => default.limits.keepalive,
             },
         };
         let heartbeat = match &self.heartbeat {

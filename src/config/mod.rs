@@ -97,6 +97,12 @@ pub struct Limits {
     /// How far behind the live tail a subscription may fall before its slow-consumer policy
     /// applies, unless it asks for another limit.
     pub max_lag: Duration,
+    /// Streams or patterns one subscription may name.
+    pub max_selectors: usize,
+    /// After this much silence on a connection the server sends an HTTP/2 ping, and closes the
+    /// connection when no answer comes within as long again: a peer that vanished (a cut cable,
+    /// a powered-off sensor) frees its connection and subscription slots.
+    pub keepalive: Duration,
 }
 
 impl Default for Limits {
@@ -115,6 +121,8 @@ impl Default for Limits {
             publish_bytes_per_second: None,
             rate_window: Duration::from_secs(5),
             max_lag: Duration::from_secs(10),
+            max_selectors: 1024,
+            keepalive: Duration::from_secs(20),
         }
     }
 }

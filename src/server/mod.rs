@@ -92,6 +92,10 @@ async fn serve(
         .initial_stream_window_size(crate::protocol::STREAM_WINDOW)
         .initial_connection_window_size(crate::protocol::CONNECTION_WINDOW)
         .max_frame_size(crate::protocol::FRAME_SIZE)
+        // A peer that vanished without closing (a cut link, a powered-off sensor) is found by
+        // pings and its connection closed, which ends its calls and frees their slots.
+        .http2_keepalive_interval(Some(config.limits.keepalive))
+        .http2_keepalive_timeout(Some(config.limits.keepalive))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

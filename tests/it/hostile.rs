@@ -1048,3 +1048,89 @@ mod arbitrary {
         });
     }
 }
+
+/// A subscription naming more streams or patterns than `limits.max_selectors` is refused, naming
+/// the setting; one at the limit is fine.
+#[tokio::test]
+async fn a_subscription_with_too_many_selectors_is_refused_naming_the_limit() {
+    let (_dir, server, mut client) = started().await;
+    let limit = Limits::default().max_selectors;
+    let names: Vec<String> = (0..=limit).map(|i| format!("many/{i}")).collect();
+    let mut request = request(&[], beginning());
+    request.streams = names.clone();
+    let status = client.subscribe(request.clone()).await.unwrap_err();
+    assert_status(
+        "too many selectors",
+        &status,
+        Code::ResourceExhausted,
+        &[&limit.to_string(), "limits.max_selectors", "streams or patterns"],
+    );
+    request.streams.pop();
+    let mut sub = Sub::open(&mut client, request).await;
+    sub.until_caught_up().await;
+    still_serves(&server, "after-selectors").await;
+}
+
+/// Forwards a new local port to `target` until `frozen` is set, then goes silent both ways without
+/// closing anything, as a cut cable does.
+async fn silent_link(
+    target: std::net::SocketAddr,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> String {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let Ok(outbound) = tokio::net::TcpStream::connect(target).await else { continue };
+            let (from_client, to_client) = inbound.into_split();
+            let (from_server, to_server) = outbound.into_split();
+            for (mut from, mut to) in [(from_client, to_server), (from_server, to_client)] {
+                let frozen = frozen.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 << 10];
+                    while let Ok(n) = from.read(&mut buf).await {
+                        if n == 0 || frozen.load(Ordering::SeqCst) || to.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Silent from now on: the sockets stay open, nothing more crosses.
+                    std::future::pending::<()>().await;
+                    drop((from, to));
+                });
+            }
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// A subscriber whose link goes silent (no FIN, no RST) does not keep its subscription slot: the
+/// broker's HTTP/2 pings go unanswered, it closes the connection, and the slot is free again.
+#[tokio::test]
+async fn a_vanished_subscriber_frees_its_slot_by_keepalive() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits { max_subscriptions: 1, keepalive: Duration::from_millis(300), ..Limits::default() };
+    let server = TestServer::start_with(tapeline::config::Config { limits, ..config(dir.path()) }).await;
+    let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let url = silent_link(server.url().trim_start_matches("http://").parse().unwrap(), frozen.clone()).await;
+    let mut far = client(&url).await;
+    let mut sub = Sub::open(&mut far, request(&["gone/**"], beginning())).await;
+    sub.until_caught_up().await;
+    let mut near = server.client().await;
+    let status = near.subscribe(request(&["gone/**"], beginning())).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "the one slot is taken: {status:?}");
+
+    frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    let began = Instant::now();
+    loop {
+        match near.subscribe(request(&["gone/**"], beginning())).await {
+            Ok(_) => break,
+            Err(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}"),
+        }
+        assert!(began.elapsed() < Duration::from_secs(20), "the silent subscriber still holds its slot");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("the slot was free {:?} after the link went silent (keepalive 300 ms)", began.elapsed());
+    drop(sub);
+}
