@@ -86,6 +86,7 @@ pub struct FileLimits {
     pub rate_window: Option<String>,
     pub max_lag: Option<String>,
     pub max_selectors: Option<usize>,
+    pub max_calls_per_connection: Option<usize>,
     pub keepalive: Option<String>,
 }
 
@@ -151,6 +152,8 @@ rate_window = "5s"
 max_lag = "10s"
 # Streams or patterns one subscription may name.
 max_selectors = 1024
+# Calls open at once on one client connection; beyond it a call is refused naming this limit.
+max_calls_per_connection = 256
 # After this much silence on a connection the broker pings the peer over HTTP/2 and closes the
 # connection if no answer comes within as long again, freeing what a vanished peer held.
 keepalive = "20s"
@@ -228,6 +231,10 @@ impl File {
                 rate_window: over.limits.rate_window.or(self.limits.rate_window),
                 max_lag: over.limits.max_lag.or(self.limits.max_lag),
                 max_selectors: over.limits.max_selectors.or(self.limits.max_selectors),
+                max_calls_per_connection: over
+                    .limits
+                    .max_calls_per_connection
+                    .or(self.limits.max_calls_per_connection),
                 keepalive: over.limits.keepalive.or(self.limits.keepalive),
             },
             mirror: self.mirror.into_iter().chain(over.mirror).collect(),
@@ -290,6 +297,10 @@ impl File {
                 None => default.limits.max_lag,
             },
             max_selectors: self.limits.max_selectors.unwrap_or(default.limits.max_selectors),
+            max_calls_per_connection: self
+                .limits
+                .max_calls_per_connection
+                .unwrap_or(default.limits.max_calls_per_connection),
             keepalive: match &self.limits.keepalive {
                 Some(text) => duration("limits.keepalive", text)?,
                 None => default.limits.keepalive,

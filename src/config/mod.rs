@@ -99,6 +99,8 @@ pub struct Limits {
     pub max_lag: Duration,
     /// Streams or patterns one subscription may name.
     pub max_selectors: usize,
+    /// Calls open at once on one client connection (subscriptions and publish streams last).
+    pub max_calls_per_connection: usize,
     /// After this much silence on a connection the server sends an HTTP/2 ping, and closes the
     /// connection when no answer comes within as long again: a peer that vanished (a cut cable,
     /// a powered-off sensor) frees its connection and subscription slots.
@@ -122,6 +124,7 @@ impl Default for Limits {
             rate_window: Duration::from_secs(5),
             max_lag: Duration::from_secs(10),
             max_selectors: 1024,
+            max_calls_per_connection: 256,
             keepalive: Duration::from_secs(20),
         }
     }

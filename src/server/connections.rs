@@ -5,7 +5,7 @@
 //! a client that reconnects while fewer connections are open is served.
 
 use crate::error::{Error, Result};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -20,18 +20,63 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 /// How long a connection over the limit stays open to be told why, before it is closed.
 pub const GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The open connections, and those over the limit.
+/// The open connections, those over the limit, and the calls open on each.
 #[derive(Debug)]
 pub struct Connections {
     limit: usize,
     open: AtomicUsize,
     over: Mutex<HashSet<SocketAddr>>,
+    calls_limit: usize,
+    calls: Mutex<HashMap<SocketAddr, usize>>,
+}
+
+/// One call counted against its connection's `limits.max_calls_per_connection` while it lives.
+#[derive(Debug)]
+pub struct Call {
+    connections: Arc<Connections>,
+    peer: SocketAddr,
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        let mut calls = self.connections.calls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = calls.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                calls.remove(&self.peer);
+            }
+        }
+    }
 }
 
 impl Connections {
-    /// Allows `limit` connections at once.
-    pub fn new(limit: usize) -> Arc<Connections> {
-        Arc::new(Connections { limit, open: AtomicUsize::new(0), over: Mutex::new(HashSet::new()) })
+    /// Allows `limit` connections at once, and `calls_limit` calls at once on each.
+    pub fn new(limit: usize, calls_limit: usize) -> Arc<Connections> {
+        Arc::new(Connections {
+            limit,
+            open: AtomicUsize::new(0),
+            over: Mutex::new(HashSet::new()),
+            calls_limit,
+            calls: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Counts a call on the connection of `peer`, refused when that connection has
+    /// `calls_limit` open already.
+    pub fn call(self: &Arc<Self>, peer: Option<SocketAddr>) -> Result<Option<Call>> {
+        let Some(peer) = peer else { return Ok(None) };
+        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let open = calls.entry(peer).or_insert(0);
+        if *open >= self.calls_limit {
+            return Err(Error::TooMany {
+                what: "calls at once on one connection",
+                limit: self.calls_limit,
+                setting: "limits.max_calls_per_connection",
+                hint: "end calls you no longer need, or open another connection",
+            });
+        }
+        *open += 1;
+        Ok(Some(Call { connections: self.clone(), peer }))
     }
 
     /// Counts an accepted connection (marking it when it is over the limit) until it is dropped.

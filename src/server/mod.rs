@@ -80,7 +80,8 @@ async fn serve(
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("building server reflection: {e}")))?;
 
-    let connections = connections::Connections::new(config.limits.max_connections);
+    let connections =
+        connections::Connections::new(config.limits.max_connections, config.limits.max_calls_per_connection);
     let counted = connections.clone();
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
@@ -96,6 +97,11 @@ async fn serve(
         // pings and its connection closed, which ends its calls and frees their slots.
         .http2_keepalive_interval(Some(config.limits.keepalive))
         .http2_keepalive_timeout(Some(config.limits.keepalive))
+        // Calls past `max_calls_per_connection` are refused with a status naming it; HTTP/2's own
+        // limit, a little higher, stops a client that opens streams faster than it is told.
+        .max_concurrent_streams(Some(
+            u32::try_from(config.limits.max_calls_per_connection.saturating_add(16)).unwrap_or(u32::MAX),
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

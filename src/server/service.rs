@@ -1,7 +1,7 @@
 //! The tapeline service: translates protobuf to domain types and back, and `Error` to `Status`, in
 //! one place. No rule lives here.
 
-use super::connections::Connections;
+use super::connections::{Call, Connections};
 use super::publish::{self, ack, batch, BoxStream};
 use super::status::status;
 use crate::broker::subscription::{Event, SlowConsumer, Start};
@@ -31,10 +31,19 @@ pub fn service(
     let server = serve::tapeline_server::TapelineServer::new(Service { broker })
         .max_decoding_message_size(limits.max_message_bytes())
         .max_encoding_message_size(usize::MAX);
-    InterceptedService::new(server, move |request: Request<()>| {
+    InterceptedService::new(server, move |mut request: Request<()>| {
         connections.check(request.remote_addr()).map_err(|e| status(&e))?;
+        // Counted until the call's request is dropped, or, for a streaming call, its responses.
+        if let Some(call) = connections.call(request.remote_addr()).map_err(|e| status(&e))? {
+            request.extensions_mut().insert(Arc::new(call));
+        }
         Ok(request)
     })
+}
+
+/// The call count of a request (see [`Connections::call`]), to keep while its responses go out.
+fn counted<T>(request: &Request<T>) -> Option<Arc<Call>> {
+    request.extensions().get::<Arc<Call>>().cloned()
 }
 
 /// Implements the generated service trait on top of the broker.
@@ -113,7 +122,12 @@ impl serve::tapeline_server::Tapeline for Service {
         &self,
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
-        Ok(Response::new(Box::pin(publish::acks(self.broker.clone(), request))))
+        let call = counted(&request);
+        let acks = publish::acks(self.broker.clone(), request);
+        // The closure owns the call's count: it ends with the stream of acks.
+        Ok(Response::new(Box::pin(acks.inspect(move |_| {
+            let _counted = &call;
+        }))))
     }
 
     type SubscribeStream = BoxStream<wire::SubscribeResponse>;
@@ -123,6 +137,7 @@ impl serve::tapeline_server::Tapeline for Service {
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         use pb::subscribe_request::Start as S;
+        let call = counted(&request);
         let req = request.into_inner();
         let start = match req.start {
             None | Some(S::Beginning(_)) => Start::Beginning,
@@ -156,7 +171,10 @@ impl serve::tapeline_server::Tapeline for Service {
                 max_lag: (req.max_lag_ms > 0).then(|| Duration::from_millis(req.max_lag_ms.into())),
             })
             .map_err(|e| status(&e))?;
-        let stream = events.map(|e| e.map(event).map_err(|e| status(&e)));
+        let stream = events.map(move |e| {
+            let _counted = &call;
+            e.map(event).map_err(|e| status(&e))
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 

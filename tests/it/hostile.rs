@@ -1122,15 +1122,61 @@ async fn a_vanished_subscriber_frees_its_slot_by_keepalive() {
     assert_eq!(status.code(), Code::ResourceExhausted, "the one slot is taken: {status:?}");
 
     frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    let took = subscribed_within(
+        &mut near,
+        "gone/**",
+        Duration::from_secs(20),
+        "the silent subscriber still holds its slot",
+    )
+    .await;
+    eprintln!("the slot was free {took:?} after the link went silent (keepalive 300 ms)");
+    drop(sub);
+}
+
+/// Calls past `limits.max_calls_per_connection` on one connection are refused naming the limit;
+/// another connection is served, and the connection is served again once one of its calls ends.
+#[tokio::test]
+async fn calls_past_the_limit_of_one_connection_are_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits { max_calls_per_connection: 4, ..Limits::default() };
+    let server = TestServer::start_with(tapeline::config::Config { limits, ..config(dir.path()) }).await;
+    let mut client = server.client().await;
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let mut sub = Sub::open(&mut client, request(&["calls/**"], beginning())).await;
+        sub.until_caught_up().await;
+        open.push(sub);
+    }
+    let status = client.subscribe(request(&["calls/**"], beginning())).await.unwrap_err();
+    assert_status(
+        "a fifth call",
+        &status,
+        Code::ResourceExhausted,
+        &["4", "limits.max_calls_per_connection", "calls at once on one connection"],
+    );
+    // Another connection is not affected.
+    still_serves(&server, "other-connection").await;
+    // One call ends: the connection takes another.
+    drop(open.pop());
+    subscribed_within(&mut client, "calls/**", Duration::from_secs(10), "the ended call is still counted")
+        .await;
+}
+
+/// Subscribes to `pattern` again and again while the answer is RESOURCE_EXHAUSTED; fails with
+/// `why` when no subscription is taken within `limit`. Returns how long it took.
+async fn subscribed_within(
+    client: &mut pb::tapeline_client::TapelineClient<Channel>,
+    pattern: &str,
+    limit: Duration,
+    why: &str,
+) -> Duration {
     let began = Instant::now();
     loop {
-        match near.subscribe(request(&["gone/**"], beginning())).await {
-            Ok(_) => break,
+        match client.subscribe(request(&[pattern], beginning())).await {
+            Ok(_) => return began.elapsed(),
             Err(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}"),
         }
-        assert!(began.elapsed() < Duration::from_secs(20), "the silent subscriber still holds its slot");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(began.elapsed() < limit, "{why}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    eprintln!("the slot was free {:?} after the link went silent (keepalive 300 ms)", began.elapsed());
-    drop(sub);
 }
