@@ -28,6 +28,11 @@ const RECORD_COST: usize = 160;
 /// map's table plus two allocations.
 const ENTRY_COST: usize = 96;
 
+/// The largest request of the small methods (`Hello`, `ListStreams`, `DescribeStream`,
+/// `CreateStream`, `DeleteStream`, `SealStream`): their fields are names and metadata of a few
+/// KiB at most, so no client may make the server take a publish-sized message for them.
+pub const MAX_SMALL_REQUEST: usize = 64 << 10;
+
 static MAX_RECORDS: AtomicUsize = AtomicUsize::new(0);
 static MAX_DECODED: AtomicUsize = AtomicUsize::new(0);
 
@@ -98,7 +103,21 @@ impl<T: prost::Message> Encoder for Reserving<T> {
     }
 }
 
-/// Prost's decoder, preceded by [`screen`] when the message is a `PublishRequest`.
+/// Whether `U` is the request of a method whose requests are small (see [`MAX_SMALL_REQUEST`]).
+fn is_small_request<U: 'static>() -> bool {
+    [
+        TypeId::of::<pb::HelloRequest>(),
+        TypeId::of::<pb::ListStreamsRequest>(),
+        TypeId::of::<pb::DescribeStreamRequest>(),
+        TypeId::of::<pb::CreateStreamRequest>(),
+        TypeId::of::<pb::DeleteStreamRequest>(),
+        TypeId::of::<pb::SealStreamRequest>(),
+    ]
+    .contains(&TypeId::of::<U>())
+}
+
+/// Prost's decoder, preceded by [`screen`] when the message is a `PublishRequest`, and refusing a
+/// small method's request over [`MAX_SMALL_REQUEST`].
 #[derive(Debug)]
 pub struct Screened<U>(ProstDecoder<U>);
 
@@ -107,6 +126,16 @@ impl<U: prost::Message + Default + 'static> Decoder for Screened<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        if is_small_request::<U>() {
+            use bytes::Buf;
+            let size = buf.remaining();
+            if size > MAX_SMALL_REQUEST {
+                let name = std::any::type_name::<U>().rsplit("::").next().unwrap_or_default();
+                return Err(Status::resource_exhausted(format!(
+                    "{name} of {size} bytes is over the limit of {MAX_SMALL_REQUEST} bytes for this method (only Publish, PublishStream and Subscribe take larger messages)"
+                )));
+            }
+        }
         // Only a publish carries an unbounded number of small nested messages; every other
         // request decodes into memory proportional to its size.
         if TypeId::of::<U>() == TypeId::of::<pb::PublishRequest>() {

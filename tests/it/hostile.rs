@@ -576,12 +576,13 @@ async fn absurd_names_and_patterns_get_invalid_argument_naming_the_rule() {
             answered(what, client.list_streams(pb::ListStreamsRequest { pattern: pattern.to_string() }))
                 .await
                 .unwrap_err();
-        assert_status(
-            &format!("list {what}"),
-            &status,
-            Code::InvalidArgument,
-            &["invalid pattern", rule, shown],
-        );
+        // A small method's request over 64 KiB is refused before it is decoded.
+        let (code, words) = if pattern.len() > tapeline::protocol::codec::MAX_SMALL_REQUEST {
+            (Code::ResourceExhausted, vec!["ListStreamsRequest", "over the limit"])
+        } else {
+            (Code::InvalidArgument, vec!["invalid pattern", rule, shown])
+        };
+        assert_status(&format!("list {what}"), &status, code, &words);
     }
     let names: Vec<(&str, &str, &str)> = vec![
         ("1 MiB", mib.as_str(), "a name is 1 to 255 bytes long"),
@@ -613,12 +614,12 @@ async fn absurd_names_and_patterns_get_invalid_argument_naming_the_rule() {
             answered(what, client.describe_stream(pb::DescribeStreamRequest { stream: name.to_string() }))
                 .await
                 .unwrap_err();
-        assert_status(
-            &format!("describe {what}"),
-            &status,
-            Code::InvalidArgument,
-            &["invalid stream name", rule, shown],
-        );
+        let (code, words) = if name.len() > tapeline::protocol::codec::MAX_SMALL_REQUEST {
+            (Code::ResourceExhausted, vec!["DescribeStreamRequest", "over the limit"])
+        } else {
+            (Code::InvalidArgument, vec!["invalid stream name", rule, shown])
+        };
+        assert_status(&format!("describe {what}"), &status, code, &words);
         let mut req = request(&["**"], beginning());
         req.resume.insert(name.to_string(), 1);
         let status = answered(what, client.subscribe(req)).await.unwrap_err();
@@ -1179,4 +1180,35 @@ async fn subscribed_within(
         assert!(began.elapsed() < limit, "{why}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A method whose requests are small (`CreateStream`, `Hello`, …) refuses a request over 64 KiB
+/// before decoding it, naming the limit; only publishing and subscribing take large messages.
+#[tokio::test]
+async fn a_large_request_to_a_small_method_is_refused_naming_the_limit() {
+    let (_dir, server, mut client) = started().await;
+    let request = pb::CreateStreamRequest {
+        stream: "small/s".into(),
+        description: "d".repeat(100 << 10),
+        ..Default::default()
+    };
+    let status = client.create_stream(request).await.unwrap_err();
+    assert_status(
+        "a 100 KiB CreateStream",
+        &status,
+        Code::ResourceExhausted,
+        &["CreateStreamRequest", "65536 bytes", "over the limit"],
+    );
+    let hello = pb::HelloRequest { client_name: "n".repeat(100 << 10), ..Default::default() };
+    let status = client.hello(hello).await.unwrap_err();
+    assert_status("a 100 KiB Hello", &status, Code::ResourceExhausted, &["HelloRequest", "over the limit"]);
+    // Just under the limit is decoded and checked by its own rules.
+    let request = pb::CreateStreamRequest {
+        stream: "small/s".into(),
+        description: "d".repeat(60 << 10),
+        ..Default::default()
+    };
+    let status = client.create_stream(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    still_serves(&server, "after-small").await;
 }
