@@ -354,6 +354,11 @@ impl Writer {
     /// Publishes a stream created or changed (`deleted`: removed) to readers.
     fn publish_change(&mut self, info: &StreamInfo, created: bool, deleted: bool) {
         let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
+        // The change's own tick (a creation or a seal) is in the log and every record below it
+        // was published: readers learn it is complete, as after `advance`. Otherwise a tail given
+        // just after a seal could lie below it, and a client resuming there would be given the
+        // import whole again.
+        shared.watermark = shared.watermark.max(self.clock.min(self.written_clock));
         if deleted {
             shared.remove(&info.name);
         } else {

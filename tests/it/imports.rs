@@ -123,8 +123,8 @@ async fn an_old_tick_goes_only_into_a_stream_being_imported() {
     );
 
     // A stream that exists cannot become an import.
-    let request = pb::CreateStreamRequest { stream: "imp/live".into(), import: true, ..Default::default() };
-    let status = client.create_stream(request).await.unwrap_err();
+    let existing = pb::CreateStreamRequest { stream: "imp/live".into(), import: true, ..Default::default() };
+    let status = client.create_stream(existing).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(status.message().contains("\"imp/live\"") && status.message().contains("only a new stream"));
 
@@ -140,6 +140,15 @@ async fn an_old_tick_goes_only_into_a_stream_being_imported() {
     // Sealed: created now, seen; from now on its records follow the rule of every visible stream.
     let sealed = seal(&mut client, "imp/new").await;
     assert!(!sealed.importing && sealed.created_tick > other && sealed.first_tick == old, "{sealed:?}");
+    // The seal is a point every later tail covers: a client resuming after the first tail given
+    // since is not given the import again.
+    let mut sub = Sub::open(&mut client, request(&["imp/**"], now())).await;
+    let (_, tail) = sub.until_caught_up().await;
+    assert!(tail >= sealed.created_tick, "a tail {tail} below the seal at {}", sealed.created_tick);
+    let mut resumed =
+        Sub::open(&mut client, request(&["imp/**"], pb::subscribe_request::Start::After(tail))).await;
+    let (events, _) = resumed.until_caught_up().await;
+    assert!(records(&events).is_empty(), "{events:?}");
     let status = refused(&mut client, vec![at("imp/new", old + 1, "y")]).await;
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(status.message().contains("broker's newest tick"), "{}", status.message());
