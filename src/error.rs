@@ -136,6 +136,18 @@ pub enum Error {
     #[error("internal error: {0}")]
     Internal(String),
 
+    /// A call came without a credential the server accepts (token or client certificate).
+    #[error("unauthenticated: {detail}")]
+    Unauthenticated { detail: String },
+
+    /// The principal may not do this to this stream.
+    #[error("permission denied: principal {principal:?} may not {action} stream {stream:?} (grant it with a `{action}` pattern in its [[auth.principal]] table)")]
+    PermissionDenied { principal: String, action: crate::types::Action, stream: String },
+
+    /// Settings that would expose the broker, or a secret, to anyone.
+    #[error("refusing to start: {0}")]
+    Unsafe(String),
+
     /// The broker is shutting down; the client should reconnect and resume.
     #[error("the broker is shutting down: reconnect and resume from your last tick")]
     ShuttingDown,

@@ -66,6 +66,7 @@ async fn copy(broker: &Broker, index: usize, mirror: &Mirror, stored: &mut bool)
     };
     let options = SubscribeOptions {
         heartbeat: UPSTREAM_HEARTBEAT,
+        credentials: mirror.credentials.clone(),
         ..SubscribeOptions::new(mirror.upstream.clone(), mirror.patterns.clone(), start)
     };
     info!(upstream = %mirror.upstream, streams = positions.len(), after = ?newest, "mirroring");
@@ -187,7 +188,7 @@ async fn define(broker: &Broker, index: usize, info: &pb::StreamInfo) -> Result<
 /// Makes this relay's catalog of `mirror` the upstream's: every upstream stream it selects defined
 /// with the upstream's metadata, and every copy the upstream no longer has deleted.
 async fn reconcile(broker: &Broker, index: usize, mirror: &Mirror, endpoint: &str) -> Result<(), Error> {
-    let mut client = crate::client::connect(endpoint).await?;
+    let mut client = crate::client::connect_with(endpoint, &mirror.credentials).await?;
     // An upstream that has not caught up (a relay still copying, or one whose data dir was
     // replaced) lacks streams it never deleted: only a copy the upstream's tail covers is known to
     // be gone from it. (The tail first: a stream it covers that the list then lacks was deleted.)

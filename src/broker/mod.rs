@@ -69,6 +69,9 @@ pub struct SubscribeRequest {
     pub slow: SlowConsumer,
     /// The client's lag limit, instead of the server's.
     pub max_lag: Option<Duration>,
+    /// The streams the client may read (a subscription by pattern silently selects only those);
+    /// `None` for all.
+    pub readable: Option<Vec<Pattern>>,
 }
 
 /// Who this server is, for `Hello`.
@@ -464,6 +467,7 @@ impl Broker {
             rate: bytes_per_second.map(|bytes_per_second| Rate { bytes_per_second, window: rate_window }),
             slow: request.slow,
             max_lag: request.max_lag.unwrap_or(limits.max_lag),
+            readable: request.readable,
         };
         let share = subscription::Share::join(&self.subscriptions);
         Ok(subscription::spawn(self.log.clone(), spec, self.shutdown.clone(), &self.tasks, slot, share))

@@ -138,6 +138,8 @@ pub struct Spec {
     /// What happens when the subscription, once live, falls more than `max_lag` behind the tail.
     pub slow: SlowConsumer,
     pub max_lag: Duration,
+    /// The streams the client may read; `None` for all.
+    pub readable: Option<Vec<Pattern>>,
 }
 
 /// What a live subscription does when it falls more than its `max_lag` behind the tail (in ticks,
@@ -419,9 +421,12 @@ fn later(wait: Duration) -> Instant {
 }
 
 impl Pump {
-    /// Whether the subscription reads `stream`: it matches, and it is not being imported.
+    /// Whether the subscription reads `stream`: it matches, the client may read it, and it is not
+    /// being imported.
     fn selects(&self, stream: &StreamInfo) -> bool {
-        !stream.meta.importing && self.spec.selectors.iter().any(|p| p.matches(&stream.name))
+        !stream.meta.importing
+            && self.spec.selectors.iter().any(|p| p.matches(&stream.name))
+            && self.spec.readable.as_ref().is_none_or(|r| r.iter().any(|p| p.matches(&stream.name)))
     }
 
     /// The position a stream starts from, unless the resume map names it. Under `Now`, streams

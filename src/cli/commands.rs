@@ -5,7 +5,9 @@ use super::{CreateArgs, DeleteArgs, PublishArgs, SealArgs, ServerArg, StreamsArg
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
-use tapeline::client::{self, connect, Delivery, PublishOptions, Publisher, SubscribeOptions, Subscriber};
+use tapeline::client::{
+    self, connect_with, Credentials, Delivery, PublishOptions, Publisher, SubscribeOptions, Subscriber,
+};
 use tapeline::protocol::pb;
 use tapeline::types::Tick;
 use tapeline::{Error, Result};
@@ -23,8 +25,10 @@ fn remote(action: &'static str, status: tonic::Status) -> Error {
 pub async fn publish(args: PublishArgs) -> Result<ExitCode> {
     tapeline::types::StreamName::parse(&args.stream)?;
     // Fail at once, with one clear line, when the server cannot be reached at all.
-    greet(&args.server.server).await?;
-    let mut publisher = Publisher::start(PublishOptions::new(args.server.server.clone()));
+    let credentials = args.server.credentials.read()?;
+    greet(&args.server.server, &credentials).await?;
+    let mut publisher =
+        Publisher::start(PublishOptions { credentials, ..PublishOptions::new(args.server.server.clone()) });
     let batches = publisher.batches().expect("a new publisher takes batches");
     publisher.finish();
     let stream = args.stream.clone();
@@ -182,15 +186,16 @@ pub async fn tail(args: TailArgs) -> Result<ExitCode> {
         (None, Some(after)) => Start::After(after),
         (None, None) => Start::Beginning(pb::Beginning {}),
     };
+    let credentials = args.credentials.read()?;
     let end = match args.to.as_deref() {
         // Says hello for the operator's notice; a server that is down now is waited for below.
-        None => match greet(&args.servers[0]).await {
+        None => match greet(&args.servers[0], &credentials).await {
             Err(Error::Remote { action: "connect", .. }) => None,
             Err(err) => return Err(err),
             Ok(_) => None,
         },
         // "now" is the server's latest committed tick: exact, whatever the clocks say.
-        Some("now") => Some(greet(&args.servers[0]).await?.tail_tick),
+        Some("now") => Some(greet(&args.servers[0], &credentials).await?.tail_tick),
         Some(v) => Some(parse_point("--to", v)?.0),
     };
     if args.limit == Some(0) {
@@ -212,6 +217,7 @@ pub async fn tail(args: TailArgs) -> Result<ExitCode> {
             "disconnect" => pb::SlowConsumer::Disconnect,
             _ => pb::SlowConsumer::CatchUp,
         },
+        credentials,
         ..SubscribeOptions::new(String::new(), args.patterns, start)
     };
     let mut subscriber = Subscriber::new(options)?;
@@ -278,7 +284,8 @@ pub async fn tail(args: TailArgs) -> Result<ExitCode> {
 }
 
 pub async fn create(args: CreateArgs) -> Result<ExitCode> {
-    greet(&args.server.server).await?;
+    let credentials = args.server.credentials.read()?;
+    greet(&args.server.server, &credentials).await?;
     let max_age = match &args.max_age {
         Some(text) => humantime::parse_duration(text).map_err(|_| Error::Config {
             key: "--max-age",
@@ -300,15 +307,16 @@ pub async fn create(args: CreateArgs) -> Result<ExitCode> {
         update: args.update,
         import: args.import,
     };
-    let mut client = connect(&args.server.server).await?;
+    let mut client = connect_with(&args.server.server, &credentials).await?;
     let info = client.create_stream(request).await.map_err(|s| remote("create", s))?.into_inner();
     println!("{}", stream_json(&info));
     Ok(ExitCode::SUCCESS)
 }
 
 pub async fn delete(args: DeleteArgs) -> Result<ExitCode> {
-    greet(&args.server.server).await?;
-    let mut client = connect(&args.server.server).await?;
+    let credentials = args.server.credentials.read()?;
+    greet(&args.server.server, &credentials).await?;
+    let mut client = connect_with(&args.server.server, &credentials).await?;
     let request = pb::DeleteStreamRequest { stream: args.stream };
     let info = client.delete_stream(request).await.map_err(|s| remote("delete", s))?.into_inner();
     println!("{}", stream_json(&info));
@@ -316,8 +324,9 @@ pub async fn delete(args: DeleteArgs) -> Result<ExitCode> {
 }
 
 pub async fn seal(args: SealArgs) -> Result<ExitCode> {
-    greet(&args.server.server).await?;
-    let mut client = connect(&args.server.server).await?;
+    let credentials = args.server.credentials.read()?;
+    greet(&args.server.server, &credentials).await?;
+    let mut client = connect_with(&args.server.server, &credentials).await?;
     let request = pb::SealStreamRequest { stream: args.stream };
     let info = client.seal_stream(request).await.map_err(|s| remote("seal", s))?.into_inner();
     println!("{}", stream_json(&info));
@@ -326,8 +335,9 @@ pub async fn seal(args: SealArgs) -> Result<ExitCode> {
 
 pub async fn streams(args: StreamsArgs) -> Result<ExitCode> {
     let server = &args.server.server;
-    greet(server).await?;
-    let mut client = connect(server).await?;
+    let credentials = args.server.credentials.read()?;
+    greet(server, &credentials).await?;
+    let mut client = connect_with(server, &credentials).await?;
     let list = client
         .list_streams(pb::ListStreamsRequest::default())
         .await
@@ -387,8 +397,8 @@ pub async fn streams(args: StreamsArgs) -> Result<ExitCode> {
 /// Says hello as this CLI (its protocol and version) and prints the operator's notice if the
 /// server has one for this version. Fails with one clear line when the server cannot be reached
 /// or does not speak this protocol.
-async fn greet(server: &str) -> Result<pb::HelloResponse> {
-    let mut client = connect(server).await?;
+async fn greet(server: &str, credentials: &Credentials) -> Result<pb::HelloResponse> {
+    let mut client = connect_with(server, credentials).await?;
     let hello = pb::HelloRequest {
         protocol_version: tapeline::protocol::PROTOCOL_VERSIONS
             [tapeline::protocol::PROTOCOL_VERSIONS.len() - 1],
@@ -410,12 +420,15 @@ async fn greet(server: &str) -> Result<pb::HelloResponse> {
 }
 
 pub async fn info(args: ServerArg) -> Result<ExitCode> {
-    let info = greet(&args.server).await?;
+    let info = greet(&args.server, &args.credentials.read()?).await?;
     println!("server          {}", args.server);
     println!("server id       {}", info.server_id);
     println!("version         {}", info.server_version);
     println!("protocol        {} (supported: {:?})", info.protocol_version, info.protocol_versions);
     println!("tail tick       {}", info.tail_tick);
+    if !info.principal.is_empty() {
+        println!("principal       {}", info.principal);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -42,8 +42,10 @@ pub enum Command {
     Delete(DeleteArgs),
     /// End the import of a stream created with --import: subscribers see it from now on.
     Seal(SealArgs),
-    /// Show a server's identity, version and protocol versions.
+    /// Show a server's identity, version and protocol versions, and who you are to it.
     Info(ServerArg),
+    /// Manage bearer tokens.
+    Token(TokenArgs),
     /// Print a settings file with every default, each explained (for `serve --config`).
     Config,
     /// Check every stored record of a data dir (no broker may be serving it). Exits 0 when all
@@ -120,6 +122,33 @@ pub struct ServeArgs {
     /// the relay resumes from what it stored [default: beginning].
     #[arg(long, allow_hyphen_values = true, requires = "upstream")]
     pub mirror_from: Option<String>,
+    /// TLS: the server's certificate chain (PEM); needs --tls-key. Reloaded on SIGHUP.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: the server's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: the CA that signs client certificates (a certificate's common name is its
+    /// principal).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve an address other than loopback without TLS and authentication: anyone who reaches
+    /// the port may read, publish and delete.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Relay mode over TLS: the CA that signs the upstream's certificate [default: the system's
+    /// roots].
+    #[arg(long, requires = "upstream")]
+    pub upstream_ca: Option<PathBuf>,
+    /// Relay mode: this relay's client certificate at the upstream (PEM); needs --upstream-key.
+    #[arg(long, requires = "upstream_key")]
+    pub upstream_cert: Option<PathBuf>,
+    /// Relay mode: the client certificate's private key (PEM).
+    #[arg(long, requires = "upstream_cert")]
+    pub upstream_key: Option<PathBuf>,
+    /// Relay mode: this relay's bearer token at the upstream.
+    #[arg(long, env = "TAPELINE_UPSTREAM_TOKEN", hide_env_values = true, requires = "upstream")]
+    pub upstream_token: Option<String>,
     /// Retention: each stream keeps records younger than this, e.g. 7d, 12h (rules for some
     /// streams: `[[retention.rule]]` in the settings file) [default: forever].
     #[arg(long)]
@@ -159,6 +188,10 @@ impl ServeArgs {
                     upstream: upstream.clone(),
                     streams: self.mirror.clone(),
                     from: self.mirror_from.clone(),
+                    ca: self.upstream_ca.clone(),
+                    cert: self.upstream_cert.clone(),
+                    key: self.upstream_key.clone(),
+                    token: self.upstream_token.clone(),
                 }],
                 None => Vec::new(),
             },
@@ -170,6 +203,16 @@ impl ServeArgs {
                 max_total_bytes: self.retention_max_total_bytes,
                 ..Default::default()
             },
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(config::FileTls {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: self.tls_client_ca.clone(),
+                }),
+                _ => None,
+            },
+            auth: config::FileAuth::default(),
+            insecure: self.insecure.then_some(true),
         }
     }
 }
@@ -177,9 +220,61 @@ impl ServeArgs {
 /// The server a client command talks to.
 #[derive(Debug, Args)]
 pub struct ServerArg {
-    /// Server URL.
+    /// Server URL (https:// for TLS).
     #[arg(long, default_value = "http://127.0.0.1:7411")]
     pub server: String,
+    #[command(flatten)]
+    pub credentials: CredentialArgs,
+}
+
+/// How a client command authenticates, and whom it trusts.
+#[derive(Debug, Args)]
+pub struct CredentialArgs {
+    /// Bearer token from `tapeline token create`.
+    #[arg(long, env = "TAPELINE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) that signs the server's certificate [default: the system's roots].
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; needs --key.
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+impl CredentialArgs {
+    /// The files read.
+    pub fn read(&self) -> Result<tapeline::client::Credentials> {
+        Ok(tapeline::client::Credentials::from_files(
+            self.ca.as_deref(),
+            self.cert.as_deref(),
+            self.key.as_deref(),
+            self.token.clone(),
+        )?)
+    }
+}
+
+/// Flags of `token`.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    #[command(subcommand)]
+    pub action: TokenAction,
+}
+
+/// What `token` does.
+#[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Make a new bearer token for principal NAME: its digest is appended to the token file
+    /// (created private when missing) and the token is printed once, to be given to the client.
+    Create {
+        /// The principal's name, as its [[auth.principal]] table names it.
+        name: String,
+        /// The token file, as [auth] tokens names it.
+        #[arg(long)]
+        tokens: PathBuf,
+    },
 }
 
 /// Flags of `streams`.
@@ -261,6 +356,8 @@ pub struct TailArgs {
     /// over between: positions are valid at each.
     #[arg(long = "server", default_value = "http://127.0.0.1:7411")]
     pub servers: Vec<String>,
+    #[command(flatten)]
+    pub credentials: CredentialArgs,
     /// Start: beginning, now, a tick, -DURATION (e.g. -5m) or an RFC 3339 time. Default: beginning.
     #[arg(long, allow_hyphen_values = true, conflicts_with = "after")]
     pub from: Option<String>,
@@ -302,6 +399,17 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Delete(args) => delete(args).await,
         Command::Seal(args) => seal(args).await,
         Command::Info(args) => info(args).await,
+        Command::Token(args) => match args.action {
+            TokenAction::Create { name, tokens } => {
+                let token = config::Tokens::create(&tokens, &name)?;
+                println!("{token}");
+                eprintln!(
+                    "tapeline: token for {name:?} added to {}; it is shown only this once. Give it to the client (--token or TAPELINE_TOKEN) and grant {name:?} permissions in an [[auth.principal]] table.",
+                    tokens.display()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+        },
         Command::Config => {
             print!("{}", config::DEFAULT_FILE);
             Ok(ExitCode::SUCCESS)

@@ -21,6 +21,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
     let addr = listener
         .local_addr()
         .map_err(|source| Error::Io { context: "reading the listen address".into(), source })?;
+    config.check_exposure(addr)?;
     // The log opens (and recovers) before the ready line, so a bad or locked data dir is
     // reported instead of it.
     let server = tapeline::server::Server::open(config)?;

@@ -24,23 +24,123 @@ pub use publisher::{Ack, Batches, PublishOptions, Publisher};
 pub use subscriber::{Delivery, SubscribeOptions, Subscriber};
 
 use crate::protocol::{pb, CONNECTION_WINDOW, FRAME_SIZE, MAX_MESSAGE, STREAM_WINDOW};
+use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Request, Status};
 
 /// A client of one server.
-pub type Client = pb::tapeline_client::TapelineClient<Channel>;
+pub type Client = pb::tapeline_client::TapelineClient<InterceptedService<Channel, Bearer>>;
+
+/// How a client proves who it is and whom it trusts: for `https://` URLs the CA that signs the
+/// server's certificate (the system's roots when none is given) and a client certificate for
+/// mutual TLS; for any URL a bearer token.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    /// PEM certificates of the CAs trusted to sign the server's certificate.
+    pub ca: Option<Vec<u8>>,
+    /// PEM certificate chain and private key presented to the server (mutual TLS).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// A token from `tapeline token create`, sent as `authorization: Bearer TOKEN`.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    // Never prints the token or the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("ca", &self.ca.is_some())
+            .field("identity", &self.identity.is_some())
+            .field("token", &self.token.is_some())
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// Reads the files a command line names: a CA, a certificate and its key, and a token.
+    pub fn from_files(
+        ca: Option<&std::path::Path>,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+        token: Option<String>,
+    ) -> Result<Credentials> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| Error::Remote {
+                action: "read credentials",
+                detail: format!("cannot read {}: {e}", path.display()),
+            })
+        };
+        let identity = match (cert, key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            (None, None) => None,
+            _ => {
+                return Err(Error::Remote {
+                    action: "read credentials",
+                    detail: "a client certificate needs its key: give both --cert and --key".into(),
+                })
+            }
+        };
+        Ok(Credentials { ca: ca.map(read).transpose()?, identity, token })
+    }
+}
+
+/// Adds the bearer token, if any, to every call.
+#[derive(Clone, Debug, Default)]
+pub struct Bearer(Option<Arc<MetadataValue<Ascii>>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> std::result::Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", MetadataValue::clone(value));
+        }
+        Ok(request)
+    }
+}
 
 /// Silence after which the client pings the server, and how long it waits for the answer.
 const KEEPALIVE: Duration = Duration::from_secs(20);
 
-/// Connects to a server and returns a client that accepts large batches.
+/// Connects to a server without credentials and returns a client that accepts large batches.
 pub async fn connect(server: &str) -> Result<Client> {
+    connect_with(server, &Credentials::default()).await
+}
+
+/// Connects to a server with `credentials` and returns a client that accepts large batches.
+pub async fn connect_with(server: &str, credentials: &Credentials) -> Result<Client> {
     let refused = |detail: String| Error::Remote {
         action: "connect",
         detail: format!("cannot reach {server}: {detail}"),
     };
-    let endpoint = Endpoint::from_shared(server.to_string()).map_err(|e| refused(chain(&e)))?;
+    let mut endpoint = Endpoint::from_shared(server.to_string()).map_err(|e| refused(chain(&e)))?;
+    if server.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        tls = match &credentials.ca {
+            Some(ca) => tls.ca_certificate(Certificate::from_pem(ca)),
+            None => tls.with_native_roots(),
+        };
+        if let Some((cert, key)) = &credentials.identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        endpoint = endpoint.tls_config(tls).map_err(|e| refused(chain(&e)))?;
+    } else if credentials.ca.is_some() || credentials.identity.is_some() {
+        return Err(refused(
+            "a CA or client certificate was given for a plaintext http:// URL; use https://".into(),
+        ));
+    }
+    let bearer = match &credentials.token {
+        Some(token) => {
+            let value =
+                format!("Bearer {token}").parse::<MetadataValue<Ascii>>().map_err(|_| Error::Remote {
+                    action: "connect",
+                    detail: "the token has characters a header cannot carry (tokens are printable ASCII)"
+                        .into(),
+                })?;
+            Bearer(Some(Arc::new(value)))
+        }
+        None => Bearer(None),
+    };
     let channel = endpoint
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW)
@@ -55,7 +155,9 @@ pub async fn connect(server: &str) -> Result<Client> {
         .connect()
         .await
         .map_err(|e| refused(chain(&e)))?;
-    Ok(Client::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
+    Ok(pb::tapeline_client::TapelineClient::with_interceptor(channel, bearer)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE))
 }
 
 /// An error and its sources, on one line: transport errors hide the useful part in the chain.

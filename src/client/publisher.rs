@@ -1,7 +1,7 @@
 //! The [`Publisher`]: pipelined batches over one `PublishStream`, sent again after a failure under
 //! the same producer id and sequence, so the broker appends each once.
 
-use super::{connect, remote, transient, Backoff, Error, Incoming, Result};
+use super::{connect_with, remote, transient, Backoff, Credentials, Error, Incoming, Result};
 use crate::protocol::pb;
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -27,6 +27,8 @@ pub struct PublishOptions {
     /// A connection with batches in flight and no ack for this long counts as failed.
     pub ack_timeout: Duration,
     pub backoff: Backoff,
+    /// TLS trust, client certificate and token.
+    pub credentials: Credentials,
 }
 
 impl PublishOptions {
@@ -41,6 +43,7 @@ impl PublishOptions {
             window: 64,
             ack_timeout: Duration::from_secs(30),
             backoff: Backoff::default(),
+            credentials: Credentials::default(),
         }
     }
 }
@@ -166,8 +169,9 @@ impl Pipeline {
         if self.input.is_none() && self.in_flight.is_empty() {
             return Ok(());
         }
-        let mut client =
-            connect(&self.options.endpoint).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut client = connect_with(&self.options.endpoint, &self.options.credentials)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         let (tx, rx) = mpsc::channel(self.options.window.max(1) + 1);
         for batch in &self.in_flight {
             let _ = tx.try_send(batch.clone());

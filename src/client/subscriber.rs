@@ -1,7 +1,7 @@
 //! The [`Subscriber`]: a subscription that resumes where its deliveries end, at any endpoint of
 //! the same origin.
 
-use super::{connect, remote, transient, Backoff, Error, Record, Result};
+use super::{connect_with, remote, transient, Backoff, Credentials, Error, Record, Result};
 use crate::protocol::pb;
 use pb::subscribe_request::Start;
 use std::collections::HashMap;
@@ -32,6 +32,8 @@ pub struct SubscribeOptions {
     /// failure is resumed from like any other).
     pub slow_consumer: pb::SlowConsumer,
     pub backoff: Backoff,
+    /// TLS trust, client certificate and token, the same at every endpoint.
+    pub credentials: Credentials,
 }
 
 impl SubscribeOptions {
@@ -47,6 +49,7 @@ impl SubscribeOptions {
             max_bytes_per_second: 0,
             slow_consumer: pb::SlowConsumer::CatchUp,
             backoff: Backoff::default(),
+            credentials: Credentials::default(),
         }
     }
 }
@@ -285,7 +288,9 @@ impl Subscriber {
     }
 
     async fn open(&self, endpoint: &str) -> std::result::Result<Streaming<pb::SubscribeResponse>, Status> {
-        let mut client = connect(endpoint).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut client = connect_with(endpoint, &self.options.credentials)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(client.subscribe(self.request()).await?.into_inner())
     }
 

@@ -2,7 +2,8 @@
 //! A flag given on the command line wins over the file, the file over the default.
 
 use super::{
-    Config, DataDir, Limits, Mirror, Notice, Retention, Rule, CHECK_EVERY, VOLATILE_MAX_TOTAL_BYTES,
+    check_private, Access, Config, DataDir, Grants, Limits, Mirror, Notice, Retention, Rule, Tls,
+    CHECK_EVERY, VOLATILE_MAX_TOTAL_BYTES,
 };
 use crate::error::{Error, Result};
 use crate::types::{Pattern, Policy};
@@ -33,6 +34,46 @@ pub struct File {
     pub notice: Option<Notice>,
     #[serde(default)]
     pub retention: FileRetention,
+    /// The server's certificate: clients connect over TLS.
+    pub tls: Option<FileTls>,
+    #[serde(default)]
+    pub auth: FileAuth,
+    /// Serve a non-loopback address without TLS and authentication, knowingly.
+    pub insecure: Option<bool>,
+}
+
+/// The `[tls]` table.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// The `[auth]` table.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAuth {
+    /// The token file (`tapeline token create NAME --tokens FILE`).
+    pub tokens: Option<PathBuf>,
+    /// `[[auth.principal]]` tables.
+    #[serde(default)]
+    pub principal: Vec<FilePrincipal>,
+}
+
+/// One `[[auth.principal]]` table: a token's name or a client certificate's common name, and the
+/// stream patterns it may act on.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePrincipal {
+    pub name: String,
+    #[serde(default)]
+    pub publish: Vec<String>,
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    #[serde(default)]
+    pub admin: Vec<String>,
 }
 
 /// The `[retention]` table of the settings file.
@@ -88,6 +129,8 @@ pub struct FileLimits {
     pub max_selectors: Option<usize>,
     pub max_calls_per_connection: Option<usize>,
     pub keepalive: Option<String>,
+    pub handshake_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
 }
 
 /// One `[[mirror]]` table of the settings file.
@@ -97,6 +140,13 @@ pub struct FileMirror {
     pub upstream: String,
     pub streams: Vec<String>,
     pub from: Option<String>,
+    /// For an https:// upstream: the CA that signs its certificate (the system's roots when
+    /// absent), and this relay's client certificate and key.
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The link's bearer token at the upstream; the settings file must then be private.
+    pub token: Option<String>,
 }
 
 /// The settings file with every default, each explained: what `tapeline config` prints.
@@ -157,6 +207,10 @@ max_calls_per_connection = 256
 # After this much silence on a connection the broker pings the peer over HTTP/2 and closes the
 # connection if no answer comes within as long again, freeing what a vanished peer held.
 keepalive = "20s"
+# A new connection is closed unless its first call starts within this (TLS handshake, HTTP/2
+# preface, the call's headers); a connection with no call for idle_timeout is closed.
+handshake_timeout = "10s"
+idle_timeout = "5m"
 
 # What `Hello` tells clients older than a recommended version (the CLI prints it).
 # [notice]
@@ -190,6 +244,35 @@ check_every = "1s"
 # upstream = "http://10.0.0.5:7411"
 # streams = ["sensors/**"]
 # from = "beginning"
+# An https:// upstream: the CA that signs its certificate (default: the system's roots), this
+# relay's client certificate, or a token (then this file must not be readable by others).
+# ca = "upstream-ca.pem"
+# cert = "relay.pem"
+# key = "relay.key"
+# token = "tlt_..."
+
+# Listening on an address other than loopback needs TLS and authentication, or insecure = true.
+# insecure = false
+
+# TLS: the server's certificate chain and key (PEM), reloaded on SIGHUP without dropping
+# connections; client_ca turns on mutual TLS (a certificate's common name is its principal).
+# [tls]
+# cert = "server.pem"
+# key = "server.key"
+# client_ca = "clients-ca.pem"
+
+# Authentication and permissions. With a token file or a client CA, every call needs a principal:
+# a bearer token's name (`tapeline token create NAME --tokens FILE`) or a client certificate's
+# common name. A principal may do what its table grants, per stream pattern: publish, subscribe
+# (read and list), admin (create, update, seal, delete, list).
+# [auth]
+# tokens = "tokens"
+# [[auth.principal]]
+# name = "sensor-1"
+# publish = ["plant/sensor-1/**"]
+# [[auth.principal]]
+# name = "relay-east"
+# subscribe = ["plant/**"]
 "#;
 
 impl File {
@@ -236,6 +319,8 @@ impl File {
                     .max_calls_per_connection
                     .or(self.limits.max_calls_per_connection),
                 keepalive: over.limits.keepalive.or(self.limits.keepalive),
+                handshake_timeout: over.limits.handshake_timeout.or(self.limits.handshake_timeout),
+                idle_timeout: over.limits.idle_timeout.or(self.limits.idle_timeout),
             },
             mirror: self.mirror.into_iter().chain(over.mirror).collect(),
             notice: over.notice.or(self.notice),
@@ -247,6 +332,12 @@ impl File {
                 check_every: over.retention.check_every.or(self.retention.check_every),
                 rule: self.retention.rule.into_iter().chain(over.retention.rule).collect(),
             },
+            tls: over.tls.or(self.tls),
+            auth: FileAuth {
+                tokens: over.auth.tokens.or(self.auth.tokens),
+                principal: self.auth.principal.into_iter().chain(over.auth.principal).collect(),
+            },
+            insecure: over.insecure.or(self.insecure),
         }
     }
 
@@ -257,7 +348,12 @@ impl File {
             context: format!("cannot read the settings file {}", path.display()),
             source,
         })?;
-        File::parse(&text).map_err(|detail| Error::ConfigFile { path: path.to_path_buf(), detail })
+        let file =
+            File::parse(&text).map_err(|detail| Error::ConfigFile { path: path.to_path_buf(), detail })?;
+        if file.mirror.iter().any(|m| m.token.is_some()) {
+            check_private(path, "the settings file (it holds a relay's token)")?;
+        }
+        Ok(file)
     }
 
     /// Parses the text of a settings file.
@@ -305,6 +401,14 @@ impl File {
                 Some(text) => duration("limits.keepalive", text)?,
                 None => default.limits.keepalive,
             },
+            handshake_timeout: match &self.limits.handshake_timeout {
+                Some(text) => duration("limits.handshake_timeout", text)?,
+                None => default.limits.handshake_timeout,
+            },
+            idle_timeout: match &self.limits.idle_timeout {
+                Some(text) => duration("limits.idle_timeout", text)?,
+                None => default.limits.idle_timeout,
+            },
         };
         let heartbeat = match &self.heartbeat {
             Some(text) => duration("heartbeat", text)?,
@@ -316,6 +420,12 @@ impl File {
                 upstream: m.upstream.clone(),
                 patterns: m.streams.clone(),
                 from: m.from.as_deref().unwrap_or("beginning").parse()?,
+                credentials: crate::client::Credentials::from_files(
+                    m.ca.as_deref(),
+                    m.cert.as_deref(),
+                    m.key.as_deref(),
+                    m.token.clone(),
+                )?,
             });
         }
         let data = match (self.volatile, &self.data) {
@@ -369,7 +479,36 @@ impl File {
             mirrors,
             notice: self.notice.clone(),
             retention,
+            tls: self.tls.as_ref().map(|t| Tls {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+                client_ca: t.client_ca.clone(),
+            }),
+            access: self.access()?,
+            insecure: self.insecure.unwrap_or(false),
         })
+    }
+
+    /// The `[auth]` table as grants by principal.
+    fn access(&self) -> Result<Access> {
+        let patterns =
+            |list: &[String]| list.iter().map(|p| Pattern::parse(p)).collect::<Result<Vec<_>, _>>();
+        let mut principals = std::collections::HashMap::new();
+        for p in &self.auth.principal {
+            let grants = Grants {
+                publish: patterns(&p.publish)?,
+                subscribe: patterns(&p.subscribe)?,
+                admin: patterns(&p.admin)?,
+            };
+            if principals.insert(p.name.clone(), grants).is_some() {
+                return Err(Error::Config {
+                    key: "auth.principal.name",
+                    value: p.name.clone(),
+                    expected: "one [[auth.principal]] table per name",
+                });
+            }
+        }
+        Ok(Access { tokens: self.auth.tokens.clone(), principals })
     }
 }
 

@@ -43,6 +43,8 @@ pub struct Mirror {
     /// Names or patterns of the mirrored streams.
     pub patterns: Vec<String>,
     pub from: MirrorFrom,
+    /// How this relay's link authenticates at the upstream, and the CA it trusts for it.
+    pub credentials: crate::client::Credentials,
 }
 
 impl Mirror {
@@ -51,8 +53,16 @@ impl Mirror {
         tonic::transport::Endpoint::from_shared(self.upstream.clone()).map_err(|_| Error::Config {
             key: "upstream",
             value: self.upstream.clone(),
-            expected: "a URL such as http://10.0.0.5:7411",
+            expected: "a URL such as http://10.0.0.5:7411 or https://upstream.example:7411",
         })?;
+        let tls = self.credentials.ca.is_some() || self.credentials.identity.is_some();
+        if tls && !self.upstream.starts_with("https://") {
+            return Err(Error::Config {
+                key: "upstream",
+                value: self.upstream.clone(),
+                expected: "an https:// URL when a CA or client certificate is given for the link",
+            });
+        }
         if self.patterns.is_empty() {
             return Err(Error::Config {
                 key: "mirror",

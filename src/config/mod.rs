@@ -1,13 +1,20 @@
 //! Settings of a broker as data, their defaults and their validation; the settings file is read in
 //! [`file`], relays' mirrors are in [`mirror`], retention's settings in [`retention`].
 
+mod access;
 mod file;
 mod mirror;
 mod retention;
+mod tokens;
 
-pub use file::{File, FileLimits, FileMirror, FileRetention, FileRetentionRule, DEFAULT_FILE};
+pub use access::{check_private, Access, Grants, Tls};
+pub use file::{
+    File, FileAuth, FileLimits, FileMirror, FilePrincipal, FileRetention, FileRetentionRule, FileTls,
+    DEFAULT_FILE,
+};
 pub use mirror::{Mirror, MirrorFrom};
 pub use retention::{validate_policy, Retention, Rule, CHECK_EVERY, VOLATILE_MAX_TOTAL_BYTES};
+pub use tokens::Tokens;
 
 use crate::error::{Error, Result};
 use std::path::PathBuf;
@@ -105,6 +112,11 @@ pub struct Limits {
     /// connection when no answer comes within as long again: a peer that vanished (a cut cable,
     /// a powered-off sensor) frees its connection and subscription slots.
     pub keepalive: Duration,
+    /// A new connection is closed unless its first call starts within this (TLS handshake, HTTP/2
+    /// preface and the call's headers).
+    pub handshake_timeout: Duration,
+    /// A connection with no call open, and none started, for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -126,6 +138,8 @@ impl Default for Limits {
             max_selectors: 1024,
             max_calls_per_connection: 256,
             keepalive: Duration::from_secs(20),
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -242,6 +256,12 @@ pub struct Config {
     pub notice: Option<Notice>,
     /// What is kept of each stream, and of the whole store.
     pub retention: Retention,
+    /// The server's certificate: clients connect over TLS.
+    pub tls: Option<Tls>,
+    /// How clients authenticate, and what each may do.
+    pub access: Access,
+    /// Serve a non-loopback address without TLS and authentication, knowingly.
+    pub insecure: bool,
 }
 
 /// The operator's message to clients older than `recommended_version` (a dotted version such as
@@ -292,11 +312,26 @@ impl Default for Config {
             mirrors: Vec::new(),
             notice: None,
             retention: Retention::default(),
+            tls: None,
+            access: Access::default(),
+            insecure: false,
         }
     }
 }
 
 impl Config {
+    /// Refuses to serve an address other than loopback without TLS and authentication, unless
+    /// `insecure` says so.
+    pub fn check_exposure(&self, addr: std::net::SocketAddr) -> Result<()> {
+        let protected = self.tls.is_some() && self.access.required(self.tls.as_ref());
+        if addr.ip().is_loopback() || protected || self.insecure {
+            return Ok(());
+        }
+        Err(Error::Unsafe(format!(
+            "{addr} is reachable from other hosts, and without TLS and authentication anyone who reaches it may read, publish and delete every stream: give a certificate (--tls-cert/--tls-key or [tls]) and a token file or client CA ([auth] tokens, --tls-client-ca), or pass --insecure (insecure = true) to serve it open knowingly"
+        )))
+    }
+
     /// Checks the settings together.
     pub fn validate(&self) -> Result<()> {
         self.limits.validate()?;
@@ -318,6 +353,7 @@ impl Config {
             mirror.validate()?;
         }
         self.retention.validate()?;
+        self.access.validate(self.tls.as_ref())?;
         if let Some(notice) = &self.notice {
             if numbers(&notice.recommended_version).is_none() {
                 return Err(Error::Config {

@@ -48,3 +48,7 @@ pub const PUBLISH_WINDOW: usize = 64;
 /// Batches remembered per producer: twice the window of batches a `PublishStream` keeps in
 /// flight, so that a client retrying everything it had in flight is answered for all of it.
 pub const PRODUCER_WINDOW: usize = 2 * PUBLISH_WINDOW;
+
+/// The most header bytes (names, values and HPACK's 32 bytes per field) the server takes with one
+/// request: gRPC's own headers and a bearer token need well under 1 KiB.
+pub const MAX_HEADER_LIST: u32 = 16 << 10;

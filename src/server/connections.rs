@@ -1,103 +1,87 @@
-//! The connection limit (`limits.max_connections`). A connection accepted while the limit is
+//! The connection limits. `limits.max_connections`: a connection accepted while the limit is
 //! reached is still served at the HTTP/2 level, but every call on it is refused with
 //! `RESOURCE_EXHAUSTED` naming the limit: the client learns why, instead of seeing a socket
 //! closed without a word. After [`GRACE`] the server closes it, so it does not hold a place, and
 //! a client that reconnects while fewer connections are open is served.
+//! `limits.max_calls_per_connection`: calls open at once on one connection.
+//! `limits.handshake_timeout` and `limits.idle_timeout`: a connection whose first call does not
+//! start in time (a stalled TLS handshake, a client that sent only the HTTP/2 preface), or that
+//! has no call for a while, reads as closed, which ends it.
 
 use crate::error::{Error, Result};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tokio::time::{Instant, Sleep};
 
 /// How long a connection over the limit stays open to be told why, before it is closed.
-pub const GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+pub const GRACE: Duration = Duration::from_secs(1);
 
-/// The open connections, those over the limit, and the calls open on each.
+/// The open connections and the calls open on each.
 #[derive(Debug)]
 pub struct Connections {
     limit: usize,
     open: AtomicUsize,
-    over: Mutex<HashSet<SocketAddr>>,
     calls_limit: usize,
-    calls: Mutex<HashMap<SocketAddr, usize>>,
+    handshake_timeout: Duration,
+    idle_timeout: Duration,
+    by_peer: Mutex<HashMap<SocketAddr, Arc<Connection>>>,
+}
+
+/// What is known of one connection while it is open.
+#[derive(Debug, Default)]
+struct Connection {
+    /// Accepted over `max_connections`: its calls are refused.
+    over: bool,
+    /// Calls open now.
+    calls: AtomicUsize,
+    /// Calls started since it was accepted.
+    started: AtomicU64,
 }
 
 /// One call counted against its connection's `limits.max_calls_per_connection` while it lives.
 #[derive(Debug)]
 pub struct Call {
-    connections: Arc<Connections>,
-    peer: SocketAddr,
+    connection: Arc<Connection>,
 }
 
 impl Drop for Call {
     fn drop(&mut self) {
-        let mut calls = self.connections.calls.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = calls.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                calls.remove(&self.peer);
-            }
-        }
+        self.connection.calls.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 impl Connections {
-    /// Allows `limit` connections at once, and `calls_limit` calls at once on each.
-    pub fn new(limit: usize, calls_limit: usize) -> Arc<Connections> {
+    /// Allows `limits.max_connections` connections at once, `max_calls_per_connection` calls at
+    /// once on each, and closes those without calls after the timeouts.
+    pub fn new(limits: &crate::config::Limits) -> Arc<Connections> {
         Arc::new(Connections {
-            limit,
+            limit: limits.max_connections,
             open: AtomicUsize::new(0),
-            over: Mutex::new(HashSet::new()),
-            calls_limit,
-            calls: Mutex::new(HashMap::new()),
+            calls_limit: limits.max_calls_per_connection,
+            handshake_timeout: limits.handshake_timeout,
+            idle_timeout: limits.idle_timeout,
+            by_peer: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Counts a call on the connection of `peer`, refused when that connection has
-    /// `calls_limit` open already.
-    pub fn call(self: &Arc<Self>, peer: Option<SocketAddr>) -> Result<Option<Call>> {
+    /// Counts a call on the connection of `peer`: refused when that connection was accepted over
+    /// `max_connections`, or has `max_calls_per_connection` calls open already.
+    pub fn call(&self, peer: Option<SocketAddr>) -> Result<Option<Call>> {
         let Some(peer) = peer else { return Ok(None) };
-        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
-        let open = calls.entry(peer).or_insert(0);
-        if *open >= self.calls_limit {
-            return Err(Error::TooMany {
-                what: "calls at once on one connection",
-                limit: self.calls_limit,
-                setting: "limits.max_calls_per_connection",
-                hint: "end calls you no longer need, or open another connection",
-            });
-        }
-        *open += 1;
-        Ok(Some(Call { connections: self.clone(), peer }))
-    }
-
-    /// Counts an accepted connection (marking it when it is over the limit) until it is dropped.
-    pub fn admit(self: &Arc<Self>, stream: TcpStream) -> Counted {
-        let open = self.open.fetch_add(1, Ordering::SeqCst) + 1;
-        let over = match stream.peer_addr() {
-            Ok(peer) if open > self.limit => {
-                tracing::warn!(%peer, limit = self.limit, "connection over max_connections: its calls are refused");
-                self.over.lock().unwrap_or_else(|e| e.into_inner()).insert(peer);
-                Some(peer)
-            }
-            _ => None,
+        let Some(connection) = self.by_peer.lock().unwrap_or_else(|e| e.into_inner()).get(&peer).cloned()
+        else {
+            return Ok(None);
         };
-        let closing = over.map(|_| Box::pin(tokio::time::sleep(GRACE)));
-        Counted { stream, connections: self.clone(), over, closing }
-    }
-
-    /// Refuses a call made on a connection accepted over the limit.
-    pub fn check(&self, peer: Option<SocketAddr>) -> Result<()> {
-        let over = peer.is_some_and(|p| self.over.lock().unwrap_or_else(|e| e.into_inner()).contains(&p));
-        if over {
+        if connection.over {
             return Err(Error::TooMany {
                 what: "client connections at once",
                 limit: self.limit,
@@ -105,7 +89,44 @@ impl Connections {
                 hint: "close idle connections or reuse one, then reconnect",
             });
         }
-        Ok(())
+        connection.started.fetch_add(1, Ordering::SeqCst);
+        if connection.calls.fetch_add(1, Ordering::SeqCst) >= self.calls_limit {
+            connection.calls.fetch_sub(1, Ordering::SeqCst);
+            return Err(Error::TooMany {
+                what: "calls at once on one connection",
+                limit: self.calls_limit,
+                setting: "limits.max_calls_per_connection",
+                hint: "end calls you no longer need, or open another connection",
+            });
+        }
+        Ok(Some(Call { connection }))
+    }
+
+    /// Counts an accepted connection (marking it when it is over the limit) until it is dropped.
+    pub fn admit(self: &Arc<Self>, stream: TcpStream) -> Counted {
+        let open = self.open.fetch_add(1, Ordering::SeqCst) + 1;
+        let peer = stream.peer_addr().ok();
+        let over = open > self.limit;
+        if over {
+            tracing::warn!(
+                ?peer,
+                limit = self.limit,
+                "connection over max_connections: its calls are refused"
+            );
+        }
+        let connection = Arc::new(Connection { over, ..Connection::default() });
+        if let Some(peer) = peer {
+            self.by_peer.lock().unwrap_or_else(|e| e.into_inner()).insert(peer, connection.clone());
+        }
+        let first = if over { GRACE } else { self.handshake_timeout };
+        Counted {
+            stream,
+            connections: self.clone(),
+            peer,
+            connection,
+            deadline: Box::pin(tokio::time::sleep(first)),
+            seen: 0,
+        }
     }
 }
 
@@ -114,26 +135,47 @@ impl Connections {
 pub struct Counted {
     stream: TcpStream,
     connections: Arc<Connections>,
-    /// Its peer, when it was accepted over the limit.
-    over: Option<SocketAddr>,
-    /// For a connection over the limit: when it reads as closed.
-    closing: Option<Pin<Box<tokio::time::Sleep>>>,
+    peer: Option<SocketAddr>,
+    connection: Arc<Connection>,
+    /// When the connection is looked at next: closed unless a call is open or started since.
+    deadline: Pin<Box<Sleep>>,
+    /// Calls started when it was last looked at.
+    seen: u64,
+}
+
+impl Counted {
+    /// The address of the peer.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
+    /// Whether the connection should end now: past its deadline with no call open or started
+    /// since the last look (or accepted over the limit).
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.deadline.as_mut().poll(cx).is_ready() {
+            let started = self.connection.started.load(Ordering::SeqCst);
+            let busy = self.connection.calls.load(Ordering::SeqCst) > 0 || started != self.seen;
+            if self.connection.over || !busy {
+                tracing::debug!(peer = ?self.peer, calls = started, "closing a connection without calls");
+                return true;
+            }
+            self.seen = started;
+            let next = Instant::now() + self.connections.idle_timeout;
+            self.deadline.as_mut().reset(next);
+        }
+        false
+    }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
         self.connections.open.fetch_sub(1, Ordering::SeqCst);
-        if let Some(peer) = self.over {
-            self.connections.over.lock().unwrap_or_else(|e| e.into_inner()).remove(&peer);
+        if let Some(peer) = self.peer {
+            let mut by_peer = self.connections.by_peer.lock().unwrap_or_else(|e| e.into_inner());
+            if by_peer.get(&peer).is_some_and(|c| Arc::ptr_eq(c, &self.connection)) {
+                by_peer.remove(&peer);
+            }
         }
-    }
-}
-
-impl Connected for Counted {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
     }
 }
 
@@ -143,11 +185,9 @@ impl AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if let Some(closing) = &mut self.closing {
-            if closing.as_mut().poll(cx).is_ready() {
-                // End of stream: the server closes the connection.
-                return Poll::Ready(Ok(()));
-            }
+        if self.expired(cx) {
+            // End of stream: the server closes the connection.
+            return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }

@@ -5,17 +5,19 @@
 //! finish the batches they already handed in, relay tasks stop copying → the broker waits for its
 //! tasks, commits what is queued and flushes the log last.
 
+mod auth;
 mod connections;
+mod incoming;
 mod memory;
 mod publish;
 mod service;
 mod status;
+mod tls;
 
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::protocol::{pb, serve};
-use futures::StreamExt;
 use service::Service;
 use std::future::Future;
 use std::sync::Arc;
@@ -32,40 +34,86 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     Server::open(config)?.serve(listener, shutdown).await
 }
 
+/// On SIGHUP, reads the TLS certificate and the token file again (what fails to read is reported
+/// and the previous one kept); open connections keep their session.
+async fn reload_on_hangup(
+    acceptor: Option<Arc<tls::Acceptor>>,
+    auth: Arc<auth::Auth>,
+    token: CancellationToken,
+) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else { return };
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = hangups.recv() => {}
+            }
+            if let Some(acceptor) = &acceptor {
+                match acceptor.reload() {
+                    Ok(()) => info!("SIGHUP: TLS certificate reloaded"),
+                    Err(err) => {
+                        warn!(%err, "SIGHUP: the TLS certificate was not reloaded; the previous one stays")
+                    }
+                }
+            }
+            match auth.reload() {
+                Ok(()) => info!("SIGHUP: tokens reloaded"),
+                Err(err) => warn!(%err, "SIGHUP: the token file was not reloaded; the previous tokens stay"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (acceptor, auth);
+        token.cancelled().await;
+    }
+}
+
 /// A broker whose log is open, ready to serve.
 pub struct Server {
     config: Config,
     broker: Arc<Broker>,
     /// The root of shutdown: every subscription and publish stream watches it.
     token: CancellationToken,
+    acceptor: Option<Arc<tls::Acceptor>>,
+    auth: Arc<auth::Auth>,
 }
 
 impl Server {
     /// Opens the log (recovering it), so that a bad or locked data dir fails before anything
     /// listens.
     pub fn open(config: Config) -> Result<Server> {
+        // The certificate and the tokens first: a mistake in them is reported before the log is
+        // opened.
+        let acceptor = config.tls.as_ref().map(tls::Acceptor::load).transpose()?;
+        let auth = auth::Auth::new(&config.access, config.access.required(config.tls.as_ref()))?;
         let token = CancellationToken::new();
         let broker = Arc::new(Broker::open(&config, token.clone())?);
-        Ok(Server { config, broker, token })
+        Ok(Server { config, broker, token, acceptor, auth })
     }
 
     /// Serves on `listener` until `shutdown` resolves, then shuts down cleanly.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let Server { config, broker, token } = self;
-        serve(config, broker, token, listener, shutdown).await
+        serve(self, listener, shutdown).await
     }
 }
 
-async fn serve(
-    config: Config,
-    broker: Arc<Broker>,
-    token: CancellationToken,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> Result<()> {
-    let addr = listener
-        .local_addr()
-        .map_err(|source| Error::Io { context: "reading the listen address".into(), source })?;
+async fn serve(server: Server, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let Server { config, broker, token, acceptor, auth } = server;
+    let addr = listener.local_addr().map(|addr| (addr, config.check_exposure(addr)));
+    let addr = match addr {
+        Ok((addr, Ok(()))) => addr,
+        Ok((_, Err(refused))) => {
+            broker.close().await?;
+            return Err(refused);
+        }
+        Err(source) => {
+            broker.close().await?;
+            return Err(Error::Io { context: "reading the listen address".into(), source });
+        }
+    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<serve::tapeline_server::TapelineServer<Service>>().await;
@@ -80,12 +128,8 @@ async fn serve(
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("building server reflection: {e}")))?;
 
-    let connections =
-        connections::Connections::new(config.limits.max_connections, config.limits.max_calls_per_connection);
-    let counted = connections.clone();
-    let incoming = tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .map(move |accepted| accepted.map(|stream| counted.admit(stream)));
+    let connections = connections::Connections::new(&config.limits);
+    let incoming = incoming::incoming(listener, connections.clone(), acceptor.clone(), token.clone());
     let serve = tonic::transport::Server::builder()
         // HTTP/2's default 64 KiB windows let a batch of a few hundred KB cross only after
         // round trips of WINDOW_UPDATEs; larger windows and frames let a publish or a replay
@@ -93,6 +137,8 @@ async fn serve(
         .initial_stream_window_size(crate::protocol::STREAM_WINDOW)
         .initial_connection_window_size(crate::protocol::CONNECTION_WINDOW)
         .max_frame_size(crate::protocol::FRAME_SIZE)
+        // A request's headers are small; h2's default allows 16 MiB of them.
+        .http2_max_header_list_size(crate::protocol::MAX_HEADER_LIST)
         // A peer that vanished without closing (a cut link, a powered-off sensor) is found by
         // pings and its connection closed, which ends its calls and frees their slots.
         .http2_keepalive_interval(Some(config.limits.keepalive))
@@ -105,15 +151,16 @@ async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(service::service(broker.clone(), &config.limits, connections))
+        .add_service(service::service(broker.clone(), &config.limits, connections, auth.clone()))
         .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
-    info!(%addr, "serving");
+    info!(%addr, tls = acceptor.is_some(), authenticated = config.access.required(config.tls.as_ref()), "serving");
     // Relay mode: one task per upstream; the retention trimmer; giving freed memory back. All
     // stopped by the same token as everything else.
     let background = tokio_util::task::TaskTracker::new();
     crate::relay::spawn_all(&broker, &token, &background);
     crate::store::spawn_trimmer(broker.log(), broker.retention().clone(), token.clone(), &background);
     memory::spawn(token.clone(), &background);
+    background.spawn(reload_on_hangup(acceptor, auth, token.clone()));
     background.close();
 
     tokio::pin!(serve);

@@ -1,11 +1,14 @@
 //! The `PublishStream` driver: reads a client's batches, hands them to the broker in order, and
 //! answers each with its ack, in submission order.
 
+use super::auth::Principal;
+use super::incoming::peer;
 use super::status::status;
 use crate::broker::{Batch, Broker};
 use crate::error::Error;
 use crate::protocol::{pb, PUBLISH_WINDOW};
 use crate::store::Appended;
+use crate::types::Action;
 use futures::future::BoxFuture;
 use futures::stream::Stream;
 use futures::stream::{FuturesOrdered, StreamExt};
@@ -37,10 +40,12 @@ pub fn ack(batch_id: u64, result: Result<Appended, Error>) -> pb::PublishAck {
 /// The acks of one `PublishStream` call, in the order its batches were sent.
 pub fn acks(
     broker: Arc<Broker>,
+    who: Arc<Principal>,
     request: Request<Streaming<pb::PublishRequest>>,
 ) -> BoxStream<pb::PublishAck> {
     let flow = PublishFlow {
-        from: request.remote_addr(),
+        from: peer(&request).and_then(|p| p.addr),
+        who,
         requests: request.into_inner(),
         shutdown: broker.shutdown_token(),
         broker,
@@ -72,6 +77,8 @@ pub fn batch(req: pb::PublishRequest, from: Option<std::net::SocketAddr>) -> Bat
 /// its own between the request and the acks (one wake-up less each way per batch).
 struct PublishFlow {
     from: Option<std::net::SocketAddr>,
+    /// Whose batches these are: each is refused unless it may publish to every stream of it.
+    who: Arc<Principal>,
     requests: Streaming<pb::PublishRequest>,
     broker: Arc<Broker>,
     shutdown: CancellationToken,
@@ -108,7 +115,10 @@ impl PublishFlow {
                     Ok(Some(req)) => {
                         // Submitted in order, so batches of one stream commit in order.
                         let batch_id = req.batch_id;
-                        let submitted = self.broker.submit(batch(req, self.from)).await;
+                        let submitted = match self.who.require_all(Action::Publish, req.records.iter().map(|r| r.stream.as_str())) {
+                            Ok(()) => self.broker.submit(batch(req, self.from)).await,
+                            Err(denied) => Err(denied),
+                        };
                         self.in_flight.push_back(Box::pin(async move {
                             match submitted {
                                 Ok(answer) => (batch_id, answer.await),

@@ -1,7 +1,9 @@
 //! The tapeline service: translates protobuf to domain types and back, and `Error` to `Status`, in
 //! one place. No rule lives here.
 
+use super::auth::{principal, Auth};
 use super::connections::{Call, Connections};
+use super::incoming::peer;
 use super::publish::{self, ack, batch, BoxStream};
 use super::status::status;
 use crate::broker::subscription::{Event, SlowConsumer, Start};
@@ -9,20 +11,21 @@ use crate::broker::{Broker, SubscribeRequest};
 use crate::config::Limits;
 use crate::error::Error;
 use crate::protocol::{codec, pb, serve, wire};
-use crate::types::StreamMeta;
+use crate::types::{Action, Pattern, StreamMeta};
 use futures::stream::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::debug;
+use tracing::info;
 
-/// The `tapeline.v1.Tapeline` service, ready to be added to a tonic server. Every call on a
-/// connection accepted over `max_connections` is refused.
+/// The `tapeline.v1.Tapeline` service, ready to be added to a tonic server. Every call is counted
+/// on its connection (refused on one accepted over `max_connections`) and authenticated.
 pub fn service(
     broker: Arc<Broker>,
     limits: &Limits,
     connections: Arc<Connections>,
+    auth: Arc<Auth>,
 ) -> InterceptedService<
     serve::tapeline_server::TapelineServer<Service>,
     impl tonic::service::Interceptor + Clone,
@@ -32,11 +35,13 @@ pub fn service(
         .max_decoding_message_size(limits.max_message_bytes())
         .max_encoding_message_size(usize::MAX);
     InterceptedService::new(server, move |mut request: Request<()>| {
-        connections.check(request.remote_addr()).map_err(|e| status(&e))?;
+        let peer = peer(&request).cloned();
         // Counted until the call's request is dropped, or, for a streaming call, its responses.
-        if let Some(call) = connections.call(request.remote_addr()).map_err(|e| status(&e))? {
+        if let Some(call) = connections.call(peer.as_ref().and_then(|p| p.addr)).map_err(|e| status(&e))? {
             request.extensions_mut().insert(Arc::new(call));
         }
+        let principal = auth.authenticate(request.metadata(), peer.as_ref()).map_err(|e| status(&e))?;
+        request.extensions_mut().insert(Arc::new(principal));
         Ok(request)
     })
 }
@@ -87,8 +92,11 @@ fn event(e: Event) -> wire::SubscribeResponse {
 #[tonic::async_trait]
 impl serve::tapeline_server::Tapeline for Service {
     async fn hello(&self, request: Request<pb::HelloRequest>) -> Result<Response<pb::HelloResponse>, Status> {
+        let who = principal(&request);
+        let addr = peer(&request).and_then(|p| p.addr);
         let req = request.into_inner();
-        debug!(client = %req.client_name, version = %req.client_version, id = %req.client_id, "hello");
+        // The client's declared name, version and id, bound to who it proved to be.
+        info!(principal = %who.name, client = %req.client_name, version = %req.client_version, id = %req.client_id, peer = ?addr, "hello");
         let info =
             self.broker.hello(req.protocol_version, &req.client_version).await.map_err(|e| status(&e))?;
         Ok(Response::new(pb::HelloResponse {
@@ -102,6 +110,7 @@ impl serve::tapeline_server::Tapeline for Service {
                 text: n.text,
                 url: n.url,
             }),
+            principal: who.name.clone(),
         }))
     }
 
@@ -109,8 +118,11 @@ impl serve::tapeline_server::Tapeline for Service {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishAck>, Status> {
-        let from = request.remote_addr();
+        let from = peer(&request).and_then(|p| p.addr);
+        let who = principal(&request);
         let req = request.into_inner();
+        who.require_all(Action::Publish, req.records.iter().map(|r| r.stream.as_str()))
+            .map_err(|e| status(&e))?;
         let batch_id = req.batch_id;
         let appended = self.broker.publish(batch(req, from)).await.map_err(|e| status(&e))?;
         Ok(Response::new(ack(batch_id, Ok(appended))))
@@ -123,7 +135,8 @@ impl serve::tapeline_server::Tapeline for Service {
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
         let call = counted(&request);
-        let acks = publish::acks(self.broker.clone(), request);
+        let who = principal(&request);
+        let acks = publish::acks(self.broker.clone(), who, request);
         // The closure owns the call's count: it ends with the stream of acks.
         Ok(Response::new(Box::pin(acks.inspect(move |_| {
             let _counted = &call;
@@ -138,7 +151,17 @@ impl serve::tapeline_server::Tapeline for Service {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         use pb::subscribe_request::Start as S;
         let call = counted(&request);
+        let who = principal(&request);
         let req = request.into_inner();
+        // A stream named exactly must be readable; a pattern silently selects only what is.
+        who.require_all(
+            Action::Subscribe,
+            req.streams
+                .iter()
+                .filter(|s| Pattern::parse(s).is_ok_and(|p| p.exact().is_some()))
+                .map(String::as_str),
+        )
+        .map_err(|e| status(&e))?;
         let start = match req.start {
             None | Some(S::Beginning(_)) => Start::Beginning,
             Some(S::Now(_)) => Start::Now,
@@ -169,6 +192,7 @@ impl serve::tapeline_server::Tapeline for Service {
                     }
                 },
                 max_lag: (req.max_lag_ms > 0).then(|| Duration::from_millis(req.max_lag_ms.into())),
+                readable: who.readable(),
             })
             .map_err(|e| status(&e))?;
         let stream = events.map(move |e| {
@@ -182,11 +206,13 @@ impl serve::tapeline_server::Tapeline for Service {
         &self,
         request: Request<pb::ListStreamsRequest>,
     ) -> Result<Response<pb::ListStreamsResponse>, Status> {
+        let who = principal(&request);
         let req = request.into_inner();
         let pattern = (!req.pattern.is_empty()).then_some(req.pattern.as_str());
         let streams = self.broker.streams(pattern).map_err(|e| status(&e))?;
         let streams = streams
             .into_iter()
+            .filter(|info| who.may(Action::Subscribe, &info.name) || who.may(Action::Admin, &info.name))
             .map(|info| {
                 let upstream = self.broker.upstream_of(&info.name);
                 let effective = self.broker.retention_of(&info);
@@ -200,7 +226,12 @@ impl serve::tapeline_server::Tapeline for Service {
         &self,
         request: Request<pb::DescribeStreamRequest>,
     ) -> Result<Response<pb::StreamInfo>, Status> {
-        let info = self.broker.stream(&request.into_inner().stream).map_err(|e| status(&e))?;
+        let who = principal(&request);
+        let stream = request.into_inner().stream;
+        if !who.may(Action::Admin, &stream) {
+            who.require(Action::Subscribe, &stream).map_err(|e| status(&e))?;
+        }
+        let info = self.broker.stream(&stream).map_err(|e| status(&e))?;
         let upstream = self.broker.upstream_of(&info.name);
         let effective = self.broker.retention_of(&info);
         Ok(Response::new(pb::StreamInfo::new(info, upstream, Some(effective))))
@@ -210,7 +241,9 @@ impl serve::tapeline_server::Tapeline for Service {
         &self,
         request: Request<pb::CreateStreamRequest>,
     ) -> Result<Response<pb::StreamInfo>, Status> {
+        let who = principal(&request);
         let req = request.into_inner();
+        who.require(Action::Admin, &req.stream).map_err(|e| status(&e))?;
         let meta = StreamMeta {
             content_type: req.content_type,
             schema_version: req.schema_version,
@@ -227,7 +260,10 @@ impl serve::tapeline_server::Tapeline for Service {
         &self,
         request: Request<pb::SealStreamRequest>,
     ) -> Result<Response<pb::StreamInfo>, Status> {
-        let info = self.broker.seal_stream(&request.into_inner().stream).await.map_err(|e| status(&e))?;
+        let who = principal(&request);
+        let stream = request.into_inner().stream;
+        who.require(Action::Admin, &stream).map_err(|e| status(&e))?;
+        let info = self.broker.seal_stream(&stream).await.map_err(|e| status(&e))?;
         let effective = self.broker.retention_of(&info);
         Ok(Response::new(pb::StreamInfo::new(info, None, Some(effective))))
     }
@@ -236,7 +272,10 @@ impl serve::tapeline_server::Tapeline for Service {
         &self,
         request: Request<pb::DeleteStreamRequest>,
     ) -> Result<Response<pb::StreamInfo>, Status> {
-        let info = self.broker.delete_stream(&request.into_inner().stream).await.map_err(|e| status(&e))?;
+        let who = principal(&request);
+        let stream = request.into_inner().stream;
+        who.require(Action::Admin, &stream).map_err(|e| status(&e))?;
+        let info = self.broker.delete_stream(&stream).await.map_err(|e| status(&e))?;
         Ok(Response::new(pb::StreamInfo::new(info, None, None)))
     }
 }

@@ -24,11 +24,14 @@ pub fn status(err: &Error) -> Status {
         Error::SequenceReused { .. } | Error::StreamExists { .. } => Code::AlreadyExists,
         Error::UnknownStream(_) => Code::NotFound,
         Error::DataLoss { .. } | Error::DamagedPointer { .. } => Code::DataLoss,
+        Error::Unauthenticated { .. } => Code::Unauthenticated,
+        Error::PermissionDenied { .. } => Code::PermissionDenied,
         Error::ShuttingDown | Error::LogFailed { .. } => Code::Unavailable,
         Error::Storage(_)
         | Error::Open { .. }
         | Error::Io { .. }
         | Error::Config { .. }
+        | Error::Unsafe(_)
         | Error::ConfigFile { .. }
         | Error::Remote { .. }
         | Error::Internal(_) => Code::Internal,

@@ -1,13 +1,15 @@
 //! The types layer: plain data every other layer speaks (ticks, stream names and patterns,
-//! records, stream metadata, retention policies, upstream status). It imports nothing of the
+//! records, stream metadata, retention policies, upstream status, permissions' actions). It imports nothing of the
 //! crate.
 
+mod action;
 mod invalid;
 mod names;
 mod policy;
 mod record;
 mod upstream;
 
+pub use action::Action;
 pub use invalid::Invalid;
 pub use names::{Pattern, StreamName, MAX_NAME_BYTES};
 pub use policy::Policy;

@@ -349,7 +349,7 @@ impl Drop for KeepOnPanic {
     }
 }
 
-type TapelineClient = tapeline::protocol::pb::tapeline_client::TapelineClient<tonic::transport::Channel>;
+type TapelineClient = tapeline::client::Client;
 
 #[test]
 fn acknowledged_records_survive_sigkill_cycles() {

@@ -29,7 +29,7 @@ use tapeline::config::Config;
 use tapeline::protocol::pb;
 use tonic::Code;
 
-type TapelineClient = pb::tapeline_client::TapelineClient<tonic::transport::Channel>;
+type TapelineClient = tapeline::client::Client;
 
 const MIB: u64 = 1 << 20;
 /// How often the broker's disk budget reads the real figures at most (`store/space.rs`).

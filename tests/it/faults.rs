@@ -11,8 +11,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tapeline::protocol::pb;
-use tapeline::protocol::pb::tapeline_client::TapelineClient;
-use tonic::transport::Channel;
 
 const BATCHES: u64 = 150;
 const SUBSCRIBERS: usize = 3;
@@ -49,7 +47,7 @@ fn note(acked: &Acked, request: &pb::PublishRequest, ack: &pb::PublishAck) {
     }
 }
 
-async fn connect(url: &str) -> Option<TapelineClient<Channel>> {
+async fn connect(url: &str) -> Option<tapeline::client::Client> {
     tapeline::client::connect(url).await.ok()
 }
 

@@ -112,7 +112,8 @@ async fn slow_consumer(
         .connect()
         .await
         .unwrap();
-    let mut slow_client = pb::tapeline_client::TapelineClient::new(channel);
+    let mut slow_client =
+        pb::tapeline_client::TapelineClient::with_interceptor(channel, tapeline::client::Bearer::default());
     let mut slow = Sub::open(&mut slow_client, slow_request).await;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let publisher = tokio::spawn(publish_steadily(server.url(), stream, stopped));

@@ -533,14 +533,14 @@ async fn a_hundred_thousand_streams_are_listed_and_replayed_exactly_once() {
 /// quote the whole value (1 MiB here), which a default client cannot receive (see
 /// `a_refusal_quoting_a_huge_name_reaches_a_default_client`); this one lets the test check what
 /// the broker decided.
-async fn wide_client(server: &TestServer) -> pb::tapeline_client::TapelineClient<Channel> {
+async fn wide_client(server: &TestServer) -> tapeline::client::Client {
     let channel = tonic::transport::Endpoint::from_shared(server.url())
         .expect("url")
         .http2_max_header_list_size(u32::MAX)
         .connect()
         .await
         .expect("connect");
-    pb::tapeline_client::TapelineClient::new(channel)
+    pb::tapeline_client::TapelineClient::with_interceptor(channel, tapeline::client::Bearer::default())
 }
 
 /// Patterns and names that break the rules in extreme ways (10,000 segments, 1 MiB, `**` in the
@@ -1166,7 +1166,7 @@ async fn calls_past_the_limit_of_one_connection_are_refused_naming_it() {
 /// Subscribes to `pattern` again and again while the answer is RESOURCE_EXHAUSTED; fails with
 /// `why` when no subscription is taken within `limit`. Returns how long it took.
 async fn subscribed_within(
-    client: &mut pb::tapeline_client::TapelineClient<Channel>,
+    client: &mut tapeline::client::Client,
     pattern: &str,
     limit: Duration,
     why: &str,

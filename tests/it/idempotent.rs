@@ -5,7 +5,6 @@
 use crate::support::*;
 use futures::StreamExt;
 use tapeline::protocol::pb;
-use tapeline::protocol::pb::tapeline_client::TapelineClient;
 use tonic::Code;
 
 fn tagged(producer: &str, sequence: u64, records: Vec<pb::Record>) -> pb::PublishRequest {
@@ -13,7 +12,7 @@ fn tagged(producer: &str, sequence: u64, records: Vec<pb::Record>) -> pb::Publis
 }
 
 /// Every record of `stream` from the beginning up to the current tail.
-async fn stored(client: &mut TapelineClient<tonic::transport::Channel>, stream: &str) -> Vec<String> {
+async fn stored(client: &mut tapeline::client::Client, stream: &str) -> Vec<String> {
     let mut sub = Sub::open(client, request(&[stream], beginning())).await;
     payloads(&sub.until_caught_up().await.0)
 }
@@ -75,7 +74,7 @@ async fn a_whole_pipelined_window_resent_is_answered_from_memory_across_a_restar
     let batches: Vec<pb::PublishRequest> = (1..=100u64)
         .map(|s| tagged("pipe", s, vec![record("p", format!("{s}")), record("q", "x")]))
         .collect();
-    let acks = |client: &mut TapelineClient<tonic::transport::Channel>, batches: Vec<pb::PublishRequest>| {
+    let acks = |client: &mut tapeline::client::Client, batches: Vec<pb::PublishRequest>| {
         let mut client = client.clone();
         async move {
             let acks = client.publish_stream(tokio_stream::iter(batches)).await.unwrap().into_inner();

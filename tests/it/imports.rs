@@ -22,7 +22,7 @@ async fn refused(client: &mut Client, records: Vec<pb::Record>) -> tonic::Status
     client.publish(request).await.expect_err("the batch is refused")
 }
 
-type Client = pb::tapeline_client::TapelineClient<tonic::transport::Channel>;
+type Client = tapeline::client::Client;
 
 fn names(list: &[pb::StreamInfo]) -> Vec<(String, bool)> {
     list.iter().map(|s| (s.name.clone(), s.importing)).collect()

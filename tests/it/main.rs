@@ -22,6 +22,7 @@ mod powerloss;
 mod publish;
 mod relay;
 mod retention;
+mod security;
 mod shutdown;
 mod subscribe;
 mod young;

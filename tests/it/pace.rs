@@ -28,9 +28,7 @@ const SLACK: Duration = Duration::from_millis(150);
 
 /// Publishes the recorded session with explicit ticks over two streams, ending 50 ms ago; returns
 /// its ticks.
-async fn record_session(
-    client: &mut pb::tapeline_client::TapelineClient<tonic::transport::Channel>,
-) -> Vec<u64> {
+async fn record_session(client: &mut tapeline::client::Client) -> Vec<u64> {
     let span: u64 = GAPS_MS.iter().sum::<u64>() * MS;
     let first = Tick::now().0 - span - 50 * MS;
     let ticks: Vec<u64> = std::iter::once(first)

@@ -658,7 +658,7 @@ impl Drop for KeepOnPanic {
     }
 }
 
-type TapelineClient = tapeline::protocol::pb::tapeline_client::TapelineClient<tonic::transport::Channel>;
+type TapelineClient = tapeline::client::Client;
 
 #[test]
 fn acknowledged_records_survive_power_cuts() {
@@ -683,7 +683,7 @@ fn a_second_broker_on_the_same_data_dir_is_refused() {
     let args = ["serve", "--listen", "127.0.0.1:0", "--data", data.to_str().unwrap()];
     let first = Serve::spawn(&args, dir.path().join("first.log"));
     let second = Serve::try_spawn(&args, dir.path().join("second.log"));
-    let err = second.err().expect("a second broker on the same data dir is refused");
+    let err = second.expect_err("a second broker on the same data dir is refused");
     assert!(err.contains("another process holds its lock"), "{err}");
     let tail = tokio::runtime::Runtime::new().unwrap().block_on(async {
         client(&first.url).await.hello(pb::HelloRequest::default()).await.map(|h| h.into_inner().tail_tick)

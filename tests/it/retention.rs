@@ -9,9 +9,8 @@ use tapeline::config::Config;
 use tapeline::config::Retention;
 use tapeline::protocol::pb;
 use tapeline::types::Policy;
-use tonic::transport::Channel;
 
-type Client = pb::tapeline_client::TapelineClient<Channel>;
+type Client = tapeline::client::Client;
 
 const HOUR_NS: u64 = 3_600_000_000_000;
 const MINUTE_NS: u64 = 60_000_000_000;

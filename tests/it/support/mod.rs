@@ -3,6 +3,7 @@
 //! broken broker fails a test instead of hanging it.
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod powercut;
 
 use std::net::SocketAddr;
@@ -11,11 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tapeline::config::{Config, DataDir, FsyncPolicy};
 use tapeline::protocol::pb;
-use tapeline::protocol::pb::tapeline_client::TapelineClient;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 
 /// The longest any single wait in a test may take.
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -75,7 +74,7 @@ impl TestServer {
     }
 
     /// A new client on its own connection.
-    pub async fn client(&self) -> TapelineClient<Channel> {
+    pub async fn client(&self) -> tapeline::client::Client {
         client(&self.url()).await
     }
 
@@ -104,7 +103,7 @@ impl Drop for TestServer {
 }
 
 /// A broker on a new temp dir (kept alive by the returned `TempDir`) and a client of it.
-pub async fn started() -> (tempfile::TempDir, TestServer, TapelineClient<Channel>) {
+pub async fn started() -> (tempfile::TempDir, TestServer, tapeline::client::Client) {
     let dir = tempfile::tempdir().expect("temp dir");
     let server = TestServer::start(dir.path()).await;
     let client = server.client().await;
@@ -112,7 +111,7 @@ pub async fn started() -> (tempfile::TempDir, TestServer, TapelineClient<Channel
 }
 
 /// A client on its own connection to `url`.
-pub async fn client(url: &str) -> TapelineClient<Channel> {
+pub async fn client(url: &str) -> tapeline::client::Client {
     tapeline::client::connect(url).await.expect("connect to the test server")
 }
 
@@ -122,13 +121,13 @@ pub fn record(stream: &str, payload: impl Into<Vec<u8>>) -> pb::Record {
 }
 
 /// Publishes one batch of `payloads` into `stream`; returns the ticks.
-pub async fn publish(client: &mut TapelineClient<Channel>, stream: &str, payloads: &[&str]) -> Vec<u64> {
+pub async fn publish(client: &mut tapeline::client::Client, stream: &str, payloads: &[&str]) -> Vec<u64> {
     let records = payloads.iter().map(|p| record(stream, *p)).collect();
     publish_records(client, records).await
 }
 
 /// Publishes one batch; returns the ticks.
-pub async fn publish_records(client: &mut TapelineClient<Channel>, records: Vec<pb::Record>) -> Vec<u64> {
+pub async fn publish_records(client: &mut tapeline::client::Client, records: Vec<pb::Record>) -> Vec<u64> {
     let ack = client
         .publish(pb::PublishRequest { records, batch_id: 0, ..Default::default() })
         .await
@@ -139,20 +138,20 @@ pub async fn publish_records(client: &mut TapelineClient<Channel>, records: Vec<
 
 /// Creates `stream` for an import: explicit ticks in the past are accepted, and no subscriber
 /// sees it until [`seal`].
-pub async fn import(client: &mut TapelineClient<Channel>, stream: &str) {
+pub async fn import(client: &mut tapeline::client::Client, stream: &str) {
     let request = pb::CreateStreamRequest { stream: stream.into(), import: true, ..Default::default() };
     let info = client.create_stream(request).await.expect("create an import").into_inner();
     assert!(info.importing, "{info:?}");
 }
 
 /// Ends the import of `stream`; returns it as it is now.
-pub async fn seal(client: &mut TapelineClient<Channel>, stream: &str) -> pb::StreamInfo {
+pub async fn seal(client: &mut tapeline::client::Client, stream: &str) -> pb::StreamInfo {
     let info = client.seal_stream(pb::SealStreamRequest { stream: stream.into() }).await.expect("seal");
     info.into_inner()
 }
 
 /// Imports `records` into their streams (created for the import) and seals them; returns the ticks.
-pub async fn import_records(client: &mut TapelineClient<Channel>, records: Vec<pb::Record>) -> Vec<u64> {
+pub async fn import_records(client: &mut tapeline::client::Client, records: Vec<pb::Record>) -> Vec<u64> {
     let mut streams: Vec<String> = records.iter().map(|r| r.stream.clone()).collect();
     streams.sort();
     streams.dedup();
@@ -213,7 +212,7 @@ pub struct Sub {
 
 impl Sub {
     /// Opens a subscription.
-    pub async fn open(client: &mut TapelineClient<Channel>, request: pb::SubscribeRequest) -> Sub {
+    pub async fn open(client: &mut tapeline::client::Client, request: pb::SubscribeRequest) -> Sub {
         let stream = client.subscribe(request).await.expect("subscribe").into_inner();
         Sub { stream }
     }
@@ -488,6 +487,7 @@ impl Drop for Proxy {
 pub const BIN: &str = env!("CARGO_BIN_EXE_tapeline");
 
 /// A `tapeline serve` process: killed on drop, its log printed if the test failed.
+#[derive(Debug)]
 pub struct Serve {
     pub child: std::process::Child,
     pub url: String,
@@ -604,7 +604,7 @@ impl Drop for Serve {
 
 /// Every stream as `ListStreams` shows it, without the recent rate (which moves with time): what
 /// is stored, to compare before and after something.
-pub async fn stored_streams(client: &mut TapelineClient<Channel>) -> Vec<pb::StreamInfo> {
+pub async fn stored_streams(client: &mut tapeline::client::Client) -> Vec<pb::StreamInfo> {
     let listed = client.list_streams(pb::ListStreamsRequest::default()).await.expect("list streams");
     listed
         .into_inner()
