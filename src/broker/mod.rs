@@ -407,6 +407,15 @@ impl Broker {
                 hint: "select the streams with fewer patterns (`sensors/**`), or subscribe more than once",
             });
         }
+        // One position per stream the client has seen: never more than the store can hold.
+        if request.resume.len() > self.limits.max_streams {
+            return Err(Error::TooMany {
+                what: "streams in one subscription's resume map",
+                limit: self.limits.max_streams,
+                setting: "limits.max_streams",
+                hint: "resume names each stream once, with the last tick received from it",
+            });
+        }
         let selectors = request.streams.iter().map(|s| Pattern::parse(s)).collect::<Result<Vec<_>, _>>()?;
         let mut resume = HashMap::with_capacity(request.resume.len());
         for (name, tick) in request.resume {

@@ -1070,6 +1070,26 @@ async fn a_subscription_with_too_many_selectors_is_refused_naming_the_limit() {
     let mut sub = Sub::open(&mut client, request).await;
     sub.until_caught_up().await;
     still_serves(&server, "after-selectors").await;
+    drop(sub);
+    server.stop().await;
+
+    // The resume map: one entry per stream, never more than the store holds.
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits { max_streams: 1000, ..Limits::default() };
+    let server = TestServer::start_with(tapeline::config::Config { limits, ..config(dir.path()) }).await;
+    let mut client = server.client().await;
+    let mut request = crate::support::request(&["many/**"], beginning());
+    request.resume = (0..=1000).map(|i| (format!("many/{i}"), 1)).collect();
+    let status = client.subscribe(request.clone()).await.unwrap_err();
+    assert_status(
+        "a huge resume map",
+        &status,
+        Code::ResourceExhausted,
+        &["1000", "limits.max_streams", "resume"],
+    );
+    request.resume.remove("many/0");
+    let mut sub = Sub::open(&mut client, request).await;
+    sub.until_caught_up().await;
 }
 
 /// Forwards a new local port to `target` until `frozen` is set, then goes silent both ways without
@@ -1211,4 +1231,94 @@ async fn a_large_request_to_a_small_method_is_refused_naming_the_limit() {
     let status = client.create_stream(request).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     still_serves(&server, "after-small").await;
+}
+
+/// Reads from `stream` until the server closes it; `Err` when it is still open after `within`.
+async fn closed_within(
+    stream: &mut tokio::net::TcpStream,
+    within: Duration,
+) -> Result<Duration, &'static str> {
+    use tokio::io::AsyncReadExt;
+    let began = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    tokio::time::timeout(within, async {
+        // Whatever the server sends (its HTTP/2 SETTINGS) is read and dropped until the end.
+        while let Ok(n) = stream.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await
+    .map(|()| began.elapsed())
+    .map_err(|_| "the connection is still open")
+}
+
+/// Connections that start no call (nothing sent, only the HTTP/2 preface, a TLS handshake never
+/// begun) are closed after `handshake_timeout`; one whose calls ended is closed after
+/// `idle_timeout`, which frees its place under `max_connections`.
+#[tokio::test]
+async fn connections_without_calls_are_closed_after_the_timeouts() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        handshake_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(600),
+        max_connections: 1,
+        ..Limits::default()
+    };
+    let server =
+        TestServer::start_with(tapeline::config::Config { limits, ..config(&dir.path().join("plain")) })
+            .await;
+
+    let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let took =
+        closed_within(&mut silent, Duration::from_secs(20)).await.expect("a silent connection is closed");
+    eprintln!("silent connection closed after {took:?} (handshake_timeout 300 ms)");
+    let mut preface = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    preface.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    let took = closed_within(&mut preface, Duration::from_secs(20))
+        .await
+        .expect("a preface-only connection is closed");
+    eprintln!("preface-only connection closed after {took:?}");
+
+    // One client said hello and went quiet: its connection goes, and with it its place.
+    let mut quiet = server.client().await;
+    quiet.hello(pb::HelloRequest::default()).await.expect("the one place is free");
+    let began = Instant::now();
+    loop {
+        let mut other = server.client().await;
+        match other.hello(pb::HelloRequest::default()).await {
+            Ok(_) => break,
+            Err(status) => {
+                assert_status("over the limit", &status, Code::ResourceExhausted, &["max_connections"])
+            }
+        }
+        assert!(began.elapsed() < Duration::from_secs(20), "the quiet connection still holds the only place");
+        drop(other);
+        // Past the grace in which a refused connection is kept open, so only `quiet` can hold
+        // the place.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+    eprintln!("the quiet connection's place was free after {:?} (idle_timeout 600 ms)", began.elapsed());
+    drop(quiet);
+    server.stop().await;
+
+    // A TLS handshake that never begins.
+    let ca = pki::Ca::new(dir.path(), "ca");
+    let cert = ca.issue("server", "localhost", false);
+    let tls = tapeline::config::Tls { cert: cert.cert, key: cert.key, client_ca: None };
+    let server = TestServer::start_with(tapeline::config::Config {
+        limits,
+        tls: Some(tls),
+        ..config(&dir.path().join("tls"))
+    })
+    .await;
+    let mut stalled = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stalled.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    let took = closed_within(&mut stalled, Duration::from_secs(20))
+        .await
+        .expect("a stalled TLS handshake is closed");
+    eprintln!("stalled TLS handshake closed after {took:?}");
+    server.stop().await;
 }
