@@ -68,6 +68,10 @@ pub enum Error {
     #[error("sequence {sequence} of producer {producer:?} is not after its last appended sequence {last} and is not one of its last {window} batches: a producer's sequence numbers must increase from batch to batch")]
     SequenceNotAfter { producer: String, sequence: u64, last: u64, window: usize },
 
+    /// A retried batch was appended, but its ticks were too scattered to remember.
+    #[error("sequence {sequence} of producer {producer:?} was already appended, but its explicit ticks were too scattered for the broker to remember them: it is not appended again; read the stream to find its records")]
+    TicksForgotten { producer: String, sequence: u64 },
+
     /// A batch would fill the disk or pass the data dir's configured maximum.
     #[error("the disk budget is exhausted: {rule}; the data dir takes {used} bytes, {free} bytes are free and the batch needs about {needed}: free space or raise the limit, then retry (nothing acknowledged is affected)")]
     DiskFull { used: u64, free: u64, needed: u64, rule: String },

@@ -198,11 +198,9 @@ async fn reconcile(broker: &Broker, index: usize, mirror: &Mirror, endpoint: &st
         client.hello(hello).await.map_err(|s| crate::client::remote("hello", &s))?.into_inner().tail_tick;
     let mut upstream = HashMap::new();
     for pattern in &mirror.patterns {
-        let request = pb::ListStreamsRequest { pattern: pattern.clone() };
-        let listed =
-            client.list_streams(request).await.map_err(|s| crate::client::remote("list streams", &s))?;
+        let listed = crate::client::list_streams(&mut client, pattern).await?;
         // An import is not copied until sealed: the subscription tells of it then.
-        for info in listed.into_inner().streams.into_iter().filter(|s| !s.importing) {
+        for info in listed.into_iter().filter(|s| !s.importing) {
             upstream.insert(info.name.clone(), info);
         }
     }

@@ -10,7 +10,9 @@ use crate::error::{Error, Result};
 use crate::protocol::codec::TooLarge;
 use crate::protocol::PROTOCOL_VERSIONS;
 use crate::store::{Appended, BatchTag, Log, Source};
-use crate::types::{Incoming, NewRecord, Pattern, StreamInfo, StreamMeta, StreamName, Tick, UpstreamStatus};
+use crate::types::{
+    nanos, Incoming, NewRecord, Pattern, StreamInfo, StreamMeta, StreamName, Tick, UpstreamStatus,
+};
 use link::Link;
 use quota::{PerConnection, Rate};
 use std::collections::HashMap;
@@ -21,13 +23,20 @@ use subscription::{Events, SlowConsumer, Spec, Start};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
 /// The shortest heartbeat interval a client may ask for.
 const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 
 /// How long `close` waits for subscription tasks.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most streams one `ListStreams` answer holds: a page of them is a few MiB at most.
+pub const MAX_LIST_PAGE: usize = 10_000;
+
+/// How far ahead of this broker's clock an upstream's tick may be: clocks of an origin and its
+/// relays differ, but a record an hour ahead would drag this broker's clock with it.
+const MAX_UPSTREAM_AHEAD: Duration = Duration::from_secs(3600);
 
 /// The fastest pace a subscription may ask for. Far beyond any useful replay speed; it keeps the
 /// delay arithmetic well inside `f64` and `Duration`.
@@ -103,6 +112,7 @@ pub struct Broker {
     links: watch::Sender<Vec<Link>>,
     /// One permit per subscription that may run at once (`max_subscriptions`).
     subscription_slots: Arc<Semaphore>,
+
     /// Subscriptions running now: each takes an equal share of their memory budget.
     subscriptions: Arc<std::sync::atomic::AtomicUsize>,
     /// Each client connection's publish quota, when there is one.
@@ -147,6 +157,7 @@ impl Broker {
             links: watch::Sender::new(links),
             notice: config.notice.clone(),
             subscription_slots: Arc::new(Semaphore::new(config.limits.max_subscriptions)),
+
             subscriptions: Arc::default(),
             publish_quota: PerConnection::default(),
             retention,
@@ -187,10 +198,61 @@ impl Broker {
 
     /// Stores records received from an upstream, ticks unchanged (relay mode); returns once they
     /// are durable.
-    pub async fn mirror(&self, records: Vec<Incoming>) -> Result<Appended> {
-        let records = self.check(records)?;
-        let answer = self.log.submit(records, Source::Upstream).await?;
-        answer.await.map_err(|_| Error::ShuttingDown)?
+    pub async fn mirror(&self, records: Vec<Incoming>) -> Result<()> {
+        // What the upstream sends is checked like a publish, record by record: a record this
+        // broker cannot take (over its limits, a tick not after what it holds of the stream, or far
+        // in the future) is reported and skipped, so one bad record never stops the copy.
+        let mut names = HashMap::new();
+        let mut last: HashMap<String, Option<Tick>> = HashMap::new();
+        let ahead = Tick(Tick::now().0.saturating_add(nanos(MAX_UPSTREAM_AHEAD)));
+        let mut kept = Vec::with_capacity(records.len());
+        for r in records {
+            let (stream, tick) = (r.stream.clone(), r.tick);
+            let checked = self.check_record(r, &mut names).and_then(|record| {
+                let held = *last
+                    .entry(stream.clone())
+                    .or_insert_with(|| self.log.stream(&stream).and_then(|s| s.last_tick));
+                match record.tick {
+                    None => Err(Error::InvalidArgument("the upstream sent a record without a tick".into())),
+                    Some(t) if held.is_some_and(|h| t <= h) => {
+                        Err(Error::TickNotAfter { stream: stream.clone(), tick: t, last: held.unwrap_or(t) })
+                    }
+                    Some(t) if t > ahead => {
+                        Err(Error::TickAhead { stream: stream.clone(), tick: t, limit: ahead })
+                    }
+                    Some(_) => Ok(record),
+                }
+            });
+            match checked {
+                Ok(record) => {
+                    last.insert(stream, record.tick);
+                    kept.push(record);
+                }
+                Err(err) => warn!(%stream, tick, %err, "skipped a record the upstream sent"),
+            }
+        }
+        // In batches this broker's own limits allow.
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        let mut records = kept.into_iter().peekable();
+        while let Some(record) = records.next() {
+            bytes +=
+                record.payload.len() + record.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            batch.push(record);
+            let full = records.peek().is_some_and(|next| {
+                batch.len() >= self.limits.max_batch_records
+                    || bytes
+                        + next.payload.len()
+                        + next.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+                        > self.limits.max_batch_bytes
+            });
+            if full || records.peek().is_none() {
+                let answer = self.log.submit(std::mem::take(&mut batch), Source::Upstream).await?;
+                answer.await.map_err(|_| Error::ShuttingDown)??;
+                bytes = 0;
+            }
+        }
+        Ok(())
     }
 
     /// Relay mode: makes this broker's copy of `name` (mirror `index`'s) match its upstream's
@@ -334,59 +396,61 @@ impl Broker {
             }));
         }
         let mut names: HashMap<String, StreamName> = HashMap::new();
-        let mut records = Vec::with_capacity(batch.len());
-        for r in batch {
-            let stream = match names.get(&r.stream) {
-                Some(name) => name.clone(),
-                None => {
-                    let name = StreamName::parse(&r.stream)?;
-                    names.insert(r.stream.clone(), name.clone());
-                    name
-                }
-            };
-            if r.payload.len() > limits.max_record_bytes {
-                return Err(Error::RecordTooLarge {
-                    stream: r.stream,
-                    size: r.payload.len(),
-                    limit: limits.max_record_bytes,
-                });
+        batch.into_iter().map(|r| self.check_record(r, &mut names)).collect()
+    }
+
+    /// Checks one record of a batch against the limits (`names`: the names parsed so far).
+    fn check_record(&self, r: Incoming, names: &mut HashMap<String, StreamName>) -> Result<NewRecord> {
+        let stream = match names.get(&r.stream) {
+            Some(name) => name.clone(),
+            None => {
+                let name = StreamName::parse(&r.stream)?;
+                names.insert(r.stream.clone(), name.clone());
+                name
             }
-            let header_bytes: usize = r.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
-            if header_bytes > limits.max_header_bytes || r.headers.len() > usize::from(u16::MAX) {
-                return Err(Error::HeadersTooLarge {
-                    stream: r.stream,
-                    count: r.headers.len(),
-                    size: header_bytes,
-                    limit: limits.max_header_bytes,
-                });
-            }
-            if r.tick > Tick::MAX.0 {
-                return Err(Error::InvalidArgument(format!(
-                    "explicit tick {} for stream {:?} is above the largest tick {}: ticks must fit a signed 64-bit integer",
-                    r.tick,
-                    r.stream,
-                    Tick::MAX
-                )));
-            }
-            let crc32 = crc32fast::hash(&r.payload);
-            if let Some(given) = r.crc32.filter(|&given| given != crc32) {
-                return Err(Error::InvalidArgument(format!(
-                    "record of stream {:?} carries crc32 {given:#010x} but its payload's CRC32 is {crc32:#010x}: the payload was damaged on the way",
-                    r.stream
-                )));
-            }
-            let mut headers = r.headers;
-            headers.sort();
-            records.push(NewRecord {
-                stream,
-                tick: (r.tick != 0).then_some(Tick(r.tick)),
-                origin_time: (r.origin_time != 0).then_some(r.origin_time),
-                headers,
-                payload: r.payload,
-                crc32,
+        };
+        let limits = &self.limits;
+        if r.payload.len() > limits.max_record_bytes {
+            return Err(Error::RecordTooLarge {
+                stream: r.stream,
+                size: r.payload.len(),
+                limit: limits.max_record_bytes,
             });
         }
-        Ok(records)
+        let header_bytes: usize = r.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if header_bytes > limits.max_header_bytes || r.headers.len() > usize::from(u16::MAX) {
+            return Err(Error::HeadersTooLarge {
+                stream: r.stream,
+                count: r.headers.len(),
+                size: header_bytes,
+                limit: limits.max_header_bytes,
+            });
+        }
+        if r.tick > Tick::MAX.0 {
+            return Err(Error::InvalidArgument(format!(
+                "explicit tick {} for stream {:?} is above the largest tick {}: ticks must fit a signed 64-bit integer",
+                r.tick,
+                r.stream,
+                Tick::MAX
+            )));
+        }
+        let crc32 = crc32fast::hash(&r.payload);
+        if let Some(given) = r.crc32.filter(|&given| given != crc32) {
+            return Err(Error::InvalidArgument(format!(
+                "record of stream {:?} carries crc32 {given:#010x} but its payload's CRC32 is {crc32:#010x}: the payload was damaged on the way",
+                r.stream
+            )));
+        }
+        let mut headers = r.headers;
+        headers.sort();
+        Ok(NewRecord {
+            stream,
+            tick: (r.tick != 0).then_some(Tick(r.tick)),
+            origin_time: (r.origin_time != 0).then_some(r.origin_time),
+            headers,
+            payload: r.payload,
+            crc32,
+        })
     }
 
     /// Starts a subscription: replay of the asked interval, then the live tail.
@@ -482,14 +546,23 @@ impl Broker {
         Ok(subscription::spawn(self.log.clone(), spec, self.shutdown.clone(), &self.tasks, slot, share))
     }
 
-    /// Streams matching `pattern` (every stream when `None`), in name order.
-    pub fn streams(&self, pattern: Option<&str>) -> Result<Vec<StreamInfo>> {
+    /// A page of `ListStreams`: up to `size` (at most [`MAX_LIST_PAGE`]) streams matching
+    /// `pattern` that `visible` lets the caller see, in name order, after `after`; and the name to
+    /// continue after, when more follow.
+    pub fn streams_page(
+        &self,
+        pattern: Option<&str>,
+        after: Option<&str>,
+        size: usize,
+        visible: impl Fn(&str) -> bool,
+    ) -> Result<(Vec<StreamInfo>, Option<String>)> {
         let pattern = pattern.map(Pattern::parse).transpose()?;
-        let mut streams = self.log.streams();
-        if let Some(p) = pattern {
-            streams.retain(|s| p.matches(&s.name));
-        }
-        Ok(streams)
+        let size = if size == 0 { MAX_LIST_PAGE } else { size.min(MAX_LIST_PAGE) };
+        let (page, more) = self.log.streams_page(after, size, |s| {
+            pattern.as_ref().is_none_or(|p| p.matches(&s.name)) && visible(&s.name)
+        });
+        let next = if more { page.last().map(|s| s.name.to_string()) } else { None };
+        Ok((page, next))
     }
 
     /// Creates a stream with metadata, or changes an existing one's when `update` (see

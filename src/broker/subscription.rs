@@ -40,7 +40,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -207,6 +207,9 @@ struct Cursor {
 /// broker is shutting down) or, for a bounded subscription, after its last record.
 pub struct Events {
     inner: mpsc::Receiver<Outgoing>,
+    /// Why the subscription ended, when its outbox had no room to say it in order (a client that
+    /// stopped reading): it goes out before what waits in the outbox.
+    abort: Option<oneshot::Receiver<Error>>,
 }
 
 impl futures::Stream for Events {
@@ -216,6 +219,19 @@ impl futures::Stream for Events {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
+        use std::future::Future;
+        use std::task::Poll;
+        if let Some(abort) = &mut self.abort {
+            match std::pin::Pin::new(abort).poll(cx) {
+                Poll::Ready(Ok(err)) => {
+                    self.inner.close();
+                    self.abort = None;
+                    return Poll::Ready(Some(Err(err)));
+                }
+                Poll::Ready(Err(_)) => self.abort = None,
+                Poll::Pending => {}
+            }
+        }
         // The event's room in the outbox is freed here, as it leaves it.
         self.inner.poll_recv(cx).map(|outgoing| outgoing.map(|o| o.event))
     }
@@ -364,20 +380,30 @@ pub fn spawn(
     }
     let registered = snapshot.watermark;
     let commits = snapshot.commits;
+    let (abort, aborted) = oneshot::channel();
     tasks.spawn(async move {
         match pump.run(registered, commits).await {
             Ok(()) | Err(Stop::Gone) => {}
             Err(Stop::Failed(err)) => {
                 debug!(cause = %err, "subscription failed");
-                // What was read before the failure is intact: deliver it first.
-                let _ = tokio::time::timeout(Duration::from_secs(2), pump.flush()).await;
-                // Tell the client why, but never wait long for one that does not read.
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(2), pump.out.send(Outgoing::failed(err))).await;
+                // What was read before the failure is intact: deliver it first, unless the client
+                // stopped reading (then it resumes from what it did read).
+                let reading = !matches!(err, Error::SlowConsumer { .. });
+                if reading {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), pump.flush()).await;
+                }
+                // Tell the client why: in order when there is room, else ahead of the outbox.
+                let wait = if reading { Duration::from_secs(2) } else { Duration::ZERO };
+                match tokio::time::timeout(wait, pump.out.reserve()).await {
+                    Ok(Ok(room)) => room.send(Outgoing::failed(err)),
+                    _ => {
+                        let _ = abort.send(err);
+                    }
+                }
             }
         }
     });
-    Events { inner: events }
+    Events { inner: events, abort: Some(aborted) }
 }
 
 /// The state of each upstream link now, marking the links as seen.
@@ -915,16 +941,20 @@ impl Pump {
         }
         match self.spec.slow {
             SlowConsumer::CatchUp => Ok(()),
-            SlowConsumer::Disconnect => {
-                debug!(?lag, "slow subscriber disconnected");
-                Err(Stop::Failed(Error::SlowConsumer {
-                    lag,
-                    max_lag: self.spec.max_lag,
-                    last: self.last_sent,
-                }))
-            }
+            SlowConsumer::Disconnect => self.lagging(),
             SlowConsumer::Latest => self.skip_to(tail).await,
         }
+    }
+
+    /// Under DISCONNECT: ends the subscription when it is more than `max_lag` behind the tail.
+    fn lagging(&self) -> Result<(), Stop> {
+        let tail = self.bound(self.log.watermark());
+        let lag = Duration::from_nanos(tail.0.saturating_sub(self.last_sent.0));
+        if lag <= self.spec.max_lag {
+            return Ok(());
+        }
+        debug!(?lag, "slow subscriber disconnected");
+        Err(Stop::Failed(Error::SlowConsumer { lag, max_lag: self.spec.max_lag, last: self.last_sent }))
     }
 
     /// Skips every stream to its newest record at or below `tail`, telling the client what was
@@ -974,14 +1004,29 @@ impl Pump {
         // Weighed up so that the outbox holds only this subscription's share of its full size.
         let capacity = self.share.of(OUTBOX_BYTES, MIN_OUTBOX_BYTES);
         let take = (weight.saturating_mul(OUTBOX_BYTES) / capacity).min(OUTBOX_BYTES) as u32;
-        let outgoing = tokio::select! {
-            room = self.room.clone().acquire_many_owned(take) => Outgoing { event: Ok(event), _room: room.ok() },
-            _ = self.out.closed() => return Err(Stop::Gone),
-            _ = self.shutdown.cancelled() => return self.shutting_down().await,
+        // A client that stopped reading leaves this waiting for room: under DISCONNECT the lag is
+        // looked at meanwhile, so the policy applies even though nothing goes out.
+        let policed = self.live && self.spec.slow == SlowConsumer::Disconnect && self.pacing.is_none();
+        let look = (self.spec.max_lag / 4).max(Duration::from_millis(10));
+        let room = self.room.clone().acquire_many_owned(take);
+        tokio::pin!(room);
+        let outgoing = loop {
+            tokio::select! {
+                room = &mut room => break Outgoing { event: Ok(event), _room: room.ok() },
+                _ = self.out.closed() => return Err(Stop::Gone),
+                _ = self.shutdown.cancelled() => return self.shutting_down().await,
+                _ = tokio::time::sleep(look), if policed => self.lagging()?,
+            }
         };
-        tokio::select! {
-            sent = self.out.send(outgoing) => sent.map_err(|_| Stop::Gone)?,
-            _ = self.shutdown.cancelled() => return self.shutting_down().await,
+        let out = self.out.clone();
+        let sent = out.send(outgoing);
+        tokio::pin!(sent);
+        loop {
+            tokio::select! {
+                sent = &mut sent => break sent.map_err(|_| Stop::Gone)?,
+                _ = self.shutdown.cancelled() => return self.shutting_down().await,
+                _ = tokio::time::sleep(look), if policed => self.lagging()?,
+            }
         }
         self.heartbeat_at = later(self.spec.heartbeat);
         Ok(())

@@ -338,11 +338,10 @@ pub async fn streams(args: StreamsArgs) -> Result<ExitCode> {
     let credentials = args.server.credentials.read()?;
     greet(server, &credentials).await?;
     let mut client = connect_with(server, &credentials).await?;
-    let list = client
-        .list_streams(pb::ListStreamsRequest::default())
-        .await
-        .map_err(|s| remote("streams", s))?
-        .into_inner();
+    let list = pb::ListStreamsResponse {
+        streams: client::list_streams(&mut client, "").await?,
+        next_page_token: String::new(),
+    };
     if args.output == "json" {
         let all: Vec<serde_json::Value> = list.streams.iter().map(stream_json).collect();
         println!("{}", serde_json::Value::Array(all));

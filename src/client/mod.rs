@@ -160,6 +160,21 @@ pub async fn connect_with(server: &str, credentials: &Credentials) -> Result<Cli
         .max_encoding_message_size(MAX_MESSAGE))
 }
 
+/// Every stream `ListStreams` shows (matching `pattern`, when not empty), page by page.
+pub async fn list_streams(client: &mut Client, pattern: &str) -> Result<Vec<pb::StreamInfo>> {
+    let mut streams = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let request = pb::ListStreamsRequest { pattern: pattern.to_string(), page_size: 0, page_token };
+        let page = client.list_streams(request).await.map_err(|s| remote("list streams", &s))?.into_inner();
+        streams.extend(page.streams);
+        if page.next_page_token.is_empty() {
+            return Ok(streams);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
 /// An error and its sources, on one line: transport errors hide the useful part in the chain.
 pub fn chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();

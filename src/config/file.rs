@@ -131,6 +131,8 @@ pub struct FileLimits {
     pub keepalive: Option<String>,
     pub handshake_timeout: Option<String>,
     pub idle_timeout: Option<String>,
+    pub max_pending_bytes: Option<usize>,
+    pub pending_wait: Option<String>,
 }
 
 /// One `[[mirror]]` table of the settings file.
@@ -211,6 +213,10 @@ keepalive = "20s"
 # preface, the call's headers); a connection with no call for idle_timeout is closed.
 handshake_timeout = "10s"
 idle_timeout = "5m"
+# Bytes of published batches received and not yet committed, across all clients: a batch that
+# would pass it waits up to pending_wait for room, then is refused (RESOURCE_EXHAUSTED).
+max_pending_bytes = 268435456
+pending_wait = "10s"
 
 # What `Hello` tells clients older than a recommended version (the CLI prints it).
 # [notice]
@@ -321,6 +327,8 @@ impl File {
                 keepalive: over.limits.keepalive.or(self.limits.keepalive),
                 handshake_timeout: over.limits.handshake_timeout.or(self.limits.handshake_timeout),
                 idle_timeout: over.limits.idle_timeout.or(self.limits.idle_timeout),
+                max_pending_bytes: over.limits.max_pending_bytes.or(self.limits.max_pending_bytes),
+                pending_wait: over.limits.pending_wait.or(self.limits.pending_wait),
             },
             mirror: self.mirror.into_iter().chain(over.mirror).collect(),
             notice: over.notice.or(self.notice),
@@ -408,6 +416,11 @@ impl File {
             idle_timeout: match &self.limits.idle_timeout {
                 Some(text) => duration("limits.idle_timeout", text)?,
                 None => default.limits.idle_timeout,
+            },
+            max_pending_bytes: self.limits.max_pending_bytes.unwrap_or(default.limits.max_pending_bytes),
+            pending_wait: match &self.limits.pending_wait {
+                Some(text) => duration("limits.pending_wait", text)?,
+                None => default.limits.pending_wait,
             },
         };
         let heartbeat = match &self.heartbeat {

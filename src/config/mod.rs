@@ -117,6 +117,10 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// A connection with no call open, and none started, for this long is closed.
     pub idle_timeout: Duration,
+    /// Bytes of published batches decoded and not yet committed, across all clients; a batch
+    /// that would pass it waits for room, up to `pending_wait`, then is refused.
+    pub max_pending_bytes: usize,
+    pub pending_wait: Duration,
 }
 
 impl Default for Limits {
@@ -140,6 +144,8 @@ impl Default for Limits {
             keepalive: Duration::from_secs(20),
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
+            max_pending_bytes: 256 << 20,
+            pending_wait: Duration::from_secs(10),
         }
     }
 }
@@ -218,6 +224,13 @@ impl Limits {
                 key: "rate_window",
                 value: format!("{:?}", self.rate_window),
                 expected: "a duration from 10ms to 1h",
+            });
+        }
+        if self.max_pending_bytes < self.max_batch_bytes {
+            return Err(Error::Config {
+                key: "max_pending_bytes",
+                value: self.max_pending_bytes.to_string(),
+                expected: "at least max_batch_bytes (a whole batch must fit)",
             });
         }
         if self.max_batch_bytes < self.max_record_bytes {

@@ -209,17 +209,21 @@ impl serve::tapeline_server::Tapeline for Service {
         let who = principal(&request);
         let req = request.into_inner();
         let pattern = (!req.pattern.is_empty()).then_some(req.pattern.as_str());
-        let streams = self.broker.streams(pattern).map_err(|e| status(&e))?;
+        let after = (!req.page_token.is_empty()).then_some(req.page_token.as_str());
+        let visible = |name: &str| who.may(Action::Subscribe, name) || who.may(Action::Admin, name);
+        let (streams, next) = self
+            .broker
+            .streams_page(pattern, after, req.page_size as usize, visible)
+            .map_err(|e| status(&e))?;
         let streams = streams
             .into_iter()
-            .filter(|info| who.may(Action::Subscribe, &info.name) || who.may(Action::Admin, &info.name))
             .map(|info| {
                 let upstream = self.broker.upstream_of(&info.name);
                 let effective = self.broker.retention_of(&info);
                 pb::StreamInfo::new(info, upstream, Some(effective))
             })
             .collect();
-        Ok(Response::new(pb::ListStreamsResponse { streams }))
+        Ok(Response::new(pb::ListStreamsResponse { streams, next_page_token: next.unwrap_or_default() }))
     }
 
     async fn describe_stream(

@@ -21,7 +21,9 @@ pub fn status(err: &Error) -> Status {
         | Error::UnsupportedProtocol { .. }
         | Error::SequenceNotAfter { .. }
         | Error::Mirrored { .. } => Code::FailedPrecondition,
-        Error::SequenceReused { .. } | Error::StreamExists { .. } => Code::AlreadyExists,
+        Error::SequenceReused { .. } | Error::StreamExists { .. } | Error::TicksForgotten { .. } => {
+            Code::AlreadyExists
+        }
         Error::UnknownStream(_) => Code::NotFound,
         Error::DataLoss { .. } | Error::DamagedPointer { .. } => Code::DataLoss,
         Error::Unauthenticated { .. } => Code::Unauthenticated,

@@ -70,9 +70,6 @@ use view::View;
 
 /// Batches waiting for the writer; publishers wait (backpressure) when it is full.
 const WRITER_QUEUE: usize = 1024;
-/// Payload bytes queued for the writer at most (in KiB permits); publishers wait beyond it. A
-/// batch larger than the whole budget is let through alone.
-const WRITER_QUEUE_KIB: u32 = 256 << 10;
 /// Commits a subscriber may fall behind before it is told to rescan (it then reads storage).
 const COMMIT_BROADCAST: usize = 4096;
 /// Trimmer passes a publish waits for at most when the store is over its bound, and how long each.
@@ -268,8 +265,12 @@ pub struct Log {
     shared: Arc<RwLock<Shared>>,
     commits: broadcast::Sender<Commit>,
     writer: mpsc::Sender<Command>,
-    /// Payload bytes (KiB) that may wait for the writer.
+    /// Bytes of batches queued for the writer, in KiB permits (`limits.max_pending_bytes`):
+    /// publishers wait for room up to `limits.pending_wait`, then are refused. A batch larger than
+    /// the whole budget is let through alone.
     queue_budget: Arc<Semaphore>,
+    queue_kib: u64,
+    queue_wait: std::time::Duration,
     /// The store-wide bound on payload bytes, if any, and how publishers make room under it.
     max_total_bytes: Option<u64>,
     room: Room,
@@ -348,7 +349,9 @@ impl Log {
             shared,
             commits,
             writer,
-            queue_budget: Arc::new(Semaphore::new(WRITER_QUEUE_KIB as usize)),
+            queue_budget: Arc::new(Semaphore::new(config.limits.max_pending_bytes / 1024)),
+            queue_kib: (config.limits.max_pending_bytes / 1024) as u64,
+            queue_wait: config.limits.pending_wait,
             max_total_bytes: config.retention.max_total_bytes,
             room: Room::default(),
             writer_thread: Mutex::new(Some(writer_thread)),
@@ -376,9 +379,20 @@ impl Log {
     ) -> Result<oneshot::Receiver<Result<Appended>>> {
         let bytes = held_bytes(&records);
         self.make_room(bytes as u64).await;
-        let kib = (bytes.div_ceil(1024) as u64).min(u64::from(WRITER_QUEUE_KIB)) as u32;
-        let queued =
-            self.queue_budget.clone().acquire_many_owned(kib).await.map_err(|_| Error::ShuttingDown)?;
+        let kib = u32::try_from((bytes.div_ceil(1024) as u64).min(self.queue_kib)).unwrap_or(u32::MAX);
+        let waited =
+            tokio::time::timeout(self.queue_wait, self.queue_budget.clone().acquire_many_owned(kib)).await;
+        let queued = match waited {
+            Ok(queued) => queued.map_err(|_| Error::ShuttingDown)?,
+            Err(_) => {
+                return Err(Error::TooMany {
+                    what: "bytes of batches waiting for the writer",
+                    limit: (self.queue_kib << 10) as usize,
+                    setting: "limits.max_pending_bytes",
+                    hint: "the broker takes writes slower than they arrive (limits.pending_wait passed); retry later",
+                })
+            }
+        };
         let (reply, answer) = oneshot::channel();
         let command = Command::Append { records, source, reply, _queued: queued };
         self.writer.send(command).await.map_err(|_| Error::ShuttingDown)?;
@@ -395,9 +409,7 @@ impl Log {
         let mut passes = self.room.passes.subscribe();
         let mut before = u64::MAX;
         for _ in 0..ROOM_PASSES {
-            let queued = u64::from(WRITER_QUEUE_KIB)
-                .saturating_sub(self.queue_budget.available_permits() as u64)
-                << 10;
+            let queued = self.queue_kib.saturating_sub(self.queue_budget.available_permits() as u64) << 10;
             let stored = self.read_shared().bytes;
             // Under the bound, or the last pass removed nothing (what is left cannot go).
             if stored + queued + bytes <= bound || stored >= before {
@@ -464,6 +476,24 @@ impl Log {
     /// Every stream, in name order.
     pub fn streams(&self) -> Vec<StreamInfo> {
         self.read_shared().streams.values().cloned().collect()
+    }
+
+    /// Up to `limit` of the streams `keep` selects, in name order, after the stream named `after`;
+    /// and whether more follow.
+    pub fn streams_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        keep: impl Fn(&StreamInfo) -> bool,
+    ) -> (Vec<StreamInfo>, bool) {
+        use std::ops::Bound;
+        let shared = self.read_shared();
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut selected =
+            shared.streams.range::<str, _>((from, Bound::Unbounded)).map(|(_, s)| s).filter(|s| keep(s));
+        let page: Vec<StreamInfo> = selected.by_ref().take(limit).cloned().collect();
+        let more = selected.next().is_some();
+        (page, more)
     }
 
     /// One stream, if it exists.

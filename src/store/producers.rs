@@ -25,6 +25,12 @@ pub const WINDOW: usize = crate::protocol::PRODUCER_WINDOW;
 /// Longest producer id, in bytes.
 pub const MAX_ID_BYTES: usize = 128;
 
+/// The most a producer's remembered batches take, stored: the state is rewritten with each of
+/// its commits. Batches of consecutive ticks take 28 bytes each; a producer whose explicit ticks
+/// are scattered has fewer of its last batches remembered, and a single batch too scattered to
+/// fit is remembered without its ticks.
+pub const MAX_STATE_BYTES: usize = 64 << 10;
+
 /// The idempotence tag of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchTag {
@@ -97,6 +103,11 @@ impl Remembered {
         }
     }
 
+    /// What it takes stored.
+    fn size(&self) -> usize {
+        16 + 12 * self.runs.len()
+    }
+
     fn ticks(&self) -> Vec<Tick> {
         self.runs
             .iter()
@@ -153,6 +164,9 @@ impl Producers {
             return Ok(Seen::New);
         }
         match producer.batches.iter().find(|b| b.sequence == tag.sequence) {
+            Some(b) if b.digest == tag.digest && b.runs.is_empty() => {
+                Err(Error::TicksForgotten { producer: tag.producer.to_string(), sequence: tag.sequence })
+            }
             Some(b) if b.digest == tag.digest => Ok(Seen::Duplicate(b.ticks())),
             Some(_) => {
                 Err(Error::SequenceReused { producer: tag.producer.to_string(), sequence: tag.sequence })
@@ -177,13 +191,15 @@ impl Producers {
     ) -> Option<(Arc<str>, Producer)> {
         let producer = self.map.entry(tag.producer.clone()).or_default();
         producer.last_used = now;
-        producer.batches.push_back(Remembered {
-            sequence: tag.sequence,
-            digest: tag.digest,
-            runs: runs(ticks),
-        });
-        while producer.batches.len() > WINDOW {
-            producer.batches.pop_front();
+        let mut remembered = Remembered { sequence: tag.sequence, digest: tag.digest, runs: runs(ticks) };
+        if remembered.size() > MAX_STATE_BYTES {
+            remembered.runs = Vec::new();
+        }
+        producer.batches.push_back(remembered);
+        let mut size: usize = producer.batches.iter().map(Remembered::size).sum();
+        while producer.batches.len() > WINDOW || size > MAX_STATE_BYTES {
+            let Some(oldest) = producer.batches.pop_front() else { break };
+            size -= oldest.size();
         }
         if self.map.len() <= max {
             return None;
@@ -366,6 +382,34 @@ mod tests {
             bad[i] ^= 1;
             assert!(decode(&bad).is_err(), "flip at {i}");
         }
+    }
+
+    #[test]
+    fn a_producer_of_scattered_ticks_is_remembered_within_its_bound() {
+        let mut p = Producers::default();
+        // 128 batches of 100 ticks, none consecutive: 1,216 bytes each stored.
+        for s in 1..=(WINDOW as u64) {
+            let ticks: Vec<Tick> = (0..100).map(|i| Tick(s * 1_000_000 + i * 2)).collect();
+            p.remember(&tag(s, s as u32), &ticks, Tick(s), 10);
+        }
+        let stored = p.encode("p").unwrap().len();
+        assert!(stored <= MAX_STATE_BYTES + 16, "{stored} bytes stored");
+        let kept = p.map["p"].batches.len();
+        assert!((50..WINDOW).contains(&kept), "{kept} batches kept");
+        let newest: Vec<Tick> = (0..100).map(|i| Tick(WINDOW as u64 * 1_000_000 + i * 2)).collect();
+        assert_eq!(p.check(&tag(WINDOW as u64, WINDOW as u32)).unwrap(), Seen::Duplicate(newest));
+        assert!(
+            matches!(p.check(&tag(1, 1)), Err(Error::SequenceNotAfter { .. })),
+            "the oldest are forgotten"
+        );
+
+        // One batch too scattered to fit: remembered without its ticks, so a retry is still
+        // never appended twice.
+        let scattered: Vec<Tick> = (0..10_000).map(|i| Tick((1 << 40) | (i * 2))).collect();
+        p.remember(&tag(1000, 5), &scattered, Tick(1000), 10);
+        assert!(p.encode("p").unwrap().len() <= MAX_STATE_BYTES + 16);
+        assert!(matches!(p.check(&tag(1000, 5)), Err(Error::TicksForgotten { sequence: 1000, .. })));
+        assert_eq!(decode(&p.encode("p").unwrap()).unwrap(), p.map["p"]);
     }
 
     #[test]

@@ -193,6 +193,64 @@ async fn a_slow_consumer_under_disconnect_gets_a_status_it_resumes_from_exactly(
     assert_eq!(ticks, published, "resuming after the status gives exactly the rest");
 }
 
+/// A subscriber under DISCONNECT that stops reading altogether, so that the server's send to it
+/// blocks: the policy still applies within its max_lag (its subscription slot is free again), and
+/// the status reaches it ahead of what waited in the outbox.
+#[tokio::test]
+async fn a_subscriber_that_never_reads_is_disconnected_while_its_send_is_blocked() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits { max_subscriptions: 1, ..Limits::default() };
+    let server = TestServer::start_with(limited(dir.path(), limits)).await;
+    let stream = "blocked/s";
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let mut stalled_client =
+        pb::tapeline_client::TapelineClient::with_interceptor(channel, tapeline::client::Bearer::default());
+    let request_of = |policy: pb::SlowConsumer| pb::SubscribeRequest {
+        slow_consumer: policy.into(),
+        max_lag_ms: 300,
+        ..request(&[stream], now())
+    };
+    let mut stalled = Sub::open(&mut stalled_client, request_of(pb::SlowConsumer::Disconnect)).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let publisher = tokio::spawn(publish_steadily(server.url(), stream, stopped));
+    stalled.take_records(20).await;
+    // From now on nothing is read: the server's outbox and HTTP/2 buffers fill, its send blocks.
+    let began = Instant::now();
+    let mut probe = server.client().await;
+    loop {
+        match probe.subscribe(request_of(pb::SlowConsumer::CatchUp)).await {
+            Ok(_) => break,
+            Err(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}"),
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(20),
+            "the subscriber that never reads still holds the only subscription slot"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("the blocked subscriber's slot was free after {:?} (max_lag 300 ms)", began.elapsed());
+    stop.send(true).unwrap();
+    publisher.await.unwrap();
+    // Reading again, the client finds why it was ended.
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        assert!(Instant::now() < deadline, "no status after the disconnection");
+        match stalled.next_result().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("max_lag"), "{}", status.message());
+}
+
 #[tokio::test]
 async fn a_slow_consumer_under_catch_up_lags_and_gets_everything() {
     let (seen, status, published, server, _dir) = slow_consumer(pb::SlowConsumer::CatchUp).await;

@@ -469,18 +469,21 @@ async fn a_hundred_thousand_streams_are_listed_and_replayed_exactly_once() {
     assert_eq!(expected.len(), STREAMS);
     let end = expected.iter().map(|r| r.1).max().expect("ticks");
 
-    let fleet = client
-        .list_streams(pb::ListStreamsRequest { pattern: "fleet/**".into() })
+    // One answer holds a page, never the whole catalog.
+    let first = client
+        .list_streams(pb::ListStreamsRequest { pattern: "fleet/**".into(), ..Default::default() })
         .await
         .expect("list")
-        .into_inner()
-        .streams;
+        .into_inner();
+    assert_eq!(first.streams.len(), 10_000, "a page holds at most 10,000 streams");
+    assert!(!first.next_page_token.is_empty(), "more follow");
+    let fleet = tapeline::client::list_streams(&mut client, "fleet/**").await.expect("list every page");
     assert_eq!(fleet.len(), STREAMS);
     assert!(fleet.iter().all(|s| s.records == 1), "one record each");
     let names: BTreeSet<String> = fleet.into_iter().map(|s| s.name).collect();
     assert_eq!(names, (0..STREAMS).map(name).collect::<BTreeSet<_>>());
-    let everything = client.list_streams(pb::ListStreamsRequest::default()).await.unwrap().into_inner();
-    assert_eq!(everything.streams.len(), STREAMS + 1, "the fleet and the bystander");
+    let everything = tapeline::client::list_streams(&mut client, "").await.unwrap();
+    assert_eq!(everything.len(), STREAMS + 1, "the fleet and the bystander");
     let listed = began.elapsed();
 
     let mut req = request(&["**"], beginning());
@@ -572,10 +575,13 @@ async fn absurd_names_and_patterns_get_invalid_argument_naming_the_rule() {
             Code::InvalidArgument,
             &["invalid pattern", rule, shown],
         );
-        let status =
-            answered(what, client.list_streams(pb::ListStreamsRequest { pattern: pattern.to_string() }))
-                .await
-                .unwrap_err();
+        let status = answered(
+            what,
+            client
+                .list_streams(pb::ListStreamsRequest { pattern: pattern.to_string(), ..Default::default() }),
+        )
+        .await
+        .unwrap_err();
         // A small method's request over 64 KiB is refused before it is decoded.
         let (code, words) = if pattern.len() > tapeline::protocol::codec::MAX_SMALL_REQUEST {
             (Code::ResourceExhausted, vec!["ListStreamsRequest", "over the limit"])
@@ -1321,4 +1327,67 @@ async fn connections_without_calls_are_closed_after_the_timeouts() {
         .expect("a stalled TLS handshake is closed");
     eprintln!("stalled TLS handshake closed after {took:?}");
     server.stop().await;
+}
+
+/// Batches decoded and waiting for the writer share one budget (`limits.max_pending_bytes`):
+/// past it a publish waits for room (`pending_wait`), then is refused naming the setting; nothing
+/// refused is stored, everything acknowledged is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_past_the_pending_budget_waits_then_is_refused_naming_it() {
+    for (wait, refusals_expected) in [(Duration::ZERO, true), (Duration::from_secs(10), false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_record_bytes: 256 << 10,
+            max_batch_bytes: 256 << 10,
+            max_pending_bytes: 256 << 10,
+            pending_wait: wait,
+            ..Limits::default()
+        };
+        let server = TestServer::start_with(tapeline::config::Config { limits, ..config(dir.path()) }).await;
+        // Four connections at once, 32 batches of 200 KiB each: the writer is never idle.
+        let mut tasks = Vec::new();
+        for c in 0..4u64 {
+            let mut client = server.client().await;
+            tasks.push(tokio::spawn(async move {
+                let payload = "b".repeat(200 << 10);
+                let batches: Vec<pb::PublishRequest> = (0..32)
+                    .map(|i| pb::PublishRequest {
+                        records: vec![record("budget/s", format!("{}:{payload}", c * 100 + i))],
+                        batch_id: c * 100 + i,
+                        ..Default::default()
+                    })
+                    .collect();
+                let mut acks =
+                    client.publish_stream(futures::stream::iter(batches)).await.unwrap().into_inner();
+                let (mut stored, mut refused) = (Vec::new(), 0);
+                while let Some(ack) = answered("an ack", acks.message()).await.unwrap() {
+                    match ack.error {
+                        None => stored.push(ack.batch_id.to_string()),
+                        Some(error) => {
+                            assert_eq!(Code::from(error.code), Code::ResourceExhausted, "{}", error.message);
+                            assert!(error.message.contains("limits.max_pending_bytes"), "{}", error.message);
+                            refused += 1;
+                        }
+                    }
+                }
+                (stored, refused)
+            }));
+        }
+        let (mut stored, mut refused) = (BTreeSet::new(), 0);
+        for task in tasks {
+            let (s, r) = task.await.unwrap();
+            stored.extend(s);
+            refused += r;
+        }
+        assert_eq!(stored.len() + refused, 128);
+        assert_eq!(refused > 0, refusals_expected, "pending_wait {wait:?}: {refused} refused");
+        let mut client = server.client().await;
+        let mut sub = Sub::open(&mut client, request(&["budget/s"], beginning())).await;
+        let got: BTreeSet<String> = payloads(&sub.take_records(stored.len()).await)
+            .iter()
+            .map(|p| p.split(':').next().unwrap().to_string())
+            .collect();
+        assert_eq!(got, stored, "exactly the acknowledged batches are stored");
+        eprintln!("pending_wait {wait:?}: {} stored, {refused} refused", stored.len());
+    }
 }

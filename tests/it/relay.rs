@@ -732,3 +732,52 @@ async fn a_chain_copies_an_import_once_sealed_and_whole() {
     same_catalog(&origin.url(), &first.url()).await;
     same_catalog(&origin.url(), &second.url()).await;
 }
+
+/// A relay validates what its upstream sends: a record over the relay's own limits (here an
+/// upstream that takes 2 MiB records, a relay that takes 1 MiB) is reported and skipped, and the
+/// records after it are copied, instead of the copy failing and retrying forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_skips_and_reports_a_record_over_its_limits_and_copies_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Node::start(&dir, "origin", &["--max-record-bytes", "4194304"]);
+    let mut publisher = Publisher::start(PublishOptions::new(origin.url()));
+    let batches = publisher.batches().unwrap();
+    let big =
+        client::Incoming { stream: "r/s".into(), payload: vec![7u8; 2 << 20].into(), ..Default::default() };
+    for batch in [vec![rec("r/s", "before".into())], vec![big], vec![rec("r/s", "after".into())]] {
+        batches.send(batch).await.unwrap();
+        publisher.ack().await.unwrap().unwrap();
+    }
+    drop(batches);
+    let relay = Node::start(
+        &dir,
+        "relay",
+        &[
+            "--upstream",
+            &origin.url(),
+            "--mirror",
+            "r/**",
+            "--max-record-bytes",
+            "1048576",
+            "--heartbeat",
+            "300ms",
+        ],
+    );
+    // Copied: the two records around the one skipped (a relay with nothing yet has tail 0, so
+    // wait for the copy before reading it).
+    let mut r = client::connect(&relay.url()).await.unwrap();
+    let began = std::time::Instant::now();
+    while !stored_streams(&mut r).await.iter().any(|s| s.name == "r/s" && s.records == 2) {
+        assert!(began.elapsed() < WAIT, "not copied:\n{}", relay.serve.as_ref().unwrap().log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let copied: Vec<String> = everything(&relay.url())
+        .await
+        .into_iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect();
+    assert_eq!(copied, ["before", "after"]);
+    let log = relay.serve.as_ref().unwrap().log();
+    assert!(log.contains("skipped a record the upstream sent") && log.contains("max_record_bytes"), "{log}");
+    assert_eq!(log.matches("mirroring stopped").count(), 0, "the copy never failed:\n{log}");
+}

@@ -67,8 +67,9 @@ impl Publisher {
     /// caller bounds Redis's pipelines itself).
     pub async fn connect(server: &Target, window: usize, batch: usize) -> Result<Publisher> {
         Ok(match server.system {
-            System::TapelineAlways | System::TapelineInterval => {
+            System::TapelineAlways | System::TapelineInterval | System::TapelineTls => {
                 let mut options = tapeline::client::PublishOptions::new(&server.url);
+                options.credentials = server.credentials.clone();
                 options.window = window;
                 let mut publisher = tapeline::client::Publisher::start(options);
                 let batches = publisher.batches().context("a new publisher has a handle")?;
@@ -165,9 +166,11 @@ pub async fn subscribe(
     mut on: impl FnMut(&[u8]) -> bool + Send,
 ) -> Result<()> {
     match server.system {
-        System::TapelineAlways | System::TapelineInterval => {
+        System::TapelineAlways | System::TapelineInterval | System::TapelineTls => {
             use pb::subscribe_request::Start as S;
-            let mut client = tapeline::client::connect(&server.url).await.map_err(|e| anyhow!("{e}"))?;
+            let mut client = tapeline::client::connect_with(&server.url, &server.credentials)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
             let start = match start {
                 Start::Beginning => S::Beginning(pb::Beginning {}),
                 Start::Now => S::Now(pb::Now {}),

@@ -32,12 +32,12 @@ pub struct Args {
     #[arg(long, default_value = "nats-server")]
     pub nats_server: PathBuf,
     /// Systems to measure, comma-separated: tapeline-always, tapeline-interval, redis-always,
-    /// redis-everysec, nats, and redis-bench-always, redis-bench-everysec (Redis loaded by
-    /// `redis-benchmark`: publish throughput only).
+    /// redis-everysec, nats, redis-bench-always, redis-bench-everysec (Redis loaded by
+    /// `redis-benchmark`: publish throughput only), and tapeline-tls (tapeline-interval over TLS).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "tapeline-always,redis-always,redis-bench-always,tapeline-interval,redis-everysec,redis-bench-everysec,nats"
+        default_value = "tapeline-always,redis-always,redis-bench-always,tapeline-interval,redis-everysec,redis-bench-everysec,nats,tapeline-tls"
     )]
     pub systems: Vec<String>,
     /// Workloads, comma-separated: publish, latency, replay, handoff.

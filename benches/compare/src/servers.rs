@@ -27,6 +27,9 @@ pub enum System {
     RedisBenchAlways,
     /// The same with `appendfsync everysec`.
     RedisBenchEverysec,
+    /// `tapeline serve --fsync interval=1000` over TLS (a made-up CA), clients over `https://`:
+    /// what encryption costs, beside `TapelineInterval`.
+    TapelineTls,
 }
 
 /// How much an acknowledged record survives.
@@ -41,7 +44,7 @@ pub enum Tier {
 
 impl System {
     /// Every system, in table order.
-    pub const ALL: [System; 7] = [
+    pub const ALL: [System; 8] = [
         System::TapelineAlways,
         System::RedisAlways,
         System::RedisBenchAlways,
@@ -49,6 +52,7 @@ impl System {
         System::RedisEverysec,
         System::RedisBenchEverysec,
         System::NatsFile,
+        System::TapelineTls,
     ];
 
     /// The name in tables and on the command line.
@@ -61,6 +65,7 @@ impl System {
             System::NatsFile => "nats jetstream file",
             System::RedisBenchAlways => "redis always, redis-benchmark",
             System::RedisBenchEverysec => "redis everysec, redis-benchmark",
+            System::TapelineTls => "tapeline fsync=interval=1000, TLS",
         }
     }
 
@@ -74,6 +79,7 @@ impl System {
             System::NatsFile => "nats",
             System::RedisBenchAlways => "redis-bench-always",
             System::RedisBenchEverysec => "redis-bench-everysec",
+            System::TapelineTls => "tapeline-tls",
         }
     }
 
@@ -87,7 +93,7 @@ impl System {
 
     /// Whether it is tapeline (the ratio is tapeline / best peer).
     pub fn is_tapeline(self) -> bool {
-        matches!(self, System::TapelineAlways | System::TapelineInterval)
+        matches!(self, System::TapelineAlways | System::TapelineInterval | System::TapelineTls)
     }
 
     /// Whether it is loaded by `redis-benchmark`, which only publishes.
@@ -117,8 +123,11 @@ pub struct Programs {
 #[derive(Debug, Clone)]
 pub struct Target {
     pub system: System,
-    /// `http://127.0.0.1:P` for tapeline, `redis://127.0.0.1:P` or `nats://127.0.0.1:P`.
+    /// `http://127.0.0.1:P` for tapeline (`https://` over TLS), `redis://127.0.0.1:P` or
+    /// `nats://127.0.0.1:P`.
     pub url: String,
+    /// For tapeline over TLS: the CA its clients trust.
+    pub credentials: tapeline::client::Credentials,
 }
 
 /// A running broker; killed when dropped.
@@ -128,6 +137,8 @@ pub struct Server {
     dir: tempfile::TempDir,
     port: u16,
     programs: Programs,
+    /// The certificate and key of a server over TLS.
+    tls: Option<tempfile::TempDir>,
 }
 
 impl Server {
@@ -136,8 +147,16 @@ impl Server {
     pub async fn start(system: System, programs: &Programs, scratch: &Path) -> Result<Server> {
         let dir = tempfile::Builder::new().prefix(system.key()).tempdir_in(scratch)?;
         let port = free_port()?;
-        let (child, url) = spawn(system, programs, dir.path(), port)?;
-        let server = Server { target: Target { system, url }, child, dir, port, programs: programs.clone() };
+        let (tls, credentials) = match system {
+            System::TapelineTls => {
+                let (tls, ca) = certificate(scratch)?;
+                (Some(tls), tapeline::client::Credentials { ca: Some(ca), ..Default::default() })
+            }
+            _ => (None, Default::default()),
+        };
+        let (child, url) = spawn(system, programs, dir.path(), port, tls.as_ref().map(|t| t.path()))?;
+        let target = Target { system, url, credentials };
+        let server = Server { target, child, dir, port, programs: programs.clone(), tls };
         server.wait_ready(port).await?;
         Ok(server)
     }
@@ -151,7 +170,8 @@ impl Server {
         tokio::time::timeout(Duration::from_secs(120), self.child.wait()).await??;
         before(self.dir.path())?;
         let began = Instant::now();
-        let (child, _) = spawn(self.target.system, &self.programs, self.dir.path(), self.port)?;
+        let tls = self.tls.as_ref().map(|t| t.path());
+        let (child, _) = spawn(self.target.system, &self.programs, self.dir.path(), self.port, tls)?;
         self.child = child;
         self.wait_ready(self.port).await?;
         Ok(began.elapsed())
@@ -186,7 +206,8 @@ impl Server {
             return true;
         }
         let hello = async {
-            let mut client = tapeline::client::connect(&self.target.url).await.ok()?;
+            let mut client =
+                tapeline::client::connect_with(&self.target.url, &self.target.credentials).await.ok()?;
             client.hello(tapeline::protocol::pb::HelloRequest::default()).await.ok()
         };
         matches!(tokio::time::timeout(Duration::from_secs(600), hello).await, Ok(Some(_)))
@@ -219,8 +240,36 @@ impl Server {
     }
 }
 
-/// Starts the program of `system` on `port` with the data dir `data`.
-fn spawn(system: System, programs: &Programs, data: &Path, port: u16) -> Result<(Child, String)> {
+/// A certificate for 127.0.0.1 signed by a new CA, written to a new directory under `scratch`
+/// (`server.pem`, `server.key`); returns it and the CA's certificate (PEM).
+fn certificate(scratch: &Path) -> Result<(tempfile::TempDir, Vec<u8>)> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new().prefix("tls").tempdir_in(scratch)?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec!["localhost".to_string()])?;
+    params.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+    let cert = params.signed_by(&key, &Issuer::new(ca_params, ca_key))?;
+    std::fs::write(dir.path().join("server.pem"), cert.pem())?;
+    let key_path = dir.path().join("server.key");
+    std::fs::write(&key_path, key.serialize_pem())?;
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
+    Ok((dir, ca.pem().into_bytes()))
+}
+
+/// Starts the program of `system` on `port` with the data dir `data` (and the certificate in
+/// `tls` for tapeline over TLS).
+fn spawn(
+    system: System,
+    programs: &Programs,
+    data: &Path,
+    port: u16,
+    tls: Option<&Path>,
+) -> Result<(Child, String)> {
     let (mut command, url) = match system {
         System::TapelineAlways | System::TapelineInterval => {
             let fsync = if system == System::TapelineAlways { "always" } else { "interval=1000" };
@@ -230,6 +279,19 @@ fn spawn(system: System, programs: &Programs, data: &Path, port: u16) -> Result<
                 .arg(data);
             c.env("TAPELINE_LOG", "warn");
             (c, format!("http://127.0.0.1:{port}"))
+        }
+        System::TapelineTls => {
+            let tls = tls.context("tapeline over TLS needs its certificate")?;
+            let mut c = Command::new(&programs.tapeline);
+            c.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--fsync", "interval=1000"])
+                .arg("--data")
+                .arg(data)
+                .arg("--tls-cert")
+                .arg(tls.join("server.pem"))
+                .arg("--tls-key")
+                .arg(tls.join("server.key"));
+            c.env("TAPELINE_LOG", "warn");
+            (c, format!("https://127.0.0.1:{port}"))
         }
         System::RedisAlways
         | System::RedisEverysec

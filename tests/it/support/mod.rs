@@ -605,10 +605,8 @@ impl Drop for Serve {
 /// Every stream as `ListStreams` shows it, without the recent rate (which moves with time): what
 /// is stored, to compare before and after something.
 pub async fn stored_streams(client: &mut tapeline::client::Client) -> Vec<pb::StreamInfo> {
-    let listed = client.list_streams(pb::ListStreamsRequest::default()).await.expect("list streams");
+    let listed = tapeline::client::list_streams(client, "").await.expect("list streams");
     listed
-        .into_inner()
-        .streams
         .into_iter()
         .map(|s| pb::StreamInfo { records_per_second: 0.0, bytes_per_second: 0.0, ..s })
         .collect()
