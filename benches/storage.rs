@@ -126,7 +126,7 @@ fn scan(c: &mut Criterion) {
             let mut after = None;
             let mut seen = 0;
             loop {
-                let read = log.read(&info, after, Tick::MAX, 1024).unwrap();
+                let read = log.read(&info, after, Tick::MAX, 1024, usize::MAX).unwrap();
                 seen += read.records.len();
                 after = read.records.last().map(|r| r.tick).or(after);
                 if read.complete {

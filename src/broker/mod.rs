@@ -117,6 +117,8 @@ pub struct Broker {
     subscriptions: Arc<std::sync::atomic::AtomicUsize>,
     /// Each client connection's publish quota, when there is one.
     publish_quota: PerConnection,
+    /// Catalog changes by clients (`limits.catalog_changes_per_second`).
+    catalog_rate: std::sync::Mutex<quota::Window>,
     /// The server's retention settings, to tell a stream's effective retention.
     retention: crate::config::Retention,
 }
@@ -160,6 +162,11 @@ impl Broker {
 
             subscriptions: Arc::default(),
             publish_quota: PerConnection::default(),
+            // A window of 16 s: the burst (a sixteenth of it) is one second's worth.
+            catalog_rate: std::sync::Mutex::new(quota::Window::new(Rate {
+                bytes_per_second: config.limits.catalog_changes_per_second,
+                window: Duration::from_secs(16),
+            })),
             retention,
         })
     }
@@ -582,6 +589,7 @@ impl Broker {
             }
         }
         crate::config::validate_policy(&meta.retention, "CreateStream retention")?;
+        self.catalog_change()?;
         self.log.define(name, meta, update, None).await
     }
 
@@ -589,6 +597,7 @@ impl Broker {
     pub async fn seal_stream(&self, name: &str) -> Result<StreamInfo> {
         StreamName::parse(name)?;
         self.refuse_on_relay(name)?;
+        self.catalog_change()?;
         self.log.seal(name).await
     }
 
@@ -596,7 +605,26 @@ impl Broker {
     pub async fn delete_stream(&self, name: &str) -> Result<StreamInfo> {
         StreamName::parse(name)?;
         self.refuse_on_relay(name)?;
+        self.catalog_change()?;
         self.log.delete(name).await
+    }
+
+    /// Counts one client's catalog change against `limits.catalog_changes_per_second` (bursts of
+    /// a second's worth): each is a commit of its own, with its own fsync, on the one writer that
+    /// also commits every publish, so a flood of them is refused rather than queued.
+    fn catalog_change(&self) -> Result<()> {
+        let now = tokio::time::Instant::now();
+        let mut rate = self.catalog_rate.lock().unwrap_or_else(|e| e.into_inner());
+        if rate.due(now) > now {
+            return Err(Error::TooMany {
+                what: "stream creations, updates, seals and deletions per second",
+                limit: usize::try_from(self.limits.catalog_changes_per_second).unwrap_or(usize::MAX),
+                setting: "limits.catalog_changes_per_second",
+                hint: "retry in a moment",
+            });
+        }
+        rate.record(1, now);
+        Ok(())
     }
 
     /// On a relay, every write is refused, naming the upstream `stream` comes from (or the first).

@@ -45,8 +45,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-/// Records read from storage per stream at a time, at most.
+/// Records read from storage per stream at a time, at most, and bytes of chunks: large records
+/// fill a read by their size long before their count.
 const READ_WINDOW: usize = 1024;
+const READ_BYTES: usize = 1 << 20;
+const MIN_READ_BYTES: usize = 64 << 10;
 /// Records a subscription reads ahead over all its streams (each read still ends on a chunk
 /// boundary).
 const READ_BUDGET: usize = 65_536;
@@ -809,7 +812,8 @@ impl Pump {
             let log = self.log.clone();
             let info = cursor.info.clone();
             let after = cursor.pos;
-            let read = tokio::task::spawn_blocking(move || log.read(&info, after, upto, window))
+            let bytes = self.share.of(READ_BYTES, MIN_READ_BYTES);
+            let read = tokio::task::spawn_blocking(move || log.read(&info, after, upto, window, bytes))
                 .await
                 .map_err(|e| Error::Internal(format!("read task failed: {e}")))??;
             let cursor = &mut self.cursors[i];

@@ -133,6 +133,7 @@ pub struct FileLimits {
     pub idle_timeout: Option<String>,
     pub max_pending_bytes: Option<usize>,
     pub pending_wait: Option<String>,
+    pub catalog_changes_per_second: Option<u64>,
 }
 
 /// One `[[mirror]]` table of the settings file.
@@ -217,6 +218,9 @@ idle_timeout = "5m"
 # would pass it waits up to pending_wait for room, then is refused (RESOURCE_EXHAUSTED).
 max_pending_bytes = 268435456
 pending_wait = "10s"
+# Stream creations, updates, seals and deletions by clients per second (bursts of a second's
+# worth): each is a commit with its own fsync on the writer that commits every publish.
+catalog_changes_per_second = 100
 
 # What `Hello` tells clients older than a recommended version (the CLI prints it).
 # [notice]
@@ -329,6 +333,10 @@ impl File {
                 idle_timeout: over.limits.idle_timeout.or(self.limits.idle_timeout),
                 max_pending_bytes: over.limits.max_pending_bytes.or(self.limits.max_pending_bytes),
                 pending_wait: over.limits.pending_wait.or(self.limits.pending_wait),
+                catalog_changes_per_second: over
+                    .limits
+                    .catalog_changes_per_second
+                    .or(self.limits.catalog_changes_per_second),
             },
             mirror: self.mirror.into_iter().chain(over.mirror).collect(),
             notice: over.notice.or(self.notice),
@@ -422,6 +430,10 @@ impl File {
                 Some(text) => duration("limits.pending_wait", text)?,
                 None => default.limits.pending_wait,
             },
+            catalog_changes_per_second: self
+                .limits
+                .catalog_changes_per_second
+                .unwrap_or(default.limits.catalog_changes_per_second),
         };
         let heartbeat = match &self.heartbeat {
             Some(text) => duration("heartbeat", text)?,

@@ -121,6 +121,9 @@ pub struct Limits {
     /// that would pass it waits for room, up to `pending_wait`, then is refused.
     pub max_pending_bytes: usize,
     pub pending_wait: Duration,
+    /// Stream creations, updates, seals and deletions by clients per second (bursts of a
+    /// second's worth); beyond it they are refused.
+    pub catalog_changes_per_second: u64,
 }
 
 impl Default for Limits {
@@ -146,6 +149,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(300),
             max_pending_bytes: 256 << 20,
             pending_wait: Duration::from_secs(10),
+            catalog_changes_per_second: 100,
         }
     }
 }
@@ -194,6 +198,13 @@ impl Limits {
             return Err(Error::Config {
                 key: "max_producers",
                 value: self.max_producers.to_string(),
+                expected: "at least 1",
+            });
+        }
+        if self.catalog_changes_per_second == 0 {
+            return Err(Error::Config {
+                key: "catalog_changes_per_second",
+                value: "0".into(),
                 expected: "at least 1",
             });
         }

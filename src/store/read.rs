@@ -56,7 +56,8 @@ struct Previous {
 
 impl Log {
     /// Reads records of one stream with `after < tick <= upto`, in tick order, whole chunks at a
-    /// time, stopping after the chunk that reaches `max_records`. Everything read is checked (see
+    /// time, stopping after the chunk that reaches `max_records` records or `max_bytes` bytes of
+    /// chunks. Everything read is checked (see
     /// the module's doc); a failed check is an `Error::DataLoss` naming its tick range. When
     /// retention removed part of the range, the batch says so (`truncated`) and holds only
     /// records after the removed ones. Blocking.
@@ -66,8 +67,9 @@ impl Log {
         after: Option<Tick>,
         upto: Tick,
         max_records: usize,
+        max_bytes: usize,
     ) -> Result<ReadBatch> {
-        let read = self.read_chunks(stream, after, upto, max_records);
+        let read = self.read_chunks(stream, after, upto, max_records, max_bytes);
         // Looked up after the scan: a removal is published before its pointers are removed, so a
         // scan that missed a removed chunk finds the mark here.
         let (through, earliest) = match self.read_shared().streams.get(&stream.name) {
@@ -95,8 +97,10 @@ impl Log {
         after: Option<Tick>,
         upto: Tick,
         max_records: usize,
+        max_bytes: usize,
     ) -> Result<ReadBatch> {
         let id = stream.id;
+        let mut bytes = 0;
         let mut batch =
             ReadBatch { records: Vec::new(), chunks: Vec::new(), complete: true, truncated: None };
         let first_wanted = match after {
@@ -177,11 +181,16 @@ impl Log {
                 records: span.head.records_before + u64::from(span.head.count),
                 last: span.last.unwrap_or(key),
             });
+            // Only chunks that gave records count: the first chunk may hold only records before
+            // the range, and a read must not stop before its first record.
+            if batch.records.len() > before {
+                bytes += value.len();
+            }
             batch.chunks.push(value);
             if batch.records.last().is_some_and(|r| r.tick >= upto) {
                 return Ok(batch);
             }
-            if batch.records.len() >= max_records {
+            if batch.records.len() >= max_records || bytes >= max_bytes {
                 batch.complete = false;
                 return Ok(batch);
             }

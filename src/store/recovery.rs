@@ -833,7 +833,7 @@ mod tests {
     /// Every payload of stream `s`.
     fn payloads(log: &Log) -> Vec<String> {
         let Some(info) = log.stream("s") else { return Vec::new() };
-        let read = log.read(&info, None, Tick::MAX, 1000).unwrap();
+        let read = log.read(&info, None, Tick::MAX, 1000, usize::MAX).unwrap();
         read.records
             .into_iter()
             .map(|r| String::from_utf8_lossy(&read.chunks[r.chunk as usize][r.payload]).into_owned())
@@ -892,12 +892,14 @@ mod tests {
         let log = Log::open(&config(dir.path())).unwrap();
         assert_eq!(std::fs::metadata(&file).unwrap().len(), ends[2], "nothing cut");
         let info = log.stream("s").unwrap();
-        let err = log.read(&info, None, Tick::MAX, 1000).map(|r| r.records.len());
+        let err = log.read(&info, None, Tick::MAX, 1000, usize::MAX).map(|r| r.records.len());
         // The first read delivers the intact chunk before the damage; the next reports it.
         assert_eq!(err.ok(), Some(2));
-        let after_a = log.read(&info, None, Tick::MAX, 1000).unwrap().records[1].tick;
-        let damaged =
-            log.read(&info, Some(after_a), Tick::MAX, 1000).err().expect("the damaged chunk is reported");
+        let after_a = log.read(&info, None, Tick::MAX, 1000, usize::MAX).unwrap().records[1].tick;
+        let damaged = log
+            .read(&info, Some(after_a), Tick::MAX, 1000, usize::MAX)
+            .err()
+            .expect("the damaged chunk is reported");
         assert!(matches!(damaged, Error::DataLoss { .. }), "{damaged}");
         log.close().await.unwrap();
     }

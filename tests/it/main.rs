@@ -24,5 +24,6 @@ mod relay;
 mod retention;
 mod security;
 mod shutdown;
+mod siege;
 mod subscribe;
 mod young;
