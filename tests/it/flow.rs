@@ -103,17 +103,7 @@ async fn slow_consumer(
     let mut fast = Sub::open(&mut client.clone(), request(&[stream], now())).await;
     let slow_request =
         pb::SubscribeRequest { slow_consumer: policy.into(), max_lag_ms: 300, ..request(&[stream], now()) };
-    // Small HTTP/2 windows, so that what the client does not read stays at the server, where the
-    // policy can see the lag (a client with large windows holds the lag in its own buffers).
-    let channel = tonic::transport::Endpoint::from_shared(server.url())
-        .unwrap()
-        .initial_stream_window_size(65_535)
-        .initial_connection_window_size(65_535)
-        .connect()
-        .await
-        .unwrap();
-    let mut slow_client =
-        pb::tapeline_client::TapelineClient::with_interceptor(channel, tapeline::client::Bearer::default());
+    let mut slow_client = narrow_client(&server.url()).await;
     let mut slow = Sub::open(&mut slow_client, slow_request).await;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let publisher = tokio::spawn(publish_steadily(server.url(), stream, stopped));
@@ -202,15 +192,7 @@ async fn a_subscriber_that_never_reads_is_disconnected_while_its_send_is_blocked
     let limits = Limits { max_subscriptions: 1, ..Limits::default() };
     let server = TestServer::start_with(limited(dir.path(), limits)).await;
     let stream = "blocked/s";
-    let channel = tonic::transport::Endpoint::from_shared(server.url())
-        .unwrap()
-        .initial_stream_window_size(65_535)
-        .initial_connection_window_size(65_535)
-        .connect()
-        .await
-        .unwrap();
-    let mut stalled_client =
-        pb::tapeline_client::TapelineClient::with_interceptor(channel, tapeline::client::Bearer::default());
+    let mut stalled_client = narrow_client(&server.url()).await;
     let request_of = |policy: pb::SlowConsumer| pb::SubscribeRequest {
         slow_consumer: policy.into(),
         max_lag_ms: 300,

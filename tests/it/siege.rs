@@ -266,17 +266,7 @@ async fn a_well_behaved_pair_keeps_working_through_every_attack() {
             async move {
                 let mut stalled = Vec::new();
                 for _ in 0..200 {
-                    let channel = tonic::transport::Endpoint::from_shared(url.clone())
-                        .unwrap()
-                        .initial_stream_window_size(65_535)
-                        .initial_connection_window_size(65_535)
-                        .connect()
-                        .await
-                        .unwrap();
-                    let mut c = pb::tapeline_client::TapelineClient::with_interceptor(
-                        channel,
-                        tapeline::client::Bearer::default(),
-                    );
+                    let mut c = narrow_client(&url).await;
                     let stream = c.subscribe(request(&["heavy/s"], beginning())).await.unwrap().into_inner();
                     stalled.push((c, stream));
                 }

@@ -115,6 +115,20 @@ pub async fn client(url: &str) -> tapeline::client::Client {
     tapeline::client::connect(url).await.expect("connect to the test server")
 }
 
+/// A client whose HTTP/2 windows are the protocol's smallest (64 KiB), so that what it does not
+/// read stays at the server, where the slow-consumer policy and the memory bounds see it (a
+/// client with large windows holds it in its own buffers).
+pub async fn narrow_client(url: &str) -> tapeline::client::Client {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .expect("url")
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .expect("connect to the test server");
+    pb::tapeline_client::TapelineClient::with_interceptor(channel, tapeline::client::Bearer::default())
+}
+
 /// One record of `stream` with a payload.
 pub fn record(stream: &str, payload: impl Into<Vec<u8>>) -> pb::Record {
     pb::Record { stream: stream.to_string(), payload: payload.into().into(), ..Default::default() }
