@@ -1,5 +1,7 @@
 //! The hostile-clients suite (issue 20, part 5): a broker (the real binary) under one attack at a
-//! time, while a well-behaved publisher and subscriber keep going. For each attack: their
+//! time, while a well-behaved publisher and subscriber keep going (the last attack is an upstream
+//! feeding a relay records it cannot take, with a pair that publishes upstream and reads at the
+//! relay). For each attack: their
 //! publish-to-delivery latency before and during it, the broker's peak resident memory (VmHWM,
 //! reset before each attack) and, after it, every record the publisher had acknowledged read back
 //! intact. Ignored in the plain `cargo test` (its latencies mean something only when nothing else
@@ -29,16 +31,19 @@ struct Pair {
     acked: Arc<Mutex<Vec<u64>>>,
     errors: Arc<Mutex<Vec<String>>>,
     stop: watch::Sender<bool>,
+    stream: &'static str,
 }
 
 impl Pair {
-    async fn start(url: &str) -> Pair {
+    /// Publishes to `stream` at `publish` and reads it live at `read` (the same broker, or a
+    /// relay of it).
+    async fn start(publish: &str, read: &str, stream: &'static str) -> Pair {
         let samples = Arc::new(Mutex::new(Vec::new()));
         let acked = Arc::new(Mutex::new(Vec::new()));
         let errors = Arc::new(Mutex::new(Vec::new()));
         let (stop, stopped) = watch::channel(false);
-        let mut reader = client(url).await;
-        let mut sub = Sub::open(&mut reader, request(&["calm/s"], now())).await;
+        let mut reader = client(read).await;
+        let mut sub = Sub::open(&mut reader, request(&[stream], now())).await;
         let seen = samples.clone();
         tokio::spawn(async move {
             while let Ok(Some(events)) = sub.next_result().await {
@@ -51,12 +56,12 @@ impl Pair {
                 }
             }
         });
-        let mut writer = client(url).await;
+        let mut writer = client(publish).await;
         let (ticks, failed) = (acked.clone(), errors.clone());
         tokio::spawn(async move {
             while !*stopped.borrow() {
                 let batch = pb::PublishRequest {
-                    records: vec![record("calm/s", wall_nanos().to_string())],
+                    records: vec![record(stream, wall_nanos().to_string())],
                     ..Default::default()
                 };
                 match writer.publish(batch).await {
@@ -68,7 +73,7 @@ impl Pair {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         });
-        Pair { samples, acked, errors, stop }
+        Pair { samples, acked, errors, stop, stream }
     }
 
     /// Median and 99th percentile of the latencies sampled from `from` for `span`.
@@ -88,9 +93,11 @@ impl Pair {
         let acked = self.acked.lock().unwrap().clone();
         let Some(&last) = acked.last() else { panic!("nothing was acknowledged") };
         let mut c = client(url).await;
-        let mut sub =
-            Sub::open(&mut c, pb::SubscribeRequest { end: Some(last), ..request(&["calm/s"], beginning()) })
-                .await;
+        let mut sub = Sub::open(
+            &mut c,
+            pb::SubscribeRequest { end: Some(last), ..request(&[self.stream], beginning()) },
+        )
+        .await;
         let read: Vec<u64> = records(&sub.until_end().await).iter().map(|r| r.1).collect();
         assert_eq!(read, acked, "every acknowledged record of the well-behaved publisher, once, in order");
         let errors = self.errors.lock().unwrap();
@@ -124,6 +131,7 @@ struct Figures {
 
 /// Runs `attack` (which starts, returns a stopper, and is stopped after the measurement) and
 /// checks the pair kept working.
+/// `serve` is the broker whose memory is measured and where the pair's records are read back.
 async fn siege<F, Fut, S, SFut>(serve: &Serve, pair: &Pair, attack: &'static str, start: F) -> Figures
 where
     F: FnOnce() -> Fut,
@@ -164,7 +172,7 @@ async fn a_well_behaved_pair_keeps_working_through_every_attack() {
     let serve = Serve::start(&dir.path().join("data"), &[]);
     let url = serve.url.clone();
     let addr: std::net::SocketAddr = serve.addr().parse().unwrap();
-    let pair = Pair::start(&url).await;
+    let pair = Pair::start(&url, &url, "calm/s").await;
     // Settle: the pair's first records, connections warm.
     pair.latency(Duration::from_secs(1)).await;
     eprintln!("| attack | pair latency before, p50 / p99 | during, p50 / p99 | broker peak RSS | what the attack got |");
@@ -386,6 +394,59 @@ async fn a_well_behaved_pair_keeps_working_through_every_attack() {
         })
         .await,
     );
+
+    // 6. An upstream that feeds a relay records it cannot take (over the relay's 64 KiB record
+    // limit), while a pair publishes to the upstream and reads from the relay.
+    let relay = Serve::start(
+        &dir.path().join("relay"),
+        &[
+            "--upstream",
+            &url,
+            "--mirror",
+            "relayed/**",
+            "--max-record-bytes",
+            "65536",
+            "--heartbeat",
+            "300ms",
+        ],
+    );
+    let through = Pair::start(&url, &relay.url, "relayed/calm").await;
+    through.latency(Duration::from_secs(1)).await;
+    all.push(
+        siege(
+            &relay,
+            &through,
+            "an upstream sending a relay records over its limits (128 KiB, 40/s)",
+            || {
+                let url = url.clone();
+                async move {
+                    let (stop, stopped) = watch::channel(false);
+                    let flood = tokio::spawn(async move {
+                        let mut c = client(&url).await;
+                        let junk = "j".repeat(128 << 10);
+                        let mut sent = 0u64;
+                        while !*stopped.borrow() {
+                            publish(&mut c, "relayed/junk", &[junk.as_str()]).await;
+                            sent += 1;
+                            tokio::time::sleep(Duration::from_millis(25)).await;
+                        }
+                        sent
+                    });
+                    move || async move {
+                        stop.send(true).unwrap();
+                        let sent = flood.await.unwrap();
+                        format!(
+                            "{sent} records the relay cannot take: each skipped and logged, the copy went on"
+                        )
+                    }
+                }
+            },
+        )
+        .await,
+    );
+    let skipped = relay.log().matches("skipped a record the upstream sent").count();
+    assert!(skipped > 10, "the relay skipped {skipped} records:\n{}", relay.log());
+    through.stop.send(true).unwrap();
 
     pair.stop.send(true).unwrap();
     for f in &all {
