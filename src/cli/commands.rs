@@ -405,7 +405,17 @@ async fn greet(server: &str, credentials: &Credentials) -> Result<pb::HelloRespo
         client_version: env!("CARGO_PKG_VERSION").into(),
         client_id: String::new(),
     };
-    let answer = client.hello(hello).await.map_err(|s| remote("hello", s))?.into_inner();
+    let answer = client.hello(hello).await.map_err(|s| {
+        // A plaintext client at a TLS port sees only a broken transport: say what it likely is.
+        use tonic::Code;
+        let broken = matches!(s.code(), Code::Unknown | Code::Internal | Code::Unavailable | Code::Cancelled);
+        if broken && server.starts_with("http://") {
+            let hint = format!("{} (if the server uses TLS, use https://)", s.message());
+            return remote("hello", tonic::Status::new(s.code(), hint));
+        }
+        remote("hello", s)
+    })?;
+    let answer = answer.into_inner();
     if let Some(notice) = &answer.notice {
         let url = if notice.url.is_empty() { String::new() } else { format!(" ({})", notice.url) };
         eprintln!(

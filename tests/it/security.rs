@@ -550,4 +550,10 @@ async fn the_cli_makes_tokens_and_uses_them_with_tls() {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("Unauthenticated") && stderr.contains("TAPELINE_TOKEN"), "{stderr}");
+    // A plaintext URL for a TLS server: the error says what is likely wrong.
+    let plain = url.replace("https://", "http://");
+    let wrong = std::process::Command::new(BIN).args(["info", "--server", &plain]).output().unwrap();
+    assert!(!wrong.status.success());
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(stderr.contains("use https://"), "{stderr}");
 }
