@@ -71,6 +71,8 @@ pub fn principal<T>(request: &Request<T>) -> Arc<Principal> {
 /// The server's authentication: off, or tokens and/or client certificates.
 pub struct Auth {
     required: bool,
+    /// The principal of every call when the server does not authenticate.
+    open: Arc<Principal>,
     tokens_file: Option<PathBuf>,
     tokens: RwLock<Arc<Tokens>>,
     grants: HashMap<String, Arc<Grants>>,
@@ -85,6 +87,7 @@ impl Auth {
         };
         Ok(Arc::new(Auth {
             required,
+            open: Arc::new(Principal { name: String::new(), grants: None, peer: None }),
             tokens_file: access.tokens.clone(),
             tokens: RwLock::new(Arc::new(tokens)),
             grants: access.principals.iter().map(|(name, g)| (name.clone(), Arc::new(g.clone()))).collect(),
@@ -102,11 +105,11 @@ impl Auth {
 
     /// The principal of a call: its bearer token's name, else its client certificate's common
     /// name. Refused when the server authenticates and the call has neither, or an unknown token.
-    pub fn authenticate(&self, metadata: &MetadataMap, peer: Option<&Peer>) -> Result<Principal> {
-        let addr = peer.and_then(|p| p.addr);
+    pub fn authenticate(&self, metadata: &MetadataMap, peer: Option<&Peer>) -> Result<Arc<Principal>> {
         if !self.required {
-            return Ok(Principal { name: String::new(), grants: None, peer: addr });
+            return Ok(self.open.clone());
         }
+        let addr = peer.and_then(|p| p.addr);
         let refuse = |detail: String| {
             warn!(peer = ?addr, %detail, "unauthenticated call refused");
             Error::Unauthenticated { detail }
@@ -134,6 +137,6 @@ impl Auth {
         };
         // A principal without a table is known but may do nothing.
         let grants = self.grants.get(&name).cloned().unwrap_or_default();
-        Ok(Principal { name, grants: Some(grants), peer: addr })
+        Ok(Arc::new(Principal { name, grants: Some(grants), peer: addr }))
     }
 }

@@ -9,13 +9,12 @@
 //! has no call for a while, reads as closed, which ends it.
 
 use crate::error::{Error, Result};
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -33,12 +32,11 @@ pub struct Connections {
     calls_limit: usize,
     handshake_timeout: Duration,
     idle_timeout: Duration,
-    by_peer: Mutex<HashMap<SocketAddr, Arc<Connection>>>,
 }
 
-/// What is known of one connection while it is open.
+/// What is known of one connection while it is open; each call reaches it through its `Peer`.
 #[derive(Debug, Default)]
-struct Connection {
+pub struct Connection {
     /// Accepted over `max_connections`: its calls are refused.
     over: bool,
     /// Calls open now.
@@ -69,18 +67,12 @@ impl Connections {
             calls_limit: limits.max_calls_per_connection,
             handshake_timeout: limits.handshake_timeout,
             idle_timeout: limits.idle_timeout,
-            by_peer: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Counts a call on the connection of `peer`: refused when that connection was accepted over
-    /// `max_connections`, or has `max_calls_per_connection` calls open already.
-    pub fn call(&self, peer: Option<SocketAddr>) -> Result<Option<Call>> {
-        let Some(peer) = peer else { return Ok(None) };
-        let Some(connection) = self.by_peer.lock().unwrap_or_else(|e| e.into_inner()).get(&peer).cloned()
-        else {
-            return Ok(None);
-        };
+    /// Counts a call on `connection`: refused when it was accepted over `max_connections`, or has
+    /// `max_calls_per_connection` calls open already.
+    pub fn call(&self, connection: &Arc<Connection>) -> Result<Call> {
         if connection.over {
             return Err(Error::TooMany {
                 what: "client connections at once",
@@ -99,7 +91,7 @@ impl Connections {
                 hint: "end calls you no longer need, or open another connection",
             });
         }
-        Ok(Some(Call { connection }))
+        Ok(Call { connection: connection.clone() })
     }
 
     /// Counts an accepted connection (marking it when it is over the limit) until it is dropped.
@@ -115,9 +107,6 @@ impl Connections {
             );
         }
         let connection = Arc::new(Connection { over, ..Connection::default() });
-        if let Some(peer) = peer {
-            self.by_peer.lock().unwrap_or_else(|e| e.into_inner()).insert(peer, connection.clone());
-        }
         let first = if over { GRACE } else { self.handshake_timeout };
         Counted {
             stream,
@@ -149,6 +138,11 @@ impl Counted {
         self.peer
     }
 
+    /// What its calls are counted on.
+    pub fn connection(&self) -> &Arc<Connection> {
+        &self.connection
+    }
+
     /// Whether the connection should end now: past its deadline with no call open or started
     /// since the last look (or accepted over the limit).
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
@@ -170,12 +164,6 @@ impl Counted {
 impl Drop for Counted {
     fn drop(&mut self) {
         self.connections.open.fetch_sub(1, Ordering::SeqCst);
-        if let Some(peer) = self.peer {
-            let mut by_peer = self.connections.by_peer.lock().unwrap_or_else(|e| e.into_inner());
-            if by_peer.get(&peer).is_some_and(|c| Arc::ptr_eq(c, &self.connection)) {
-                by_peer.remove(&peer);
-            }
-        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! task of its own, so a slow or silent client never holds up the next accept. What a call
 //! learns of its connection is a [`Peer`].
 
-use super::connections::{Connections, Counted};
+use super::connections::{Connection, Connections, Counted};
 use super::tls::{common_name, Acceptor};
 use futures::Stream;
 use std::io;
@@ -27,6 +27,8 @@ const QUEUE: usize = 1024;
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub addr: Option<SocketAddr>,
+    /// What the call is counted on (`Connections::call`).
+    pub connection: Arc<Connection>,
     /// The common name of the client certificate the TLS handshake verified.
     pub certificate: Option<Arc<str>>,
 }
@@ -106,8 +108,17 @@ impl Connected for Io {
 
     fn connect_info(&self) -> Peer {
         match self {
-            Io::Plain(counted) => Peer { addr: counted.peer(), certificate: None },
-            Io::Tls(stream, name) => Peer { addr: stream.get_ref().0.peer(), certificate: name.clone() },
+            Io::Plain(counted) => {
+                Peer { addr: counted.peer(), connection: counted.connection().clone(), certificate: None }
+            }
+            Io::Tls(stream, name) => {
+                let counted = stream.get_ref().0;
+                Peer {
+                    addr: counted.peer(),
+                    connection: counted.connection().clone(),
+                    certificate: name.clone(),
+                }
+            }
         }
     }
 }

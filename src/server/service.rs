@@ -37,11 +37,12 @@ pub fn service(
     InterceptedService::new(server, move |mut request: Request<()>| {
         let peer = peer(&request).cloned();
         // Counted until the call's request is dropped, or, for a streaming call, its responses.
-        if let Some(call) = connections.call(peer.as_ref().and_then(|p| p.addr)).map_err(|e| status(&e))? {
+        if let Some(peer) = &peer {
+            let call = connections.call(&peer.connection).map_err(|e| status(&e))?;
             request.extensions_mut().insert(Arc::new(call));
         }
         let principal = auth.authenticate(request.metadata(), peer.as_ref()).map_err(|e| status(&e))?;
-        request.extensions_mut().insert(Arc::new(principal));
+        request.extensions_mut().insert(principal);
         Ok(request)
     })
 }
