@@ -1011,7 +1011,8 @@ impl Pump {
         // A client that stopped reading leaves this waiting for room: under DISCONNECT the lag is
         // looked at meanwhile, so the policy applies even though nothing goes out.
         let policed = self.live && self.spec.slow == SlowConsumer::Disconnect && self.pacing.is_none();
-        let look = (self.spec.max_lag / 4).max(Duration::from_millis(10));
+        let every = (self.spec.max_lag / 4).max(Duration::from_millis(10));
+        let mut look = policed.then(|| Box::pin(tokio::time::sleep(every)));
         let room = self.room.clone().acquire_many_owned(take);
         tokio::pin!(room);
         let outgoing = loop {
@@ -1019,21 +1020,39 @@ impl Pump {
                 room = &mut room => break Outgoing { event: Ok(event), _room: room.ok() },
                 _ = self.out.closed() => return Err(Stop::Gone),
                 _ = self.shutdown.cancelled() => return self.shutting_down().await,
-                _ = tokio::time::sleep(look), if policed => self.lagging()?,
+                () = ticked(&mut look, every) => self.lagging()?,
             }
         };
-        let out = self.out.clone();
-        let sent = out.send(outgoing);
-        tokio::pin!(sent);
-        loop {
-            tokio::select! {
-                sent = &mut sent => break sent.map_err(|_| Stop::Gone)?,
-                _ = self.shutdown.cancelled() => return self.shutting_down().await,
-                _ = tokio::time::sleep(look), if policed => self.lagging()?,
+        let stopping = {
+            let sent = self.out.send(outgoing);
+            tokio::pin!(sent);
+            loop {
+                tokio::select! {
+                    sent = &mut sent => {
+                        sent.map_err(|_| Stop::Gone)?;
+                        break false;
+                    }
+                    _ = self.shutdown.cancelled() => break true,
+                    () = ticked(&mut look, every) => self.lagging()?,
+                }
             }
+        };
+        if stopping {
+            return self.shutting_down().await;
         }
         self.heartbeat_at = later(self.spec.heartbeat);
         Ok(())
+    }
+}
+
+/// Resolves each time `look` passes, restarting it `every` later; never when there is none.
+async fn ticked(look: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>, every: Duration) {
+    match look {
+        Some(sleep) => {
+            sleep.as_mut().await;
+            sleep.as_mut().reset(Instant::now() + every);
+        }
+        None => std::future::pending().await,
     }
 }
 
