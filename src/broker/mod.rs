@@ -112,7 +112,6 @@ pub struct Broker {
     links: watch::Sender<Vec<Link>>,
     /// One permit per subscription that may run at once (`max_subscriptions`).
     subscription_slots: Arc<Semaphore>,
-
     /// Subscriptions running now: each takes an equal share of their memory budget.
     subscriptions: Arc<std::sync::atomic::AtomicUsize>,
     /// Each client connection's publish quota, when there is one.
@@ -159,7 +158,6 @@ impl Broker {
             links: watch::Sender::new(links),
             notice: config.notice.clone(),
             subscription_slots: Arc::new(Semaphore::new(config.limits.max_subscriptions)),
-
             subscriptions: Arc::default(),
             publish_quota: PerConnection::default(),
             // A window of 16 s: the burst (a sixteenth of it) is one second's worth.
@@ -239,27 +237,30 @@ impl Broker {
             }
         }
         // In batches this broker's own limits allow.
-        let mut batch = Vec::new();
-        let mut bytes = 0;
-        let mut records = kept.into_iter().peekable();
-        while let Some(record) = records.next() {
-            bytes +=
-                record.payload.len() + record.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
-            batch.push(record);
-            let full = records.peek().is_some_and(|next| {
-                batch.len() >= self.limits.max_batch_records
-                    || bytes
-                        + next.payload.len()
-                        + next.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
-                        > self.limits.max_batch_bytes
-            });
-            if full || records.peek().is_none() {
-                let answer = self.log.submit(std::mem::take(&mut batch), Source::Upstream).await?;
-                answer.await.map_err(|_| Error::ShuttingDown)??;
+        let size =
+            |r: &NewRecord| r.payload.len() + r.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        let (mut batch, mut bytes) = (Vec::new(), 0);
+        for record in kept {
+            let n = size(&record);
+            if !batch.is_empty()
+                && (batch.len() >= self.limits.max_batch_records || bytes + n > self.limits.max_batch_bytes)
+            {
+                self.store_copies(std::mem::take(&mut batch)).await?;
                 bytes = 0;
             }
+            bytes += n;
+            batch.push(record);
+        }
+        if !batch.is_empty() {
+            self.store_copies(batch).await?;
         }
         Ok(())
+    }
+
+    /// Stores checked copies of upstream records; returns once they are durable.
+    async fn store_copies(&self, records: Vec<NewRecord>) -> Result<()> {
+        let answer = self.log.submit(records, Source::Upstream).await?;
+        answer.await.map_err(|_| Error::ShuttingDown)?.map(drop)
     }
 
     /// Relay mode: makes this broker's copy of `name` (mirror `index`'s) match its upstream's
