@@ -5,7 +5,6 @@
 use crate::support::pki::{write_private, Ca, Issued};
 use crate::support::*;
 use std::collections::HashMap;
-use std::path::Path;
 use tapeline::client::{self, Client, Credentials};
 use tapeline::config::{Access, Grants, Tls, Tokens};
 use tapeline::protocol::pb;
@@ -336,11 +335,6 @@ async fn the_permission_matrix_holds_for_tokens_client_certificates_and_no_crede
     server.stop().await;
 }
 
-/// A settings file for `serve --config`.
-fn settings(path: &Path, text: &str) {
-    write_private(path, text);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_copies_over_tls_as_its_own_principal_only_what_it_may_read() {
     let dir = tempfile::tempdir().unwrap();
@@ -351,7 +345,7 @@ async fn a_relay_copies_over_tls_as_its_own_principal_only_what_it_may_read() {
     let tokens = dir.path().join("tokens");
     let producer = Tokens::create(&tokens, "producer").unwrap();
     let origin_settings = dir.path().join("origin.toml");
-    settings(
+    write_private(
         &origin_settings,
         &format!(
             "[tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n[auth]\ntokens = {:?}\n\
@@ -460,7 +454,7 @@ async fn sighup_reloads_the_certificate_and_tokens_without_dropping_subscribers(
     let tokens = dir.path().join("tokens");
     let first = Tokens::create(&tokens, "app").unwrap();
     let settings_path = dir.path().join("settings.toml");
-    settings(
+    write_private(
         &settings_path,
         &format!(
             "[tls]\ncert = {live_cert:?}\nkey = {live_key:?}\n[auth]\ntokens = {tokens:?}\n\
@@ -523,7 +517,7 @@ async fn the_cli_makes_tokens_and_uses_them_with_tls() {
     assert!(token.starts_with("tlt_"), "{token}");
     assert!(String::from_utf8_lossy(&made.stderr).contains("only this once"));
     let settings_path = dir.path().join("settings.toml");
-    settings(
+    write_private(
         &settings_path,
         &format!(
             "[tls]\ncert = {:?}\nkey = {:?}\n[auth]\ntokens = {tokens:?}\n[[auth.principal]]\nname = \"ops\"\nadmin = [\"**\"]\nsubscribe = [\"**\"]\n",
