@@ -337,6 +337,12 @@ impl Log {
             flush_failed,
             shared: shared.clone(),
             commits: commits.clone(),
+            unsynced: Vec::new(),
+            unsynced_since: None,
+            timer: tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .map_err(|source| Error::Io { context: "starting the writer's timer".into(), source })?,
         };
         let writer_thread = std::thread::Builder::new()
             .name("tapeline-writer".into())

@@ -12,6 +12,12 @@
 //!   group whose write or sync met a full disk (the file is cut back and nothing of the group is
 //!   kept in memory): publishing resumes once there is room. Any other failure to write or sync
 //!   stops the writer taking writes (fail-stop) until a restart recovers from the log.
+//! - A catalog change (define, seal, delete) is written without a sync of its own: it waits at
+//!   most [`CATALOG_SYNC_WAIT`] for a sync that covers it (a group commit's, or any other
+//!   record's), else the writer syncs it alone; only then is it announced and answered, before
+//!   anything written after it is. A sync that fails while changes wait stops the writer (they
+//!   are already in the index). So a flood of catalog changes adds writes to group commits, not
+//!   syncs in front of them.
 //! - Nothing of the index is on the ack path: the ack follows the log's sync. A group commit's
 //!   pointers go to the view's overlay before it is published, and the applier thread applies it
 //!   to sled with others (`applier.rs`); every other record is applied by the writer itself, after
@@ -39,7 +45,7 @@ use crate::types::StreamName;
 use crate::types::{NewRecord, Recent, StreamId, StreamInfo, StreamMeta, Tick, Trimmed};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 /// A chunk is sealed when it reaches this many encoded bytes or records.
@@ -52,6 +58,11 @@ const GROUP_MAX_BYTES: usize = 32 << 20;
 /// small commits, which would each cost sled a batch, and large commits waiting for the applier
 /// made sled hold much more memory (commit bad0dce).
 const APPLY_AT_ONCE: usize = 256;
+/// How long a catalog change written under `fsync = always` waits for a sync that covers it (see
+/// the invariants above) before the writer syncs it alone.
+const CATALOG_SYNC_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
+/// Catalog changes waiting for a sync: more are synced at once.
+const CATALOG_WAITING_MAX: usize = 256;
 /// How far ahead of the broker's wall clock an explicit tick may be. Explicit ticks move the
 /// broker-wide clock, so a tick far in the future would shift every later tick.
 pub const MAX_TICK_AHEAD: Tick = Tick(60_000_000_000);
@@ -90,6 +101,26 @@ pub(super) struct Writer {
     pub flush_failed: Arc<std::sync::OnceLock<String>>,
     pub shared: Arc<RwLock<Shared>>,
     pub commits: broadcast::Sender<Commit>,
+    /// Catalog changes written and not yet synced, oldest first, and when the first was written.
+    pub unsynced: Vec<Unsynced>,
+    pub unsynced_since: Option<std::time::Instant>,
+    /// Times the wait for the next command while catalog changes wait for a sync.
+    pub timer: tokio::runtime::Runtime,
+}
+
+/// A catalog change in the log, not synced yet: announced and answered once it is.
+pub(super) struct Unsynced {
+    info: StreamInfo,
+    /// What readers are told: (created, deleted); none when nothing changed (an answer that must
+    /// not come before the changes written ahead of it).
+    announce: Option<(bool, bool)>,
+    reply: oneshot::Sender<Result<StreamInfo>>,
+}
+
+/// What a catalog command did.
+enum Catalog {
+    Unchanged(StreamInfo),
+    Changed { info: StreamInfo, created: bool, deleted: bool },
 }
 
 /// Why a record was not written.
@@ -120,7 +151,7 @@ impl Writer {
         self.release(&[]);
         let mut stop = None;
         while stop.is_none() {
-            let Some(first) = inbox.blocking_recv() else { break };
+            let Some(first) = self.next(&mut inbox) else { break };
             // Gather every append already waiting; any other command waits for the group.
             let mut group = Vec::new();
             let mut bytes = 0;
@@ -145,35 +176,47 @@ impl Writer {
                 self.commit(group);
             }
             match then {
-                Some(Command::Advance { to, reply }) => {
-                    let _ = reply.send(self.advance(to));
-                }
-                Some(Command::Trim { plan, reply }) => {
-                    let _ = reply.send(self.checked().and_then(|()| self.trim(plan)));
-                }
-                Some(Command::Compact { moves, reply }) => {
-                    let _ = reply.send(self.checked().and_then(|()| self.compact(moves)));
-                }
                 Some(Command::Define { name, meta, update, created, reply }) => {
-                    let _ =
-                        reply.send(self.checked().and_then(|()| self.define(name, meta, update, created)));
+                    let done = self.checked().and_then(|()| self.define(name, meta, update, created));
+                    self.hold(done, reply);
                 }
                 Some(Command::Seal { name, reply }) => {
-                    let _ = reply.send(self.checked().and_then(|()| self.seal(&name)));
+                    let done = self.checked().and_then(|()| self.seal(&name));
+                    self.hold(done, reply);
                 }
                 Some(Command::Delete { name, reply }) => {
-                    let _ = reply.send(self.checked().and_then(|()| self.delete(&name)));
+                    let done = self.checked().and_then(|()| self.delete(&name));
+                    self.hold(done, reply);
                 }
-                Some(Command::Release { reply }) => {
-                    if self.checked().is_ok() {
-                        self.release(&[]);
+                Some(other) => {
+                    self.settle();
+                    match other {
+                        Command::Advance { to, reply } => {
+                            let _ = reply.send(self.advance(to));
+                        }
+                        Command::Trim { plan, reply } => {
+                            let _ = reply.send(self.checked().and_then(|()| self.trim(plan)));
+                        }
+                        Command::Compact { moves, reply } => {
+                            let _ = reply.send(self.checked().and_then(|()| self.compact(moves)));
+                        }
+                        Command::Release { reply } => {
+                            if self.checked().is_ok() {
+                                self.release(&[]);
+                            }
+                            let _ = reply.send(());
+                        }
+                        Command::Stop { reply } => stop = Some(reply),
+                        Command::Append { .. }
+                        | Command::Define { .. }
+                        | Command::Seal { .. }
+                        | Command::Delete { .. } => {}
                     }
-                    let _ = reply.send(());
                 }
-                Some(Command::Stop { reply }) => stop = Some(reply),
-                Some(Command::Append { .. }) | None => {}
+                None => {}
             }
         }
+        self.settle();
         let applied = self.applier.drain();
         let flushed = applied.and_then(|()| self.appender.sync()).and_then(|()| self.view.index().persist());
         if let Err(err) = &flushed {
@@ -182,6 +225,68 @@ impl Writer {
         info!("writer stopped");
         if let Some(reply) = stop {
             let _ = reply.send(flushed);
+        }
+    }
+
+    /// The next command. While catalog changes wait for a sync, waits no longer than they may,
+    /// and syncs them when the time is up or nothing else is coming.
+    fn next(&mut self, inbox: &mut mpsc::Receiver<Command>) -> Option<Command> {
+        loop {
+            let Some(since) = self.unsynced_since else { return inbox.blocking_recv() };
+            let left = CATALOG_SYNC_WAIT.saturating_sub(since.elapsed());
+            // (The timer exists only inside the runtime: the timeout is made there.)
+            match self.timer.block_on(async { tokio::time::timeout(left, inbox.recv()).await }) {
+                Ok(command) => return command,
+                Err(_) => self.settle(),
+            }
+        }
+    }
+
+    /// Answers a catalog command: a change waits for a sync (see [`Writer::settle`]), and so
+    /// does an answer behind one.
+    fn hold(&mut self, done: Result<Catalog>, reply: oneshot::Sender<Result<StreamInfo>>) {
+        let (info, announce) = match done {
+            Ok(Catalog::Changed { info, created, deleted }) => (info, Some((created, deleted))),
+            Ok(Catalog::Unchanged(info)) if !self.unsynced.is_empty() => (info, None),
+            answer => {
+                let _ = reply.send(answer.map(|done| match done {
+                    Catalog::Unchanged(info) | Catalog::Changed { info, .. } => info,
+                }));
+                return;
+            }
+        };
+        self.unsynced.push(Unsynced { info, announce, reply });
+        self.unsynced_since.get_or_insert_with(std::time::Instant::now);
+        if !matches!(self.fsync, FsyncPolicy::Always) || self.unsynced.len() >= CATALOG_WAITING_MAX {
+            self.settle();
+        }
+    }
+
+    /// Syncs the catalog changes written since the last sync (under `fsync = always`), then
+    /// announces and answers them, in order.
+    fn settle(&mut self) {
+        if self.unsynced.is_empty() {
+            return;
+        }
+        self.unsynced_since = None;
+        if matches!(self.fsync, FsyncPolicy::Always) && self.failed.is_none() {
+            if let Err(err) = self.appender.sync() {
+                // They are in the index already: only a restart can tell what the log kept.
+                self.fail(&err, "syncing the log failed");
+            }
+        }
+        let failed = self.failed.clone();
+        for change in std::mem::take(&mut self.unsynced) {
+            let answer = match &failed {
+                Some(cause) => Err(Error::LogFailed { cause: cause.clone() }),
+                None => {
+                    if let Some((created, deleted)) = change.announce {
+                        self.publish_change(&change.info, created, deleted);
+                    }
+                    Ok(change.info)
+                }
+            };
+            let _ = change.reply.send(answer);
         }
     }
 
@@ -206,16 +311,17 @@ impl Writer {
         self.failed.get_or_insert_with(|| err.to_string());
     }
 
-    /// Writes a record other than an append (syncing it under `fsync = always`) and applies it
-    /// to the index, after the appends before it. Counts the chunks it adds, and returns those it
-    /// releases.
+    /// Writes a record other than an append (syncing it under `fsync = always` when `sync`) and
+    /// applies it to the index, after the appends before it. Counts the chunks it adds, and
+    /// returns those it releases.
     fn write<C: AsRef<[u8]>>(
         &mut self,
         body: &Body,
         data: &[C],
+        sync: bool,
     ) -> std::result::Result<Vec<Location>, NotWritten> {
         self.drain_applier()?;
-        let written = self.append(body, data)?;
+        let written = self.append(body, data, sync)?;
         self.apply(&written, &[]).map(|changed| changed.released)
     }
 
@@ -256,7 +362,7 @@ impl Writer {
         data: &[Vec<u8>],
         producers: ProducerStates,
     ) -> std::result::Result<(), NotWritten> {
-        let written = self.append(&body, data)?;
+        let written = self.append(&body, data, true)?;
         let large = written.body.chunks().len() + body_created(&written.body).len() >= APPLY_AT_ONCE;
         if large && self.drain_applier().is_ok() && self.apply(&written, &producers).is_ok() {
             return Ok(());
@@ -273,15 +379,17 @@ impl Writer {
         Ok(())
     }
 
-    /// Appends a record to the log and syncs it under `fsync = always`. A full disk is undone and
-    /// refused; any other failure stops the writer.
+    /// Appends a record to the log and syncs it under `fsync = always` when `sync` (the flag in
+    /// the record says whether it was). A full disk is undone and refused, unless catalog changes
+    /// waiting for this sync went with it; any other failure stops the writer.
     fn append<C: AsRef<[u8]>>(
         &mut self,
         body: &Body,
         data: &[C],
+        sync: bool,
     ) -> std::result::Result<Written, NotWritten> {
         let (seq, prev) = self.appender.chain();
-        let always = matches!(self.fsync, FsyncPolicy::Always);
+        let always = sync && matches!(self.fsync, FsyncPolicy::Always);
         let flags = if always { commit::FLAG_SYNCED } else { 0 };
         let record = Encoded::new(body, self.appender.salt(), seq, prev, self.clock, flags, data);
         let at = match self.appender.append(&record, data) {
@@ -298,7 +406,7 @@ impl Writer {
                 // file back to its last sync (nothing since was acknowledged) and sync that.
                 let undone = self.appender.roll_back();
                 return match undone {
-                    Ok(()) if disk_full(&err) => Err(NotWritten::Refused(err)),
+                    Ok(()) if disk_full(&err) && self.unsynced.is_empty() => Err(NotWritten::Refused(err)),
                     Ok(()) => {
                         self.fail(&err, "syncing the log failed (the unsynced record was cut off)");
                         Err(NotWritten::Failed(err))
@@ -334,11 +442,12 @@ impl Writer {
             let raised = self.clock.max(to.min(Tick::now()));
             let before = self.clock;
             self.clock = raised;
-            if raised > self.written_clock && self.write(&Body::Clock, &[] as &[&[u8]]).is_err() {
+            if raised > self.written_clock && self.write(&Body::Clock, &[] as &[&[u8]], true).is_err() {
                 // Not promised: the watermark stays where the log says.
                 self.clock = before;
             }
         }
+        self.settle();
         let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
         shared.watermark = shared.watermark.max(self.clock.min(self.written_clock));
         let commit = Commit {
@@ -385,7 +494,7 @@ impl Writer {
         mut meta: StreamMeta,
         update: bool,
         at: Option<Tick>,
-    ) -> Result<StreamInfo> {
+    ) -> Result<Catalog> {
         if let Some(info) = self.streams.get(name.as_str()) {
             if meta.importing && !info.meta.importing {
                 return Err(Error::NotImportable { stream: name.to_string() });
@@ -394,7 +503,7 @@ impl Writer {
             meta.importing = info.meta.importing;
         }
         let (info, created) = match self.streams.get(name.as_str()) {
-            Some(info) if *info.meta == meta => return Ok(info.clone()),
+            Some(info) if *info.meta == meta => return Ok(Catalog::Unchanged(info.clone())),
             Some(_) if !update => return Err(Error::StreamExists { stream: name.to_string() }),
             Some(info) => (StreamInfo { meta: Arc::new(meta), ..info.clone() }, false),
             None => {
@@ -419,8 +528,7 @@ impl Writer {
             info!(stream = %name, "stream metadata changed");
         }
         self.streams.insert(info.name.clone(), info.clone());
-        self.publish_change(&info, created, false);
-        Ok(info)
+        Ok(Catalog::Changed { info, created, deleted: false })
     }
 
     /// Writes a stream's catalog entry (`created`: a new stream), raising the clock to its
@@ -434,7 +542,7 @@ impl Writer {
             created: info.created_tick,
             meta: (*info.meta).clone(),
         };
-        if let Err(not) = self.write(&Body::Define { stream: defined, created }, &[] as &[&[u8]]) {
+        if let Err(not) = self.write(&Body::Define { stream: defined, created }, &[] as &[&[u8]], false) {
             // Not written: nothing was promised.
             self.clock = clock_before;
             return Err(self.refused_or(not));
@@ -444,12 +552,12 @@ impl Writer {
 
     /// See `Log::seal`. The stream is announced as created at the seal's tick: above everything
     /// promised so far, so every subscription learns of it in order with the records.
-    fn seal(&mut self, name: &str) -> Result<StreamInfo> {
+    fn seal(&mut self, name: &str) -> Result<Catalog> {
         let Some(info) = self.streams.get(name).cloned() else {
             return Err(Error::UnknownStream(name.to_string()));
         };
         if !info.meta.importing {
-            return Ok(info);
+            return Ok(Catalog::Unchanged(info));
         }
         let sealed = StreamInfo {
             created_tick: Tick::now().max(Tick(self.clock.0 + 1)),
@@ -459,8 +567,7 @@ impl Writer {
         self.write_define(&sealed, false)?;
         info!(stream = %name, records = sealed.records, first = ?sealed.first_tick, last = ?sealed.last_tick, "import sealed");
         self.streams.insert(sealed.name.clone(), sealed.clone());
-        self.publish_change(&sealed, true, false);
-        Ok(sealed)
+        Ok(Catalog::Changed { info: sealed, created: true, deleted: false })
     }
 
     /// A write's failure as the caller sees it.
@@ -472,18 +579,17 @@ impl Writer {
     }
 
     /// See `Log::delete`.
-    fn delete(&mut self, name: &str) -> Result<StreamInfo> {
+    fn delete(&mut self, name: &str) -> Result<Catalog> {
         let Some(info) = self.streams.get(name).cloned() else {
             return Err(Error::UnknownStream(name.to_string()));
         };
         let freed = self
-            .write(&Body::Delete { id: info.id, name: info.name.clone() }, &[] as &[&[u8]])
+            .write(&Body::Delete { id: info.id, name: info.name.clone() }, &[] as &[&[u8]], false)
             .map_err(|e| self.refused_or(e))?;
         info!(stream = %name, records = info.records, "stream deleted");
         self.streams.remove(name);
-        self.publish_change(&info, false, true);
         self.release(&freed);
-        Ok(info)
+        Ok(Catalog::Changed { info, created: false, deleted: true })
     }
 
     /// Removes the chunks of a plan, unless the stream changed since it was planned (it can only
@@ -509,7 +615,7 @@ impl Writer {
         // range published before the pointers go (see `Log::read`).
         self.drain_applier().map_err(|e| self.refused_or(e))?;
         let written = self
-            .append(&Body::Trim { id: plan.id, removed }, &[] as &[&[u8]])
+            .append(&Body::Trim { id: plan.id, removed }, &[] as &[&[u8]], true)
             .map_err(|e| self.refused_or(e))?;
         let (records, bytes) = (stream.trimmed.records + stream.records, stream.trimmed.bytes + stream.bytes);
         let mut stream = stream;
@@ -560,7 +666,8 @@ impl Writer {
             return Ok(0);
         }
         let moved = entries.len();
-        let freed = self.write(&Body::Move { chunks: entries }, &chunks).map_err(|e| self.refused_or(e))?;
+        let freed =
+            self.write(&Body::Move { chunks: entries }, &chunks, true).map_err(|e| self.refused_or(e))?;
         debug!(chunks = moved, "chunks moved out of a sparse chunk file");
         self.release(&freed);
         Ok(moved)
@@ -636,7 +743,7 @@ impl Writer {
             streams,
             producers,
         });
-        self.write(&body, &[] as &[&[u8]]).map_err(NotWritten::into_error)?;
+        self.write(&body, &[] as &[&[u8]], true).map_err(NotWritten::into_error)?;
         Ok(self.appender.position().0)
     }
 
@@ -879,6 +986,8 @@ impl Writer {
         for (id, name) in created_names {
             info!(stream = %name, id = id.0, "stream created");
         }
+        // The catalog changes this group's sync covered go first.
+        self.settle();
 
         {
             let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());

@@ -4,7 +4,8 @@
 //! file whose directory was never synced is gone, and a torn cut keeps part of the unsynced writes.
 //!
 //! Publishers stream acknowledged, idempotent batches over several streams under
-//! `--fsync always`, a subscriber follows them, retention runs every 20 ms, and chunk files of
+//! `--fsync always`, a client creates, changes and deletes streams meanwhile, a subscriber
+//! follows them, retention runs every 20 ms, and chunk files of
 //! 1 MiB (the smallest) rotate; one stream goes quiet after the first quarter of the run, so its
 //! last chunk keeps an old file sparse and compaction moves it. Then the power goes: SIGKILL, the
 //! disk rolled back to what was durable, the broker started again on it. Some cuts land while
@@ -16,6 +17,7 @@
 //!   as a duplicate, with its ticks, exactly when it had been stored, and never half of it;
 //! - the subscriber's records are a prefix of the log, and at the end, resuming from its
 //!   positions gets exactly the rest;
+//! - every acknowledged catalog change is there (a change in flight at the cut is there or not);
 //! - the broker starts: refusing to (an error at open) is a failure.
 //!
 //! CI runs `CI_CUTS`; `cargo test --test it powerloss:: -- --ignored --nocapture` runs `LONG_CUTS`.
@@ -38,6 +40,10 @@ const PUBLISHERS: usize = 3;
 const STREAMS: usize = 4;
 /// Records each stream keeps (retention's `max_records`).
 const KEPT: usize = 1500;
+/// The streams the catalog client creates, changes and deletes, and how long it waits between
+/// changes (keeping it under the broker's `catalog_changes_per_second`).
+const CATALOG_STREAMS: usize = 6;
+const CATALOG_PACE: Duration = Duration::from_millis(15);
 /// The stream publisher 0 also writes to during the first quarter of the run, then never again.
 const QUIET: &str = "power/quiet";
 
@@ -63,6 +69,11 @@ struct World {
     received: BTreeMap<String, Vec<(u64, String)>>,
     /// Whether publisher 0 still writes to the quiet stream.
     quiet: bool,
+    /// The catalog streams as acknowledged: the description of the last create or update, none
+    /// after a delete; and the change sent and not acknowledged (the stream, what it would be).
+    catalog: BTreeMap<String, Option<String>>,
+    catalog_in_flight: Option<(String, Option<String>)>,
+    catalog_changes: u64,
     /// The cut being run, and what the last cut did (for a failure's report).
     cut: usize,
     last_cut: String,
@@ -185,6 +196,74 @@ async fn publish_until_cut(world: Shared, url: String, n: usize) {
     }
 }
 
+/// Creates, changes and deletes the catalog streams until the broker stops answering.
+async fn change_catalog_until_cut(world: Shared, url: String) {
+    let Ok(mut client) = tapeline::client::connect(&url).await else { return };
+    loop {
+        let (stream, next) = {
+            let mut rng = rand::rng();
+            let mut w = lock(&world);
+            let stream = format!("power/catalog/{}", rng.random_range(0..CATALOG_STREAMS));
+            let exists = w.catalog.get(&stream).is_some_and(Option::is_some);
+            let next = (!exists || rng.random_bool(0.6)).then(|| format!("version {}", w.catalog_changes));
+            w.catalog_in_flight = Some((stream.clone(), next.clone()));
+            (stream, next)
+        };
+        let answered = match &next {
+            Some(description) => {
+                let request = pb::CreateStreamRequest {
+                    stream: stream.clone(),
+                    description: description.clone(),
+                    update: true,
+                    ..Default::default()
+                };
+                client.create_stream(request).await.map(|_| ())
+            }
+            None => {
+                client.delete_stream(pb::DeleteStreamRequest { stream: stream.clone() }).await.map(|_| ())
+            }
+        };
+        if answered.is_err() {
+            return;
+        }
+        {
+            let mut w = lock(&world);
+            w.catalog.insert(stream, next);
+            w.catalog_in_flight = None;
+            w.catalog_changes += 1;
+        }
+        tokio::time::sleep(CATALOG_PACE).await;
+    }
+}
+
+/// After a restart: every acknowledged catalog change is there, and the one in flight at the cut
+/// is there or not. The world takes what is found.
+async fn check_catalog(world: &Shared, client: &mut TapelineClient) {
+    let (catalog, in_flight) = {
+        let mut w = lock(world);
+        (w.catalog.clone(), w.catalog_in_flight.take())
+    };
+    let names: std::collections::BTreeSet<String> =
+        catalog.keys().cloned().chain(in_flight.iter().map(|(s, _)| s.clone())).collect();
+    for stream in names {
+        let found = match client.describe_stream(pb::DescribeStreamRequest { stream: stream.clone() }).await {
+            Ok(info) => Some(info.into_inner().description),
+            Err(status) if status.code() == tonic::Code::NotFound => None,
+            Err(status) => {
+                violated(world, "describe failed", format!("{stream}: {status}"));
+                continue;
+            }
+        };
+        let acked = catalog.get(&stream).cloned().flatten();
+        let sent = in_flight.as_ref().filter(|(s, _)| *s == stream).map(|(_, next)| next);
+        if found != acked && sent != Some(&found) {
+            let detail = format!("{stream}: acknowledged {acked:?}, in flight {sent:?}, found {found:?}");
+            violated(world, "acknowledged catalog change lost", detail);
+        }
+        lock(world).catalog.insert(stream, found);
+    }
+}
+
 /// Follows `power/**` from the subscriber's positions until the broker stops answering.
 async fn subscribe_until_cut(world: Shared, url: String) {
     let Ok(mut client) = tapeline::client::connect(&url).await else { return };
@@ -295,6 +374,7 @@ async fn stored(world: &Shared, url: &str) -> BTreeMap<(String, u64), String> {
 /// that was ever acknowledged, and that the subscriber's records are exactly the log's prefix.
 async fn check(world: &Shared, url: &str) -> usize {
     let mut client = client(url).await;
+    check_catalog(world, &mut client).await;
     let in_flight: Vec<(usize, pb::PublishRequest)> = lock(world)
         .publishers
         .iter()
@@ -505,6 +585,7 @@ fn cuts(n: usize) {
                 tasks.push(runtime.spawn(publish_until_cut(world.clone(), url.clone(), p)));
             }
             tasks.push(runtime.spawn(subscribe_until_cut(world.clone(), url.clone())));
+            tasks.push(runtime.spawn(change_catalog_until_cut(world.clone(), url.clone())));
             let load = rng.random_range(30..300);
             std::thread::sleep(Duration::from_millis(load));
             let mut when = format!("after {load} ms of load");
@@ -583,7 +664,7 @@ fn cuts(n: usize) {
     let started = files.iter().max().map_or(0, |newest| newest + 1);
     let w = lock(&world);
     eprintln!(
-        "power-loss suite: {n} cuts ({} torn, {} during recovery, {} during shutdown) in {:?}; {} batches acknowledged ({} retried after a cut, {} of them already stored), {} records; retention removed the oldest {} (its front moved in {} checks); {started} chunk files started ({} left), {} compactions of sparse ones; {total} records stored at the end",
+        "power-loss suite: {n} cuts ({} torn, {} during recovery, {} during shutdown) in {:?}; {} batches acknowledged ({} retried after a cut, {} of them already stored), {} records, {} catalog changes; retention removed the oldest {} (its front moved in {} checks); {started} chunk files started ({} left), {} compactions of sparse ones; {total} records stored at the end",
         w.torn,
         w.during_recovery,
         w.during_shutdown,
@@ -592,6 +673,7 @@ fn cuts(n: usize) {
         w.retried,
         w.duplicates,
         w.records,
+        w.catalog_changes,
         w.removed,
         w.removals_seen,
         files.len(),
@@ -616,6 +698,7 @@ fn cuts(n: usize) {
         );
     }
     assert!(w.removals_seen > 0, "retention removed nothing: the suite did not cut during removals");
+    assert!(w.catalog_changes > 0, "no catalog change was acknowledged");
     assert!(started > 1, "no chunk file was started: the suite did not cut around rotations");
     if n >= LONG_CUTS {
         assert!(w.compactions > 0, "nothing was compacted: the suite did not cut around compactions");
