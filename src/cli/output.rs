@@ -4,14 +4,17 @@ use std::time::Duration;
 use tapeline::client::Record;
 use tapeline::protocol::pb;
 
-/// One record as a JSON line: `{"stream":…,"tick":…,"payload":…}`, the payload as a string when it
-/// is UTF-8 and as `payload_base64` otherwise; `origin_time` and `headers` when present.
+/// One record as a JSON line: `{"stream":…,"tick":"…","payload":…}`, the payload as a string when
+/// it is UTF-8 and as `payload_base64` otherwise; `origin_time` and `headers` when present. Ticks
+/// and times are strings of digits, as in protobuf's JSON mapping: they pass 2^53, and jq 1.6 or
+/// JavaScript would round them as numbers (and a client resuming after a rounded tick would skip
+/// or repeat records).
 pub fn json_line(record: &Record) -> String {
     use base64::Engine;
     let text = |s: &str| serde_json::Value::from(s).to_string();
-    let mut line = format!("{{\"stream\":{},\"tick\":{}", text(&record.stream), record.tick);
+    let mut line = format!("{{\"stream\":{},\"tick\":\"{}\"", text(&record.stream), record.tick);
     if let Some(origin_time) = record.origin_time {
-        line.push_str(&format!(",\"origin_time\":{origin_time}"));
+        line.push_str(&format!(",\"origin_time\":\"{origin_time}\""));
     }
     if !record.headers.is_empty() {
         let headers: std::collections::BTreeMap<_, _> = record.headers.iter().map(|(k, v)| (k, v)).collect();
@@ -27,7 +30,8 @@ pub fn json_line(record: &Record) -> String {
     line
 }
 
-/// A stream as `streams --output json`, `create` and `delete` print it.
+/// A stream as `streams --output json`, `create` and `delete` print it (ticks as strings, see
+/// [`json_line`]).
 pub fn stream_json(s: &pb::StreamInfo) -> serde_json::Value {
     let retention = |r: &Option<pb::Retention>| {
         let r = r.unwrap_or_default();
@@ -37,9 +41,9 @@ pub fn stream_json(s: &pb::StreamInfo) -> serde_json::Value {
         "stream": s.name,
         "records": s.records,
         "bytes": s.bytes,
-        "first_tick": s.first_tick,
-        "last_tick": s.last_tick,
-        "created_tick": s.created_tick,
+        "first_tick": s.first_tick.to_string(),
+        "last_tick": s.last_tick.to_string(),
+        "created_tick": s.created_tick.to_string(),
         "content_type": s.content_type,
         "schema_version": s.schema_version,
         "description": s.description,
@@ -75,13 +79,13 @@ mod tests {
             payload: "hi \"x\"".into(),
             ..Default::default()
         });
-        assert_eq!(json_line(&record), r#"{"stream":"a/b","tick":7,"payload":"hi \"x\""}"#);
+        assert_eq!(json_line(&record), r#"{"stream":"a/b","tick":"7","payload":"hi \"x\""}"#);
         let record = Record::from(pb::Record {
             stream: "a".into(),
             tick: 1,
             payload: vec![0xff, 0].into(),
             ..Default::default()
         });
-        assert_eq!(json_line(&record), r#"{"stream":"a","tick":1,"payload_base64":"/wA="}"#);
+        assert_eq!(json_line(&record), r#"{"stream":"a","tick":"1","payload_base64":"/wA="}"#);
     }
 }

@@ -62,7 +62,7 @@ fn publish_lines_then_tail_them_back_as_json() {
     assert_eq!(lines[1]["payload"], "{\"c\": 22}", "CRLF is stripped, JSON stays a string");
     assert_eq!(lines[2]["payload_base64"], "//4=", "non-UTF-8 payloads are base64");
     assert_eq!(lines[3]["stream"], "sensors/hum");
-    let ticks: Vec<u64> = lines.iter().map(|l| l["tick"].as_u64().unwrap()).collect();
+    let ticks: Vec<u64> = lines.iter().map(|l| l["tick"].as_str().unwrap().parse().unwrap()).collect();
     assert!(ticks.windows(2).all(|w| w[0] < w[1]));
 
     // --limit, --after, --output raw.
@@ -155,6 +155,66 @@ fn tail_follows_live_and_serve_shuts_down_cleanly_on_sigterm() {
     // Everything acknowledged is there.
     let out = run(&["tail", "live", "--server", &serve.url, "--to", "now", "--output", "raw"], b"");
     assert_eq!(text(&out.stdout), "before\nduring\nafter\n");
+}
+
+/// The README's resume example: the last tick seen, taken with `jq -r .tick`, then `--after` it.
+/// Ticks are printed as strings because they pass 2^53: read as a JSON number (jq 1.6,
+/// JavaScript), a tick is rounded to a multiple of 256, and a resume after it skips or repeats
+/// records of a batch, whose ticks are 1 ns apart.
+#[test]
+fn resuming_after_a_tick_taken_with_jq_gets_exactly_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(&dir.path().join("data"), &[]);
+    let url = serve.url.as_str();
+    let lines: String = (0..1000).map(|i| format!("{i}\n")).collect();
+    let out = run(&["publish", "sensors/room1/temp", "--server", url], lines.as_bytes());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let shell = |script: &str| {
+        let out = Command::new("sh")
+            .args(["-c", script])
+            .env(
+                "PATH",
+                format!("{}:{}", Path::new(BIN).parent().unwrap().display(), std::env::var("PATH").unwrap()),
+            )
+            .env("TAPELINE_TEST_URL", url)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{script}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    // As the README says, with a disconnect after 500 records.
+    let last = shell(
+        "tapeline tail sensors/room1/temp --server \"$TAPELINE_TEST_URL\" --limit 500 | tail -n 1 | jq -r .tick",
+    );
+    let last = last.trim();
+    let rest = shell(&format!(
+        "tapeline tail sensors/room1/temp --server \"$TAPELINE_TEST_URL\" --after {last} --to now --output raw"
+    ));
+    let expected: String = (500..1000).map(|i| format!("{i}\n")).collect();
+    assert_eq!(rest, expected, "resuming after {last} gives exactly the rest");
+
+    // Why a string: the same tick read as a number, as jq 1.6 reads one, is another tick.
+    let all = shell("tapeline tail sensors/room1/temp --server \"$TAPELINE_TEST_URL\" --to now");
+    let ticks: Vec<u64> = all
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["tick"].as_str().unwrap().parse().unwrap()
+        })
+        .collect();
+    let exact = *ticks.iter().skip(500).find(|t| (**t as f64) as u64 != **t).unwrap();
+    let rounded = (exact as f64) as u64;
+    let seen = ticks.iter().position(|t| *t == exact).unwrap() + 1;
+    let after = format!("--after {rounded}");
+    let resumed = shell(&format!(
+        "tapeline tail sensors/room1/temp --server \"$TAPELINE_TEST_URL\" {after} --to now --output raw"
+    ));
+    let got = resumed.lines().count();
+    assert_ne!(got, 1000 - seen, "a rounded tick ({exact} read as {rounded}) resumes elsewhere");
+    eprintln!(
+        "after {seen} records, tick {exact} read as a number is {rounded}: {got} records follow it, not {}",
+        1000 - seen
+    );
 }
 
 #[test]
