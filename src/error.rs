@@ -21,10 +21,6 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
-    /// The end of a subscription lies before its start.
-    #[error("end tick {end} is before the start of the interval ({start}): end must not be before start")]
-    EndBeforeStart { start: String, end: Tick },
-
     /// One record is larger than the configured limit.
     #[error("record of stream {stream:?} has a {size}-byte payload, over the limit of {limit} bytes (max_record_bytes)")]
     RecordTooLarge { stream: String, size: usize, limit: usize },

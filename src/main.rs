@@ -14,9 +14,14 @@ fn main() -> ExitCode {
         _ => "warn",
     };
     let filter = EnvFilter::try_from_env("TAPELINE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    // Colours only for a person at a terminal, plain text for files and pipes.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    let json = matches!(&cli.command, cli::Command::Serve(args) if args.log_format == "json");
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        logs.json().init();
+    } else {
+        // Colours only for a person at a terminal, plain text for files and pipes.
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+    }
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

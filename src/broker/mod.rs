@@ -3,6 +3,7 @@
 
 pub mod link;
 pub mod quota;
+pub mod registry;
 pub mod subscription;
 
 use crate::config::{Config, Limits, Mirror};
@@ -81,6 +82,8 @@ pub struct SubscribeRequest {
     /// The streams the client may read (a subscription by pattern silently selects only those);
     /// `None` for all.
     pub readable: Option<Vec<Pattern>>,
+    /// Who asks, for the status page.
+    pub client: registry::Client,
 }
 
 /// Who this server is, for `Hello`.
@@ -114,6 +117,8 @@ pub struct Broker {
     subscription_slots: Arc<Semaphore>,
     /// Subscriptions running now: each takes an equal share of their memory budget.
     subscriptions: Arc<std::sync::atomic::AtomicUsize>,
+    /// The same, as the status page shows them.
+    registry: Arc<registry::Registry>,
     /// Each client connection's publish quota, when there is one.
     publish_quota: PerConnection,
     /// Catalog changes by clients (`limits.catalog_changes_per_second`).
@@ -159,6 +164,7 @@ impl Broker {
             notice: config.notice.clone(),
             subscription_slots: Arc::new(Semaphore::new(config.limits.max_subscriptions)),
             subscriptions: Arc::default(),
+            registry: Arc::default(),
             publish_quota: PerConnection::default(),
             // A window of 16 s: the burst (a sixteenth of it) is one second's worth.
             catalog_rate: std::sync::Mutex::new(quota::Window::new(Rate {
@@ -362,6 +368,17 @@ impl Broker {
         self.links.borrow().get(index).map(|l| l.status(Tick::now()))
     }
 
+    /// The subscriptions running now, oldest first.
+    pub fn subscriptions(&self) -> Vec<Arc<registry::Progress>> {
+        self.registry.running()
+    }
+
+    /// The state of every upstream link now (none on an origin).
+    pub fn link_statuses(&self) -> Vec<UpstreamStatus> {
+        let now = Tick::now();
+        self.links.borrow().iter().map(|l| l.status(now)).collect()
+    }
+
     /// The log, for the background tasks that work on it directly (the retention trimmer).
     pub fn log(&self) -> Arc<Log> {
         self.log.clone()
@@ -499,17 +516,6 @@ impl Broker {
             }
             resume.insert(name, Tick(tick));
         }
-        if let Some(end) = request.end {
-            let end = Tick(end);
-            let before = match request.start {
-                Start::At(t) if end < t => Some(format!("at {t}")),
-                Start::After(t) if end <= t => Some(format!("after {t}")),
-                _ => None,
-            };
-            if let Some(start) = before {
-                return Err(Error::EndBeforeStart { start, end });
-            }
-        }
         // NaN fails every comparison, so it is caught by `is_finite` and never reaches the pump.
         if !request.pace.is_finite() || request.pace < 0.0 || request.pace > MAX_PACE {
             return Err(Error::InvalidArgument(format!(
@@ -551,7 +557,16 @@ impl Broker {
             readable: request.readable,
         };
         let share = subscription::Share::join(&self.subscriptions);
-        Ok(subscription::spawn(self.log.clone(), spec, self.shutdown.clone(), &self.tasks, slot, share))
+        let progress = self.registry.enter(request.client, request.streams, spec.slow);
+        Ok(subscription::spawn(
+            self.log.clone(),
+            spec,
+            self.shutdown.clone(),
+            &self.tasks,
+            slot,
+            share,
+            progress,
+        ))
     }
 
     /// A page of `ListStreams`: up to `size` (at most [`MAX_LIST_PAGE`]) streams matching

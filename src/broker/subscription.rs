@@ -324,6 +324,8 @@ struct Pump {
     _slot: OwnedSemaphorePermit,
     /// Its share of the memory of all subscriptions.
     share: Share,
+    /// Its entry in the registry of running subscriptions.
+    progress: super::registry::Entry,
 }
 
 /// Registers the subscription now and spawns its pump on `tasks`. The receiver ends after an
@@ -336,6 +338,7 @@ pub fn spawn(
     tasks: &tokio_util::task::TaskTracker,
     slot: OwnedSemaphorePermit,
     share: Share,
+    progress: super::registry::Entry,
 ) -> Events {
     let (out, events) = mpsc::channel(OUTBOX);
     let snapshot = log.snapshot();
@@ -361,6 +364,7 @@ pub fn spawn(
         announce: Vec::new(),
         _slot: slot,
         share,
+        progress,
         spec,
     };
     for info in snapshot.streams {
@@ -542,8 +546,12 @@ impl Pump {
         self.drain(self.bound(watermark)).await?;
         self.send(Event::CaughtUp(self.complete(self.bound(watermark)))).await?;
         self.live = true;
+        self.progress.caught_up();
         // Live: each commit marks streams dirty and raises the bound.
         loop {
+            // Everything up to the watermark went out: the status page shows no lag while the
+            // subscription waits for the next commit.
+            self.progress.delivered(self.complete(self.bound(watermark)));
             if let Some(end) = self.spec.end.filter(|_| self.ended(watermark)) {
                 // The last message says the end was reached, so a client can tell a finished
                 // subscription from a connection closed early.
@@ -924,11 +932,13 @@ impl Pump {
         let batch = std::mem::replace(&mut self.pending, next);
         let weight = std::mem::take(&mut self.pending_bytes);
         let last = batch.last().map_or(Tick(0), |r| r.tick);
+        let count = batch.len() as u64;
         // Never back: an import sealed just now comes in below what was already complete, and
         // its `StreamAdded` (with its range) told the client so.
         let complete_to = self.complete(last.max(self.last_sent));
         self.send_weighing(Event::Records { records: batch, complete_to }, weight).await?;
         self.last_sent = self.last_sent.max(last);
+        self.progress.sent(count, weight as u64, self.last_sent);
         self.keep_up().await
     }
 
@@ -995,6 +1005,7 @@ impl Pump {
             }
         }
         self.last_sent = self.last_sent.max(tail);
+        self.progress.delivered(self.last_sent);
         Ok(())
     }
 

@@ -198,6 +198,18 @@ pub async fn tail(args: TailArgs) -> Result<ExitCode> {
         Some("now") => Some(greet(&args.servers[0], &credentials).await?.tail_tick),
         Some(v) => Some(parse_point("--to", v)?.0),
     };
+    // The server ends an empty interval at once; asked for by hand, an end before the start is
+    // a mistake to point out.
+    let before = match (&start, end) {
+        (Start::At(at), Some(end)) if end < *at => Some(format!("--from {at}")),
+        (Start::After(after), Some(end)) if end < *after => Some(format!("--after {after}")),
+        _ => None,
+    };
+    if let (Some(start), Some(end)) = (before, end) {
+        return Err(Error::InvalidArgument(format!(
+            "--to {end} is before the start ({start}): nothing lies between them"
+        )));
+    }
     if args.limit == Some(0) {
         return Ok(ExitCode::SUCCESS);
     }
@@ -215,7 +227,8 @@ pub async fn tail(args: TailArgs) -> Result<ExitCode> {
         slow_consumer: match args.slow_consumer.as_str() {
             "latest" => pb::SlowConsumer::Latest,
             "disconnect" => pb::SlowConsumer::Disconnect,
-            _ => pb::SlowConsumer::CatchUp,
+            // Not set means catch up, also to servers older than SLOW_CONSUMER_CATCH_UP.
+            _ => pb::SlowConsumer::Unspecified,
         },
         credentials,
         ..SubscribeOptions::new(String::new(), args.patterns, start)

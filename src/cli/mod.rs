@@ -29,7 +29,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the broker.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Publish each line of standard input as one record of STREAM.
     Publish(PublishArgs),
     /// Print records of the streams matching PATTERN..., replayed then live.
@@ -85,6 +85,14 @@ pub struct ServeArgs {
     /// [default: 127.0.0.1:7411].
     #[arg(long)]
     pub listen: Option<String>,
+    /// The admin listener (plain HTTP): Prometheus metrics at /metrics, /healthz, /readyz, and a
+    /// status page at / [default: off; e.g. 127.0.0.1:7412].
+    #[arg(long)]
+    pub admin_listen: Option<String>,
+    /// How the broker logs to stderr: text (for people) or json (one object per line, for log
+    /// collectors).
+    #[arg(long, env = "TAPELINE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
     /// Data directory [default: tapeline-data].
     #[arg(long, conflicts_with = "volatile")]
     pub data: Option<PathBuf>,
@@ -170,6 +178,7 @@ impl ServeArgs {
     fn settings(&self) -> config::File {
         config::File {
             listen: self.listen.clone(),
+            admin_listen: self.admin_listen.clone(),
             data: self.data.clone(),
             volatile: self.volatile.then_some(true),
             fsync: self.fsync.clone(),
@@ -391,7 +400,7 @@ pub struct TailArgs {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Publish(args) => publish(args).await,
         Command::Tail(args) => tail(args).await,
         Command::Streams(args) => streams(args).await,

@@ -22,11 +22,29 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode> {
         .local_addr()
         .map_err(|source| Error::Io { context: "reading the listen address".into(), source })?;
     config.check_exposure(addr)?;
+    let admin = match &settings.admin_listen {
+        Some(admin) => {
+            let listener = listen_on(admin).await.map_err(|source| Error::Io {
+                context: format!("cannot listen on {admin} (--admin-listen)"),
+                source,
+            })?;
+            let addr = listener
+                .local_addr()
+                .map_err(|source| Error::Io { context: "reading the admin listen address".into(), source })?;
+            config.check_admin_exposure(addr)?;
+            Some((listener, addr))
+        }
+        None => None,
+    };
     // The log opens (and recovers) before the ready line, so a bad or locked data dir is
     // reported instead of it.
-    let server = tapeline::server::Server::open(config)?;
-    // The one line a script waits for: where the broker listens.
+    let mut server = tapeline::server::Server::open(config)?;
+    // The one line a script waits for: where the broker listens. (The admin listener's follows.)
     println!("tapeline listening on {addr}");
+    if let Some((listener, addr)) = admin {
+        server = server.with_admin(listener);
+        println!("tapeline admin on http://{addr}/");
+    }
     let _ = std::io::stdout().flush();
     server.serve(listener, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)

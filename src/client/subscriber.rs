@@ -186,8 +186,8 @@ impl Subscriber {
             let endpoint = self.endpoint().to_string();
             let silence = self.heartbeat() * 3 + Duration::from_secs(1);
             let Some(stream) = self.stream.as_mut() else {
-                // Nothing is left to ask for; before the first connection the server judges the
-                // request instead (an `end` before the start is a mistake to report).
+                // Nothing is left to ask for (after the first connection: before it, the server
+                // judges the request and ends an empty interval at once).
                 let done =
                     self.options.end.is_some_and(|end| self.seen_up_to.is_some_and(|seen| seen >= end));
                 if done && self.opened {
@@ -273,7 +273,7 @@ impl Subscriber {
             streams: self.options.streams.clone(),
             start: Some(start),
             resume: self.positions.clone(),
-            end: self.options.end,
+            end: self.options.end.unwrap_or(0),
             heartbeat_ms: u32::try_from(self.heartbeat().as_millis()).unwrap_or(u32::MAX),
             pace: self.options.pace,
             max_bytes_per_second: self.options.max_bytes_per_second,

@@ -17,6 +17,8 @@ use std::time::Duration;
 #[serde(deny_unknown_fields)]
 pub struct File {
     pub listen: Option<String>,
+    /// The admin listener: /metrics, /healthz, /readyz and the status page (off when unset).
+    pub admin_listen: Option<String>,
     pub data: Option<PathBuf>,
     pub volatile: Option<bool>,
     pub fsync: Option<String>,
@@ -159,6 +161,9 @@ pub const DEFAULT_FILE: &str = r#"# tapeline settings (TOML). Start the broker w
 
 # Address to listen on (port 0 picks a free one).
 listen = "127.0.0.1:7411"
+# The admin listener, plain HTTP: Prometheus metrics at /metrics, /healthz, /readyz, and a status
+# page at / (off unless set; an address other than loopback needs insecure = true).
+# admin_listen = "127.0.0.1:7412"
 # Data directory.
 data = "tapeline-data"
 # true: keep the log in a temporary directory, removed at exit (data is then ignored).
@@ -291,6 +296,7 @@ impl File {
     pub fn overridden_by(self, over: File) -> File {
         File {
             listen: over.listen.or(self.listen),
+            admin_listen: over.admin_listen.or(self.admin_listen),
             // A data dir given on the command line means a data dir, whatever the file says.
             volatile: if over.data.is_some() { Some(false) } else { over.volatile.or(self.volatile) },
             data: over.data.or(self.data),

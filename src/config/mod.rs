@@ -356,6 +356,17 @@ impl Config {
         )))
     }
 
+    /// Refuses an admin listener (plain HTTP, no authentication: it shows stream names, peers and
+    /// principals) on an address other than loopback, unless `insecure` says so.
+    pub fn check_admin_exposure(&self, addr: std::net::SocketAddr) -> Result<()> {
+        if addr.ip().is_loopback() || self.insecure {
+            return Ok(());
+        }
+        Err(Error::Unsafe(format!(
+            "the admin listener {addr} is reachable from other hosts, and it has no TLS or authentication: anyone who reaches it sees every stream's name, the clients' addresses and principals. Listen on loopback (--admin-listen 127.0.0.1:7412) behind a proxy that authenticates, or pass --insecure (insecure = true) to expose it knowingly"
+        )))
+    }
+
     /// Checks the settings together.
     pub fn validate(&self) -> Result<()> {
         self.limits.validate()?;

@@ -116,6 +116,13 @@ fn is_small_request<U: 'static>() -> bool {
     .contains(&TypeId::of::<U>())
 }
 
+/// Whether `U` is the request of one of the service's methods (the server decodes it).
+fn is_request<U: 'static>() -> bool {
+    is_small_request::<U>()
+        || [TypeId::of::<pb::PublishRequest>(), TypeId::of::<pb::SubscribeRequest>()]
+            .contains(&TypeId::of::<U>())
+}
+
 /// Prost's decoder, preceded by [`screen`] when the message is a `PublishRequest`, and refusing a
 /// small method's request over [`MAX_SMALL_REQUEST`].
 #[derive(Debug)]
@@ -147,7 +154,16 @@ impl<U: prost::Message + Default + 'static> Decoder for Screened<U> {
                     .map_err(|e| Status::resource_exhausted(e.to_string()))?;
             }
         }
-        self.0.decode(buf)
+        let decoded = self.0.decode(buf);
+        // tonic answers bytes that do not parse with INTERNAL; for a request they are the
+        // client's mistake. (A response that does not parse stays INTERNAL on the client.)
+        decoded.map_err(|status| match status.code() {
+            tonic::Code::Internal if is_request::<U>() => {
+                let name = std::any::type_name::<U>().rsplit("::").next().unwrap_or_default();
+                Status::invalid_argument(format!("the request is not a valid {name}: {}", status.message()))
+            }
+            _ => status,
+        })
     }
 
     fn buffer_settings(&self) -> tonic::codec::BufferSettings {

@@ -70,6 +70,11 @@ impl Connections {
         })
     }
 
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
     /// Counts a call on `connection`: refused when it was accepted over `max_connections`, or has
     /// `max_calls_per_connection` calls open already.
     pub fn call(&self, connection: &Arc<Connection>) -> Result<Call> {

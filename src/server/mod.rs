@@ -5,6 +5,7 @@
 //! finish the batches they already handed in, relay tasks stop copying → the broker waits for its
 //! tasks, commits what is queued and flushes the log last.
 
+mod admin;
 mod auth;
 mod connections;
 mod incoming;
@@ -79,6 +80,8 @@ pub struct Server {
     token: CancellationToken,
     acceptor: Option<Arc<tls::Acceptor>>,
     auth: Arc<auth::Auth>,
+    /// The admin listener's socket, when there is one.
+    admin: Option<TcpListener>,
 }
 
 impl Server {
@@ -91,7 +94,12 @@ impl Server {
         let auth = auth::Auth::new(&config.access, config.access.required(config.tls.as_ref()))?;
         let token = CancellationToken::new();
         let broker = Arc::new(Broker::open(&config, token.clone())?);
-        Ok(Server { config, broker, token, acceptor, auth })
+        Ok(Server { config, broker, token, acceptor, auth, admin: None })
+    }
+
+    /// Serves the admin listener (metrics, health, the status page) on `listener` too.
+    pub fn with_admin(self, listener: TcpListener) -> Server {
+        Server { admin: Some(listener), ..self }
     }
 
     /// Serves on `listener` until `shutdown` resolves, then shuts down cleanly.
@@ -101,7 +109,7 @@ impl Server {
 }
 
 async fn serve(server: Server, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let Server { config, broker, token, acceptor, auth } = server;
+    let Server { config, broker, token, acceptor, auth, admin } = server;
     let addr = listener.local_addr().map(|addr| (addr, config.check_exposure(addr)));
     let addr = match addr {
         Ok((addr, Ok(()))) => addr,
@@ -129,6 +137,22 @@ async fn serve(server: Server, listener: TcpListener, shutdown: impl Future<Outp
         .map_err(|e| Error::Internal(format!("building server reflection: {e}")))?;
 
     let connections = connections::Connections::new(&config.limits);
+    // Installed before anything is recorded: a broker without the admin listener records nothing.
+    if admin.is_some() {
+        admin::install_recorder();
+    }
+    let admin = admin.map(|listener| {
+        let authenticated = config.access.required(config.tls.as_ref());
+        let state = admin::Admin::new(
+            broker.clone(),
+            connections.clone(),
+            addr,
+            acceptor.is_some(),
+            authenticated,
+            config.max_disk_bytes,
+        );
+        (listener, Arc::new(state))
+    });
     let incoming = incoming::incoming(listener, connections.clone(), acceptor.clone(), token.clone());
     let serve = tonic::transport::Server::builder()
         // HTTP/2's default 64 KiB windows let a batch of a few hundred KB cross only after
@@ -160,6 +184,12 @@ async fn serve(server: Server, listener: TcpListener, shutdown: impl Future<Outp
     crate::relay::spawn_all(&broker, &token, &background);
     crate::store::spawn_trimmer(broker.log(), broker.retention().clone(), token.clone(), &background);
     memory::spawn(token.clone(), &background);
+    if let Some((listener, state)) = admin {
+        let token = token.clone();
+        background.spawn(async move {
+            let _ = admin::serve(listener, state, token).await;
+        });
+    }
     background.spawn(reload_on_hangup(acceptor, auth, token.clone()));
     background.close();
 

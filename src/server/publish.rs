@@ -115,13 +115,20 @@ impl PublishFlow {
                     Ok(Some(req)) => {
                         // Submitted in order, so batches of one stream commit in order.
                         let batch_id = req.batch_id;
+                        let began = std::time::Instant::now();
                         let submitted = match self.who.require_all(Action::Publish, req.records.iter().map(|r| r.stream.as_str())) {
                             Ok(()) => self.broker.submit(batch(req, self.from)).await,
                             Err(denied) => Err(denied),
                         };
                         self.in_flight.push_back(Box::pin(async move {
                             match submitted {
-                                Ok(answer) => (batch_id, answer.await),
+                                Ok(answer) => {
+                                    let answer = answer.await;
+                                    if answer.is_ok() {
+                                        metrics::histogram!("tapeline_ack_seconds").record(began.elapsed());
+                                    }
+                                    (batch_id, answer)
+                                }
                                 Err(err) => (batch_id, Err(err)),
                             }
                         }));

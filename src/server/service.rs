@@ -6,6 +6,7 @@ use super::connections::{Call, Connections};
 use super::incoming::peer;
 use super::publish::{self, ack, batch, BoxStream};
 use super::status::status;
+use crate::broker::registry::Client;
 use crate::broker::subscription::{Event, SlowConsumer, Start};
 use crate::broker::{Broker, SubscribeRequest};
 use crate::config::Limits;
@@ -61,7 +62,10 @@ fn event(e: Event) -> wire::SubscribeResponse {
     use pb::subscribe_response::Event as E;
     let event = match e {
         Event::Records { records, complete_to } => {
-            return wire::SubscribeResponse::Records(wire::RecordBatch::new(records, complete_to.0))
+            metrics::counter!("tapeline_records_out_total").increment(records.len() as u64);
+            let bytes: usize = records.iter().map(|r| r.payload.len()).sum();
+            metrics::counter!("tapeline_bytes_out_total").increment(bytes as u64);
+            return wire::SubscribeResponse::Records(wire::RecordBatch::new(records, complete_to.0));
         }
         Event::CaughtUp(tick) => E::CaughtUp(pb::CaughtUp { tick: tick.0 }),
         Event::Heartbeat { tail, server_time, upstreams } => E::Heartbeat(pb::Heartbeat {
@@ -125,7 +129,9 @@ impl serve::tapeline_server::Tapeline for Service {
         who.require_all(Action::Publish, req.records.iter().map(|r| r.stream.as_str()))
             .map_err(|e| status(&e))?;
         let batch_id = req.batch_id;
+        let began = std::time::Instant::now();
         let appended = self.broker.publish(batch(req, from)).await.map_err(|e| status(&e))?;
+        metrics::histogram!("tapeline_ack_seconds").record(began.elapsed());
         Ok(Response::new(ack(batch_id, Ok(appended))))
     }
 
@@ -153,6 +159,7 @@ impl serve::tapeline_server::Tapeline for Service {
         use pb::subscribe_request::Start as S;
         let call = counted(&request);
         let who = principal(&request);
+        let peer = peer(&request).and_then(|p| p.addr).map(|a| a.to_string()).unwrap_or_default();
         let req = request.into_inner();
         // A stream named exactly must be readable; a pattern silently selects only what is.
         who.require_all(
@@ -175,25 +182,26 @@ impl serve::tapeline_server::Tapeline for Service {
                 streams: req.streams,
                 start,
                 resume: req.resume.into_iter().collect(),
-                end: req.end,
+                end: (req.end != 0).then_some(req.end),
                 heartbeat: (req.heartbeat_ms > 0).then(|| Duration::from_millis(req.heartbeat_ms.into())),
                 pace: req.pace,
                 max_bytes_per_second: (req.max_bytes_per_second > 0).then_some(req.max_bytes_per_second),
                 rate_window: (req.rate_window_ms > 0)
                     .then(|| Duration::from_millis(req.rate_window_ms.into())),
                 slow: match pb::SlowConsumer::try_from(req.slow_consumer) {
-                    Ok(pb::SlowConsumer::CatchUp) => SlowConsumer::CatchUp,
+                    Ok(pb::SlowConsumer::Unspecified | pb::SlowConsumer::CatchUp) => SlowConsumer::CatchUp,
                     Ok(pb::SlowConsumer::Latest) => SlowConsumer::Latest,
                     Ok(pb::SlowConsumer::Disconnect) => SlowConsumer::Disconnect,
                     Err(_) => {
                         return Err(status(&Error::InvalidArgument(format!(
-                            "slow_consumer {} is not one of CATCH_UP (0), LATEST (1), DISCONNECT (2)",
+                            "slow_consumer {} is not one of SLOW_CONSUMER_UNSPECIFIED (0, catch up), SLOW_CONSUMER_LATEST (1), SLOW_CONSUMER_DISCONNECT (2), SLOW_CONSUMER_CATCH_UP (3)",
                             req.slow_consumer
                         ))))
                     }
                 },
                 max_lag: (req.max_lag_ms > 0).then(|| Duration::from_millis(req.max_lag_ms.into())),
                 readable: who.readable(),
+                client: Client { peer, principal: who.name.to_string() },
             })
             .map_err(|e| status(&e))?;
         let stream = events.map(move |e| {

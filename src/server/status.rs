@@ -3,32 +3,42 @@
 use crate::error::Error;
 use tonic::{Code, Status};
 
-/// The one mapping from a domain error to a gRPC status.
+/// The one mapping from a domain error to a gRPC status; counted in `tapeline_refusals_total` by
+/// code and reason.
 pub fn status(err: &Error) -> Status {
-    let code = match err {
-        Error::Invalid(_) | Error::InvalidArgument(_) | Error::EndBeforeStart { .. } => Code::InvalidArgument,
-        Error::RecordTooLarge { .. }
-        | Error::HeadersTooLarge { .. }
-        | Error::Batch(_)
-        | Error::SlowConsumer { .. }
-        | Error::TooMany { .. }
-        | Error::DiskFull { .. }
-        | Error::NoRoom { .. } => Code::ResourceExhausted,
-        Error::TickNotAfter { .. }
-        | Error::TickNotAfterClock { .. }
-        | Error::NotImportable { .. }
-        | Error::TickAhead { .. }
-        | Error::UnsupportedProtocol { .. }
-        | Error::SequenceNotAfter { .. }
-        | Error::Mirrored { .. } => Code::FailedPrecondition,
-        Error::SequenceReused { .. } | Error::StreamExists { .. } | Error::TicksForgotten { .. } => {
-            Code::AlreadyExists
+    let (code, reason) = classify(err);
+    metrics::counter!("tapeline_refusals_total", "code" => format!("{code:?}"), "reason" => reason)
+        .increment(1);
+    Status::new(code, err.to_string())
+}
+
+/// An error's gRPC code, and why in a word (a bounded set of metric label values).
+fn classify(err: &Error) -> (Code, &'static str) {
+    match err {
+        Error::Invalid(_) | Error::InvalidArgument(_) => (Code::InvalidArgument, "invalid_argument"),
+        Error::RecordTooLarge { .. } => (Code::ResourceExhausted, "record_too_large"),
+        Error::HeadersTooLarge { .. } => (Code::ResourceExhausted, "headers_too_large"),
+        Error::Batch(_) => (Code::ResourceExhausted, "batch_too_large"),
+        Error::SlowConsumer { .. } => (Code::ResourceExhausted, "slow_consumer"),
+        Error::TooMany { setting, .. } => (Code::ResourceExhausted, setting),
+        Error::DiskFull { .. } | Error::NoRoom { .. } => (Code::ResourceExhausted, "disk_full"),
+        Error::TickNotAfter { .. } | Error::TickNotAfterClock { .. } | Error::TickAhead { .. } => {
+            (Code::FailedPrecondition, "tick_order")
         }
-        Error::UnknownStream(_) => Code::NotFound,
-        Error::DataLoss { .. } | Error::DamagedPointer { .. } => Code::DataLoss,
-        Error::Unauthenticated { .. } => Code::Unauthenticated,
-        Error::PermissionDenied { .. } => Code::PermissionDenied,
-        Error::ShuttingDown | Error::LogFailed { .. } => Code::Unavailable,
+        Error::NotImportable { .. } => (Code::FailedPrecondition, "not_importable"),
+        Error::UnsupportedProtocol { .. } => (Code::FailedPrecondition, "protocol_version"),
+        Error::SequenceNotAfter { .. } => (Code::FailedPrecondition, "producer_sequence"),
+        Error::Mirrored { .. } => (Code::FailedPrecondition, "mirrored_stream"),
+        Error::SequenceReused { .. } | Error::TicksForgotten { .. } => {
+            (Code::AlreadyExists, "producer_sequence")
+        }
+        Error::StreamExists { .. } => (Code::AlreadyExists, "stream_exists"),
+        Error::UnknownStream(_) => (Code::NotFound, "unknown_stream"),
+        Error::DataLoss { .. } | Error::DamagedPointer { .. } => (Code::DataLoss, "data_loss"),
+        Error::Unauthenticated { .. } => (Code::Unauthenticated, "unauthenticated"),
+        Error::PermissionDenied { .. } => (Code::PermissionDenied, "permission_denied"),
+        Error::ShuttingDown => (Code::Unavailable, "shutting_down"),
+        Error::LogFailed { .. } => (Code::Unavailable, "log_failed"),
         Error::Storage(_)
         | Error::Open { .. }
         | Error::Io { .. }
@@ -36,7 +46,6 @@ pub fn status(err: &Error) -> Status {
         | Error::Unsafe(_)
         | Error::ConfigFile { .. }
         | Error::Remote { .. }
-        | Error::Internal(_) => Code::Internal,
-    };
-    Status::new(code, err.to_string())
+        | Error::Internal(_) => (Code::Internal, "internal"),
+    }
 }

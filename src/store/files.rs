@@ -388,7 +388,9 @@ impl Appender {
     /// Makes everything appended durable.
     pub fn sync(&mut self) -> Result<()> {
         if !self.is_synced() {
+            let began = std::time::Instant::now();
             self.file.sync_data().map_err(|e| io_error("syncing", &self.files.path(self.id), e))?;
+            metrics::histogram!("tapeline_fsync_seconds").record(began.elapsed());
             self.synced = Synced { len: self.len, next_seq: self.next_seq, prev_crc: self.prev_crc };
         }
         Ok(())

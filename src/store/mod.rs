@@ -280,6 +280,8 @@ pub struct Log {
     advance_asked: AtomicU64,
     /// The flusher thread and what stops it: dropping the sender.
     flusher: Mutex<Option<Flusher>>,
+    /// Set by the writer or the flusher when a write, sync or index update failed.
+    failure: Arc<std::sync::OnceLock<String>>,
     /// The data dir's lock: no other process opens it while the log lives.
     _lock: std::fs::File,
     /// Keeps a volatile store's directory alive as long as the log.
@@ -334,7 +336,7 @@ impl Log {
             server_id: recovered.server_id.clone(),
             checkpoint_file: recovered.checkpoint_file,
             failed: None,
-            flush_failed,
+            flush_failed: flush_failed.clone(),
             shared: shared.clone(),
             commits: commits.clone(),
             unsynced: Vec::new(),
@@ -364,6 +366,7 @@ impl Log {
             server_id: recovered.server_id,
             advance_asked: AtomicU64::new(0),
             flusher: Mutex::new(Some(flusher)),
+            failure: flush_failed,
             _lock: recovered.lock,
             _temp_dir: temp_dir,
         })
@@ -433,6 +436,17 @@ impl Log {
     /// How the trimmer learns that publishers wait for room.
     pub(crate) fn room(&self) -> &Room {
         &self.room
+    }
+
+    /// Why the log takes no more writes, once a write, sync or index update failed (a restart
+    /// recovers).
+    pub fn failure(&self) -> Option<String> {
+        self.failure.get().cloned()
+    }
+
+    /// Bytes of chunk files on disk (the log and what it holds), without the index.
+    pub fn disk_bytes(&self) -> u64 {
+        self.chunks.total_bytes()
     }
 
     /// Payload bytes stored in every stream together.

@@ -97,7 +97,8 @@ pub(super) struct Writer {
     /// Set when a write, sync or index update failed: every later write is refused with this
     /// cause.
     pub failed: Option<String>,
-    /// Set by the flusher thread when a periodic sync failed (taken into `failed`).
+    /// Set by the flusher thread when a periodic sync failed (taken into `failed`), and by the
+    /// writer when it fails: what `Log::failure` tells.
     pub flush_failed: Arc<std::sync::OnceLock<String>>,
     pub shared: Arc<RwLock<Shared>>,
     pub commits: broadcast::Sender<Commit>,
@@ -309,6 +310,7 @@ impl Writer {
     fn fail(&mut self, err: &Error, what: &str) {
         error!(cause = %err, "{what}; the log takes no more writes");
         self.failed.get_or_insert_with(|| err.to_string());
+        let _ = self.flush_failed.set(format!("{what}: {err}"));
     }
 
     /// Writes a record other than an append (syncing it under `fsync = always` when `sync`) and
@@ -619,6 +621,8 @@ impl Writer {
             .map_err(|e| self.refused_or(e))?;
         let (records, bytes) = (stream.trimmed.records + stream.records, stream.trimmed.bytes + stream.bytes);
         let mut stream = stream;
+        metrics::counter!("tapeline_retention_removed_records_total")
+            .increment(plan.records_before.saturating_sub(stream.trimmed.records));
         stream.trimmed =
             Trimmed { records: plan.records_before, bytes: plan.bytes_before, through: Some(plan.through) };
         stream.records = records.saturating_sub(plan.records_before);
@@ -1016,6 +1020,11 @@ impl Writer {
             // No receiver is fine: nobody subscribes.
             let _ = self.commits.send(commit);
         }
+        metrics::histogram!("tapeline_commit_group_batches").record(accepted.len() as f64);
+        let (records, bytes) =
+            arrivals.values().fold((0, 0), |(r, b), (records, bytes)| (r + records, b + bytes));
+        metrics::counter!("tapeline_records_in_total").increment(records);
+        metrics::counter!("tapeline_bytes_in_total").increment(bytes);
         for a in accepted {
             let _ = a.reply.send(Ok(Appended { ticks: a.ticks, duplicate: a.duplicate }));
         }

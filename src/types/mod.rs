@@ -1,5 +1,5 @@
 //! The types layer: plain data every other layer speaks (ticks, stream names and patterns,
-//! records, stream metadata, retention policies, upstream status, permissions' actions). It imports nothing of the
+//! records, stream metadata, retention policies, upstream status, permissions' actions, sizes and durations for people). It imports nothing of the
 //! crate.
 
 mod action;
@@ -7,6 +7,7 @@ mod invalid;
 mod names;
 mod policy;
 mod record;
+mod units;
 mod upstream;
 
 pub use action::Action;
@@ -16,4 +17,5 @@ pub use policy::Policy;
 pub use record::{
     nanos, Incoming, NewRecord, Recent, Record, Stored, StreamId, StreamInfo, StreamMeta, Tick, Trimmed,
 };
+pub use units::{human_bytes, human_duration};
 pub use upstream::UpstreamStatus;

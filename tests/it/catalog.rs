@@ -122,8 +122,7 @@ async fn a_deleted_stream_is_gone_told_and_a_new_one_may_take_its_name() {
     let server = TestServer::start(dir.path()).await;
     let mut client = server.client().await;
     let mut all =
-        Sub::open(&mut client, pb::SubscribeRequest { end: Some(tick), ..request(&["del/**"], beginning()) })
-            .await;
+        Sub::open(&mut client, pb::SubscribeRequest { end: tick, ..request(&["del/**"], beginning()) }).await;
     let payloads = payloads(&all.until_end().await);
     assert_eq!(payloads, ["kept", "fresh"], "nothing of the deleted stream comes back after a restart");
     server.stop().await;

@@ -234,7 +234,7 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
     let out = run(&["tail", "s", "--server", url, "--from", "yesterday"], b"");
     assert_one_clear_line(&out, &["--from", "yesterday"]);
     let out = run(&["tail", "s", "--server", url, "--after", "100", "--to", "50"], b"");
-    assert_one_clear_line(&out, &["InvalidArgument", "50", "after 100"]);
+    assert_one_clear_line(&out, &["--to 50", "before", "--after 100"]);
     let out = run(&["streams", "--server", "http://127.0.0.1:1"], b"");
     assert_one_clear_line(&out, &["127.0.0.1:1"]);
 

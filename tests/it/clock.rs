@@ -31,7 +31,7 @@ fn serve_at(data: &Path, offset: &str) -> Serve {
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let addr = line.trim().strip_prefix("tapeline listening on ").unwrap_or_else(|| panic!("{line:?}"));
-    Serve { child, url: format!("http://{addr}"), log_path }
+    Serve::started(child, format!("http://{addr}"), log_path)
 }
 
 /// The tail of the first heartbeat above `above` on a subscription to `stream`.
@@ -77,7 +77,7 @@ async fn a_clock_set_back_across_a_restart_never_assigns_a_promised_tick_again()
     assert!(again >= after, "a heartbeat's tail {again} went back below {after}");
     // Every record once, in order, with its tick.
     let mut sub =
-        Sub::open(&mut c, pb::SubscribeRequest { end: Some(after), ..request(&["s"], beginning()) }).await;
+        Sub::open(&mut c, pb::SubscribeRequest { end: after, ..request(&["s"], beginning()) }).await;
     let got = records(&sub.until_end().await);
     assert_eq!(got, vec![("s".into(), first, "before".into()), ("s".into(), after, "after".into())]);
 }

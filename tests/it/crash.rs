@@ -151,11 +151,9 @@ async fn stored(url: &str) -> BTreeMap<(String, u64), String> {
     if tail == 0 {
         return log;
     }
-    let mut sub = Sub::open(
-        &mut client,
-        pb::SubscribeRequest { end: Some(tail), ..request(&["crash/**"], beginning()) },
-    )
-    .await;
+    let mut sub =
+        Sub::open(&mut client, pb::SubscribeRequest { end: tail, ..request(&["crash/**"], beginning()) })
+            .await;
     for (stream, tick, payload) in records(&sub.until_end().await) {
         let again = log.insert((stream.clone(), tick), payload);
         assert!(again.is_none(), "{stream} tick {tick} delivered twice");
@@ -302,7 +300,7 @@ fn cycles(n: usize) {
             client(&serve.url).await.hello(pb::HelloRequest::default()).await.unwrap().into_inner().tail_tick;
         let resume = lock(&world).positions.clone();
         let mut c = client(&serve.url).await;
-        let request = pb::SubscribeRequest { resume, end: Some(tail), ..request(&["crash/**"], beginning()) };
+        let request = pb::SubscribeRequest { resume, end: tail, ..request(&["crash/**"], beginning()) };
         let mut sub = Sub::open(&mut c, request).await;
         let rest = records(&sub.until_end().await);
         // (The trimmer may have removed more since `check`: compare with the log as it is now.)

@@ -57,8 +57,7 @@ async fn everything(url: &str, stream: &str) -> Vec<String> {
     let mut client = client(url).await;
     let tail = client.hello(pb::HelloRequest::default()).await.unwrap().into_inner().tail_tick;
     let mut sub =
-        Sub::open(&mut client, pb::SubscribeRequest { end: Some(tail), ..request(&[stream], beginning()) })
-            .await;
+        Sub::open(&mut client, pb::SubscribeRequest { end: tail, ..request(&[stream], beginning()) }).await;
     payloads(&sub.until_end().await)
 }
 
@@ -319,7 +318,7 @@ async fn publish_into(
 async fn stored(url: &str, patterns: &[&str]) -> Acked {
     let mut client = client(url).await;
     let tail = client.hello(pb::HelloRequest::default()).await.expect("hello").into_inner().tail_tick;
-    let request = pb::SubscribeRequest { end: Some(tail), ..request(patterns, beginning()) };
+    let request = pb::SubscribeRequest { end: tail, ..request(patterns, beginning()) };
     let mut sub = Sub::open(&mut client, request).await;
     records(&sub.until_end().await).into_iter().map(|(s, t, p)| ((s, t), p)).collect()
 }

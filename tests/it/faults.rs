@@ -180,8 +180,7 @@ async fn retrying_publishers_and_resuming_subscribers_end_with_exactly_the_publi
     let mut direct = client(&server.url()).await;
     let tail = *acked.keys().map(|(_, t)| t).max().unwrap();
     let mut sub =
-        Sub::open(&mut direct, pb::SubscribeRequest { end: Some(tail), ..request(&["net/**"], beginning()) })
-            .await;
+        Sub::open(&mut direct, pb::SubscribeRequest { end: tail, ..request(&["net/**"], beginning()) }).await;
     let log: BTreeMap<(String, u64), String> =
         records(&sub.until_end().await).into_iter().map(|(s, t, p)| ((s, t), p)).collect();
     assert_eq!(log, acked);

@@ -177,7 +177,7 @@ async fn a_slow_consumer_under_disconnect_gets_a_status_it_resumes_from_exactly(
     let mut resume = request(&[], beginning());
     resume.streams = vec!["slow/s".into()];
     resume.resume.insert("slow/s".into(), *ticks.last().unwrap());
-    resume.end = Some(*published.last().unwrap());
+    resume.end = *published.last().unwrap();
     let mut sub = Sub::open(&mut client, resume).await;
     ticks.extend(records(&sub.until_end().await).iter().map(|r| r.1));
     assert_eq!(ticks, published, "resuming after the status gives exactly the rest");
@@ -241,7 +241,7 @@ async fn a_slow_consumer_under_catch_up_lags_and_gets_everything() {
     let mut ticks: Vec<u64> = records(&seen).iter().map(|r| r.1).collect();
     let mut client = server.client().await;
     let mut rest =
-        pb::SubscribeRequest { end: Some(*published.last().unwrap()), ..request(&["slow/s"], beginning()) };
+        pb::SubscribeRequest { end: *published.last().unwrap(), ..request(&["slow/s"], beginning()) };
     rest.resume.insert("slow/s".into(), *ticks.last().unwrap());
     ticks.extend(records(&Sub::open(&mut client, rest).await.until_end().await).iter().map(|r| r.1));
     assert_eq!(ticks, published);

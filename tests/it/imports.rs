@@ -204,7 +204,7 @@ async fn a_live_subscriber_is_told_of_a_sealed_import_and_gets_it_whole() {
     // The same interval replayed: told first (the import lies before the start), same records.
     let mut replay = Sub::open(
         &mut client,
-        pb::SubscribeRequest { end: Some(end), ..watch(pb::subscribe_request::Start::At(start)) },
+        pb::SubscribeRequest { end, ..watch(pb::subscribe_request::Start::At(start)) },
     )
     .await;
     let mut again = Delivered::default();

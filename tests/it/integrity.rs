@@ -80,7 +80,7 @@ async fn read(
         None => beginning(),
     };
     let mut request = request(&[stream], start);
-    request.end = Some(end);
+    request.end = end;
     let mut sub = Sub::open(&mut client, request).await;
     let mut got = Vec::new();
     loop {
@@ -619,7 +619,7 @@ async fn a_data_dir_of_the_previous_format_is_upgraded_in_place() {
             let trimmed = listed.iter().find(|l| l.name == "trimmed/x").unwrap();
             let mut sub = Sub::open(
                 &mut c,
-                pb::SubscribeRequest { end: Some(trimmed.last_tick), ..request(&["trimmed/x"], beginning()) },
+                pb::SubscribeRequest { end: trimmed.last_tick, ..request(&["trimmed/x"], beginning()) },
             )
             .await;
             let events = sub.until_end().await;

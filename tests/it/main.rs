@@ -3,6 +3,7 @@
 
 mod support;
 
+mod admin;
 mod catalog;
 mod cli;
 mod clock;

@@ -297,11 +297,8 @@ async fn read(
     let mut got = Vec::new();
     let mut damaged = Vec::new();
     loop {
-        let request = pb::SubscribeRequest {
-            resume: resume.clone(),
-            end: Some(tail),
-            ..request(&["power/**"], beginning())
-        };
+        let request =
+            pb::SubscribeRequest { resume: resume.clone(), end: tail, ..request(&["power/**"], beginning()) };
         let mut sub = Sub::open(&mut client, request).await;
         let status = loop {
             match sub.next_result().await {

@@ -59,10 +59,8 @@ async fn publish_at(client: &mut Client, stream: &str, ticks: &[u64]) {
 
 /// Every event of a bounded read of `stream` up to `end`, from `request`'s start.
 async fn read(client: &mut Client, stream: &str, request: pb::SubscribeRequest, end: u64) -> Vec<Seen> {
-    let request = pb::SubscribeRequest {
-        end: Some(end),
-        ..pb::SubscribeRequest { streams: vec![stream.into()], ..request }
-    };
+    let request =
+        pb::SubscribeRequest { end, ..pb::SubscribeRequest { streams: vec![stream.into()], ..request } };
     Sub::open(client, request).await.until_end().await
 }
 

@@ -61,7 +61,7 @@ async fn tls_serves_only_clients_that_trust_it_and_speak_tls() {
     assert_eq!(answer.principal, "", "no authentication configured");
     let ticks = publish(&mut c, "s", &["over", "tls"]).await;
     let mut sub =
-        Sub::open(&mut c, pb::SubscribeRequest { end: Some(ticks[1]), ..request(&["s"], beginning()) }).await;
+        Sub::open(&mut c, pb::SubscribeRequest { end: ticks[1], ..request(&["s"], beginning()) }).await;
     assert_eq!(payloads(&sub.until_end().await), ["over", "tls"]);
 
     // Trusting another CA: refused at the handshake.
@@ -246,8 +246,7 @@ async fn the_permission_matrix_holds_for_tokens_client_certificates_and_no_crede
         check("publish stream", acked, expected(who, &[Grant::Publish]));
 
         // Subscribe to the stream by name: refused unless readable.
-        let exact =
-            c.subscribe(pb::SubscribeRequest { end: Some(first), ..request(&["p/s"], beginning()) }).await;
+        let exact = c.subscribe(pb::SubscribeRequest { end: first, ..request(&["p/s"], beginning()) }).await;
         check("subscribe by name", code(&exact), expected(who, &[Grant::Subscribe]));
         if let Ok(response) = exact {
             let mut sub = Sub { stream: response.into_inner() };
@@ -255,7 +254,7 @@ async fn the_permission_matrix_holds_for_tokens_client_certificates_and_no_crede
         }
         // Subscribe by pattern: allowed, and silently only what it may read.
         let by_pattern =
-            c.subscribe(pb::SubscribeRequest { end: Some(first), ..request(&["**"], beginning()) }).await;
+            c.subscribe(pb::SubscribeRequest { end: first, ..request(&["**"], beginning()) }).await;
         check(
             "subscribe by pattern",
             code(&by_pattern),
@@ -328,8 +327,7 @@ async fn the_permission_matrix_holds_for_tokens_client_certificates_and_no_crede
     let (mut reader, _) = hello(&url, &people[2].credentials).await.unwrap();
     let tail = reader.hello(pb::HelloRequest::default()).await.unwrap().into_inner().tail_tick;
     let mut all =
-        Sub::open(&mut reader, pb::SubscribeRequest { end: Some(tail), ..request(&["p/s"], beginning()) })
-            .await;
+        Sub::open(&mut reader, pb::SubscribeRequest { end: tail, ..request(&["p/s"], beginning()) }).await;
     let stored = payloads(&all.until_end().await);
     assert_eq!(stored, ["kept", "by tok-publish", "by tok-publish", "by cert-publish", "by cert-publish"]);
     server.stop().await;

@@ -93,11 +93,9 @@ impl Pair {
         let acked = self.acked.lock().unwrap().clone();
         let Some(&last) = acked.last() else { panic!("nothing was acknowledged") };
         let mut c = client(url).await;
-        let mut sub = Sub::open(
-            &mut c,
-            pb::SubscribeRequest { end: Some(last), ..request(&[self.stream], beginning()) },
-        )
-        .await;
+        let mut sub =
+            Sub::open(&mut c, pb::SubscribeRequest { end: last, ..request(&[self.stream], beginning()) })
+                .await;
         let read: Vec<u64> = records(&sub.until_end().await).iter().map(|r| r.1).collect();
         assert_eq!(read, acked, "every acknowledged record of the well-behaved publisher, once, in order");
         let errors = self.errors.lock().unwrap();

@@ -66,7 +66,7 @@ async fn a_bounded_interval_ends_by_itself() {
     let ticks = publish(&mut client, "s", &["0", "1", "2", "3", "4"]).await;
 
     let mut req = request(&["s"], Start::At(ticks[1]));
-    req.end = Some(ticks[3]);
+    req.end = ticks[3];
     let mut sub = Sub::open(&mut client, req).await;
     let events = sub.until_end().await;
     assert_eq!(payloads(&events), ["1", "2", "3"]);
@@ -76,7 +76,7 @@ async fn a_bounded_interval_ends_by_itself() {
     // once the end has passed, and records published after it are not delivered.
     let end = tapeline::types::Tick::now().0 + 400_000_000;
     let mut req = request(&["s"], Start::After(ticks[4]));
-    req.end = Some(end);
+    req.end = end;
     let mut live = Sub::open(&mut client, req).await;
     live.until_caught_up().await;
     publish(&mut client, "s", &["5"]).await;
@@ -86,6 +86,37 @@ async fn a_bounded_interval_ends_by_itself() {
     assert_eq!(payloads(&events), ["5"]);
 }
 
+/// One rule for an interval with nothing in it, however it is asked for: it ends at once with no
+/// records and a last heartbeat at its end, never an error. And `end = 0` is no end (0 always
+/// means "not set").
+#[tokio::test]
+async fn an_empty_interval_ends_at_once_however_it_is_asked_for() {
+    let (_dir, _server, mut client) = started().await;
+    let ticks = publish(&mut client, "s", &["0", "1", "2"]).await;
+    let mut resumed = request(&["s"], beginning());
+    resumed.resume.insert("s".into(), ticks[1]);
+    let cases = [
+        ("after t, end t", request(&["s"], Start::After(ticks[1])), ticks[1]),
+        ("at t, end below t", request(&["s"], Start::At(ticks[2])), ticks[1]),
+        ("resume after t, end t", resumed, ticks[1]),
+    ];
+    for (what, mut req, end) in cases {
+        req.end = end;
+        let events = Sub::open(&mut client, req).await.until_end().await;
+        assert!(records(&events).is_empty(), "{what}: {events:?}");
+        let last = events.last();
+        let at_end = matches!(last, Some(Seen::Heartbeat { tail_tick }) if *tail_tick == end);
+        assert!(at_end, "{what}: ends with a heartbeat at {end}: {last:?}");
+    }
+    // end = 0 is not set: the subscription replays, then follows live.
+    let mut req = request(&["s"], beginning());
+    req.end = 0;
+    let mut live = Sub::open(&mut client, req).await;
+    assert_eq!(payloads(&live.until_caught_up().await.0), ["0", "1", "2"]);
+    publish(&mut client, "s", &["3"]).await;
+    assert_eq!(payloads(&live.take_records(1).await), ["3"]);
+}
+
 #[tokio::test]
 async fn an_end_ends_the_subscription_even_when_nothing_more_is_published() {
     let (_dir, _server, mut client) = started().await;
@@ -93,12 +124,12 @@ async fn an_end_ends_the_subscription_even_when_nothing_more_is_published() {
 
     // An end between the last record and now: the broker is idle, the interval is complete.
     let mut req = request(&["s"], beginning());
-    req.end = Some(ticks[1] + 1);
+    req.end = ticks[1] + 1;
     assert_eq!(payloads(&Sub::open(&mut client, req).await.until_end().await), ["a", "b"]);
 
     // An end 300 ms ahead: the subscription waits for it to pass, then ends on its own.
     let mut req = request(&["s", "quiet"], beginning());
-    req.end = Some(tapeline::types::Tick::now().0 + 300_000_000);
+    req.end = tapeline::types::Tick::now().0 + 300_000_000;
     let mut sub = Sub::open(&mut client, req).await;
     publish(&mut client, "s", &["c"]).await;
     assert_eq!(payloads(&sub.until_end().await), ["a", "b", "c"]);
@@ -339,8 +370,7 @@ async fn large_records_replay_whole_from_anywhere() {
         let start =
             if from == 0 { beginning() } else { pb::subscribe_request::Start::After(ticks[from - 1]) };
         let mut sub =
-            Sub::open(&mut client, pb::SubscribeRequest { end: Some(end), ..request(&["large/s"], start) })
-                .await;
+            Sub::open(&mut client, pb::SubscribeRequest { end, ..request(&["large/s"], start) }).await;
         let got = payloads(&sub.until_end().await);
         assert_eq!(got.len(), ticks.len() - from, "from record {from}");
         assert!(got == expected[from..], "from record {from}: the records differ");

@@ -362,7 +362,6 @@ pub fn request(streams: &[&str], start: pb::subscribe_request::Start) -> pb::Sub
         streams: streams.iter().map(|s| s.to_string()).collect(),
         start: Some(start),
         resume: Default::default(),
-        end: None,
         ..Default::default()
     }
 }
@@ -505,6 +504,9 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_tapeline");
 pub struct Serve {
     pub child: std::process::Child,
     pub url: String,
+    /// The admin listener's URL (`http://host:port/`), when it was asked for.
+    pub admin: Option<String>,
+    admin_asked: bool,
     pub log_path: PathBuf,
 }
 
@@ -536,6 +538,11 @@ impl Serve {
         Ok(serve)
     }
 
+    /// A broker a test started by itself (under other environment variables), ready at `url`.
+    pub fn started(child: std::process::Child, url: String, log_path: PathBuf) -> Serve {
+        Serve { child, url, admin: None, admin_asked: false, log_path }
+    }
+
     /// Starts the binary without waiting for anything: a test that kills it while it starts.
     /// `url` stays empty.
     pub fn launch(args: &[&str], log_path: PathBuf) -> Serve {
@@ -546,10 +553,12 @@ impl Serve {
             .stderr(log)
             .spawn()
             .expect("start tapeline serve");
-        Serve { child, url: String::new(), log_path }
+        let admin_asked = args.contains(&"--admin-listen");
+        Serve { child, url: String::new(), admin: None, admin_asked, log_path }
     }
 
-    /// Waits (at most `WAIT`) for the ready line and takes the address from it.
+    /// Waits (at most `WAIT`) for the ready line and takes the address from it (and the admin
+    /// listener's from the line after it, when it was asked for).
     fn ready(&mut self) -> Result<(), String> {
         use std::io::BufRead;
         let stdout = self.child.stdout.take().expect("stdout");
@@ -557,14 +566,23 @@ impl Serve {
         // A thread, so that the wait is bounded: a broker that hangs while it opens its data dir
         // fails the test; the thread ends when the broker is killed and its stdout closes.
         std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-            let _ = line_read.send(line);
+            let mut stdout = std::io::BufReader::new(stdout);
+            for _ in 0..2 {
+                let mut line = String::new();
+                let _ = stdout.read_line(&mut line);
+                if line_read.send(line).is_err() {
+                    return;
+                }
+            }
         });
         let line = reading.recv_timeout(WAIT).unwrap_or_default();
         match line.trim().strip_prefix("tapeline listening on ") {
             Some(addr) => {
                 self.url = format!("http://{addr}");
+                if self.admin_asked {
+                    let line = reading.recv_timeout(WAIT).unwrap_or_default();
+                    self.admin = line.trim().strip_prefix("tapeline admin on ").map(str::to_string);
+                }
                 Ok(())
             }
             None => {
