@@ -329,7 +329,11 @@ impl Broker {
     pub fn update_link(&self, index: usize, change: impl FnOnce(&mut Link)) {
         self.links.send_modify(|links| {
             if let Some(link) = links.get_mut(index) {
+                let was = link.connected;
                 change(link);
+                if link.connected && !was {
+                    info!(upstream = %link.upstream, "relay link up");
+                }
             }
         });
     }
@@ -558,6 +562,16 @@ impl Broker {
         };
         let share = subscription::Share::join(&self.subscriptions);
         let progress = self.registry.enter(request.client, request.streams, spec.slow);
+        let entered = progress.progress();
+        info!(
+            subscription = entered.id,
+            peer = %entered.client.peer,
+            principal = %entered.client.principal,
+            streams = ?entered.selection,
+            start = ?spec.start,
+            resume = spec.resume.len(),
+            "subscription started"
+        );
         Ok(subscription::spawn(
             self.log.clone(),
             spec,

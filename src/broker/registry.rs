@@ -98,6 +98,11 @@ impl Registry {
 }
 
 impl Entry {
+    /// The subscription as the registry shows it.
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
     /// A batch of `records` records and `bytes` bytes went out; everything up to `last_sent` is
     /// delivered.
     pub fn sent(&self, records: u64, bytes: u64, last_sent: Tick) {

@@ -43,7 +43,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, info};
 
 /// Records read from storage per stream at a time, at most, and bytes of chunks: large records
 /// fill a read by their size long before their count.
@@ -389,7 +389,15 @@ pub fn spawn(
     let commits = snapshot.commits;
     let (abort, aborted) = oneshot::channel();
     tasks.spawn(async move {
-        match pump.run(registered, commits).await {
+        let ran = pump.run(registered, commits).await;
+        let progress = pump.progress.progress();
+        let why = match &ran {
+            Ok(()) => "its end was delivered".to_string(),
+            Err(Stop::Gone) => "the client went away".to_string(),
+            Err(Stop::Failed(err)) => err.to_string(),
+        };
+        info!(subscription = progress.id, peer = %progress.client.peer, records = progress.seen().records, "subscription ended: {why}");
+        match ran {
             Ok(()) | Err(Stop::Gone) => {}
             Err(Stop::Failed(err)) => {
                 debug!(cause = %err, "subscription failed");

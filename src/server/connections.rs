@@ -111,6 +111,7 @@ impl Connections {
                 "connection over max_connections: its calls are refused"
             );
         }
+        tracing::info!(?peer, open, "connection opened");
         let connection = Arc::new(Connection { over, ..Connection::default() });
         let first = if over { GRACE } else { self.handshake_timeout };
         Counted {
@@ -169,6 +170,8 @@ impl Counted {
 impl Drop for Counted {
     fn drop(&mut self) {
         self.connections.open.fetch_sub(1, Ordering::SeqCst);
+        let calls = self.connection.started.load(Ordering::SeqCst);
+        tracing::info!(peer = ?self.peer, calls, "connection closed");
     }
 }
 

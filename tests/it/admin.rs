@@ -161,8 +161,8 @@ async fn a_relay_is_ready_only_while_its_upstream_link_is_up() {
     .unwrap();
 }
 
-#[test]
-fn an_admin_listener_reachable_from_other_hosts_is_refused_and_logs_can_be_json() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_listener_reachable_from_other_hosts_is_refused_and_logs_can_be_json() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let out = std::process::Command::new(BIN)
@@ -173,12 +173,48 @@ fn an_admin_listener_reachable_from_other_hosts_is_refused_and_logs_can_be_json(
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("admin listener") && err.contains("--insecure"), "{err}");
 
+    // JSON logs, with a line for each connection, subscription and (rate-limited) refusal.
     let serve = Serve::start(&data, &["--log-format", "json"]);
-    let (clean, _) = serve.terminate();
+    let cli = |args: &[&str], input: &str| {
+        let mut child = std::process::Command::new(BIN)
+            .args(args)
+            .args(["--server", &serve.url])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child.wait().unwrap()
+    };
+    assert!(cli(&["publish", "logs/s"], "a\nb\n").success());
+    assert!(cli(&["tail", "logs/**", "--to", "now"], "").success());
+    // 50 refusals of one kind at once are one line; the next, a second later, counts them.
+    let mut c = client(&serve.url).await;
+    for _ in 0..50 {
+        c.publish(pb::PublishRequest::default()).await.unwrap_err();
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    c.publish(pb::PublishRequest::default()).await.unwrap_err();
+    drop(c);
+    let (clean, _) = tokio::task::block_in_place(|| serve.terminate());
     assert!(clean);
     let log = std::fs::read_to_string(dir.path().join("data.serve.log")).unwrap();
     let lines: Vec<serde_json::Value> =
         log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
-    assert!(lines.iter().any(|l| l["fields"]["message"] == "serving"), "{log}");
     assert!(lines.iter().all(|l| l["level"].is_string() && l["timestamp"].is_string()), "{log}");
+    let said = |start: &str| {
+        lines.iter().filter(|l| l["fields"]["message"].as_str().is_some_and(|m| m.starts_with(start))).count()
+    };
+    assert_eq!(said("serving"), 1, "{log}");
+    assert!(said("connection opened") >= 3 && said("connection closed") >= 3, "{log}");
+    assert_eq!(said("subscription started"), 1, "{log}");
+    assert_eq!(said("subscription ended: its end was delivered"), 1, "{log}");
+    let refused: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["fields"]["message"].as_str().is_some_and(|m| m.starts_with("refused: ")))
+        .collect();
+    assert_eq!(refused.len(), 2, "{log}");
+    assert_eq!(refused[0]["fields"]["reason"], "invalid_argument");
+    assert_eq!(refused[1]["fields"]["unlogged"], 49, "{log}");
 }
