@@ -67,7 +67,10 @@ impl Publisher {
     /// caller bounds Redis's pipelines itself).
     pub async fn connect(server: &Target, window: usize, batch: usize) -> Result<Publisher> {
         Ok(match server.system {
-            System::TapelineAlways | System::TapelineInterval | System::TapelineTls => {
+            System::TapelineAlways
+            | System::TapelineInterval
+            | System::TapelineTls
+            | System::TapelineMetrics => {
                 let mut options = tapeline::client::PublishOptions::new(&server.url);
                 options.credentials = server.credentials.clone();
                 options.window = window;
@@ -166,7 +169,7 @@ pub async fn subscribe(
     mut on: impl FnMut(&[u8]) -> bool + Send,
 ) -> Result<()> {
     match server.system {
-        System::TapelineAlways | System::TapelineInterval | System::TapelineTls => {
+        System::TapelineAlways | System::TapelineInterval | System::TapelineTls | System::TapelineMetrics => {
             use pb::subscribe_request::Start as S;
             let mut client = tapeline::client::connect_with(&server.url, &server.credentials)
                 .await

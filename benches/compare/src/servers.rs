@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
@@ -30,6 +31,9 @@ pub enum System {
     /// `tapeline serve --fsync interval=1000` over TLS (a made-up CA), clients over `https://`:
     /// what encryption costs, beside `TapelineInterval`.
     TapelineTls,
+    /// `TapelineInterval` with its admin listener on and `/metrics` scraped every second: what
+    /// metrics cost (not in the default list: `--systems tapeline-interval,tapeline-metrics`).
+    TapelineMetrics,
 }
 
 /// How much an acknowledged record survives.
@@ -44,7 +48,7 @@ pub enum Tier {
 
 impl System {
     /// Every system, in table order.
-    pub const ALL: [System; 8] = [
+    pub const ALL: [System; 9] = [
         System::TapelineAlways,
         System::RedisAlways,
         System::RedisBenchAlways,
@@ -53,6 +57,7 @@ impl System {
         System::RedisBenchEverysec,
         System::NatsFile,
         System::TapelineTls,
+        System::TapelineMetrics,
     ];
 
     /// The name in tables and on the command line.
@@ -66,6 +71,7 @@ impl System {
             System::RedisBenchAlways => "redis always, redis-benchmark",
             System::RedisBenchEverysec => "redis everysec, redis-benchmark",
             System::TapelineTls => "tapeline fsync=interval=1000, TLS",
+            System::TapelineMetrics => "tapeline fsync=interval=1000, /metrics scraped every 1 s",
         }
     }
 
@@ -80,6 +86,7 @@ impl System {
             System::RedisBenchAlways => "redis-bench-always",
             System::RedisBenchEverysec => "redis-bench-everysec",
             System::TapelineTls => "tapeline-tls",
+            System::TapelineMetrics => "tapeline-metrics",
         }
     }
 
@@ -93,7 +100,10 @@ impl System {
 
     /// Whether it is tapeline (the ratio is tapeline / best peer).
     pub fn is_tapeline(self) -> bool {
-        matches!(self, System::TapelineAlways | System::TapelineInterval | System::TapelineTls)
+        matches!(
+            self,
+            System::TapelineAlways | System::TapelineInterval | System::TapelineTls | System::TapelineMetrics
+        )
     }
 
     /// Whether it is loaded by `redis-benchmark`, which only publishes.
@@ -139,6 +149,45 @@ pub struct Server {
     programs: Programs,
     /// The certificate and key of a server over TLS.
     tls: Option<tempfile::TempDir>,
+    /// `TapelineMetrics`: its admin port, and the task scraping it (stopped when dropped).
+    admin: Option<(u16, Scraper)>,
+}
+
+/// Scrapes `/metrics` every second until dropped; counts the scrapes that answered.
+pub struct Scraper {
+    task: tokio::task::JoinHandle<()>,
+    scrapes: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Drop for Scraper {
+    fn drop(&mut self) {
+        self.task.abort();
+        let scrapes = self.scrapes.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!("  /metrics answered {scrapes} scrapes (one a second)");
+    }
+}
+
+impl Scraper {
+    fn start(port: u16) -> Scraper {
+        let scrapes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = scrapes.clone();
+        let task = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                every.tick().await;
+                let Ok(mut tcp) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { continue };
+                let request = format!("GET /metrics HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+                let mut body = Vec::new();
+                let answered = tcp.write_all(request.as_bytes()).await.is_ok()
+                    && tcp.read_to_end(&mut body).await.is_ok();
+                if answered && (body.starts_with(b"HTTP/1.0 200") || body.starts_with(b"HTTP/1.1 200")) {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+        Scraper { task, scrapes }
+    }
 }
 
 impl Server {
@@ -154,9 +203,12 @@ impl Server {
             }
             _ => (None, Default::default()),
         };
-        let (child, url) = spawn(system, programs, dir.path(), port, tls.as_ref().map(|t| t.path()))?;
+        let admin_port = (system == System::TapelineMetrics).then(free_port).transpose()?;
+        let (child, url) =
+            spawn(system, programs, dir.path(), port, tls.as_ref().map(|t| t.path()), admin_port)?;
         let target = Target { system, url, credentials };
-        let server = Server { target, child, dir, port, programs: programs.clone(), tls };
+        let admin = admin_port.map(|p| (p, Scraper::start(p)));
+        let server = Server { target, child, dir, port, programs: programs.clone(), tls, admin };
         server.wait_ready(port).await?;
         Ok(server)
     }
@@ -171,7 +223,9 @@ impl Server {
         before(self.dir.path())?;
         let began = Instant::now();
         let tls = self.tls.as_ref().map(|t| t.path());
-        let (child, _) = spawn(self.target.system, &self.programs, self.dir.path(), self.port, tls)?;
+        let admin_port = self.admin.as_ref().map(|(p, _)| *p);
+        let (child, _) =
+            spawn(self.target.system, &self.programs, self.dir.path(), self.port, tls, admin_port)?;
         self.child = child;
         self.wait_ready(self.port).await?;
         Ok(began.elapsed())
@@ -262,21 +316,25 @@ fn certificate(scratch: &Path) -> Result<(tempfile::TempDir, Vec<u8>)> {
 }
 
 /// Starts the program of `system` on `port` with the data dir `data` (and the certificate in
-/// `tls` for tapeline over TLS).
+/// `tls` for tapeline over TLS, and the admin listener on `admin` for `TapelineMetrics`).
 fn spawn(
     system: System,
     programs: &Programs,
     data: &Path,
     port: u16,
     tls: Option<&Path>,
+    admin: Option<u16>,
 ) -> Result<(Child, String)> {
     let (mut command, url) = match system {
-        System::TapelineAlways | System::TapelineInterval => {
+        System::TapelineAlways | System::TapelineInterval | System::TapelineMetrics => {
             let fsync = if system == System::TapelineAlways { "always" } else { "interval=1000" };
             let mut c = Command::new(&programs.tapeline);
             c.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--fsync", fsync])
                 .arg("--data")
                 .arg(data);
+            if let Some(admin) = admin {
+                c.args(["--admin-listen", &format!("127.0.0.1:{admin}")]);
+            }
             c.env("TAPELINE_LOG", "warn");
             (c, format!("http://127.0.0.1:{port}"))
         }
