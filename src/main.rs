@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("tapeline: {err}");
-            ExitCode::FAILURE
+            cli::exit_code(&err)
         }
     };
     // A read of standard input cannot be cancelled; do not wait for a line that may never come.

@@ -23,15 +23,34 @@ fn remote(action: &'static str, status: tonic::Status) -> Error {
 }
 
 pub async fn publish(args: PublishArgs) -> Result<ExitCode> {
-    tapeline::types::StreamName::parse(&args.stream)?;
+    if let Some(stream) = &args.stream {
+        tapeline::types::StreamName::parse(stream)?;
+    }
+    let json = args.input.as_deref() == Some("json");
+    if args.keep_ticks && !json {
+        return Err(Error::InvalidArgument("--keep-ticks keeps the ticks of --input json lines".into()));
+    }
     // Fail at once, with one clear line, when the server cannot be reached at all.
     let credentials = args.server.credentials.read()?;
     greet(&args.server.server, &credentials).await?;
-    let mut publisher =
-        Publisher::start(PublishOptions { credentials, ..PublishOptions::new(args.server.server.clone()) });
+    let mut options = PublishOptions { credentials, ..PublishOptions::new(args.server.server.clone()) };
+    // Batches cut by their content alone, numbered from the input's start: a re-run of the same
+    // input sends the same batches with the same sequences.
+    let counted = args.producer_id.is_some();
+    if let Some(producer) = &args.producer_id {
+        options.producer_id = producer.clone();
+        options.first_sequence = 0;
+        options.counted_sequences = true;
+    }
+    let mut publisher = Publisher::start(options);
     let batches = publisher.batches().expect("a new publisher takes batches");
     publisher.finish();
-    let stream = args.stream.clone();
+    let line_to_record = LineToRecord {
+        stream: args.stream.clone(),
+        json,
+        keep_ticks: args.keep_ticks,
+        headers: args.headers.clone(),
+    };
     // Reads stdin and sends batches from its own task, while this one takes the acks: whatever
     // lines are already there go out together, up to the batch limits, so an interactive line
     // goes out at once and a pipe goes out in large batches.
@@ -65,23 +84,17 @@ pub async fn publish(args: PublishArgs) -> Result<ExitCode> {
             let mut bytes = first.len();
             let mut batch = vec![first];
             while batch.len() < PUBLISH_BATCH_LINES && bytes < PUBLISH_BATCH_BYTES {
-                match lines.try_recv() {
-                    Ok(line) => {
-                        bytes += line.len();
-                        batch.push(line);
-                    }
-                    Err(_) => break,
-                }
+                let next = if counted { lines.recv().await } else { lines.try_recv().ok() };
+                let Some(line) = next else { break };
+                bytes += line.len();
+                batch.push(line);
             }
-            sent += batch.len() as u64;
             let records = batch
                 .into_iter()
-                .map(|payload| client::Incoming {
-                    stream: stream.clone(),
-                    payload: payload.into(),
-                    ..Default::default()
-                })
-                .collect();
+                .enumerate()
+                .map(|(i, line)| line_to_record.record(line, sent + i as u64 + 1))
+                .collect::<Result<Vec<_>>>()?;
+            sent += records.len() as u64;
             batches.send(records).await?;
         }
         match read.await {
@@ -117,16 +130,90 @@ pub async fn publish(args: PublishArgs) -> Result<ExitCode> {
         _ => String::new(),
     };
     let noun = if acked == 1 { "record" } else { "records" };
-    eprintln!("published {acked} {noun} to {}{range}", args.stream);
+    let to = args.stream.as_deref().unwrap_or("the streams the lines name");
+    eprintln!("published {acked} {noun} to {to}{range}");
     if let Some(failure) = failure {
         eprintln!("tapeline: {failure}");
-        return Ok(ExitCode::FAILURE);
+        return Ok(ExitCode::from(super::exit::REFUSED));
     }
     if sent != Some(acked) {
         eprintln!("tapeline: {} records were read but only {acked} acknowledged", sent.unwrap_or(0));
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How `publish` makes a record of a line of its input.
+struct LineToRecord {
+    /// The stream of every record (with JSON input, instead of the line's own).
+    stream: Option<String>,
+    /// Lines are JSON as `tail --output json` prints them; otherwise each line is a payload.
+    json: bool,
+    keep_ticks: bool,
+    headers: Vec<(String, String)>,
+}
+
+impl LineToRecord {
+    /// The record of line number `number` (from 1).
+    fn record(&self, line: Vec<u8>, number: u64) -> Result<client::Incoming> {
+        let mut record = if self.json {
+            self.parse(&line)
+                .map_err(|why| Error::InvalidArgument(format!("line {number} of the input: {why}")))?
+        } else {
+            client::Incoming { payload: line.into(), ..Default::default() }
+        };
+        if let Some(stream) = &self.stream {
+            record.stream = stream.clone();
+        }
+        record.headers.extend(self.headers.iter().cloned());
+        Ok(record)
+    }
+
+    /// A line of `tail --output json`: ticks and times as strings of digits or as numbers.
+    fn parse(&self, line: &[u8]) -> std::result::Result<client::Incoming, String> {
+        use base64::Engine;
+        let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| format!("not JSON ({e})"))?;
+        let number = |key: &str| -> std::result::Result<u64, String> {
+            match &value[key] {
+                serde_json::Value::Null => Ok(0),
+                serde_json::Value::String(s) => s.parse().map_err(|_| format!("{key} {s:?} is not a number")),
+                v => v.as_u64().ok_or_else(|| format!("{key} {v} is not a whole number")),
+            }
+        };
+        let stream = match (&value["stream"], &self.stream) {
+            (serde_json::Value::String(s), _) => s.clone(),
+            (_, Some(_)) => String::new(),
+            _ => return Err("it has no \"stream\"".into()),
+        };
+        let payload = match (&value["payload"], &value["payload_base64"]) {
+            (serde_json::Value::String(text), _) => text.clone().into_bytes(),
+            (_, serde_json::Value::String(encoded)) => base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .map_err(|e| format!("payload_base64 is not base64 ({e})"))?,
+            _ => return Err("it has neither \"payload\" nor \"payload_base64\"".into()),
+        };
+        let tick = if self.keep_ticks { number("tick")? } else { 0 };
+        if self.keep_ticks && tick == 0 {
+            return Err("it has no \"tick\" to keep".into());
+        }
+        let headers = match &value["headers"] {
+            serde_json::Value::Null => Vec::new(),
+            serde_json::Value::Object(map) => map
+                .iter()
+                .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                .collect::<Option<Vec<_>>>()
+                .ok_or("a header's value is not a string")?,
+            _ => return Err("\"headers\" is not an object".into()),
+        };
+        Ok(client::Incoming {
+            stream,
+            tick,
+            origin_time: number("origin_time")?,
+            headers,
+            payload: payload.into(),
+            crc32: None,
+        })
+    }
 }
 
 /// Parses a point in time given as a tick or an RFC 3339 time.
@@ -241,8 +328,9 @@ pub async fn tail(args: TailArgs) -> Result<ExitCode> {
         let records = match subscriber.next().await {
             None => return Ok(ExitCode::SUCCESS),
             Some(Err(err)) => {
+                let err = Error::from(err);
                 eprintln!("tapeline: {err}");
-                return Ok(ExitCode::FAILURE);
+                return Ok(super::exit_code(&err));
             }
             Some(Ok(Delivery::Records(records))) => records,
             Some(Ok(Delivery::Disconnected { endpoint, cause, retry_in })) => {
@@ -369,9 +457,15 @@ pub async fn streams(args: StreamsArgs) -> Result<ExitCode> {
         .max(6);
     // A relay also shows where each mirrored stream comes from and how fresh it is.
     let relay = list.streams.iter().any(|s| !s.upstream.is_empty());
+    // For people: sizes in binary units and the records' ages; `--output json` stays exact.
+    let now = Tick::now();
+    let age = |tick: u64| match tick {
+        0 => "-".to_string(),
+        t => tapeline::types::human_duration(Duration::from_nanos(now.0.saturating_sub(t))) + " ago",
+    };
     let mut header = format!(
-        "{:<width$}  {:>10}  {:>12}  {:>20}  {:>20}  {:>9}  {:<16}  {}",
-        "STREAM", "RECORDS", "BYTES", "FIRST_TICK", "LAST_TICK", "RECORDS/S", "RETENTION", "TYPE"
+        "{:<width$}  {:>10}  {:>9}  {:>14}  {:>14}  {:>9}  {:<16}  {}",
+        "STREAM", "RECORDS", "SIZE", "FIRST", "LAST", "RECORDS/S", "RETENTION", "TYPE"
     );
     if relay {
         header.push_str("  UPSTREAM  LAG");
@@ -386,12 +480,12 @@ pub async fn streams(args: StreamsArgs) -> Result<ExitCode> {
         // An import in progress is listed, but no subscriber sees it yet.
         let name = if s.importing { format!("{} (importing)", s.name) } else { s.name.clone() };
         let mut line = format!(
-            "{:<width$}  {:>10}  {:>12}  {:>20}  {:>20}  {:>9.1}  {:<16}  {}",
+            "{:<width$}  {:>10}  {:>9}  {:>14}  {:>14}  {:>9.1}  {:<16}  {}",
             name,
             s.records,
-            s.bytes,
-            s.first_tick,
-            s.last_tick,
+            tapeline::types::human_bytes(s.bytes),
+            age(s.first_tick),
+            age(s.last_tick),
             s.records_per_second,
             retention,
             if s.content_type.is_empty() { "-" } else { &s.content_type }

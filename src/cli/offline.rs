@@ -23,7 +23,7 @@ pub fn verify(args: VerifyArgs) -> Result<ExitCode> {
     for note in &report.notes {
         println!("note: {note}");
     }
-    Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(super::exit::DAMAGE) })
 }
 
 pub async fn recover(args: RecoverArgs) -> Result<ExitCode> {

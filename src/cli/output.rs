@@ -56,7 +56,7 @@ pub fn stream_json(s: &pb::StreamInfo) -> serde_json::Value {
     })
 }
 
-/// Retention in a few characters: `7d/10GiB/-` (age, bytes, records; `-` for no limit).
+/// Retention in a few characters: `7days/10 GiB/-` (age, bytes, records; `-` for no limit).
 pub fn retention_text(r: &Option<pb::Retention>) -> String {
     let r = r.unwrap_or_default();
     let age = match r.max_age_ms {
@@ -64,7 +64,8 @@ pub fn retention_text(r: &Option<pb::Retention>) -> String {
         ms => humantime::format_duration(Duration::from_millis(ms)).to_string(),
     };
     let number = |n: u64| if n == 0 { "-".to_string() } else { n.to_string() };
-    format!("{age}/{}/{}", number(r.max_bytes), number(r.max_records))
+    let bytes = if r.max_bytes == 0 { "-".to_string() } else { tapeline::types::human_bytes(r.max_bytes) };
+    format!("{age}/{bytes}/{}", number(r.max_records))
 }
 
 #[cfg(test)]

@@ -21,6 +21,10 @@ pub struct PublishOptions {
     /// Sequence numbers are above this one, and at least the wall clock in microseconds, so that
     /// they keep increasing across restarts of a producer that keeps its id.
     pub first_sequence: u64,
+    /// Number batches `first_sequence + 1, + 2, …` without the wall clock: the same input, cut
+    /// into the same batches, gets the same sequences when it is published again, and the broker
+    /// appends none of it twice (while it remembers them: a producer's last 128 batches).
+    pub counted_sequences: bool,
     /// Batches sent and not yet acknowledged, at most; at most 128, the batches the broker
     /// remembers of a producer (a larger window could resend a batch it no longer recognises).
     pub window: usize,
@@ -40,6 +44,7 @@ impl PublishOptions {
             endpoint: endpoint.into(),
             producer_id: format!("tapeline-{:016x}", rand::random::<u64>()),
             first_sequence: u64::try_from(now.as_micros()).unwrap_or(1).max(1),
+            counted_sequences: false,
             window: 64,
             ack_timeout: Duration::from_secs(30),
             backoff: Backoff::default(),
@@ -213,7 +218,10 @@ impl Pipeline {
                         tx = None;
                         continue;
                     };
-                    *sequence = (*sequence + 1).max(micros_now());
+                    *sequence += 1;
+                    if !self.options.counted_sequences {
+                        *sequence = (*sequence).max(micros_now());
+                    }
                     let request = pb::PublishRequest {
                         records: records.into_iter().map(Into::into).collect(),
                         batch_id: *sequence,

@@ -23,9 +23,13 @@ pub struct File {
     pub volatile: Option<bool>,
     pub fsync: Option<String>,
     pub heartbeat: Option<String>,
+    #[serde(default, deserialize_with = "size")]
     pub cache_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "size")]
     pub chunk_file_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "size")]
     pub max_disk_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "size")]
     pub min_free_disk_bytes: Option<u64>,
     #[serde(default)]
     pub limits: FileLimits,
@@ -83,8 +87,10 @@ pub struct FilePrincipal {
 #[serde(deny_unknown_fields)]
 pub struct FileRetention {
     pub max_age: Option<String>,
+    #[serde(default, deserialize_with = "size")]
     pub max_bytes: Option<u64>,
     pub max_records: Option<u64>,
+    #[serde(default, deserialize_with = "size")]
     pub max_total_bytes: Option<u64>,
     pub check_every: Option<String>,
     /// `[[retention.rule]]` tables: limits for some streams.
@@ -98,6 +104,7 @@ pub struct FileRetention {
 pub struct FileRetentionRule {
     pub streams: Vec<String>,
     pub max_age: Option<String>,
+    #[serde(default, deserialize_with = "size")]
     pub max_bytes: Option<u64>,
     pub max_records: Option<u64>,
 }
@@ -115,16 +122,22 @@ fn duration(key: &'static str, text: &str) -> Result<Duration> {
 #[derive(Debug, Default, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileLimits {
+    #[serde(default, deserialize_with = "size")]
     pub max_record_bytes: Option<usize>,
+    #[serde(default, deserialize_with = "size")]
     pub max_batch_bytes: Option<usize>,
     pub max_batch_records: Option<usize>,
+    #[serde(default, deserialize_with = "size")]
     pub max_header_bytes: Option<usize>,
     pub max_producers: Option<usize>,
     pub max_subscriptions: Option<usize>,
     pub max_streams: Option<usize>,
     pub max_connections: Option<usize>,
+    #[serde(default, deserialize_with = "size")]
     pub subscribe_bytes_per_second: Option<u64>,
+    #[serde(default, deserialize_with = "size")]
     pub max_subscribe_bytes_per_second: Option<u64>,
+    #[serde(default, deserialize_with = "size")]
     pub publish_bytes_per_second: Option<u64>,
     pub rate_window: Option<String>,
     pub max_lag: Option<String>,
@@ -133,6 +146,7 @@ pub struct FileLimits {
     pub keepalive: Option<String>,
     pub handshake_timeout: Option<String>,
     pub idle_timeout: Option<String>,
+    #[serde(default, deserialize_with = "size")]
     pub max_pending_bytes: Option<usize>,
     pub pending_wait: Option<String>,
     pub catalog_changes_per_second: Option<u64>,
@@ -157,7 +171,8 @@ pub struct FileMirror {
 /// The settings file with every default, each explained: what `tapeline config` prints.
 pub const DEFAULT_FILE: &str = r#"# tapeline settings (TOML). Start the broker with: tapeline serve --config tapeline.toml
 # Every key is optional: a missing key takes the default shown here, and a flag given to
-# `tapeline serve` wins over the file.
+# `tapeline serve` (or its TAPELINE_... environment variable) wins over the file. Sizes are bytes
+# or a string with a unit: "256MiB", "1.5GiB", "10MB".
 
 # Address to listen on (port 0 picks a free one).
 listen = "127.0.0.1:7411"
@@ -173,23 +188,23 @@ fsync = "always"
 # Silence after which a subscriber gets a heartbeat ("500ms", "5s", "1m").
 heartbeat = "5s"
 # Bytes of the storage engine's page cache.
-cache_bytes = 268435456
+cache_bytes = "256MiB"
 # Chunk files are started afresh past this many bytes; retention frees disk a file at a time.
-chunk_file_bytes = 16777216
+chunk_file_bytes = "16MiB"
 # The most the data dir may take, in bytes; publishing is refused beyond it. No limit when absent.
-# max_disk_bytes = 10737418240
+# max_disk_bytes = "10GiB"
 # Free disk space kept in reserve, in bytes; publishing is refused rather than eat into it.
-min_free_disk_bytes = 67108864
+min_free_disk_bytes = "64MiB"
 
 [limits]
 # Largest payload of one record, in bytes.
-max_record_bytes = 4194304
+max_record_bytes = "4MiB"
 # Largest sum of payloads and headers in one batch, in bytes.
-max_batch_bytes = 16777216
+max_batch_bytes = "16MiB"
 # Most records in one batch.
 max_batch_records = 65536
 # Largest sum of header keys and values of one record, in bytes.
-max_header_bytes = 16384
+max_header_bytes = "16KiB"
 # Idempotent producers remembered; beyond it the least recently used one is forgotten.
 max_producers = 10000
 # Subscriptions running at once, streams in the store, client connections at once: beyond them
@@ -200,10 +215,10 @@ max_connections = 10000
 # Quotas in bytes per second (payloads, headers and stream names), averaged over rate_window;
 # nothing is dropped, delivery or reading waits. No limit when absent.
 # The quota of a subscription that asks for none, and the most one may ask for:
-# subscribe_bytes_per_second = 1048576
-# max_subscribe_bytes_per_second = 104857600
+# subscribe_bytes_per_second = "1MiB"
+# max_subscribe_bytes_per_second = "100MiB"
 # Each client connection's publishing (slowed through HTTP/2 flow control):
-# publish_bytes_per_second = 10485760
+# publish_bytes_per_second = "10MiB"
 rate_window = "5s"
 # How far behind the live tail a subscription may fall before its slow_consumer policy
 # (latest: skip ahead with a gap event; disconnect: end, to resume) applies.
@@ -221,7 +236,7 @@ handshake_timeout = "10s"
 idle_timeout = "5m"
 # Bytes of published batches received and not yet committed, across all clients: a batch that
 # would pass it waits up to pending_wait for room, then is refused (RESOURCE_EXHAUSTED).
-max_pending_bytes = 268435456
+max_pending_bytes = "256MiB"
 pending_wait = "10s"
 # Stream creations, updates, seals and deletions by clients per second (bursts of a second's
 # worth): each is a commit with its own fsync on the writer that commits every publish.
@@ -289,6 +304,45 @@ check_every = "1s"
 # name = "relay-east"
 # subscribe = ["plant/**"]
 "#;
+
+/// A size in the settings: a number of bytes, or a string with a unit (`"256MiB"`, `"1.5GiB"`).
+fn size<'de, D, T>(deserializer: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    struct Size;
+    impl serde::de::Visitor<'_> for Size {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a size: bytes (1048576) or a string with a unit (\"256MiB\", \"1.5GiB\", \"10MB\")")
+        }
+        fn visit_u64<E: serde::de::Error>(self, bytes: u64) -> std::result::Result<u64, E> {
+            Ok(bytes)
+        }
+        fn visit_i64<E: serde::de::Error>(self, bytes: i64) -> std::result::Result<u64, E> {
+            u64::try_from(bytes).map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(bytes), &self))
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> std::result::Result<u64, E> {
+            crate::types::parse_size(text).map_err(E::custom)
+        }
+    }
+    struct Optional;
+    impl<'de> serde::de::Visitor<'de> for Optional {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            Size.expecting(f)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<Option<u64>, D::Error> {
+            d.deserialize_any(Size).map(Some)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> std::result::Result<Option<u64>, E> {
+            Ok(None)
+        }
+    }
+    let Some(bytes) = deserializer.deserialize_option(Optional)? else { return Ok(None) };
+    T::try_from(bytes).map(Some).map_err(|_| serde::de::Error::custom(format!("{bytes} bytes is too large")))
+}
 
 impl File {
     /// These settings with every key that `over` sets taken from `over` (its mirrors are added to
@@ -568,7 +622,10 @@ mod tests {
     #[test]
     fn a_bad_file_names_the_key_the_value_and_what_was_expected() {
         let err = File::parse("[limits]\nmax_record_bytes = \"big\"\n").unwrap_err();
-        assert!(err.contains("max_record_bytes") && err.contains("big") && err.contains("expected"), "{err}");
+        assert!(
+            err.contains("max_record_bytes") && err.contains("big") && err.contains("give bytes"),
+            "{err}"
+        );
         let err = File::parse("listen = \"x\"\nfsnyc = \"always\"\n").unwrap_err();
         assert!(err.contains("fsnyc") && err.contains("unknown field"), "{err}");
         let err = File::parse("fsync = \"sometimes\"").unwrap().config().unwrap_err().to_string();
@@ -603,6 +660,17 @@ mod tests {
             .unwrap()
             .validate();
         assert!(err.unwrap_err().to_string().contains("rate_window"));
+    }
+
+    #[test]
+    fn sizes_are_bytes_or_a_number_with_a_unit() {
+        let file = File::parse("max_disk_bytes = \"20GiB\"\nmin_free_disk_bytes = 1048576\n[limits]\nmax_record_bytes = \"8MiB\"\n").unwrap();
+        let config = file.config().unwrap();
+        assert_eq!(config.max_disk_bytes, Some(20 << 30));
+        assert_eq!(config.min_free_disk_bytes, 1 << 20);
+        assert_eq!(config.limits.max_record_bytes, 8 << 20);
+        let err = File::parse("max_disk_bytes = \"20 parsecs\"\n").unwrap_err();
+        assert!(err.contains("20 parsecs") && err.contains("256MiB"), "{err}");
     }
 
     #[test]

@@ -17,5 +17,5 @@ pub use policy::Policy;
 pub use record::{
     nanos, Incoming, NewRecord, Recent, Record, Stored, StreamId, StreamInfo, StreamMeta, Tick, Trimmed,
 };
-pub use units::{human_bytes, human_duration};
+pub use units::{human_bytes, human_duration, parse_size};
 pub use upstream::UpstreamStatus;

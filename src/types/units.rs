@@ -1,5 +1,6 @@
-//! Sizes and durations as people read them (`1.5 MiB`, `4 min 10 s`): the status page and the
-//! CLI's tables. Scripts get exact numbers elsewhere (JSON, `/metrics`).
+//! Sizes and durations as people read and write them (`1.5 MiB`, `4 min 10 s`, `256MiB`): the
+//! status page, the CLI's tables and its flags. Scripts get exact numbers elsewhere (JSON,
+//! `/metrics`).
 
 use std::time::Duration;
 
@@ -17,6 +18,38 @@ pub fn human_bytes(bytes: u64) -> String {
         _ if value < 10.0 => format!("{value:.1} {}", UNITS[unit]),
         _ => format!("{value:.0} {}", UNITS[unit]),
     }
+}
+
+/// A size as people write it: `1048576`, `256MiB`, `1.5 GiB`, `64 KiB`, `10MB` (KiB, MiB, GiB,
+/// TiB are powers of 1024; kB, MB, GB, TB of 1000; B or nothing is bytes).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, unit) = (&text[..split], text[split..].trim());
+    let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => {
+            return Err(format!(
+                "{text:?} is not a size: give bytes (1048576) or a number and a unit (256MiB, 1.5GiB, 10MB)"
+            ))
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size: it must start with a number (256MiB)"))?;
+    let bytes = value * multiplier as f64;
+    if !(0.0..=u64::MAX as f64).contains(&bytes) || bytes.fract() != 0.0 && multiplier == 1 {
+        return Err(format!("{text:?} is not a size in whole bytes"));
+    }
+    Ok(bytes.round() as u64)
 }
 
 /// `d` in its two largest units: `850 ms`, `2.3 s`, `4 min 10 s`, `3 h 2 min`, `2 d 3 h`.
@@ -46,5 +79,13 @@ mod tests {
         assert_eq!(human_duration(Duration::from_secs(250)), "4 min 10 s");
         assert_eq!(human_duration(Duration::from_secs(3 * 3600 + 120)), "3 h 2 min");
         assert_eq!(human_duration(Duration::from_secs(2 * 86400 + 3 * 3600)), "2 d 3 h");
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("1.5 GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("10MB"), Ok(10_000_000));
+        assert_eq!(parse_size("64kib"), Ok(64 << 10));
+        assert!(parse_size("12 parsecs").unwrap_err().contains("256MiB"));
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("1.5").is_err());
     }
 }

@@ -10,8 +10,14 @@ use crate::support::{Serve, BIN};
 
 /// Runs `tapeline ARGS` with `stdin`, returning its output.
 fn run(args: &[&str], stdin: &[u8]) -> Output {
+    run_with(args, stdin, &[])
+}
+
+/// Runs `tapeline ARGS` with `stdin` and the environment variables `env`.
+fn run_with(args: &[&str], stdin: &[u8], env: &[(&str, &str)]) -> Output {
     let mut child = Command::new(BIN)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -277,13 +283,13 @@ fn a_settings_file_configures_serve_and_a_bad_one_is_named() {
     let out = run(&["config"], b"");
     assert!(out.status.success());
     let default = text(&out.stdout);
-    assert!(default.contains("max_record_bytes = 4194304"), "{default}");
+    assert!(default.contains("max_record_bytes = \"4MiB\""), "{default}");
     let data = dir.path().join("data");
     let file = dir.path().join("tapeline.toml");
     let edited = default
         .replace("listen = \"127.0.0.1:7411\"", "listen = \"127.0.0.1:0\"")
         .replace("data = \"tapeline-data\"", &format!("data = {:?}", data.to_str().unwrap()))
-        .replace("max_record_bytes = 4194304", "max_record_bytes = 10");
+        .replace("max_record_bytes = \"4MiB\"", "max_record_bytes = 10");
     std::fs::write(&file, edited).unwrap();
     let serve = Serve::spawn(&["serve", "--config", file.to_str().unwrap()], dir.path().join("serve.log"));
     let out = run(&["publish", "s", "--server", &serve.url], b"this line is over ten bytes\n");
@@ -301,13 +307,105 @@ fn a_settings_file_configures_serve_and_a_bad_one_is_named() {
     drop(serve);
 
     // A mistake names the key, the value and what was expected, in one line, before anything listens.
-    std::fs::write(&file, "[limits]\nmax_record_bytes = \"big\"\n").unwrap();
+    std::fs::write(&file, "[limits]\nmax_record_bytes = true\n").unwrap();
     let out = run(&["serve", "--config", file.to_str().unwrap()], b"");
-    assert_one_clear_line(&out, &["max_record_bytes", "big", "expected"]);
+    assert_one_clear_line(&out, &["max_record_bytes", "true", "256MiB"]);
     std::fs::write(&file, "fsnyc = \"always\"\n").unwrap();
     let out = run(&["serve", "--config", file.to_str().unwrap()], b"");
     assert_one_clear_line(&out, &["fsnyc", "unknown field"]);
     std::fs::write(&file, "fsync = \"sometimes\"\n").unwrap();
     let out = run(&["serve", "--config", file.to_str().unwrap()], b"");
     assert_one_clear_line(&out, &["fsync", "sometimes", "interval=MS"]);
+}
+
+/// `tail --output json` exports, `publish --input json` imports: streams, payloads (text and
+/// binary), headers and origin times come over whole; with `--producer-id` a second run of the
+/// same export appends nothing; with `--keep-ticks` into an import the copy has the original's
+/// ticks. The server comes from TAPELINE_SERVER as host:port.
+#[test]
+fn an_exported_stream_imports_whole_and_a_rerun_appends_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = Serve::start(&dir.path().join("origin"), &[]);
+    let copy = Serve::start(&dir.path().join("copy"), &[]);
+    let at = |serve: &Serve, args: &[&str], stdin: &[u8]| {
+        let out = run_with(args, stdin, &[("TAPELINE_SERVER", serve.addr())]);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        out
+    };
+    at(
+        &origin,
+        &["publish", "plant/oven", "-H", "unit=C", "--header", "site=north"],
+        b"180\n181\n\xff\xfe\n",
+    );
+    at(&origin, &["publish", "plant/press"], b"41.5\n");
+    let export = at(&origin, &["tail", "plant/**", "-t", "now"], b"").stdout;
+    let lines = |out: &[u8]| -> Vec<serde_json::Value> {
+        text(out).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let original = lines(&export);
+    assert_eq!(original.len(), 4);
+    assert_eq!(original[0]["headers"], serde_json::json!({"site": "north", "unit": "C"}));
+
+    let first = at(&copy, &["publish", "--input", "json", "--producer-id", "import-1"], &export);
+    assert!(text(&first.stderr).contains("published 4 records"), "{}", text(&first.stderr));
+    let again = at(&copy, &["publish", "--input", "json", "--producer-id", "import-1"], &export);
+    assert!(
+        text(&again.stderr).contains("published 4 records"),
+        "acknowledged again: {}",
+        text(&again.stderr)
+    );
+    let copied = lines(&at(&copy, &["tail", "plant/**", "-t", "now"], b"").stdout);
+    let without_ticks = |records: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        records
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r.as_object_mut().unwrap().remove("tick");
+                r
+            })
+            .collect()
+    };
+    assert_eq!(without_ticks(&copied), without_ticks(&original), "the same records, once each");
+
+    // Into an import, keeping the ticks: the copy is the original, tick for tick.
+    let same = Serve::start(&dir.path().join("same"), &[]);
+    for stream in ["plant/oven", "plant/press"] {
+        at(&same, &["create", stream, "--import"], b"");
+    }
+    at(&same, &["publish", "--input", "json", "--keep-ticks"], &export);
+    for stream in ["plant/oven", "plant/press"] {
+        at(&same, &["seal", stream], b"");
+    }
+    assert_eq!(lines(&at(&same, &["tail", "plant/**", "-t", "now"], b"").stdout), original);
+
+    // A line that is not a record is refused naming it, and nothing of its batch is stored.
+    let mut child = Command::new(BIN)
+        .args(["publish", "--input", "json", "-s", copy.addr()])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"stream\":\"plant/x\",\"payload\":\"ok\"}\n{\"stream\":\"plant/x\"}\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_one_clear_line(&out, &["line 2", "payload"]);
+}
+
+/// Exit codes say what went wrong: 2 usage, 3 unreachable, 4 refused by the server, and
+/// `completions` prints a script for the shell.
+#[test]
+fn exit_codes_tell_usage_unreachable_and_refused_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(&dir.path().join("data"), &[]);
+    let code = |args: &[&str]| run(args, b"").status.code();
+    assert_eq!(code(&["tail", "s", "--no-such-flag"]), Some(2));
+    assert_eq!(code(&["streams", "-s", "127.0.0.1:1"]), Some(3));
+    assert_eq!(code(&["create", "s", "-s", serve.addr(), "--description", "a"]), Some(0));
+    assert_eq!(code(&["create", "s", "-s", serve.addr(), "--description", "b"]), Some(4), "ALREADY_EXISTS");
+    let script = run(&["completions", "bash"], b"");
+    assert!(script.status.success() && text(&script.stdout).contains("_tapeline()"));
 }

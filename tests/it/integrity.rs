@@ -350,7 +350,7 @@ async fn a_damaged_chunk_is_data_loss_for_its_range_and_the_rest_stays_readable(
 
     let out = tapeline(&["verify", "--data", data.to_str().unwrap()]);
     let report = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(2), "{report}{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(5), "{report}{}", text(&out.stderr));
     assert!(report.contains(&format!("damaged: stream \"s\" ticks {from}..={to}")), "{report}");
     assert!(report.contains("damaged: commit records"), "the commit record's CRC fails too: {report}");
 }
@@ -490,7 +490,7 @@ async fn a_log_that_lost_acknowledged_records_is_refused() {
     assert_eq!(refused_serve(&data), why, "refused again: nothing was quietly accepted");
     let out = tapeline(&["verify", "--data", data.to_str().unwrap()]);
     let report = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(2), "{report}{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(5), "{report}{}", text(&out.stderr));
     assert!(report.contains("acknowledged records are missing"), "{report}");
 
     let new = dir.path().join("new");
