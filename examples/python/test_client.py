@@ -8,6 +8,7 @@ Usage: python test_client.py TAPELINE_BINARY
 """
 
 import os
+import shutil
 import random
 import signal
 import socket
@@ -63,6 +64,17 @@ def main(binary):
     workdir = tempfile.mkdtemp(prefix="tapeline-python-")
     broker = Broker(binary, os.path.join(workdir, "data"), free_port())
     broker.start()
+    try:
+        run(broker)
+    finally:
+        # Also when a check fails: no broker is left behind.
+        if broker.process.poll() is None:
+            broker.process.send_signal(signal.SIGCONT)
+            broker.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(broker):
     target = f"127.0.0.1:{broker.port}"
     began = time.monotonic()
 
@@ -123,7 +135,6 @@ def main(binary):
     assert len(disconnections) >= KILLS, f"the kills were not noticed: {events}"
     assert publisher.retries > 0, "no batch was resent: the kills missed the publisher"
     assert silent, f"the silent link was not noticed: {disconnections}"
-    broker.kill()
     print(f"python client: {len(received)} records exactly once, in order, across {broker.starts - 1} broker "
           f"restarts and a {2.0:.0f} s silent link ({len(disconnections)} disconnections, "
           f"{len(silent)} by liveness; {publisher.retries} publish retries; a 4 MiB record whole) "
