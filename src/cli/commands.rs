@@ -324,43 +324,49 @@ pub async fn tail(args: TailArgs) -> Result<ExitCode> {
     let raw = args.output == "raw";
     let mut printed = 0u64;
     let stdout = std::io::stdout();
+    let mut progress = super::progress::Replay::start(end.is_some());
     loop {
         let records = match subscriber.next().await {
             None => return Ok(ExitCode::SUCCESS),
             Some(Err(err)) => {
                 let err = Error::from(err);
-                eprintln!("tapeline: {err}");
+                progress.say(&format!("tapeline: {err}"));
                 return Ok(super::exit_code(&err));
             }
             Some(Ok(Delivery::Records(records))) => records,
+            Some(Ok(Delivery::CaughtUp(_))) => {
+                progress.caught_up();
+                continue;
+            }
             Some(Ok(Delivery::Disconnected { endpoint, cause, retry_in })) => {
-                eprintln!("tapeline: lost {endpoint} ({cause}); resuming in {retry_in:.1?}");
+                progress.say(&format!("tapeline: lost {endpoint} ({cause}); resuming in {retry_in:.1?}"));
                 continue;
             }
             Some(Ok(Delivery::Upstream(u))) => {
-                if u.connected {
-                    eprintln!("tapeline: the server's upstream {} is connected", u.upstream);
+                progress.say(&if u.connected {
+                    format!("tapeline: the server's upstream {} is connected", u.upstream)
                 } else {
-                    eprintln!("tapeline: the server's upstream {} is down: {}", u.upstream, u.detail);
-                }
+                    format!("tapeline: the server's upstream {} is down: {}", u.upstream, u.detail)
+                });
                 continue;
             }
             Some(Ok(Delivery::Gap(g))) => {
-                eprintln!(
+                progress.say(&format!(
                     "tapeline: {}: skipped {} records (ticks {} to {}) to keep up with the live tail",
                     g.stream, g.records, g.from_tick, g.to_tick
-                );
+                ));
                 continue;
             }
             Some(Ok(Delivery::Truncated(t))) => {
-                eprintln!(
+                progress.say(&format!(
                     "tapeline: {}: records up to tick {} were removed by retention; continuing from tick {}",
                     t.stream, t.through, t.earliest_available
-                );
+                ));
                 continue;
             }
             Some(Ok(_)) => continue,
         };
+        progress.printed(records.len() as u64, records.last().map_or(0, |r| r.tick.0));
         let mut out = stdout.lock();
         for record in records {
             let written = if raw {

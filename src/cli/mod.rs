@@ -5,6 +5,7 @@
 mod commands;
 mod offline;
 mod output;
+mod progress;
 mod serve;
 
 use commands::{create, delete, info, publish, seal, streams, tail};

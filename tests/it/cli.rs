@@ -409,3 +409,21 @@ fn exit_codes_tell_usage_unreachable_and_refused_apart() {
     let script = run(&["completions", "bash"], b"");
     assert!(script.status.success() && text(&script.stdout).contains("_tapeline()"));
 }
+
+/// On a terminal (a pseudo-terminal from `script`), `tail` shows its replay's progress on
+/// standard error and one line when it caught up; into a pipe, nothing but the records.
+#[test]
+fn tail_shows_progress_and_caught_up_on_a_terminal_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(&dir.path().join("data"), &[]);
+    let lines: String = (0..20_000).map(|i| format!("{i}\n")).collect();
+    assert!(run(&["publish", "big/s", "-s", serve.addr()], lines.as_bytes()).status.success());
+    let tail = format!("{BIN} tail 'big/**' -s {} -t now > /dev/null", serve.addr());
+    let out =
+        Command::new("script").args(["-qec", &tail, "/dev/null"]).output().expect("script (util-linux)");
+    let terminal = text(&out.stdout);
+    assert!(terminal.contains("caught up: 20000 records replayed in"), "{terminal}");
+    let piped = run(&["tail", "big/**", "-s", serve.addr(), "-t", "now"], b"");
+    assert_eq!(text(&piped.stdout).lines().count(), 20_000);
+    assert_eq!(text(&piped.stderr), "", "nothing but the records when not at a terminal");
+}
