@@ -5,6 +5,7 @@ pub mod link;
 pub mod quota;
 pub mod registry;
 pub mod subscription;
+pub mod throttle;
 
 use crate::config::{Config, Limits, Mirror};
 use crate::error::{Error, Result};
@@ -38,6 +39,9 @@ pub const MAX_LIST_PAGE: usize = 10_000;
 /// How far ahead of this broker's clock an upstream's tick may be: clocks of an origin and its
 /// relays differ, but a record an hour ahead would drag this broker's clock with it.
 const MAX_UPSTREAM_AHEAD: Duration = Duration::from_secs(3600);
+
+/// Records an upstream sent that this relay cannot take are logged at most once a second.
+static SKIPPED: throttle::Throttle = throttle::Throttle::new(Duration::from_secs(1));
 
 /// The fastest pace a subscription may ask for. Far beyond any useful replay speed; it keeps the
 /// delay arithmetic well inside `f64` and `Duration`.
@@ -239,7 +243,11 @@ impl Broker {
                     last.insert(stream, record.tick);
                     kept.push(record);
                 }
-                Err(err) => warn!(%stream, tick, %err, "skipped a record the upstream sent"),
+                Err(err) => {
+                    if let Some(unlogged) = SKIPPED.due("upstream record") {
+                        warn!(%stream, tick, %err, unlogged, "skipped a record the upstream sent");
+                    }
+                }
             }
         }
         // In batches this broker's own limits allow.

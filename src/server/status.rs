@@ -1,16 +1,12 @@
 //! The one mapping from the server side's error to a gRPC status.
 
+use crate::broker::throttle::Throttle;
 use crate::error::Error;
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tonic::{Code, Status};
 
-/// Refusals are logged at most once per this long for each reason, with how many were not.
-const LOG_EVERY: Duration = Duration::from_secs(1);
-
-/// Per reason: when a refusal was last logged, and how many were not since.
-static LOGGED: Mutex<Option<HashMap<&'static str, (Instant, u64)>>> = Mutex::new(None);
+/// Refusals are logged at most once a second for each reason, with how many were not.
+static REFUSALS: Throttle = Throttle::new(Duration::from_secs(1));
 
 /// The one mapping from a domain error to a gRPC status; counted in `tapeline_refusals_total` by
 /// code and reason, and logged (a flood of one kind of refusal is one line a second).
@@ -19,26 +15,10 @@ pub fn status(err: &Error) -> Status {
     metrics::counter!("tapeline_refusals_total", "code" => format!("{code:?}"), "reason" => reason)
         .increment(1);
     let message = err.to_string();
-    if let Some(unlogged) = due(reason) {
+    if let Some(unlogged) = REFUSALS.due(reason) {
         tracing::info!(?code, reason, unlogged, "refused: {message}");
     }
     Status::new(code, message)
-}
-
-/// Whether a refusal for `reason` is logged now; if so, how many were not since the last one.
-fn due(reason: &'static str) -> Option<u64> {
-    let mut logged = LOGGED.lock().unwrap_or_else(|e| e.into_inner());
-    let now = Instant::now();
-    let Some((last, unlogged)) = logged.get_or_insert_with(HashMap::new).get_mut(reason) else {
-        logged.get_or_insert_with(HashMap::new).insert(reason, (now, 0));
-        return Some(0);
-    };
-    if now.duration_since(*last) < LOG_EVERY {
-        *unlogged += 1;
-        return None;
-    }
-    *last = now;
-    Some(std::mem::take(unlogged))
 }
 
 /// An error's gRPC code, and why in a word (a bounded set of metric label values).
@@ -76,25 +56,5 @@ fn classify(err: &Error) -> (Code, &'static str) {
         | Error::ConfigFile { .. }
         | Error::Remote { .. }
         | Error::Internal(_) => (Code::Internal, "internal"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_flood_of_one_refusal_is_logged_once_a_second_with_the_count() {
-        assert_eq!(due("test_flood"), Some(0));
-        for _ in 0..1000 {
-            assert_eq!(due("test_flood"), None);
-        }
-        assert_eq!(due("test_other"), Some(0), "each reason has its own line");
-        {
-            let mut logged = LOGGED.lock().unwrap();
-            let entry = logged.as_mut().unwrap().get_mut("test_flood").unwrap();
-            entry.0 -= LOG_EVERY;
-        }
-        assert_eq!(due("test_flood"), Some(1000));
     }
 }
