@@ -86,13 +86,21 @@ class Subscriber:
         self.stub = rpc.TapelineStub(self.channel)
         self.reconnections = 0
 
+    def floor(self):
+        """The tick the subscription starts after: 0 for the beginning (or now)."""
+        if self.start in ("beginning", "now"):
+            return 0
+        kind, tick = self.start
+        return max(tick - 1, 0) if kind == "at" else tick
+
     def request(self):
         """The request that continues exactly where what was received ends."""
         request = pb.SubscribeRequest(streams=self.streams, resume=self.positions, end=self.end,
                                       heartbeat_ms=int(self.heartbeat * 1000))
         if self.complete_to:
-            # Every record up to complete_to was received: streams not in `resume` go on after it.
-            request.after = self.complete_to
+            # Every record up to complete_to was received: streams not in `resume` go on after it
+            # (never before the start asked for).
+            request.after = max(self.complete_to, self.floor())
         elif self.start == "beginning":
             request.beginning.SetInParent()
         elif self.start == "now":
@@ -118,7 +126,9 @@ class Subscriber:
                     except queue.Empty:
                         raise _Dead(f"no message for {silence:.1f} s")
                     if kind == "end":
-                        return  # a bounded interval, delivered whole
+                        if self.end and self.complete_to >= self.end:
+                            return  # a bounded interval, delivered whole
+                        raise _Dead("the call ended before its end")
                     if kind == "error":
                         raise message
                     backoff.reset()
@@ -130,7 +140,11 @@ class Subscriber:
                         self.complete_to = max(self.complete_to, message.records.complete_to)
                     elif event == "heartbeat":
                         self.complete_to = max(self.complete_to, message.heartbeat.tail_tick)
+                    elif event == "caught_up":
+                        self.complete_to = max(self.complete_to, message.caught_up.tick)
+                        self.on_event(event, message.caught_up)
                     else:
+                        self.note(event, getattr(message, event))
                         self.on_event(event, getattr(message, event))
             except _Dead as dead:
                 self.on_event("disconnected", str(dead))
@@ -145,6 +159,19 @@ class Subscriber:
                 call.cancel()
             self.reconnections += 1
             backoff.wait()
+
+
+    def note(self, event, detail):
+        """Keeps the positions right across a reconnection after these events (CLIENTS.md)."""
+        if event == "stream_added":
+            # A stream that appears later is read from the start asked for, or whole when it
+            # became visible after it (an import sealed since), not from complete_to.
+            info, floor = detail.stream, self.floor()
+            self.positions.setdefault(info.name, floor if info.created_tick <= floor else 0)
+        elif event in ("truncated", "gap"):
+            # What was removed or skipped is behind the stream now.
+            tick = detail.through if event == "truncated" else detail.to_tick
+            self.positions[detail.stream] = max(self.positions.get(detail.stream, 0), tick)
 
 
 class _Dead(Exception):

@@ -575,7 +575,7 @@ impl Broker {
             subscription = entered.id,
             peer = %entered.client.peer,
             principal = %entered.client.principal,
-            streams = ?entered.selection,
+            streams = %entered.selection_text(),
             start = ?spec.start,
             resume = spec.resume.len(),
             "subscription started"
@@ -648,8 +648,9 @@ impl Broker {
     }
 
     /// Counts one client's catalog change against `limits.catalog_changes_per_second` (bursts of
-    /// a second's worth): each is a commit of its own, with its own fsync, on the one writer that
-    /// also commits every publish, so a flood of them is refused rather than queued.
+    /// a second's worth): each is a record the one writer that also commits every publish must
+    /// write and sync (with the next group commit), so a flood of them is refused rather than
+    /// queued.
     fn catalog_change(&self) -> Result<()> {
         let now = tokio::time::Instant::now();
         let mut rate = self.catalog_rate.lock().unwrap_or_else(|e| e.into_inner());

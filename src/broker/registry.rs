@@ -50,7 +50,24 @@ pub struct Seen {
     pub bytes: u64,
 }
 
+/// How much of a selection logs and the status page show: a client may select 1,024 patterns of
+/// 255 bytes.
+const SHOWN_SELECTION: usize = 200;
+
 impl Progress {
+    /// The selection for people: the patterns, cut after about 200 bytes with how many there are.
+    pub fn selection_text(&self) -> String {
+        let all = self.selection.join(" ");
+        if all.len() <= SHOWN_SELECTION {
+            return all;
+        }
+        let mut cut = SHOWN_SELECTION;
+        while !all.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        format!("{}… ({} patterns)", &all[..cut], self.selection.len())
+    }
+
     pub fn seen(&self) -> Seen {
         Seen {
             live: self.live.load(Ordering::Relaxed),

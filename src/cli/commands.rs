@@ -114,7 +114,7 @@ pub async fn publish(args: PublishArgs) -> Result<ExitCode> {
             Err(err) => {
                 // Send nothing more; the batches already sent are still answered and counted.
                 sender.abort();
-                failure.get_or_insert(err.to_string());
+                failure.get_or_insert(Error::from(err));
             }
         }
     }
@@ -134,7 +134,7 @@ pub async fn publish(args: PublishArgs) -> Result<ExitCode> {
     eprintln!("published {acked} {noun} to {to}{range}");
     if let Some(failure) = failure {
         eprintln!("tapeline: {failure}");
-        return Ok(ExitCode::from(super::exit::REFUSED));
+        return Ok(super::exit_code(&failure));
     }
     if sent != Some(acked) {
         eprintln!("tapeline: {} records were read but only {acked} acknowledged", sent.unwrap_or(0));

@@ -36,9 +36,20 @@ const EXIT_CODES: &str = "Exit codes: 0 done; 1 failed; 2 bad usage; 3 the serve
 /// The exit code of an error a command ends with.
 pub fn exit_code(err: &tapeline::Error) -> ExitCode {
     ExitCode::from(match err {
-        tapeline::Error::Remote { action: "connect", .. } => exit::UNREACHABLE,
-        tapeline::Error::Remote { detail, .. } if detail.starts_with("Unavailable") => exit::UNREACHABLE,
-        tapeline::Error::Remote { .. } => exit::REFUSED,
+        tapeline::Error::Remote { action: "connect", detail } if detail.starts_with("cannot reach") => {
+            exit::UNREACHABLE
+        }
+        tapeline::Error::Remote { action: "connect" | "read credentials", .. } => exit::FAILED,
+        tapeline::Error::Remote { detail, .. } => {
+            // The server's status: "CODE: message", or "batch N refused: CODE: message".
+            let status = detail.rsplit_once("refused: ").map_or(detail.as_str(), |(_, status)| status);
+            let gone = ["Unavailable", "DeadlineExceeded", "Unknown", "Cancelled"];
+            if gone.iter().any(|code| status.starts_with(code)) {
+                exit::UNREACHABLE
+            } else {
+                exit::REFUSED
+            }
+        }
         _ => exit::FAILED,
     })
 }

@@ -239,7 +239,7 @@ idle_timeout = "5m"
 max_pending_bytes = "256MiB"
 pending_wait = "10s"
 # Stream creations, updates, seals and deletions by clients per second (bursts of a second's
-# worth): each is a commit with its own fsync on the writer that commits every publish.
+# worth): each is a record on the writer that commits every publish, synced with the next group.
 catalog_changes_per_second = 100
 
 # What `Hello` tells clients older than a recommended version (the CLI prints it).

@@ -115,6 +115,8 @@ pub(super) struct Unsynced {
     /// What readers are told: (created, deleted); none when nothing changed (an answer that must
     /// not come before the changes written ahead of it).
     announce: Option<(bool, bool)>,
+    /// The watermark as of the change: everything up to it was published when it was written.
+    watermark: Tick,
     reply: oneshot::Sender<Result<StreamInfo>>,
 }
 
@@ -235,6 +237,12 @@ impl Writer {
         loop {
             let Some(since) = self.unsynced_since else { return inbox.blocking_recv() };
             let left = CATALOG_SYNC_WAIT.saturating_sub(since.elapsed());
+            // Commands that sync nothing (refused or retried batches) must not keep the changes
+            // waiting past their time.
+            if left.is_zero() {
+                self.settle();
+                continue;
+            }
             // (The timer exists only inside the runtime: the timeout is made there.)
             match self.timer.block_on(async { tokio::time::timeout(left, inbox.recv()).await }) {
                 Ok(command) => return command,
@@ -256,7 +264,10 @@ impl Writer {
                 return;
             }
         };
-        self.unsynced.push(Unsynced { info, announce, reply });
+        // The watermark the change may announce is the one as of the change: later records of a
+        // group being committed are not published yet when it is announced.
+        let watermark = self.clock.min(self.written_clock);
+        self.unsynced.push(Unsynced { info, announce, watermark, reply });
         self.unsynced_since.get_or_insert_with(std::time::Instant::now);
         if !matches!(self.fsync, FsyncPolicy::Always) || self.unsynced.len() >= CATALOG_WAITING_MAX {
             self.settle();
@@ -282,7 +293,7 @@ impl Writer {
                 Some(cause) => Err(Error::LogFailed { cause: cause.clone() }),
                 None => {
                     if let Some((created, deleted)) = change.announce {
-                        self.publish_change(&change.info, created, deleted);
+                        self.publish_change(&change.info, created, deleted, change.watermark);
                     }
                     Ok(change.info)
                 }
@@ -294,11 +305,13 @@ impl Writer {
     /// Refuses anything once a write failed (or the flusher's sync, or the applier, did).
     fn checked(&mut self) -> Result<()> {
         if self.failed.is_none() {
-            self.failed = self
-                .flush_failed
-                .get()
-                .cloned()
-                .or_else(|| self.applier.checked().err().map(|e| e.to_string()));
+            self.failed = self.flush_failed.get().cloned();
+        }
+        if self.failed.is_none() {
+            if let Err(err) = self.applier.checked() {
+                // Through `fail`, so that `Log::failure` (and `/readyz`) tell it too.
+                self.fail(&err, "updating the index failed");
+            }
         }
         match &self.failed {
             Some(cause) => Err(Error::LogFailed { cause: cause.clone() }),
@@ -382,14 +395,17 @@ impl Writer {
     }
 
     /// Appends a record to the log and syncs it under `fsync = always` when `sync` (the flag in
-    /// the record says whether it was). A full disk is undone and refused, unless catalog changes
-    /// waiting for this sync went with it; any other failure stops the writer.
+    /// the record says whether it was). A full disk is undone and refused, unless records written
+    /// before it without a sync (catalog changes) were cut off with it; any other failure stops
+    /// the writer.
     fn append<C: AsRef<[u8]>>(
         &mut self,
         body: &Body,
         data: &[C],
         sync: bool,
     ) -> std::result::Result<Written, NotWritten> {
+        // Whether everything before this record is durable: a failed sync then cuts off only it.
+        let clean = self.appender.is_synced();
         let (seq, prev) = self.appender.chain();
         let always = sync && matches!(self.fsync, FsyncPolicy::Always);
         let flags = if always { commit::FLAG_SYNCED } else { 0 };
@@ -408,7 +424,9 @@ impl Writer {
                 // file back to its last sync (nothing since was acknowledged) and sync that.
                 let undone = self.appender.roll_back();
                 return match undone {
-                    Ok(()) if disk_full(&err) && self.unsynced.is_empty() => Err(NotWritten::Refused(err)),
+                    // Anything written unsynced before it (a catalog change, held or still being
+                    // made) was cut off too, and is in the index already: only a restart can tell.
+                    Ok(()) if disk_full(&err) && clean => Err(NotWritten::Refused(err)),
                     Ok(()) => {
                         self.fail(&err, "syncing the log failed (the unsynced record was cut off)");
                         Err(NotWritten::Failed(err))
@@ -462,14 +480,15 @@ impl Writer {
         shared.watermark
     }
 
-    /// Publishes a stream created or changed (`deleted`: removed) to readers.
-    fn publish_change(&mut self, info: &StreamInfo, created: bool, deleted: bool) {
+    /// Publishes a stream created or changed (`deleted`: removed) to readers, with the watermark
+    /// as of the change.
+    fn publish_change(&mut self, info: &StreamInfo, created: bool, deleted: bool, watermark: Tick) {
         let mut shared = self.shared.write().unwrap_or_else(|e| e.into_inner());
         // The change's own tick (a creation or a seal) is in the log and every record below it
         // was published: readers learn it is complete, as after `advance`. Otherwise a tail given
         // just after a seal could lie below it, and a client resuming there would be given the
         // import whole again.
-        shared.watermark = shared.watermark.max(self.clock.min(self.written_clock));
+        shared.watermark = shared.watermark.max(watermark);
         if deleted {
             shared.remove(&info.name);
         } else {

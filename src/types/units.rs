@@ -42,14 +42,19 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
             ))
         }
     };
+    let not_whole = || format!("{text:?} is not a size in whole bytes (at most {})", u64::MAX);
+    // Whole numbers exactly; a fraction only where it names whole bytes (1.5GiB, not 0.1KiB).
+    if let Ok(whole) = number.parse::<u64>() {
+        return whole.checked_mul(multiplier).ok_or_else(not_whole);
+    }
     let value: f64 = number
         .parse()
         .map_err(|_| format!("{text:?} is not a size: it must start with a number (256MiB)"))?;
     let bytes = value * multiplier as f64;
-    if !(0.0..=u64::MAX as f64).contains(&bytes) || bytes.fract() != 0.0 && multiplier == 1 {
-        return Err(format!("{text:?} is not a size in whole bytes"));
+    if bytes.is_nan() || bytes >= u64::MAX as f64 || bytes.fract() != 0.0 {
+        return Err(not_whole());
     }
-    Ok(bytes.round() as u64)
+    Ok(bytes as u64)
 }
 
 /// `d` in its two largest units: `850 ms`, `2.3 s`, `4 min 10 s`, `3 h 2 min`, `2 d 3 h`.
@@ -87,5 +92,9 @@ mod tests {
         assert!(parse_size("12 parsecs").unwrap_err().contains("256MiB"));
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("1.5").is_err());
+        assert!(parse_size("0.1KiB").is_err(), "102.4 bytes");
+        assert!(parse_size("16777216TiB").is_err(), "2^64: over u64");
+        assert_eq!(parse_size("18446744073709551615"), Ok(u64::MAX));
+        assert!(parse_size("18446744073709551616").is_err());
     }
 }

@@ -128,7 +128,7 @@ pub fn fragment(admin: &Admin) -> String {
             p.id,
             escape(&p.client.peer),
             escape(&p.client.principal),
-            escape(&p.selection.join(" ")),
+            escape(&p.selection_text()),
             p.slow,
             seen.records,
             human_bytes(seen.bytes),
