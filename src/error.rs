@@ -128,9 +128,9 @@ pub enum Error {
     #[error("setting {key} = {value:?} is invalid: expected {expected}")]
     Config { key: &'static str, value: String, expected: &'static str },
 
-    /// A call to a remote tapeline failed (client side).
+    /// A call to a remote tapeline failed (client side); `code` is the status it answered, if any.
     #[error("{action} failed: {detail}")]
-    Remote { action: &'static str, detail: String },
+    Remote { action: &'static str, detail: String, code: Option<tonic::Code> },
 
     /// A bug or a failed task; never caused by the request.
     #[error("internal error: {0}")]
@@ -157,7 +157,7 @@ impl From<crate::client::Error> for Error {
     fn from(err: crate::client::Error) -> Error {
         match err {
             crate::client::Error::InvalidArgument(detail) => Error::InvalidArgument(detail),
-            crate::client::Error::Remote { action, detail } => Error::Remote { action, detail },
+            crate::client::Error::Remote { action, detail, code } => Error::Remote { action, detail, code },
         }
     }
 }

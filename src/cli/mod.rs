@@ -35,21 +35,14 @@ const EXIT_CODES: &str = "Exit codes: 0 done; 1 failed; 2 bad usage; 3 the serve
 
 /// The exit code of an error a command ends with.
 pub fn exit_code(err: &tapeline::Error) -> ExitCode {
+    use tonic::Code;
     ExitCode::from(match err {
-        tapeline::Error::Remote { action: "connect", detail } if detail.starts_with("cannot reach") => {
-            exit::UNREACHABLE
+        tapeline::Error::Remote {
+            code: Some(Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled),
+            ..
         }
-        tapeline::Error::Remote { action: "connect" | "read credentials", .. } => exit::FAILED,
-        tapeline::Error::Remote { detail, .. } => {
-            // The server's status: "CODE: message", or "batch N refused: CODE: message".
-            let status = detail.rsplit_once("refused: ").map_or(detail.as_str(), |(_, status)| status);
-            let gone = ["Unavailable", "DeadlineExceeded", "Unknown", "Cancelled"];
-            if gone.iter().any(|code| status.starts_with(code)) {
-                exit::UNREACHABLE
-            } else {
-                exit::REFUSED
-            }
-        }
+        | tapeline::Error::Remote { action: "connect", code: None, .. } => exit::UNREACHABLE,
+        tapeline::Error::Remote { code: Some(_), .. } => exit::REFUSED,
         _ => exit::FAILED,
     })
 }

@@ -7,9 +7,10 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
-    /// A call to a server failed, or the server refused it.
+    /// A call to a server failed, or the server refused it (`code`: the status it answered, when
+    /// it answered one).
     #[error("{action} failed: {detail}")]
-    Remote { action: &'static str, detail: String },
+    Remote { action: &'static str, detail: String, code: Option<tonic::Code> },
 }
 
 /// The client library's result type.

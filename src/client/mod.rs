@@ -70,6 +70,7 @@ impl Credentials {
             std::fs::read(path).map_err(|e| Error::Remote {
                 action: "read credentials",
                 detail: format!("cannot read {}: {e}", path.display()),
+                code: None,
             })
         };
         let identity = match (cert, key) {
@@ -79,6 +80,7 @@ impl Credentials {
                 return Err(Error::Remote {
                     action: "read credentials",
                     detail: "a client certificate needs its key: give both --cert and --key".into(),
+                    code: None,
                 })
             }
         };
@@ -112,6 +114,7 @@ pub async fn connect_with(server: &str, credentials: &Credentials) -> Result<Cli
     let refused = |detail: String| Error::Remote {
         action: "connect",
         detail: format!("cannot reach {server}: {detail}"),
+        code: None,
     };
     let mut endpoint = Endpoint::from_shared(server.to_string()).map_err(|e| refused(chain(&e)))?;
     if server.starts_with("https://") {
@@ -133,9 +136,10 @@ pub async fn connect_with(server: &str, credentials: &Credentials) -> Result<Cli
         Some(token) => {
             let value =
                 format!("Bearer {token}").parse::<MetadataValue<Ascii>>().map_err(|_| Error::Remote {
-                    action: "connect",
+                    action: "read credentials",
                     detail: "the token has characters a header cannot carry (tokens are printable ASCII)"
                         .into(),
+                    code: None,
                 })?;
             Bearer(Some(Arc::new(value)))
         }
@@ -189,7 +193,11 @@ pub fn chain(err: &dyn std::error::Error) -> String {
 
 /// A gRPC status as an error of `action`.
 pub fn remote(action: &'static str, status: &Status) -> Error {
-    Error::Remote { action, detail: format!("{:?}: {}", status.code(), status.message()) }
+    Error::Remote {
+        action,
+        detail: format!("{:?}: {}", status.code(), status.message()),
+        code: Some(status.code()),
+    }
 }
 
 /// Whether a status may go away by itself (retry later or elsewhere) rather than name a mistake

@@ -81,10 +81,11 @@ pub struct Batches(mpsc::Sender<Vec<Incoming>>);
 impl Batches {
     /// Queues a batch; waits while the window is full. Fails only if the publisher has stopped.
     pub async fn send(&self, records: Vec<Incoming>) -> Result<()> {
-        self.0
-            .send(records)
-            .await
-            .map_err(|_| Error::Remote { action: "publish", detail: "the publisher has stopped".into() })
+        self.0.send(records).await.map_err(|_| Error::Remote {
+            action: "publish",
+            detail: "the publisher has stopped".into(),
+            code: None,
+        })
     }
 }
 
@@ -106,7 +107,11 @@ impl Publisher {
     pub async fn send(&self, records: Vec<Incoming>) -> Result<()> {
         match &self.batches {
             Some(batches) => batches.send(records).await,
-            None => Err(Error::Remote { action: "publish", detail: "the publisher was finished".into() }),
+            None => Err(Error::Remote {
+                action: "publish",
+                detail: "the publisher was finished".into(),
+                code: None,
+            }),
         }
     }
 
@@ -257,5 +262,6 @@ fn refused(sequence: u64, status: &Status) -> Error {
     Error::Remote {
         action: "publish",
         detail: format!("batch {sequence} refused: {:?}: {}", status.code(), status.message()),
+        code: Some(status.code()),
     }
 }
