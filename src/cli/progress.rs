@@ -1,5 +1,5 @@
 //! `tail`'s progress on standard error while it replays, for a person at a terminal: records so
-//! far, their rate and how far behind the tail the replay is, then one "caught up" line. Nothing
+//! far, their rate and how old the records it is at are, then one "caught up" line. Nothing
 //! when standard error is a pipe or a file, so scripts see only what they saw before.
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -35,8 +35,8 @@ impl Replay {
         self.records += count;
         let Some(bar) = self.bar.as_ref().filter(|_| !self.live) else { return };
         let rate = self.records as f64 / self.began.elapsed().as_secs_f64().max(0.001);
-        let behind = human_duration(Duration::from_nanos(Tick::now().0.saturating_sub(tick)));
-        bar.set_message(format!("{} records, {rate:.0}/s, {behind} behind the tail", self.records));
+        let age = human_duration(Duration::from_nanos(Tick::now().0.saturating_sub(tick)));
+        bar.set_message(format!("{} records, {rate:.0}/s, at records of {age} ago", self.records));
     }
 
     /// The replay reached the tail: the progress line gives way to one line saying so.

@@ -110,9 +110,12 @@ async fn metrics_health_and_a_live_status_page_show_what_happens() {
         .and_then(|n| n.parse().ok())
         .expect("the body's refresh count");
     assert!(refreshes >= 2, "the page refreshed itself {refreshes} times");
-    for shown in ["plant/press-1", "plant/oven", "Streams (2)", "Subscriptions (1)", "plant/**", "live", "20"]
-    {
+    for shown in ["plant/press-1", "plant/oven", "Streams (2)", "Subscriptions (1)", "plant/**", ">live<"] {
         assert!(dom.contains(shown), "the page shows {shown:?}:\n{dom}");
+    }
+    // Each stream's row with its record count, and the subscription's count of records sent.
+    for row in ["plant/oven<td class=\"n\">10<", "plant/press-1<td class=\"n\">20<", ">30 records, "] {
+        assert!(dom.replace("</td>", "").contains(row), "the page shows {row:?}:\n{dom}");
     }
     let server_id = c.hello(pb::HelloRequest::default()).await.unwrap().into_inner().server_id;
     assert!(dom.contains(&server_id), "the page names the server {server_id}");
